@@ -1,0 +1,390 @@
+//! `pgiam.toml`: listeners, client TLS, the upstream, role credentials and identity mappings.
+//!
+//! Loading validates everything that can be checked without touching the network, so a bad file
+//! is refused at start (and later at reload) with a message naming the offending key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where pgiam keeps state it generates, such as its host-local TLS certificate.
+    pub state_dir: PathBuf,
+    pub listen: Listen,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub client_tls: ClientTls,
+    pub upstream: Upstream,
+    #[serde(default)]
+    pub roles: BTreeMap<String, RoleCredentials>,
+    #[serde(default, rename = "mapping")]
+    pub mappings: Vec<Mapping>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// Loopback TCP listener; the peer's identity is found through /proc.
+    pub tcp: Option<SocketAddr>,
+    /// Unix socket path; the peer's identity comes from SO_PEERCRED.
+    pub unix: Option<PathBuf>,
+    /// Permission bits of the unix socket. Any local user may connect by default: what they
+    /// may do is decided by their identity, not by who can open the socket.
+    #[serde(default = "default_unix_mode")]
+    pub unix_mode: u32,
+}
+
+fn default_unix_mode() -> u32 {
+    0o666
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest frontend or backend message pgiam accepts, in bytes.
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: usize,
+    /// Time from accept until the session is established (TLS, startup, upstream login).
+    #[serde(default = "default_startup_timeout_secs")]
+    pub startup_timeout_secs: u64,
+}
+
+fn default_max_message_size() -> usize {
+    64 << 20
+}
+
+fn default_startup_timeout_secs() -> u64 {
+    10
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_size: default_max_message_size(),
+            startup_timeout_secs: default_startup_timeout_secs(),
+        }
+    }
+}
+
+impl Limits {
+    pub fn startup_timeout(&self) -> Duration {
+        Duration::from_secs(self.startup_timeout_secs)
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", tag = "mode", deny_unknown_fields)]
+pub enum ClientTls {
+    /// A self-signed certificate pgiam creates in `state_dir` on first start, so that
+    /// `sslmode=require` clients work out of the box.
+    #[default]
+    Generate,
+    /// An operator-provided certificate chain and key (PEM).
+    Files { cert: PathBuf, key: PathBuf },
+    /// SSLRequest is answered 'N'; direct-SSL connections are closed.
+    Disabled,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// Host name or IP address; a value starting with '/' is a unix socket directory.
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    #[serde(default)]
+    pub tls: UpstreamTls,
+    /// CA bundle (PEM) for `verify-full`.
+    pub ca_file: Option<PathBuf>,
+    /// Name checked against the server certificate; defaults to `host`.
+    pub server_name: Option<String>,
+    #[serde(default = "default_connect_timeout_secs")]
+    pub connect_timeout_secs: u64,
+}
+
+fn default_port() -> u16 {
+    5432
+}
+
+fn default_connect_timeout_secs() -> u64 {
+    5
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamTls {
+    #[default]
+    Disable,
+    /// Encrypt, without verifying the server's certificate (libpq's `sslmode=require`).
+    Require,
+    /// Encrypt and verify the certificate chain against `ca_file` and the host name.
+    VerifyFull,
+}
+
+impl Upstream {
+    pub fn is_unix(&self) -> bool {
+        self.host.starts_with('/')
+    }
+
+    pub fn unix_path(&self) -> PathBuf {
+        Path::new(&self.host).join(format!(".s.PGSQL.{}", self.port))
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.connect_timeout_secs)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleCredentials {
+    /// File holding the role's password (a trailing newline is ignored). Read at every login,
+    /// so a rotated password needs no restart. A relative path is resolved against
+    /// `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`).
+    pub password_file: Option<PathBuf>,
+}
+
+impl RoleCredentials {
+    pub fn password_path(&self) -> Option<PathBuf> {
+        let path = self.password_file.as_ref()?;
+        if path.is_relative() {
+            if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+                return Some(Path::new(&dir).join(path));
+            }
+        }
+        Some(path.clone())
+    }
+}
+
+/// One rule: a principal connecting to a database becomes a database role. Rules are tried in
+/// file order and the first that matches decides, as in a firewall.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mapping {
+    /// A principal name such as `unit:billing-api.service`, `user:deploy` or `uid:1001`.
+    pub principal: String,
+    /// The database the client asks for, or `*` for any.
+    pub database: String,
+    /// The database role pgiam logs in as.
+    pub role: String,
+}
+
+impl Mapping {
+    fn matches_database(&self, database: &str) -> bool {
+        self.database == "*" || self.database == database
+    }
+}
+
+/// Principal name prefixes that identity produces (see `identity::Identity::principals`).
+pub const PRINCIPAL_KINDS: &[&str] = &[
+    "uid",
+    "gid",
+    "user",
+    "group",
+    "unit",
+    "cgroup",
+    "container",
+    "exe",
+];
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.listen.tcp.is_none() && self.listen.unix.is_none() {
+            return Err("[listen] needs `tcp`, `unix` or both".into());
+        }
+        if let Some(addr) = self.listen.tcp {
+            // Identity of a TCP peer is read from this host's /proc: a remote peer has none.
+            if !addr.ip().is_loopback() {
+                return Err(format!(
+                    "listen.tcp = {addr}: only loopback addresses are allowed, because the \
+                     client's identity is taken from this host's kernel"
+                ));
+            }
+        }
+        if self.limits.max_message_size < 1024 {
+            return Err("limits.max_message_size must be at least 1024".into());
+        }
+        if self.limits.startup_timeout_secs == 0 {
+            return Err("limits.startup_timeout_secs must be at least 1".into());
+        }
+        if self.upstream.is_unix() && self.upstream.tls != UpstreamTls::Disable {
+            return Err("upstream.tls must be \"disable\" for a unix socket upstream".into());
+        }
+        if self.upstream.tls == UpstreamTls::VerifyFull && self.upstream.ca_file.is_none() {
+            return Err("upstream.tls = \"verify-full\" needs upstream.ca_file".into());
+        }
+        for (i, m) in self.mappings.iter().enumerate() {
+            let where_ = format!("mapping #{} ({})", i + 1, m.principal);
+            let Some((kind, value)) = m.principal.split_once(':') else {
+                return Err(format!("{where_}: a principal is written KIND:VALUE"));
+            };
+            if !PRINCIPAL_KINDS.contains(&kind) || value.is_empty() {
+                return Err(format!(
+                    "{where_}: unknown principal kind {kind:?}; expected one of {}",
+                    PRINCIPAL_KINDS.join(", ")
+                ));
+            }
+            if m.database.is_empty() || m.role.is_empty() {
+                return Err(format!("{where_}: database and role must not be empty"));
+            }
+            if !self.roles.contains_key(&m.role) {
+                return Err(format!(
+                    "{where_}: role {:?} has no [roles.{}] entry with its credentials",
+                    m.role, m.role
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The first mapping whose principal is one of `principals` and whose database matches.
+    pub fn find_mapping<'a>(
+        &'a self,
+        principals: &[String],
+        database: &str,
+    ) -> Option<&'a Mapping> {
+        self.mappings
+            .iter()
+            .find(|m| m.matches_database(database) && principals.iter().any(|p| *p == m.principal))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+        state_dir = "/tmp/state"
+        [listen]
+        tcp = "127.0.0.1:6432"
+        [upstream]
+        host = "127.0.0.1"
+        [roles.app]
+        password_file = "/etc/app.pw"
+    "#;
+
+    fn parse(extra: &str) -> Result<Config, ConfigError> {
+        Config::parse(&format!("{BASE}\n{extra}"), Path::new("test.toml"))
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.client_tls, ClientTls::Generate);
+        assert_eq!(c.upstream.port, 5432);
+        assert_eq!(c.upstream.tls, UpstreamTls::Disable);
+        assert_eq!(c.listen.unix_mode, 0o666);
+        assert_eq!(c.limits.max_message_size, 64 << 20);
+    }
+
+    #[test]
+    fn first_matching_mapping_wins() {
+        let c = parse(
+            r#"
+            [roles.admin]
+            [[mapping]]
+            principal = "unit:a.service"
+            database = "app"
+            role = "admin"
+            [[mapping]]
+            principal = "uid:1000"
+            database = "*"
+            role = "app"
+            "#,
+        )
+        .unwrap();
+        let p = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            c.find_mapping(&p(&["uid:1000", "unit:a.service"]), "app")
+                .unwrap()
+                .role,
+            "admin"
+        );
+        assert_eq!(
+            c.find_mapping(&p(&["uid:1000"]), "other").unwrap().role,
+            "app"
+        );
+        assert!(c.find_mapping(&p(&["uid:1001"]), "app").is_none());
+    }
+
+    #[test]
+    fn invalid_files_are_explained() {
+        for (extra, needle) in [
+            (
+                "[[mapping]]\nprincipal = \"alice\"\ndatabase = \"a\"\nrole = \"app\"",
+                "KIND:VALUE",
+            ),
+            (
+                "[[mapping]]\nprincipal = \"pod:x\"\ndatabase = \"a\"\nrole = \"app\"",
+                "unknown principal kind",
+            ),
+            (
+                "[[mapping]]\nprincipal = \"uid:1\"\ndatabase = \"a\"\nrole = \"nope\"",
+                "no [roles.nope]",
+            ),
+            ("bogus = 1", "unknown field"),
+        ] {
+            let err = parse(extra).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err:?} should mention {needle:?}");
+        }
+        let err = Config::parse(
+            &BASE.replace("127.0.0.1:6432", "0.0.0.0:6432"),
+            Path::new("t.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("only loopback"), "{err}");
+        let err = Config::parse(
+            &BASE.replace(
+                "host = \"127.0.0.1\"",
+                "host = \"db\"\ntls = \"verify-full\"",
+            ),
+            Path::new("t.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("ca_file"), "{err}");
+    }
+}

@@ -1,0 +1,449 @@
+//! Who is calling: the kernel's facts about a client process, enriched into principal names.
+//!
+//! Without eBPF the facts come from the peer socket: SO_PEERCRED for a unix socket, and for a
+//! loopback TCP peer the socket table in /proc (its uid and inode) and the process that holds
+//! that inode. Everything a principal is built from is read from the kernel, never from what the
+//! client says about itself.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("cannot read peer credentials: {0}")]
+    PeerCred(std::io::Error),
+    #[error("no socket {peer} -> {local} in the kernel's TCP table (not a local process?)")]
+    NoSuchSocket { peer: SocketAddr, local: SocketAddr },
+    #[error("cannot read {path}: {source}")]
+    Proc {
+        path: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// How the identity was established.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    UnixPeerCred,
+    LoopbackProc,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Source::UnixPeerCred => "unix-peercred",
+            Source::LoopbackProc => "loopback-proc",
+        })
+    }
+}
+
+/// The verified identity of a client process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub source: Source,
+    pub uid: u32,
+    pub gid: u32,
+    /// The process that connected; `None` if it exited before pgiam could look.
+    pub pid: Option<i32>,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    /// cgroup v2 path, e.g. `/system.slice/billing-api.service`.
+    pub cgroup: Option<String>,
+    /// The innermost systemd unit in the cgroup path (`*.service` or `*.scope`).
+    pub unit: Option<String>,
+    /// Container id from a docker, containerd, CRI-O or podman scope.
+    pub container: Option<String>,
+    pub exe: Option<PathBuf>,
+}
+
+impl Identity {
+    /// Fills in everything that follows from uid, gid and pid.
+    pub fn from_kernel_facts(source: Source, uid: u32, gid: u32, pid: Option<i32>) -> Identity {
+        let user = nix::unistd::User::from_uid(uid.into())
+            .ok()
+            .flatten()
+            .map(|u| u.name);
+        let group = nix::unistd::Group::from_gid(gid.into())
+            .ok()
+            .flatten()
+            .map(|g| g.name);
+        let cgroup = pid.and_then(|p| read_cgroup_v2_path(p).ok());
+        let exe = pid.and_then(|p| std::fs::read_link(format!("/proc/{p}/exe")).ok());
+        let unit = cgroup.as_deref().and_then(unit_from_cgroup_path);
+        let container = cgroup.as_deref().and_then(container_from_cgroup_path);
+        Identity {
+            source,
+            uid,
+            gid,
+            pid,
+            user,
+            group,
+            cgroup,
+            unit,
+            container,
+            exe,
+        }
+    }
+
+    /// Principal names this identity answers to, most specific first. Mappings in the config
+    /// name one of these.
+    pub fn principals(&self) -> Vec<String> {
+        let mut p = Vec::with_capacity(8);
+        if let Some(c) = &self.container {
+            p.push(format!("container:{c}"));
+        }
+        if let Some(u) = &self.unit {
+            p.push(format!("unit:{u}"));
+        }
+        if let Some(c) = &self.cgroup {
+            p.push(format!("cgroup:{c}"));
+        }
+        if let Some(e) = &self.exe {
+            p.push(format!("exe:{}", e.display()));
+        }
+        if let Some(u) = &self.user {
+            p.push(format!("user:{u}"));
+        }
+        p.push(format!("uid:{}", self.uid));
+        if let Some(g) = &self.group {
+            p.push(format!("group:{g}"));
+        }
+        p.push(format!("gid:{}", self.gid));
+        p
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "uid={}", self.uid)?;
+        if let Some(u) = &self.user {
+            write!(f, "({u})")?;
+        }
+        write!(f, " gid={}", self.gid)?;
+        match self.pid {
+            Some(p) => write!(f, " pid={p}")?,
+            None => write!(f, " pid=?")?,
+        }
+        if let Some(u) = &self.unit {
+            write!(f, " unit={u}")?;
+        }
+        if let Some(c) = &self.cgroup {
+            write!(f, " cgroup={c}")?;
+        }
+        if let Some(c) = &self.container {
+            write!(f, " container={c}")?;
+        }
+        if let Some(e) = &self.exe {
+            write!(f, " exe={}", e.display())?;
+        }
+        write!(f, " via={}", self.source)
+    }
+}
+
+/// Identity of the process at the other end of a unix socket.
+pub fn from_unix_peer(stream: &tokio::net::UnixStream) -> Result<Identity, IdentityError> {
+    let cred = stream.peer_cred().map_err(IdentityError::PeerCred)?;
+    Ok(Identity::from_kernel_facts(
+        Source::UnixPeerCred,
+        cred.uid(),
+        cred.gid(),
+        cred.pid(),
+    ))
+}
+
+/// Identity of the local process that owns the TCP socket `peer` connected to our `local`.
+///
+/// The socket's uid and inode come from /proc/net/tcp{,6} of pgiam's own network namespace (a
+/// loopback peer can only be there); the pid is the process holding that inode.
+pub fn from_loopback_tcp(peer: SocketAddr, local: SocketAddr) -> Result<Identity, IdentityError> {
+    let (uid, inode) = find_tcp_socket(peer, local)?;
+    let pid = find_socket_owner(inode);
+    let gid = pid
+        .and_then(|p| proc_status_gid(p).ok())
+        .or_else(|| {
+            nix::unistd::User::from_uid(uid.into())
+                .ok()
+                .flatten()
+                .map(|u| u.gid.as_raw())
+        })
+        .unwrap_or(u32::MAX);
+    Ok(Identity::from_kernel_facts(
+        Source::LoopbackProc,
+        uid,
+        gid,
+        pid,
+    ))
+}
+
+fn find_tcp_socket(peer: SocketAddr, local: SocketAddr) -> Result<(u32, u64), IdentityError> {
+    // An IPv4 peer of a dual-stack listener appears as ::ffff:a.b.c.d; the kernel lists that
+    // socket in the v6 table, so look in the table of the address family we were given first.
+    let tables: &[&'static str] = match peer.ip() {
+        IpAddr::V4(_) => &["/proc/net/tcp", "/proc/net/tcp6"],
+        IpAddr::V6(_) => &["/proc/net/tcp6", "/proc/net/tcp"],
+    };
+    for &path in tables {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(IdentityError::Proc { path, source }),
+        };
+        if let Some(found) = parse_tcp_table(&text, peer, local) {
+            return Ok(found);
+        }
+    }
+    Err(IdentityError::NoSuchSocket { peer, local })
+}
+
+/// Finds the row whose local address is `peer` and remote address is `local`: `(uid, inode)`.
+fn parse_tcp_table(text: &str, peer: SocketAddr, local: SocketAddr) -> Option<(u32, u64)> {
+    for line in text.lines().skip(1) {
+        let mut cols = line.split_whitespace();
+        let (_sl, laddr, raddr) = (cols.next()?, cols.next()?, cols.next()?);
+        if parse_proc_addr(laddr) != Some(peer) || parse_proc_addr(raddr) != Some(local) {
+            continue;
+        }
+        // st, tx:rx, tr:when, retrnsmt, uid, timeout, inode
+        let rest: Vec<&str> = cols.take(7).collect();
+        let uid = rest.get(4)?.parse().ok()?;
+        let inode = rest.get(6)?.parse().ok()?;
+        return Some((uid, inode));
+    }
+    None
+}
+
+/// Parses `0100007F:1F90` (v4) or a 32-digit v6 address: each 32-bit word in host order.
+fn parse_proc_addr(s: &str) -> Option<SocketAddr> {
+    let (ip, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let ip = match ip.len() {
+        8 => IpAddr::from(u32::from_str_radix(ip, 16).ok()?.swap_bytes().to_be_bytes()),
+        32 => {
+            let mut bytes = [0u8; 16];
+            for (i, chunk) in bytes.chunks_mut(4).enumerate() {
+                let word = u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16).ok()?;
+                chunk.copy_from_slice(&word.swap_bytes().to_be_bytes());
+            }
+            let v6 = std::net::Ipv6Addr::from(bytes);
+            match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(v6),
+            }
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// The process holding socket `inode`, by scanning /proc/*/fd. Several processes can share one
+/// socket after fork; any of them answers for it, and they share uid and cgroup in practice.
+fn find_socket_owner(inode: u64) -> Option<i32> {
+    let target = format!("socket:[{inode}]");
+    let me = std::process::id() as i32;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == target.as_str()) {
+                return Some(pid);
+            }
+        }
+    }
+    None
+}
+
+fn proc_status_gid(pid: i32) -> std::io::Result<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Gid:"))
+        .and_then(|v| v.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no effective gid in status"))
+}
+
+/// The process's cgroup v2 path: the `0::` line of /proc/PID/cgroup (present on unified and
+/// hybrid hosts alike).
+pub fn read_cgroup_v2_path(pid: i32) -> std::io::Result<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_owned)
+        .ok_or_else(|| std::io::Error::other("no cgroup v2 entry"))
+}
+
+/// Where cgroup v2 is mounted: `/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified` on
+/// hybrid ones. Read from /proc/mounts rather than assumed.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    cgroup2_mount_in(&mounts)
+}
+
+fn cgroup2_mount_in(mounts: &str) -> Option<PathBuf> {
+    mounts.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_dev, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(dir))
+    })
+}
+
+/// The innermost systemd unit named in a cgroup path.
+pub fn unit_from_cgroup_path(path: &str) -> Option<String> {
+    Path::new(path)
+        .components()
+        .rev()
+        .filter_map(|c| c.as_os_str().to_str())
+        .find(|c| c.ends_with(".service") || c.ends_with(".scope"))
+        .map(str::to_owned)
+}
+
+/// A container id from the runtimes' cgroup naming: `docker-<id>.scope`,
+/// `cri-containerd-<id>.scope`, `crio-<id>.scope`, `libpod-<id>.scope`, or cgroupfs-driver
+/// paths `/docker/<id>` and `/kubepods/.../<id>`.
+pub fn container_from_cgroup_path(path: &str) -> Option<String> {
+    let is_id = |s: &str| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let comps: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
+    for (i, c) in comps.iter().enumerate().rev() {
+        if let Some(stem) = c.strip_suffix(".scope") {
+            for prefix in ["docker-", "cri-containerd-", "crio-", "libpod-"] {
+                if let Some(id) = stem.strip_prefix(prefix) {
+                    if is_id(id) {
+                        return Some(id.to_owned());
+                    }
+                }
+            }
+        }
+        if is_id(c) && i > 0 && (comps[0] == "docker" || comps[0].starts_with("kubepods")) {
+            return Some((*c).to_owned());
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_addresses() {
+        assert_eq!(
+            parse_proc_addr("0100007F:1F90"),
+            Some("127.0.0.1:8080".parse().unwrap())
+        );
+        assert_eq!(
+            parse_proc_addr("00000000000000000000000001000000:0050"),
+            Some("[::1]:80".parse().unwrap())
+        );
+        assert_eq!(
+            parse_proc_addr("0000000000000000FFFF00000100007F:0050"),
+            Some("127.0.0.1:80".parse().unwrap()),
+            "v4-mapped addresses compare as v4"
+        );
+        assert_eq!(parse_proc_addr("zz:1"), None);
+    }
+
+    #[test]
+    fn tcp_table_row() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:1538 00000000:0000 0A 00000000:00000000 00:00000000 00000000   106        0 31337 1 0000000000000000 100 0 0 10 0\n   1: 0100007F:D431 0100007F:1920 01 00000000:00000000 00:00000000 00000000  1001        0 424242 1 0000000000000000 20 4 30 10 -1\n";
+        let peer = "127.0.0.1:54321".parse().unwrap();
+        let local = "127.0.0.1:6432".parse().unwrap();
+        assert_eq!(parse_tcp_table(table, peer, local), Some((1001, 424242)));
+        assert_eq!(parse_tcp_table(table, local, peer), None);
+    }
+
+    #[test]
+    fn units_and_containers() {
+        assert_eq!(
+            unit_from_cgroup_path("/system.slice/billing-api.service").as_deref(),
+            Some("billing-api.service")
+        );
+        assert_eq!(
+            unit_from_cgroup_path("/user.slice/user-1000.slice/session-4.scope").as_deref(),
+            Some("session-4.scope")
+        );
+        assert_eq!(unit_from_cgroup_path("/"), None);
+        let id = "a".repeat(64);
+        assert_eq!(
+            container_from_cgroup_path(&format!("/system.slice/docker-{id}.scope")),
+            Some(id.clone())
+        );
+        assert_eq!(
+            container_from_cgroup_path(&format!(
+                "/kubepods.slice/kubepods-pod1.slice/cri-containerd-{id}.scope"
+            )),
+            Some(id.clone())
+        );
+        assert_eq!(
+            container_from_cgroup_path(&format!("/docker/{id}")),
+            Some(id)
+        );
+        assert_eq!(
+            container_from_cgroup_path("/system.slice/cron.service"),
+            None
+        );
+    }
+
+    #[test]
+    fn cgroup2_mount_detection() {
+        let hybrid = "cgroup /sys/fs/cgroup/memory cgroup rw 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
+        assert_eq!(
+            cgroup2_mount_in(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            cgroup2_mount_in("cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n"),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(cgroup2_mount_in("proc /proc proc rw 0 0\n"), None);
+    }
+
+    #[test]
+    fn own_process_identity() {
+        let me = std::process::id() as i32;
+        let id = Identity::from_kernel_facts(
+            Source::UnixPeerCred,
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+            Some(me),
+        );
+        assert_eq!(id.exe, std::env::current_exe().ok());
+        let principals = id.principals();
+        assert!(principals.contains(&format!("uid:{}", id.uid)));
+        assert!(principals.iter().any(|p| p.starts_with("exe:")));
+    }
+
+    #[tokio::test]
+    async fn loopback_peer_is_found_in_proc() {
+        // A child process connects to us; /proc must name it, not us.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut child = std::process::Command::new("bash")
+            .args([
+                "-c",
+                &format!("exec 3<>/dev/tcp/127.0.0.1/{}; exec sleep 5", addr.port()),
+            ])
+            .spawn()
+            .expect("bash");
+        let (stream, peer) = listener.accept().await.unwrap();
+        let id = from_loopback_tcp(peer, stream.local_addr().unwrap()).unwrap();
+        child.kill().ok();
+        child.wait().ok();
+        assert_eq!(id.pid, Some(child.id() as i32));
+        assert_eq!(id.uid, nix::unistd::getuid().as_raw());
+        assert!(id.exe.as_ref().is_some_and(|e| ["sleep", "bash"]
+            .iter()
+            .any(|n| e.to_string_lossy().contains(n))));
+    }
+}

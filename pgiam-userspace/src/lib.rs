@@ -1,0 +1,15 @@
+//! pgiam: an identity-aware access layer for PostgreSQL.
+//!
+//! Clients reach pgiam instead of the database; pgiam learns from the kernel who they are,
+//! maps that identity to a database role, logs in upstream as that role with credentials the
+//! client never sees, and relays the session.
+
+pub mod cancel;
+pub mod config;
+pub mod identity;
+pub mod server;
+pub mod session;
+pub mod stream;
+pub mod tls;
+pub mod upstream;
+pub mod wire;

@@ -1,0 +1,60 @@
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+/// pgiam: identity-aware access layer for PostgreSQL.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        /// Path to pgiam.toml.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and exit.
+    CheckConfig {
+        /// Path to pgiam.toml.
+        config: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => {
+            let config = pgiam::config::Config::load(&config)?;
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?
+                .block_on(pgiam::server::run(config))
+        }
+        Command::CheckConfig { config } => {
+            let c = pgiam::config::Config::load(&config)?;
+            println!(
+                "{}: ok ({} mappings, {} roles)",
+                config.display(),
+                c.mappings.len(),
+                c.roles.len()
+            );
+            Ok(())
+        }
+    }
+}

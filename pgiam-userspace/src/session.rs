@@ -1,0 +1,553 @@
+//! One client connection, from the first byte to the last: TLS and startup negotiation, the
+//! identity → role mapping, the upstream login, and the relay.
+//!
+//! The session runs over any [`BoxStream`], so tests drive it through in-memory pipes; the pure
+//! decisions (which startup parameters pass, what a refusal says) live in [`startup`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::{debug, info, warn};
+
+use crate::cancel::{CancelRegistry, Target};
+use crate::config::Config;
+use crate::identity::{Identity, IdentityError};
+use crate::stream::{BoxStream, Rewind};
+use crate::tls::ALPN_POSTGRESQL;
+use crate::upstream::{Upstream, UpstreamError};
+use crate::wire::{self, FrontendMessage, PgError, StartupPacket, WireError};
+
+pub mod startup;
+
+/// What every session shares: the configuration in force and the process-wide registries.
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub upstream: Arc<Upstream>,
+    pub cancels: Arc<CancelRegistry>,
+}
+
+/// How the client's identity is obtained: unix peers are known at accept; TCP peers are looked
+/// up in /proc only once the client has asked for a session (a CancelRequest needs none).
+pub enum IdentitySource {
+    Known(Result<Identity, IdentityError>),
+    Lookup(Box<dyn FnOnce() -> Result<Identity, IdentityError> + Send>),
+}
+
+impl IdentitySource {
+    async fn resolve(self) -> Result<Identity, IdentityError> {
+        match self {
+            IdentitySource::Known(r) => r,
+            IdentitySource::Lookup(f) => tokio::task::spawn_blocking(f)
+                .await
+                .unwrap_or_else(|e| Err(IdentityError::PeerCred(std::io::Error::other(e)))),
+        }
+    }
+}
+
+/// Why a session ended early.
+enum Refusal {
+    /// Tell the client, then close.
+    Client(PgError),
+    /// The server's own FATAL during login, passed through.
+    ServerFrame(Bytes),
+    /// Nothing sensible can be written (the client left, or the channel is not ours to speak on).
+    Silent(String),
+}
+
+impl From<PgError> for Refusal {
+    fn from(e: PgError) -> Self {
+        Refusal::Client(e)
+    }
+}
+
+impl From<std::io::Error> for Refusal {
+    fn from(e: std::io::Error) -> Self {
+        Refusal::Silent(format!("client I/O: {e}"))
+    }
+}
+
+fn protocol_violation(e: WireError) -> PgError {
+    PgError::fatal("08P01", format!("pgiam: {e}"))
+}
+
+struct Client {
+    stream: BoxStream,
+    buf: BytesMut,
+    tls: bool,
+    peer: String,
+}
+
+impl Client {
+    async fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes).await?;
+        self.stream.flush().await
+    }
+
+    async fn fill(&mut self) -> Result<(), Refusal> {
+        if self.buf.capacity() - self.buf.len() < 1024 {
+            self.buf.reserve(8192);
+        }
+        match self.stream.read_buf(&mut self.buf).await? {
+            0 if self.buf.is_empty() => Err(Refusal::Silent("client closed the connection".into())),
+            0 => Err(Refusal::Silent(
+                "client closed the connection mid-message".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Runs one client connection to completion.
+pub async fn run(shared: Arc<Shared>, stream: BoxStream, identity: IdentitySource, peer: String) {
+    let mut client = Client {
+        stream,
+        buf: BytesMut::with_capacity(8192),
+        tls: false,
+        peer,
+    };
+    let timeout = shared.config.limits.startup_timeout();
+    let outcome = tokio::time::timeout(timeout, establish(&shared, &mut client, identity)).await;
+    let refusal = match outcome {
+        Ok(Ok(Some(session))) => return relay(&shared, client, session).await,
+        Ok(Ok(None)) => return,
+        Ok(Err(refusal)) => refusal,
+        Err(_) => Refusal::Client(PgError::fatal(
+            "08006",
+            format!(
+                "pgiam: session not established within {}s",
+                timeout.as_secs()
+            ),
+        )),
+    };
+    let frame = match refusal {
+        Refusal::Silent(why) => {
+            debug!(peer = %client.peer, "connection closed: {why}");
+            return;
+        }
+        Refusal::Client(e) => {
+            info!(peer = %client.peer, code = e.code, "connection refused: {}", e.message);
+            let mut b = BytesMut::new();
+            e.encode(&mut b);
+            b.freeze()
+        }
+        Refusal::ServerFrame(frame) => frame,
+    };
+    // Best effort, bounded: a client that does not read its error must not hold the task.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        client.write(&frame).await?;
+        client.stream.shutdown().await
+    })
+    .await;
+}
+
+/// A session ready to relay.
+struct Session {
+    upstream: BoxStream,
+    _cancel_key: crate::cancel::Registration,
+    summary: String,
+}
+
+/// Negotiation, startup checks, mapping and upstream login. `Ok(None)` for a connection that
+/// only carried a CancelRequest.
+async fn establish(
+    shared: &Arc<Shared>,
+    client: &mut Client,
+    identity: IdentitySource,
+) -> Result<Option<Session>, Refusal> {
+    let startup = loop {
+        client.fill().await?;
+        if !client.tls && client.buf.first() == Some(&wire::TLS_HANDSHAKE_RECORD) {
+            direct_tls(shared, client).await?;
+            continue;
+        }
+        let Some(packet) = wire::decode_startup(&mut client.buf).map_err(protocol_violation)?
+        else {
+            continue;
+        };
+        match packet {
+            StartupPacket::SslRequest => {
+                if client.tls {
+                    return Err(PgError::fatal("08P01", "pgiam: SSLRequest inside TLS").into());
+                }
+                request_tls(shared, client).await?;
+            }
+            StartupPacket::GssEncRequest => {
+                // Anything pipelined behind the request would be read as if it had been
+                // encrypted: refuse it, as PostgreSQL does.
+                no_pipelining(client)?;
+                client.write(b"N").await?;
+            }
+            StartupPacket::Cancel {
+                process_id,
+                secret_key,
+            } => {
+                forward_cancel(shared, process_id, secret_key).await;
+                return Ok(None);
+            }
+            StartupPacket::Startup(m) => break m,
+        }
+    };
+    if !client.buf.is_empty() {
+        // libpq waits for the server's answer before sending anything else.
+        return Err(
+            PgError::fatal("08P01", "pgiam: data sent before authentication completed").into(),
+        );
+    }
+    let checked = startup::check(startup)?;
+    if let Some(negotiation) = &checked.negotiation {
+        let mut b = BytesMut::new();
+        let unrecognized: Vec<&str> = negotiation
+            .unrecognized
+            .iter()
+            .map(String::as_str)
+            .collect();
+        wire::negotiate_protocol_version(0, &unrecognized, &mut b);
+        client.write(&b).await?;
+    }
+
+    let identity = identity.resolve().await.map_err(|e| {
+        warn!(peer = %client.peer, "cannot establish client identity: {e}");
+        PgError::fatal(
+            "28000",
+            "pgiam: cannot establish the identity of this client",
+        )
+        .with_detail(e.to_string())
+    })?;
+    let principals = identity.principals();
+    let config = &shared.config;
+    let Some(mapping) = config.find_mapping(&principals, &checked.database) else {
+        warn!(peer = %client.peer, %identity, database = %checked.database, "session refused: no mapping");
+        return Err(startup::no_mapping(&identity, &checked.database).into());
+    };
+    let credentials = &config.roles[&mapping.role];
+
+    let established = shared
+        .upstream
+        .login(&mapping.role, credentials, &checked.forwarded)
+        .await
+        .map_err(|e| {
+            warn!(peer = %client.peer, role = %mapping.role, "upstream login failed: {e}");
+            match e {
+                UpstreamError::Server { frame, .. } => Refusal::ServerFrame(frame),
+                other => Refusal::Client(
+                    PgError::fatal("08006", "pgiam: cannot open a connection to the database")
+                        .with_detail(other.to_string()),
+                ),
+            }
+        })?;
+
+    let cancel_key = shared.cancels.register(Target {
+        upstream: shared.upstream.clone(),
+        process_id: established.process_id,
+        secret_key: established.secret_key,
+    });
+    let mut hello = BytesMut::with_capacity(established.greeting.len() + 64);
+    wire::authentication_ok(&mut hello);
+    hello.extend_from_slice(&established.greeting);
+    wire::backend_key_data(cancel_key.process_id, cancel_key.secret_key, &mut hello);
+    wire::ready_for_query(established.status, &mut hello);
+    client.write(&hello).await?;
+
+    let summary = format!(
+        "{identity} principal={} database={} role={} backend_pid={}",
+        mapping.principal, checked.database, mapping.role, established.process_id
+    );
+    info!(peer = %client.peer, tls = client.tls, "session established: {summary}");
+    Ok(Some(Session {
+        upstream: established.stream,
+        _cancel_key: cancel_key,
+        summary,
+    }))
+}
+
+fn no_pipelining(client: &Client) -> Result<(), Refusal> {
+    if client.buf.is_empty() {
+        Ok(())
+    } else {
+        Err(PgError::fatal(
+            "08P01",
+            "pgiam: received unencrypted data after a TLS or GSS request",
+        )
+        .into())
+    }
+}
+
+async fn request_tls(shared: &Shared, client: &mut Client) -> Result<(), Refusal> {
+    no_pipelining(client)?;
+    let Some(acceptor) = &shared.tls else {
+        client.write(b"N").await?;
+        return Ok(());
+    };
+    client.write(b"S").await?;
+    let plain = std::mem::replace(&mut client.stream, Box::new(tokio::io::empty()));
+    let tls = acceptor
+        .accept(plain)
+        .await
+        .map_err(|e| Refusal::Silent(format!("TLS handshake failed: {e}")))?;
+    client.stream = Box::new(tls);
+    client.tls = true;
+    Ok(())
+}
+
+/// PostgreSQL 17 "direct SSL": the connection opens with a TLS ClientHello, and ALPN must say
+/// `postgresql` so that a TLS connection meant for another protocol cannot be replayed here.
+async fn direct_tls(shared: &Shared, client: &mut Client) -> Result<(), Refusal> {
+    let Some(acceptor) = &shared.tls else {
+        return Err(Refusal::Silent(
+            "direct TLS, but client TLS is disabled".into(),
+        ));
+    };
+    let prefix = client.buf.split().freeze();
+    let plain = std::mem::replace(&mut client.stream, Box::new(tokio::io::empty()));
+    let tls = acceptor
+        .accept(Rewind::new(prefix, plain))
+        .await
+        .map_err(|e| Refusal::Silent(format!("direct TLS handshake failed: {e}")))?;
+    if tls.get_ref().1.alpn_protocol() != Some(ALPN_POSTGRESQL) {
+        return Err(Refusal::Silent(
+            "direct TLS without ALPN \"postgresql\"".into(),
+        ));
+    }
+    client.stream = Box::new(tls);
+    client.tls = true;
+    Ok(())
+}
+
+async fn forward_cancel(shared: &Shared, process_id: i32, secret_key: i32) {
+    match shared.cancels.lookup(process_id, secret_key) {
+        Some(target) => {
+            info!(backend_pid = target.process_id, "forwarding cancel request");
+            if let Err(e) = target
+                .upstream
+                .cancel(target.process_id, target.secret_key)
+                .await
+            {
+                warn!("cancel request could not be forwarded: {e}");
+            }
+        }
+        // PostgreSQL answers nothing either way, so a prober learns nothing from the reply.
+        None => warn!(process_id, "cancel request with an unknown key ignored"),
+    }
+}
+
+/// Moves bytes both ways until either side ends. Client messages are framed and validated
+/// before they are forwarded; server bytes stream through with their framing tracked.
+async fn relay(shared: &Shared, client: Client, session: Session) {
+    let max = shared.config.limits.max_message_size;
+    let Client {
+        stream,
+        buf: mut cbuf,
+        peer,
+        ..
+    } = client;
+    let (mut client_rd, mut client_wr) = tokio::io::split(stream);
+    let (mut server_rd, mut server_wr) = tokio::io::split(session.upstream);
+    // The client-to-server direction never writes to the client: a fatal error it finds is
+    // handed to the other direction, which writes it once the server has gone quiet, so it can
+    // never land in the middle of a server message.
+    let (fatal_tx, mut fatal_rx) = tokio::sync::oneshot::channel::<PgError>();
+
+    let to_server = async {
+        let result: Result<&'static str, PgError> = async {
+            loop {
+                let mut terminate = false;
+                let n = wire::scan_complete(&cbuf, max, |tag, body| {
+                    match wire::decode_frontend(tag, body)? {
+                        FrontendMessage::Terminate => terminate = true,
+                        FrontendMessage::AuthResponse(_) => {
+                            return Err(WireError::Malformed {
+                                what: "PasswordMessage",
+                                detail: "not expected after authentication",
+                            })
+                        }
+                        _ => {}
+                    }
+                    Ok::<(), WireError>(())
+                })
+                .map_err(protocol_violation);
+                // Forward what was complete and valid before a bad message, as a server
+                // would have executed it.
+                let (n, err) = match n {
+                    Ok(n) => (n, None),
+                    Err(e) => (complete_prefix(&cbuf, max), Some(e)),
+                };
+                if n > 0 {
+                    let chunk = cbuf.split_to(n);
+                    server_wr.write_all(&chunk).await.map_err(|e| {
+                        PgError::fatal("08006", format!("pgiam: server write: {e}"))
+                    })?;
+                }
+                if let Some(e) = err {
+                    return Err(e);
+                }
+                if terminate {
+                    return Ok("client terminated");
+                }
+                if cbuf.capacity() - cbuf.len() < 4096 {
+                    cbuf.reserve(16 * 1024);
+                }
+                match client_rd.read_buf(&mut cbuf).await {
+                    Ok(0) if cbuf.is_empty() => return Ok("client closed"),
+                    Ok(0) => {
+                        return Err(PgError::fatal(
+                            "08P01",
+                            "pgiam: client closed the connection in the middle of a message",
+                        ))
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        return Err(PgError::fatal("08006", format!("pgiam: client read: {e}")))
+                    }
+                }
+            }
+        }
+        .await;
+        // Whatever ended this direction, the server is told the session is over. A Terminate
+        // that the client sent has already been forwarded; a second one is harmless.
+        let mut t = BytesMut::new();
+        postgres_protocol::message::frontend::terminate(&mut t);
+        let _ = server_wr.write_all(&t).await;
+        let _ = server_wr.shutdown().await;
+        if let Err(e) = &result {
+            let _ = fatal_tx.send(e.clone());
+        }
+        result
+    };
+
+    let to_client = async {
+        let mut sbuf = BytesMut::with_capacity(16 * 1024);
+        let mut framing = BackendFraming::default();
+        let end = loop {
+            sbuf.clear();
+            if sbuf.capacity() < 16 * 1024 {
+                sbuf.reserve(16 * 1024);
+            }
+            match server_rd.read_buf(&mut sbuf).await {
+                Ok(0) => break "server closed",
+                Ok(_) => {}
+                Err(_) => break "server read failed",
+            }
+            if let Err(e) = framing.advance(&sbuf) {
+                warn!(peer = %peer, "invalid data from the server: {e}");
+                break "invalid data from the server";
+            }
+            if client_wr.write_all(&sbuf).await.is_err() {
+                return "client write failed";
+            }
+        };
+        if framing.at_boundary() {
+            if let Ok(e) = fatal_rx.try_recv() {
+                let mut b = BytesMut::new();
+                e.encode(&mut b);
+                let _ = client_wr.write_all(&b).await;
+            }
+        }
+        let _ = client_wr.shutdown().await;
+        end
+    };
+
+    tokio::pin!(to_server, to_client);
+    let mut server_side_done = false;
+    loop {
+        tokio::select! {
+            r = &mut to_server, if !server_side_done => {
+                server_side_done = true;
+                match r {
+                    Ok(why) => debug!(peer = %peer, "{why}"),
+                    Err(e) => warn!(peer = %peer, code = e.code, "closing session: {}", e.message),
+                }
+            }
+            why = &mut to_client => {
+                debug!(peer = %peer, "{why}");
+                break;
+            }
+        }
+    }
+    info!(peer = %peer, "session ended: {}", session.summary);
+}
+
+/// Length of the run of complete, well-formed messages at the front of `buf`.
+fn complete_prefix(buf: &[u8], max: usize) -> usize {
+    let mut at = 0;
+    while let Ok(Some(h)) = wire::peek_header(&buf[at..], max) {
+        if buf.len() - at < h.total
+            || wire::decode_frontend(buf[at], &buf[at + 5..at + h.total]).is_err()
+        {
+            break;
+        }
+        at += h.total;
+    }
+    at
+}
+
+/// Tracks message boundaries in the server's byte stream without buffering it.
+#[derive(Default)]
+struct BackendFraming {
+    /// Bytes of the current message still to come.
+    remaining: usize,
+    /// A partial header carried over from the previous read.
+    header: [u8; 5],
+    header_len: usize,
+}
+
+impl BackendFraming {
+    fn at_boundary(&self) -> bool {
+        self.remaining == 0 && self.header_len == 0
+    }
+
+    fn advance(&mut self, mut data: &[u8]) -> Result<(), WireError> {
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let n = self.remaining.min(data.len());
+                self.remaining -= n;
+                data = &data[n..];
+                continue;
+            }
+            let n = (5 - self.header_len).min(data.len());
+            self.header[self.header_len..self.header_len + n].copy_from_slice(&data[..n]);
+            self.header_len += n;
+            data = &data[n..];
+            if self.header_len == 5 {
+                // Backend messages are not capped: a row may legitimately be very large.
+                let h = wire::peek_header(&self.header, usize::MAX)?.expect("5 bytes present");
+                self.remaining = h.body_len();
+                self.header_len = 0;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_framing_across_reads() {
+        let mut b = BytesMut::new();
+        wire::parameter_status(b"a", b"b", &mut b);
+        wire::ready_for_query(wire::TransactionStatus::Idle, &mut b);
+        for split in 0..b.len() {
+            let mut f = BackendFraming::default();
+            f.advance(&b[..split]).unwrap();
+            f.advance(&b[split..]).unwrap();
+            assert!(f.at_boundary(), "split at {split}");
+        }
+        let mut f = BackendFraming::default();
+        f.advance(&b[..b.len() - 1]).unwrap();
+        assert!(!f.at_boundary());
+        assert!(BackendFraming::default().advance(b"Z\0\0\0\x02").is_err());
+    }
+
+    #[test]
+    fn complete_prefix_stops_before_a_bad_message() {
+        let mut b = BytesMut::new();
+        postgres_protocol::message::frontend::sync(&mut b);
+        let good = b.len();
+        b.extend_from_slice(b"S\0\0\0\x05x");
+        assert_eq!(complete_prefix(&b, 1 << 20), good);
+    }
+}

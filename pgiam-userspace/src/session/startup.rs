@@ -1,0 +1,323 @@
+//! Which of the client's startup parameters reach the server, decided without I/O.
+//!
+//! The client's `user` never does: pgiam logs in as the mapped role. Anything that could change
+//! the session's identity is refused outright, whichever of PostgreSQL's spellings it uses:
+//! a `role` or `session_authorization` parameter, the same inside `options` (`-c role=x`,
+//! `-crole=x`, `--role=x`, `--session-authorization=x`, any case), and replication.
+
+use crate::identity::Identity;
+use crate::wire::{PgError, StartupMessage};
+
+/// The startup as pgiam will present it upstream.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Checked {
+    pub database: String,
+    /// Parameters for the server, `user` excluded; `options` rebuilt from what was parsed.
+    pub forwarded: Vec<(String, String)>,
+    pub negotiation: Option<Negotiation>,
+}
+
+/// The client asked for a newer protocol minor or for protocol options: pgiam answers with
+/// NegotiateProtocolVersion (3.0, these options unrecognized).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Negotiation {
+    pub unrecognized: Vec<String>,
+}
+
+/// GUC names that change who the session acts as.
+const IDENTITY_SETTINGS: &[&str] = &["role", "session_authorization"];
+
+/// PostgreSQL looks GUC names up case-insensitively, and `--a-b=c` in `options` means `a_b`.
+fn normalize(name: &str) -> String {
+    name.to_ascii_lowercase().replace('-', "_")
+}
+
+fn refuse_identity_change(how: &str) -> PgError {
+    PgError::fatal(
+        "42501",
+        format!("pgiam: changing the session's role at startup is not allowed ({how})"),
+    )
+    .with_hint("pgiam chooses the database role from the client's verified identity")
+}
+
+pub fn check(m: StartupMessage) -> Result<Checked, PgError> {
+    let mut negotiation = (m.minor > 0).then(|| Negotiation {
+        unrecognized: Vec::new(),
+    });
+    let user = m
+        .param("user")
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| {
+            PgError::fatal(
+                "28000",
+                "no PostgreSQL user name specified in startup packet",
+            )
+        })?
+        .to_owned();
+    let mut database = None;
+    let mut forwarded = Vec::with_capacity(m.params.len());
+    for (name, value) in m.params {
+        let norm = normalize(&name);
+        match norm.as_str() {
+            "user" => {}
+            "database" => database = Some(value),
+            "replication" => {
+                if !is_false(&value) {
+                    return Err(PgError::fatal(
+                        "42501",
+                        "pgiam: replication connections are not allowed",
+                    ));
+                }
+            }
+            "options" => {
+                let settings = parse_options(&value)?;
+                if !settings.is_empty() {
+                    forwarded.push(("options".to_owned(), encode_options(&settings)));
+                }
+            }
+            n if IDENTITY_SETTINGS.contains(&n) => {
+                return Err(refuse_identity_change(&format!(
+                    "startup parameter {name:?}"
+                )))
+            }
+            _ if name.starts_with("_pq_.") => {
+                negotiation
+                    .get_or_insert_with(|| Negotiation {
+                        unrecognized: Vec::new(),
+                    })
+                    .unrecognized
+                    .push(name);
+            }
+            _ => forwarded.push((name, value)),
+        }
+    }
+    // As in PostgreSQL, the database defaults to the user name the client gave.
+    let database = database.filter(|d| !d.is_empty()).unwrap_or(user);
+    forwarded.insert(0, ("database".to_owned(), database.clone()));
+    Ok(Checked {
+        database,
+        forwarded,
+        negotiation,
+    })
+}
+
+fn is_false(v: &str) -> bool {
+    matches!(
+        v.to_ascii_lowercase().as_str(),
+        "false" | "off" | "no" | "0" | "f" | "n"
+    )
+}
+
+/// Splits `options` as PostgreSQL's `pg_split_opts` does (whitespace separates, a backslash
+/// escapes the next character) and accepts only `-c name=value` / `-cname=value` /
+/// `--name=value`. Other backend switches are refused rather than passed on unexamined.
+pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, PgError> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut in_word = false;
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            c if c.is_ascii_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            '\\' => {
+                in_word = true;
+                if let Some(next) = chars.next() {
+                    word.push(next);
+                }
+            }
+            c => {
+                in_word = true;
+                word.push(c);
+            }
+        }
+    }
+    if in_word {
+        words.push(word);
+    }
+
+    let bad = |w: &str| {
+        PgError::fatal("42601", format!("pgiam: unsupported startup option {w:?}"))
+            .with_hint("only -c name=value and --name=value are accepted in options")
+    };
+    let mut settings = Vec::new();
+    let mut words = words.into_iter();
+    while let Some(w) = words.next() {
+        let setting = if w == "-c" {
+            words.next().ok_or_else(|| bad(&w))?
+        } else if let Some(s) = w.strip_prefix("--") {
+            s.to_owned()
+        } else if let Some(s) = w.strip_prefix("-c") {
+            s.to_owned()
+        } else {
+            return Err(bad(&w));
+        };
+        let (name, value) = setting.split_once('=').ok_or_else(|| bad(&setting))?;
+        let name = normalize(name);
+        // Only a well-formed GUC name can reach the server, so what it looks up is what was
+        // checked here.
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+        {
+            return Err(bad(&setting));
+        }
+        if IDENTITY_SETTINGS.contains(&name.as_str()) {
+            return Err(refuse_identity_change(&format!("options {setting:?}")));
+        }
+        settings.push((name, value.to_owned()));
+    }
+    Ok(settings)
+}
+
+/// Rebuilds `options` from parsed settings, so the server parses exactly what pgiam checked.
+fn encode_options(settings: &[(String, String)]) -> String {
+    let escape = |s: &str| {
+        let mut out = String::with_capacity(s.len());
+        for c in s.chars() {
+            if c == '\\' || c.is_ascii_whitespace() {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out
+    };
+    settings
+        .iter()
+        .map(|(n, v)| format!("-c {}={}", escape(n), escape(v)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The refusal for an identity that no mapping covers. It tells the client who pgiam thinks
+/// it is (that is its own identity), never what the configuration would have allowed.
+pub fn no_mapping(identity: &Identity, database: &str) -> PgError {
+    PgError::fatal(
+        "28000",
+        format!("pgiam: no database role is mapped for this client on database \"{database}\""),
+    )
+    .with_detail(format!("client identity: {identity}"))
+    .with_hint("ask the operator to add a [[mapping]] for one of this client's principals")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn startup(params: &[(&str, &str)]) -> StartupMessage {
+        StartupMessage {
+            minor: 0,
+            params: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn user_is_dropped_and_database_defaults_to_it() {
+        let c = check(startup(&[("user", "alice"), ("application_name", "x")])).unwrap();
+        assert_eq!(c.database, "alice");
+        assert_eq!(
+            c.forwarded,
+            vec![
+                ("database".to_string(), "alice".to_string()),
+                ("application_name".to_string(), "x".to_string())
+            ]
+        );
+        assert!(c.negotiation.is_none());
+    }
+
+    #[test]
+    fn missing_user_is_refused() {
+        assert_eq!(
+            check(startup(&[("database", "d")])).unwrap_err().code,
+            "28000"
+        );
+    }
+
+    #[test]
+    fn every_spelling_of_a_role_change_is_refused() {
+        for params in [
+            vec![("role", "postgres")],
+            vec![("ROLE", "postgres")],
+            vec![("session_authorization", "postgres")],
+            vec![("options", "-c role=postgres")],
+            vec![("options", "-crole=postgres")],
+            vec![("options", "--role=postgres")],
+            vec![("options", "-c ROLE=postgres")],
+            vec![("options", "--session-authorization=postgres")],
+            vec![(
+                "options",
+                "-c search_path=x -c Session_Authorization=postgres",
+            )],
+            vec![("replication", "true")],
+            vec![("replication", "database")],
+        ] {
+            let mut p = vec![("user", "u")];
+            p.extend(params.iter().copied());
+            let err = check(startup(&p)).unwrap_err();
+            assert_eq!(err.code, "42501", "{params:?} -> {err:?}");
+        }
+        assert!(check(startup(&[("user", "u"), ("replication", "off")])).is_ok());
+    }
+
+    #[test]
+    fn options_are_rebuilt_from_what_was_checked() {
+        let c = check(startup(&[
+            ("user", "u"),
+            (
+                "options",
+                "  -c search_path=a\\ b   --statement-timeout=5s -cwork_mem=4MB",
+            ),
+        ]))
+        .unwrap();
+        let options = &c.forwarded.iter().find(|(k, _)| k == "options").unwrap().1;
+        assert_eq!(
+            options,
+            "-c search_path=a\\ b -c statement_timeout=5s -c work_mem=4MB"
+        );
+        assert_eq!(
+            parse_options(options).unwrap(),
+            vec![
+                ("search_path".to_string(), "a b".to_string()),
+                ("statement_timeout".to_string(), "5s".to_string()),
+                ("work_mem".to_string(), "4MB".to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_switches_are_refused() {
+        for o in [
+            "-B 100",
+            "-D /tmp",
+            "-c",
+            "-c novalue",
+            "--=x",
+            "-o x",
+            "-c\\ role=x",
+        ] {
+            assert_eq!(parse_options(o).unwrap_err().code, "42601", "{o}");
+        }
+    }
+
+    #[test]
+    fn protocol_options_are_negotiated_away() {
+        let mut m = startup(&[("user", "u"), ("_pq_.compression", "on")]);
+        m.minor = 2;
+        let c = check(m).unwrap();
+        assert_eq!(
+            c.negotiation,
+            Some(Negotiation {
+                unrecognized: vec!["_pq_.compression".into()]
+            })
+        );
+        assert!(c.forwarded.iter().all(|(k, _)| !k.starts_with("_pq_")));
+    }
+}

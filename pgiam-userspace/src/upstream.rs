@@ -1,0 +1,304 @@
+//! pgiam's own connections to PostgreSQL: connect, TLS, log in as the mapped role, cancel.
+//!
+//! Credentials come from files named in the config, never from the client.
+
+use std::path::PathBuf;
+
+use bytes::{Bytes, BytesMut};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::message::frontend;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+
+use crate::config::{self, Config};
+use crate::stream::BoxStream;
+use crate::tls::{self, TlsError};
+use crate::wire::{self, Authentication, BackendMessage, TransactionStatus, WireError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect to {target}: {source}")]
+    Connect {
+        target: String,
+        source: std::io::Error,
+    },
+    #[error("timed out connecting to {0}")]
+    ConnectTimeout(String),
+    #[error("the server refused TLS, which the configuration requires")]
+    TlsRefused,
+    #[error("TLS handshake with the server failed: {0}")]
+    Tls(std::io::Error),
+    #[error("connection to the server failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the server closed the connection during login")]
+    Closed,
+    #[error("invalid message from the server: {0}")]
+    Protocol(#[from] WireError),
+    #[error("unexpected message from the server during login: {0}")]
+    Unexpected(&'static str),
+    #[error("the server asks for {0} authentication, which pgiam does not support")]
+    UnsupportedAuth(&'static str),
+    #[error("the server asks for a password but role {0:?} has no password_file")]
+    NoPassword(String),
+    #[error("cannot read the password file {path}: {source}")]
+    Password {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("SCRAM authentication failed: {0}")]
+    Scram(std::io::Error),
+    /// The server's own ErrorResponse during login, forwarded as-is to the client.
+    #[error("the server refused the login: {message}")]
+    Server { message: String, frame: Bytes },
+}
+
+/// Where and how pgiam reaches the database.
+pub struct Upstream {
+    config: config::Upstream,
+    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+    max_message_size: usize,
+}
+
+/// A logged-in upstream connection, ready for queries.
+pub struct Established {
+    pub stream: BoxStream,
+    /// The server's ParameterStatus and NoticeResponse frames from login, to replay to the client.
+    pub greeting: BytesMut,
+    pub process_id: i32,
+    pub secret_key: i32,
+    pub status: TransactionStatus,
+}
+
+impl Upstream {
+    pub fn new(config: &Config) -> Result<Upstream, TlsError> {
+        Ok(Upstream {
+            tls: tls::upstream_connector(&config.upstream)?,
+            config: config.upstream.clone(),
+            max_message_size: config.limits.max_message_size,
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        if self.config.is_unix() {
+            self.config.unix_path().display().to_string()
+        } else {
+            format!("{}:{}", self.config.host, self.config.port)
+        }
+    }
+
+    /// Opens a transport to the server and negotiates TLS as configured.
+    async fn open(&self) -> Result<BoxStream, UpstreamError> {
+        let target = self.describe();
+        let connect = async {
+            if self.config.is_unix() {
+                UnixStream::connect(self.config.unix_path())
+                    .await
+                    .map(|s| Box::new(s) as BoxStream)
+            } else {
+                let s = TcpStream::connect((self.config.host.as_str(), self.config.port)).await?;
+                s.set_nodelay(true)?;
+                Ok(Box::new(s) as BoxStream)
+            }
+        };
+        let mut stream = tokio::time::timeout(self.config.connect_timeout(), connect)
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout(target.clone()))?
+            .map_err(|source| UpstreamError::Connect { target, source })?;
+        let Some((connector, name)) = &self.tls else {
+            return Ok(stream);
+        };
+        let mut req = BytesMut::new();
+        frontend::ssl_request(&mut req);
+        stream.write_all(&req).await?;
+        let mut answer = [0u8; 1];
+        stream.read_exact(&mut answer).await?;
+        if answer[0] != b'S' {
+            return Err(UpstreamError::TlsRefused);
+        }
+        let tls = connector
+            .connect(name.clone(), stream)
+            .await
+            .map_err(UpstreamError::Tls)?;
+        Ok(Box::new(tls))
+    }
+
+    /// Connects and logs in as `role`. `params` are the client's startup parameters that pgiam
+    /// lets through (database, application_name, GUCs); `user` is always `role`.
+    pub async fn login(
+        &self,
+        role: &str,
+        credentials: &config::RoleCredentials,
+        params: &[(String, String)],
+    ) -> Result<Established, UpstreamError> {
+        let mut stream = self.open().await?;
+        let mut out = BytesMut::new();
+        let startup = std::iter::once(("user", role))
+            .chain(params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        frontend::startup_message(startup, &mut out)?;
+        stream.write_all(&out).await?;
+
+        let mut buf = BytesMut::with_capacity(4096);
+        let mut scram: Option<ScramSha256> = None;
+        let mut greeting = BytesMut::new();
+        let mut key = None;
+        let mut authenticated = false;
+        loop {
+            let (tag, body) = read_message(&mut stream, &mut buf, self.max_message_size).await?;
+            out.clear();
+            match wire::decode_backend(tag, &body)? {
+                BackendMessage::Authentication(auth) if !authenticated => match auth {
+                    Authentication::Ok => {
+                        if scram.is_some() {
+                            return Err(UpstreamError::Unexpected(
+                                "AuthenticationOk before SCRAM completed",
+                            ));
+                        }
+                        authenticated = true;
+                    }
+                    Authentication::CleartextPassword => {
+                        let pw = read_password(role, credentials)?;
+                        frontend::password_message(pw.as_bytes(), &mut out)?;
+                    }
+                    Authentication::Md5Password { salt } => {
+                        let pw = read_password(role, credentials)?;
+                        let hash = postgres_protocol::authentication::md5_hash(
+                            role.as_bytes(),
+                            pw.as_bytes(),
+                            salt,
+                        );
+                        frontend::password_message(hash.as_bytes(), &mut out)?;
+                    }
+                    Authentication::Sasl { mechanisms } => {
+                        if !mechanisms.contains(&SCRAM_SHA_256.as_bytes()) {
+                            return Err(UpstreamError::UnsupportedAuth(
+                                "SASL without SCRAM-SHA-256",
+                            ));
+                        }
+                        let pw = read_password(role, credentials)?;
+                        // Channel binding is not offered ('n'), which a server advertising
+                        // SCRAM-SHA-256-PLUS accepts; it never silently downgrades a 'y'.
+                        let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
+                        frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)?;
+                        scram = Some(s);
+                    }
+                    Authentication::SaslContinue(data) => {
+                        let s = scram
+                            .as_mut()
+                            .ok_or(UpstreamError::Unexpected("SASLContinue before SASL"))?;
+                        s.update(data).map_err(UpstreamError::Scram)?;
+                        frontend::sasl_response(s.message(), &mut out)?;
+                    }
+                    Authentication::SaslFinal(data) => {
+                        // finish() checks the server's signature: the server proves it knows
+                        // the password too.
+                        let mut s = scram
+                            .take()
+                            .ok_or(UpstreamError::Unexpected("SASLFinal before SASL"))?;
+                        s.finish(data).map_err(UpstreamError::Scram)?;
+                    }
+                    Authentication::KerberosV5 => {
+                        return Err(UpstreamError::UnsupportedAuth("Kerberos V5"))
+                    }
+                    Authentication::Gss | Authentication::GssContinue(_) => {
+                        return Err(UpstreamError::UnsupportedAuth("GSSAPI"))
+                    }
+                    Authentication::Sspi => return Err(UpstreamError::UnsupportedAuth("SSPI")),
+                },
+                BackendMessage::ParameterStatus { .. } | BackendMessage::NoticeResponse(_)
+                    if authenticated =>
+                {
+                    append_frame(&mut greeting, tag, &body);
+                }
+                BackendMessage::NoticeResponse(_) => append_frame(&mut greeting, tag, &body),
+                BackendMessage::BackendKeyData {
+                    process_id,
+                    secret_key,
+                } if authenticated => key = Some((process_id, secret_key)),
+                BackendMessage::ReadyForQuery(status) if authenticated => {
+                    let (process_id, secret_key) = key.ok_or(UpstreamError::Unexpected(
+                        "ReadyForQuery without BackendKeyData",
+                    ))?;
+                    if !buf.is_empty() {
+                        return Err(UpstreamError::Unexpected("data after ReadyForQuery"));
+                    }
+                    return Ok(Established {
+                        stream,
+                        greeting,
+                        process_id,
+                        secret_key,
+                        status,
+                    });
+                }
+                BackendMessage::ErrorResponse(fields) => {
+                    let mut frame = BytesMut::new();
+                    append_frame(&mut frame, tag, &body);
+                    return Err(UpstreamError::Server {
+                        message: fields.get_str(b'M').unwrap_or("?").to_owned(),
+                        frame: frame.freeze(),
+                    });
+                }
+                BackendMessage::NegotiateProtocolVersion { .. } => {
+                    // pgiam asks for 3.0 with no protocol options: nothing to negotiate down.
+                    return Err(UpstreamError::Unexpected("NegotiateProtocolVersion"));
+                }
+                _ => return Err(UpstreamError::Unexpected("message out of order")),
+            }
+            if !out.is_empty() {
+                stream.write_all(&out).await?;
+            }
+        }
+    }
+
+    /// Forwards a cancel for the backend `process_id` with its real key. PostgreSQL answers
+    /// nothing; the connection just closes.
+    pub async fn cancel(&self, process_id: i32, secret_key: i32) -> Result<(), UpstreamError> {
+        let mut stream = self.open().await?;
+        let mut out = BytesMut::new();
+        frontend::cancel_request(process_id, secret_key, &mut out);
+        stream.write_all(&out).await?;
+        stream.flush().await?;
+        // Wait for the server to close, so the cancel has been processed when we return.
+        let mut sink = [0u8; 64];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok(())
+    }
+}
+
+fn append_frame(out: &mut BytesMut, tag: u8, body: &[u8]) {
+    out.extend_from_slice(&[tag]);
+    out.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+    out.extend_from_slice(body);
+}
+
+/// Reads the role's password file; a trailing newline is not part of the password.
+fn read_password(
+    role: &str,
+    credentials: &config::RoleCredentials,
+) -> Result<String, UpstreamError> {
+    let path = credentials
+        .password_path()
+        .ok_or_else(|| UpstreamError::NoPassword(role.to_owned()))?;
+    let mut pw = std::fs::read_to_string(&path)
+        .map_err(|source| UpstreamError::Password { path, source })?;
+    while pw.ends_with(['\n', '\r']) {
+        pw.pop();
+    }
+    Ok(pw)
+}
+
+/// Reads one whole message, buffering as needed.
+pub async fn read_message<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    max_message_size: usize,
+) -> Result<(u8, BytesMut), UpstreamError> {
+    loop {
+        if let Some(m) = wire::next_message(buf, max_message_size)? {
+            return Ok(m);
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(UpstreamError::Closed);
+        }
+    }
+}
