@@ -1,0 +1,120 @@
+//! Cancellation through pgiam: clients hold pgiam's keys, never the backend's.
+
+use std::time::Duration;
+
+use crate::fixture::*;
+
+fn key_data(messages: &[(u8, Vec<u8>)]) -> (i32, i32) {
+    let (_, body) = messages.iter().find(|(t, _)| *t == b'K').expect("BackendKeyData");
+    (
+        i32::from_be_bytes(body[0..4].try_into().unwrap()),
+        i32::from_be_bytes(body[4..8].try_into().unwrap()),
+    )
+}
+
+fn cancel_request(pid: i32, key: i32) -> Vec<u8> {
+    let mut out = 16i32.to_be_bytes().to_vec();
+    out.extend_from_slice(&80_877_102i32.to_be_bytes());
+    out.extend_from_slice(&pid.to_be_bytes());
+    out.extend_from_slice(&key.to_be_bytes());
+    out
+}
+
+fn send_cancel(env: &Env, pid: i32, key: i32) {
+    let mut c = Raw::connect(env.tcp);
+    c.send(&cancel_request(pid, key));
+    c.expect_closed();
+}
+
+/// Waits until PostgreSQL shows the role's backend running pg_sleep.
+fn wait_for_sleep(env: &Env) {
+    for _ in 0..200 {
+        let n = env.direct(&format!(
+            "select count(*) from pg_stat_activity where usename = '{ROLE}' \
+             and state = 'active' and query like '%pg_sleep%'"
+        ));
+        if n == "1" {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("the sleeping query never showed up in pg_stat_activity");
+}
+
+fn result_of_query(raw: &mut Raw) -> Result<(), String> {
+    let mut error = None;
+    for (tag, body) in raw.until_ready() {
+        if tag == b'E' {
+            error = Some(String::from_utf8_lossy(&body).into_owned());
+        }
+    }
+    error.map_or(Ok(()), Err)
+}
+
+#[test]
+fn forged_or_stale_keys_cancel_nothing_and_the_real_key_cancels() {
+    let env = Env::start();
+    let mut raw = Raw::connect(env.tcp);
+    raw.startup();
+    let (pid, key) = key_data(&raw.until_ready());
+
+    // The key pgiam hands out is not the backend's.
+    raw.send(&query_bytes("select pg_backend_pid()"));
+    let rows = raw.until_ready();
+    let (_, row) = rows.iter().find(|(t, _)| *t == b'D').unwrap();
+    let real_pid: i32 = String::from_utf8_lossy(&row[6..]).parse().unwrap();
+    assert_ne!(pid, real_pid, "the backend's pid must not leak to the client");
+    send_cancel(&env, real_pid, key);
+
+    // Forged keys while a query runs: it completes.
+    raw.send(&query_bytes("select pg_sleep(1.5)"));
+    wait_for_sleep(&env);
+    send_cancel(&env, pid, key ^ 1);
+    send_cancel(&env, pid.wrapping_add(1), key);
+    assert_eq!(result_of_query(&mut raw), Ok(()), "a forged key cancelled the query");
+
+    // The real key: the query is cancelled (57014).
+    raw.send(&query_bytes("select pg_sleep(60)"));
+    wait_for_sleep(&env);
+    send_cancel(&env, pid, key);
+    let err = result_of_query(&mut raw).expect_err("the query must be cancelled");
+    assert!(err.contains("57014"), "{err}");
+
+    // Once the session is gone its key is stale.
+    raw.send(&[b'X', 0, 0, 0, 4]);
+    raw.expect_closed();
+    let mut other = Raw::connect(env.tcp);
+    other.startup();
+    other.until_ready();
+    other.send(&query_bytes("select pg_sleep(1)"));
+    wait_for_sleep(&env);
+    send_cancel(&env, pid, key);
+    assert_eq!(result_of_query(&mut other), Ok(()));
+    assert!(env.pgiam.log().contains("cancel request with an unknown key ignored"));
+}
+
+#[tokio::test]
+async fn tokio_postgres_cancel_token_stops_pg_sleep() {
+    let env = Env::start();
+    let client = tokio_client(&env.tcp_dsn("")).await;
+    let token = client.cancel_token();
+    let sleeper = tokio::spawn(async move {
+        client
+            .simple_query("select pg_sleep(60)")
+            .await
+            .map(|_| ())
+    });
+    let env_ref = &env;
+    tokio::task::block_in_place(|| wait_for_sleep(env_ref));
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(30), sleeper)
+        .await
+        .expect("cancel did not stop pg_sleep")
+        .unwrap();
+    let err = result.expect_err("query was cancelled");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+        "{err}"
+    );
+}

@@ -1,0 +1,293 @@
+//! A real PostgreSQL with a login role, and a pgiam in front of it mapping this test process's
+//! user to that role.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use pgiam_tests::{free_port, pg_bin_dir, write_file, PgCluster, PgOptions, Pgiam};
+
+pub const ROLE: &str = "app_rw";
+pub const DB: &str = "app";
+
+pub struct Env {
+    pub pg: PgCluster,
+    pub pgiam: Pgiam,
+    pub tcp: SocketAddr,
+    /// libpq-style socket directory and port of pgiam's unix listener.
+    pub unix_dir: PathBuf,
+    pub unix_port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+/// Knobs a test may turn; everything else is the standard setup.
+pub struct Setup {
+    pub pg: PgOptions,
+    /// Extra TOML appended to pgiam's config (sections after the standard ones).
+    pub extra: String,
+    /// `[upstream]` body; defaults to the cluster's TCP address without TLS.
+    pub upstream: Option<String>,
+    /// `[client_tls]` body.
+    pub client_tls: String,
+    /// `[limits]` body.
+    pub limits: String,
+    /// Principal mapped to ROLE on DB.
+    pub principal: String,
+}
+
+impl Default for Setup {
+    fn default() -> Self {
+        Setup {
+            pg: PgOptions::default(),
+            extra: String::new(),
+            upstream: None,
+            client_tls: "mode = \"generate\"".into(),
+            limits: String::new(),
+            principal: format!("uid:{}", nix::unistd::geteuid()),
+        }
+    }
+}
+
+impl Env {
+    pub fn start() -> Env {
+        Env::with(Setup::default())
+    }
+
+    pub fn with(setup: Setup) -> Env {
+        let pg = PgCluster::start(setup.pg).expect("start PostgreSQL");
+        pg.psql(&format!("CREATE ROLE {ROLE} LOGIN PASSWORD 'rw-secret'"))
+            .unwrap();
+        pg.psql(&format!("CREATE DATABASE {DB} OWNER {ROLE}")).unwrap();
+        let dir = tempfile::Builder::new().prefix("pgiam-test-").tempdir().unwrap();
+        let pw = write_file(dir.path(), "app_rw.password", "rw-secret\n", 0o600);
+        let tcp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let unix_port = free_port();
+        let unix_dir = dir.path().join("sock");
+        std::fs::create_dir_all(&unix_dir).unwrap();
+        // Other OS users (nobody) must reach the socket to be refused by identity.
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        std::fs::set_permissions(&unix_dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        // `PGPORT` in a custom upstream section stands for the cluster's port.
+        let upstream = setup
+            .upstream
+            .unwrap_or_else(|| "host = \"127.0.0.1\"\nport = PGPORT".into())
+            .replace("PGPORT", &pg.port.to_string());
+        let config = format!(
+            r#"
+state_dir = "{state}"
+[listen]
+tcp = "{tcp}"
+unix = "{unix}"
+[limits]
+{limits}
+[client_tls]
+{client_tls}
+[upstream]
+{upstream}
+[roles.{ROLE}]
+password_file = "{pw}"
+[[mapping]]
+principal = "{principal}"
+database = "{DB}"
+role = "{ROLE}"
+{extra}
+"#,
+            state = dir.path().join("state").display(),
+            unix = unix_dir.join(format!(".s.PGSQL.{unix_port}")).display(),
+            limits = setup.limits,
+            client_tls = setup.client_tls,
+            pw = pw.display(),
+            principal = setup.principal,
+            extra = setup.extra,
+        );
+        let pgiam = Pgiam::start(&config, tcp).expect("start pgiam");
+        Env {
+            pg,
+            pgiam,
+            tcp,
+            unix_dir,
+            unix_port,
+            dir,
+        }
+    }
+
+    /// A libpq connection string through pgiam's TCP listener.
+    pub fn tcp_dsn(&self, extra: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} dbname={DB} user=anyone {extra}",
+            self.tcp.port()
+        )
+    }
+
+    /// A libpq connection string through pgiam's unix socket.
+    pub fn unix_dsn(&self, extra: &str) -> String {
+        format!(
+            "host={} port={} dbname={DB} user=anyone {extra}",
+            self.unix_dir.display(),
+            self.unix_port
+        )
+    }
+
+    /// The superuser's view, straight to PostgreSQL.
+    pub fn direct(&self, sql: &str) -> String {
+        self.pg.psql(sql).expect("direct psql")
+    }
+
+    /// Connections PostgreSQL has received so far, from its own log.
+    pub fn connections_received(&self) -> usize {
+        self.pg.log().matches("connection received").count()
+    }
+}
+
+/// Runs a real client program and returns its output.
+pub fn run(program: &str, args: &[&str]) -> Output {
+    let path = pg_bin_dir().join(program);
+    Command::new(&path)
+        .args(args)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+pub fn psql(dsn: &str, sql: &str) -> Output {
+    run("psql", &["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", dsn, "-c", sql])
+}
+
+/// psql that must succeed; returns trimmed stdout.
+pub fn psql_ok(dsn: &str, sql: &str) -> String {
+    let out = psql(dsn, sql);
+    assert!(
+        out.status.success(),
+        "psql {dsn:?} -c {sql:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub async fn tokio_client(dsn: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("tokio-postgres {dsn}: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// A hand-driven protocol client, for what real clients never send.
+pub struct Raw {
+    pub stream: TcpStream,
+}
+
+impl Raw {
+    pub fn connect(addr: SocketAddr) -> Raw {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        Raw { stream }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    pub fn startup_bytes(version: i32, params: &[(&str, &str)]) -> Vec<u8> {
+        let mut body = version.to_be_bytes().to_vec();
+        for (k, v) in params {
+            body.extend_from_slice(k.as_bytes());
+            body.push(0);
+            body.extend_from_slice(v.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut out = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+        out.extend_from_slice(&body);
+        out
+    }
+
+    pub fn startup(&mut self) {
+        self.send(&Raw::startup_bytes(3 << 16, &[("user", "x"), ("database", DB)]));
+    }
+
+    /// Reads one message; `None` when the connection is closed.
+    pub fn read(&mut self) -> Option<(u8, Vec<u8>)> {
+        let mut header = [0u8; 5];
+        self.stream.read_exact(&mut header).ok()?;
+        let len = i32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+        let mut body = vec![0u8; len - 4];
+        self.stream.read_exact(&mut body).ok()?;
+        Some((header[0], body))
+    }
+
+    pub fn read_byte(&mut self) -> Option<u8> {
+        let mut b = [0u8; 1];
+        self.stream.read_exact(&mut b).ok()?;
+        Some(b[0])
+    }
+
+    /// Reads until ReadyForQuery; returns every message seen.
+    pub fn until_ready(&mut self) -> Vec<(u8, Vec<u8>)> {
+        let mut seen = Vec::new();
+        loop {
+            let m = self.read().expect("connection closed before ReadyForQuery");
+            let done = m.0 == b'Z';
+            seen.push(m);
+            if done {
+                return seen;
+            }
+        }
+    }
+
+    /// Expects an ErrorResponse and then the end of the connection; returns (SQLSTATE, message).
+    pub fn expect_fatal(&mut self) -> (String, String) {
+        let (tag, body) = self.read().expect("an ErrorResponse, not a closed connection");
+        assert_eq!(tag, b'E', "expected ErrorResponse, got {:?}", char::from(tag));
+        let field = |code: u8| {
+            let mut rest = &body[..];
+            while let Some((&c, tail)) = rest.split_first() {
+                let end = tail.iter().position(|&b| b == 0).unwrap();
+                if c == code {
+                    return String::from_utf8_lossy(&tail[..end]).into_owned();
+                }
+                rest = &tail[end + 1..];
+            }
+            String::new()
+        };
+        assert_eq!(field(b'S'), "FATAL");
+        let r = (field(b'C'), field(b'M'));
+        self.expect_closed();
+        r
+    }
+
+    pub fn expect_closed(&mut self) {
+        let mut b = [0u8; 64];
+        match self.stream.read(&mut b) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("expected the connection to be closed, got {other:?}"),
+        }
+    }
+}
+
+pub fn query_bytes(sql: &str) -> Vec<u8> {
+    let mut out = vec![b'Q'];
+    out.extend_from_slice(&((sql.len() + 5) as i32).to_be_bytes());
+    out.extend_from_slice(sql.as_bytes());
+    out.push(0);
+    out
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}

@@ -1,0 +1,10 @@
+//! pgiam's core proxy against a real PostgreSQL with real clients (psql, pgbench,
+//! tokio-postgres) and hand-driven protocol input for what real clients never send.
+
+mod fixture;
+
+mod cancel;
+mod clients;
+mod malformed;
+mod refusals;
+mod tls;

@@ -1,0 +1,157 @@
+//! Malformed input closes that client with a clear error, and nothing else.
+
+use std::net::Shutdown;
+use std::time::Duration;
+
+use crate::fixture::*;
+
+fn small_limits() -> Setup {
+    Setup {
+        limits: "max_message_size = 65536\nstartup_timeout_secs = 2".into(),
+        ..Setup::default()
+    }
+}
+
+fn live_session(env: &Env) -> Raw {
+    let mut raw = Raw::connect(env.tcp);
+    raw.startup();
+    raw.until_ready();
+    raw
+}
+
+fn still_works(env: &Env, live: &mut Raw) {
+    live.send(&query_bytes("select 42"));
+    let msgs = live.until_ready();
+    assert!(msgs.iter().any(|(t, b)| *t == b'D' && b.ends_with(b"42")), "{msgs:?}");
+    assert_eq!(psql_ok(&env.tcp_dsn(""), "select 1"), "1");
+}
+
+#[test]
+fn malformed_startup_packets() {
+    let env = Env::with(small_limits());
+    let mut live = live_session(&env);
+    let cases: Vec<(&str, Vec<u8>, &str, &str)> = vec![
+        ("length 0", vec![0, 0, 0, 0, 0, 3, 0, 0], "08P01", "invalid startup packet length 0"),
+        ("length 3", vec![0, 0, 0, 3, 0, 3, 0, 0], "08P01", "invalid startup packet length 3"),
+        ("length over the cap", vec![0, 1, 0, 0, 0, 3, 0, 0], "08P01", "invalid startup packet length"),
+        ("unknown request code", vec![0, 0, 0, 8, 0x04, 0xd2, 0x99, 0x99], "0A000", "unsupported frontend protocol 1234"),
+        ("protocol 2.0", Raw::startup_bytes(2 << 16, &[("user", "x")]), "0A000", "unsupported frontend protocol 2.0"),
+        ("a Query before startup", query_bytes("select 1"), "08P01", "invalid startup packet length"),
+        ("no final NUL", vec![0, 0, 0, 12, 0, 3, 0, 0, b'u', 0, b'x', 0], "08P01", "missing NUL"),
+        ("no user", Raw::startup_bytes(3 << 16, &[("database", DB)]), "28000", "no PostgreSQL user name"),
+        ("a Query pipelined behind the startup", {
+            let mut b = Raw::startup_bytes(3 << 16, &[("user", "x"), ("database", DB)]);
+            b.extend(query_bytes("select 1"));
+            b
+        }, "08P01", "before authentication completed"),
+    ];
+    for (what, bytes, code, message) in cases {
+        let mut raw = Raw::connect(env.tcp);
+        raw.send(&bytes);
+        let (c, m) = raw.expect_fatal();
+        assert_eq!(c, code, "{what}: {m}");
+        assert!(m.contains(message), "{what}: {m:?} should mention {message:?}");
+    }
+
+    // A client that stops mid-packet, and one that never sends anything (startup timeout).
+    let mut raw = Raw::connect(env.tcp);
+    raw.send(&[0, 0, 0, 40, 0, 3]);
+    raw.stream.shutdown(Shutdown::Write).unwrap();
+    raw.expect_closed();
+    let mut raw = Raw::connect(env.tcp);
+    let (code, m) = raw.expect_fatal();
+    assert_eq!(code, "08006", "{m}");
+    assert!(m.contains("not established within 2s"), "{m}");
+
+    still_works(&env, &mut live);
+}
+
+#[test]
+fn malformed_messages_in_a_session() {
+    let env = Env::with(small_limits());
+    let mut live = live_session(&env);
+    let mut bind_bad = vec![b'B', 0, 0, 0, 18, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0x10, b'x'];
+    bind_bad[4] = (bind_bad.len() - 1) as u8;
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("length 0", vec![b'Q', 0, 0, 0, 0], "invalid message length 0"),
+        ("length 2", vec![b'Q', 0, 0, 0, 2], "invalid message length 2"),
+        ("length over the maximum", vec![b'Q', 0, 0x10, 0, 0], "exceeds the maximum message size of 65536"),
+        ("unknown type", vec![b'z', 0, 0, 0, 4], "unknown frontend message type 'z'"),
+        ("a Bind whose value overruns it", bind_bad, "malformed Bind message"),
+        ("a password after login", vec![b'p', 0, 0, 0, 6, b'x', 0], "not expected after authentication"),
+    ];
+    for (what, bytes, message) in cases {
+        let mut raw = live_session(&env);
+        raw.send(&bytes);
+        let (code, m) = raw.expect_fatal();
+        assert_eq!(code, "08P01", "{what}: {m}");
+        assert!(m.contains(message), "{what}: {m:?} should mention {message:?}");
+    }
+
+    // Stops in the middle of a message: pgiam ends the backend too.
+    let mut raw = live_session(&env);
+    raw.send(&query_bytes("select 1")[..6]);
+    raw.stream.shutdown(Shutdown::Write).unwrap();
+    drop(raw);
+    // Valid messages before a bad one are still executed, as the server would have.
+    let mut raw = live_session(&env);
+    let mut bytes = query_bytes("create table before_bad(x int)");
+    bytes.extend_from_slice(&[b'Q', 0, 0, 0, 1]);
+    raw.send(&bytes);
+    let mut saw_complete = false;
+    while let Some((tag, _)) = raw.read() {
+        saw_complete |= tag == b'C';
+    }
+    assert!(saw_complete);
+    assert_eq!(
+        env.direct(&format!("select count(*) from pg_tables where tablename = 'before_bad'")),
+        "1"
+    );
+
+    // Only the live session's backend remains.
+    let mut remaining = String::new();
+    for _ in 0..200 {
+        remaining = env.direct(&format!(
+            "select count(*) from pg_stat_activity where usename = '{ROLE}'"
+        ));
+        if remaining == "1" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    assert_eq!(remaining, "1", "backends of closed clients must be gone");
+    still_works(&env, &mut live);
+}
+
+#[test]
+fn protocol_negotiation() {
+    let env = Env::start();
+    // 3.2 with a protocol option: NegotiateProtocolVersion(3.0, the option) first.
+    let mut raw = Raw::connect(env.tcp);
+    raw.send(&Raw::startup_bytes(
+        (3 << 16) | 2,
+        &[("user", "x"), ("database", DB), ("_pq_.test_option", "1")],
+    ));
+    let msgs = raw.until_ready();
+    let (tag, body) = &msgs[0];
+    assert_eq!(*tag, b'v', "NegotiateProtocolVersion comes first");
+    assert_eq!(&body[0..4], &0i32.to_be_bytes(), "newest minor supported is 0");
+    assert_eq!(&body[4..8], &1i32.to_be_bytes());
+    assert_eq!(&body[8..], b"_pq_.test_option\0");
+    assert_eq!(msgs[1].0, b'R');
+
+    // GSSENCRequest is declined, then a plain startup proceeds.
+    let mut raw = Raw::connect(env.tcp);
+    raw.send(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30]);
+    assert_eq!(raw.read_byte(), Some(b'N'));
+    raw.startup();
+    raw.until_ready();
+
+    // Plaintext pipelined behind an SSLRequest would be read as if it were protected: refused.
+    let mut raw = Raw::connect(env.tcp);
+    let mut bytes = vec![0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+    bytes.extend(Raw::startup_bytes(3 << 16, &[("user", "x")]));
+    raw.send(&bytes);
+    let (code, _) = raw.expect_fatal();
+    assert_eq!(code, "08P01");
+}
