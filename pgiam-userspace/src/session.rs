@@ -70,7 +70,11 @@ impl From<std::io::Error> for Refusal {
 }
 
 fn protocol_violation(e: WireError) -> PgError {
-    PgError::fatal("08P01", format!("pgiam: {e}"))
+    let code = match e {
+        WireError::UnsupportedProtocol { .. } => "0A000",
+        _ => "08P01",
+    };
+    PgError::fatal(code, format!("pgiam: {e}"))
 }
 
 struct Client {
@@ -333,6 +337,8 @@ async fn forward_cancel(shared: &Shared, process_id: i32, secret_key: i32) {
     }
 }
 
+const CLIENT_TERMINATED: &str = "client terminated";
+
 /// Moves bytes both ways until either side ends. Client messages are framed and validated
 /// before they are forwarded; server bytes stream through with their framing tracked.
 async fn relay(shared: &Shared, client: Client, session: Session) {
@@ -353,38 +359,20 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
     let to_server = async {
         let result: Result<&'static str, PgError> = async {
             loop {
-                let mut terminate = false;
-                let n = wire::scan_complete(&cbuf, max, |tag, body| {
-                    match wire::decode_frontend(tag, body)? {
-                        FrontendMessage::Terminate => terminate = true,
-                        FrontendMessage::AuthResponse(_) => {
-                            return Err(WireError::Malformed {
-                                what: "PasswordMessage",
-                                detail: "not expected after authentication",
-                            })
-                        }
-                        _ => {}
-                    }
-                    Ok::<(), WireError>(())
-                })
-                .map_err(protocol_violation);
-                // Forward what was complete and valid before a bad message, as a server
-                // would have executed it.
-                let (n, err) = match n {
-                    Ok(n) => (n, None),
-                    Err(e) => (complete_prefix(&cbuf, max), Some(e)),
-                };
-                if n > 0 {
-                    let chunk = cbuf.split_to(n);
+                // Forward what was complete and valid before a bad message, as a server would
+                // have executed it; nothing from the bad message on.
+                let framed = frame_client_messages(&cbuf, max);
+                if framed.len > 0 {
+                    let chunk = cbuf.split_to(framed.len);
                     server_wr.write_all(&chunk).await.map_err(|e| {
                         PgError::fatal("08006", format!("pgiam: server write: {e}"))
                     })?;
                 }
-                if let Some(e) = err {
-                    return Err(e);
+                if let Some(e) = framed.error {
+                    return Err(protocol_violation(e));
                 }
-                if terminate {
-                    return Ok("client terminated");
+                if framed.terminate {
+                    return Ok(CLIENT_TERMINATED);
                 }
                 if cbuf.capacity() - cbuf.len() < 4096 {
                     cbuf.reserve(16 * 1024);
@@ -405,11 +393,12 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
             }
         }
         .await;
-        // Whatever ended this direction, the server is told the session is over. A Terminate
-        // that the client sent has already been forwarded; a second one is harmless.
-        let mut t = BytesMut::new();
-        postgres_protocol::message::frontend::terminate(&mut t);
-        let _ = server_wr.write_all(&t).await;
+        // Whatever ended this direction, the server is told the session is over.
+        if result != Ok(CLIENT_TERMINATED) {
+            let mut t = BytesMut::new();
+            postgres_protocol::message::frontend::terminate(&mut t);
+            let _ = server_wr.write_all(&t).await;
+        }
         let _ = server_wr.shutdown().await;
         if let Err(e) = &result {
             let _ = fatal_tx.send(e.clone());
@@ -469,18 +458,48 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
     info!(peer = %peer, "session ended: {}", session.summary);
 }
 
-/// Length of the run of complete, well-formed messages at the front of `buf`.
-fn complete_prefix(buf: &[u8], max: usize) -> usize {
+/// The run of complete, valid client messages at the front of a buffer.
+#[derive(Debug, PartialEq, Eq)]
+struct Framed {
+    /// Bytes that may be forwarded.
+    len: usize,
+    /// The run ends with a Terminate.
+    terminate: bool,
+    /// The message after the run is invalid.
+    error: Option<WireError>,
+}
+
+/// Frames and validates client messages after login. Every byte pgiam forwards has passed
+/// here; nothing after a Terminate or an invalid message is included.
+fn frame_client_messages(buf: &[u8], max: usize) -> Framed {
     let mut at = 0;
-    while let Ok(Some(h)) = wire::peek_header(&buf[at..], max) {
-        if buf.len() - at < h.total
-            || wire::decode_frontend(buf[at], &buf[at + 5..at + h.total]).is_err()
-        {
-            break;
+    let done = |len, terminate, error| Framed {
+        len,
+        terminate,
+        error,
+    };
+    loop {
+        let header = match wire::peek_header(&buf[at..], max) {
+            Ok(Some(h)) if buf.len() - at >= h.total => h,
+            Ok(_) => return done(at, false, None),
+            Err(e) => return done(at, false, Some(e)),
+        };
+        let message = match wire::decode_frontend(header.tag, &buf[at + 5..at + header.total]) {
+            Ok(m) => m,
+            Err(e) => return done(at, false, Some(e)),
+        };
+        match message {
+            FrontendMessage::AuthResponse(_) => {
+                let e = WireError::Malformed {
+                    what: "PasswordMessage",
+                    detail: "not expected after authentication",
+                };
+                return done(at, false, Some(e));
+            }
+            FrontendMessage::Terminate => return done(at + header.total, true, None),
+            _ => at += header.total,
         }
-        at += h.total;
     }
-    at
 }
 
 /// Tracks message boundaries in the server's byte stream without buffering it.
@@ -543,11 +562,42 @@ mod tests {
     }
 
     #[test]
-    fn complete_prefix_stops_before_a_bad_message() {
+    fn client_framing_stops_before_a_bad_message_and_after_terminate() {
+        use postgres_protocol::message::frontend;
         let mut b = BytesMut::new();
-        postgres_protocol::message::frontend::sync(&mut b);
+        frontend::sync(&mut b);
         let good = b.len();
         b.extend_from_slice(b"S\0\0\0\x05x");
-        assert_eq!(complete_prefix(&b, 1 << 20), good);
+        let f = frame_client_messages(&b, 1 << 20);
+        assert_eq!(f.len, good);
+        assert!(matches!(f.error, Some(WireError::Malformed { .. })));
+
+        let mut b = BytesMut::new();
+        frontend::sync(&mut b);
+        frontend::password_message(b"pw", &mut b).unwrap();
+        let f = frame_client_messages(&b, 1 << 20);
+        assert_eq!(f.len, 5, "a password after login is never forwarded");
+        assert!(f.error.is_some());
+
+        let mut b = BytesMut::new();
+        frontend::terminate(&mut b);
+        frontend::sync(&mut b);
+        let f = frame_client_messages(&b, 1 << 20);
+        assert_eq!((f.len, f.terminate, f.error), (5, true, None));
+
+        let mut b = BytesMut::new();
+        frontend::query("select 1", &mut b).unwrap();
+        let whole = b.len();
+        b.extend_from_slice(b"Q\0\0");
+        let f = frame_client_messages(&b, 1 << 20);
+        assert_eq!(
+            (f.len, f.terminate, f.error),
+            (whole, false, None),
+            "partial: wait"
+        );
+        assert!(
+            frame_client_messages(b"Q\0\0\x10\0", 1024).error.is_some(),
+            "too large"
+        );
     }
 }

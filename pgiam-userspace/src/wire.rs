@@ -210,29 +210,6 @@ pub fn next_message(
     }
 }
 
-/// Walks the complete messages at the front of `buf` without consuming them.
-///
-/// `visit` sees each message's tag and body; the return value is how many bytes those complete
-/// messages span, ready to be split off and relayed as one write.
-pub fn scan_complete<E>(
-    buf: &[u8],
-    max_message_size: usize,
-    mut visit: impl FnMut(u8, &[u8]) -> Result<(), E>,
-) -> Result<usize, E>
-where
-    E: From<WireError>,
-{
-    let mut at = 0;
-    while let Some(h) = peek_header(&buf[at..], max_message_size)? {
-        if buf.len() - at < h.total {
-            break;
-        }
-        visit(h.tag, &buf[at + 5..at + h.total])?;
-        at += h.total;
-    }
-    Ok(at)
-}
-
 // ---------------------------------------------------------------------------------------------
 // Body readers
 // ---------------------------------------------------------------------------------------------
@@ -1104,24 +1081,6 @@ mod tests {
                 total: 5
             }))
         );
-    }
-
-    #[test]
-    fn scan_stops_at_partial_message() {
-        let mut buf = BytesMut::new();
-        frontend::query("select 1", &mut buf).unwrap();
-        frontend::sync(&mut buf);
-        let whole = buf.len();
-        frontend::query("select 2", &mut buf).unwrap();
-        buf.truncate(buf.len() - 3);
-        let mut tags = Vec::new();
-        let n = scan_complete::<WireError>(&buf, 1 << 20, |tag, _| {
-            tags.push(tag);
-            Ok(())
-        })
-        .unwrap();
-        assert_eq!(n, whole);
-        assert_eq!(tags, b"QS");
     }
 
     #[test]

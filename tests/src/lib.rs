@@ -79,14 +79,8 @@ fn os_user(name: &str) -> anyhow::Result<nix::unistd::User> {
 /// Makes `cmd` run as the OS user `user` (we must be root).
 pub fn run_as(cmd: &mut Command, user: &str) {
     let u = os_user(user).expect("user exists");
+    // std also drops root's supplementary groups when it changes the uid.
     cmd.uid(u.uid.as_raw()).gid(u.gid.as_raw());
-    // Supplementary groups of root must not leak into the child.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setgroups(&[]).map_err(std::io::Error::from)?;
-            Ok(())
-        });
-    }
 }
 
 fn is_root() -> bool {
@@ -466,7 +460,11 @@ impl Drop for Pgiam {
     fn drop(&mut self) {
         self.stop();
         if std::thread::panicking() {
-            eprintln!("--- pgiam log ({}) ---\n{}", self.log_path.display(), self.log());
+            eprintln!(
+                "--- pgiam log ({}) ---\n{}",
+                self.log_path.display(),
+                self.log()
+            );
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -5,7 +5,10 @@ use std::time::Duration;
 use crate::fixture::*;
 
 fn key_data(messages: &[(u8, Vec<u8>)]) -> (i32, i32) {
-    let (_, body) = messages.iter().find(|(t, _)| *t == b'K').expect("BackendKeyData");
+    let (_, body) = messages
+        .iter()
+        .find(|(t, _)| *t == b'K')
+        .expect("BackendKeyData");
     (
         i32::from_be_bytes(body[0..4].try_into().unwrap()),
         i32::from_be_bytes(body[4..8].try_into().unwrap()),
@@ -63,7 +66,10 @@ fn forged_or_stale_keys_cancel_nothing_and_the_real_key_cancels() {
     let rows = raw.until_ready();
     let (_, row) = rows.iter().find(|(t, _)| *t == b'D').unwrap();
     let real_pid: i32 = String::from_utf8_lossy(&row[6..]).parse().unwrap();
-    assert_ne!(pid, real_pid, "the backend's pid must not leak to the client");
+    assert_ne!(
+        pid, real_pid,
+        "the backend's pid must not leak to the client"
+    );
     send_cancel(&env, real_pid, key);
 
     // Forged keys while a query runs: it completes.
@@ -71,7 +77,11 @@ fn forged_or_stale_keys_cancel_nothing_and_the_real_key_cancels() {
     wait_for_sleep(&env);
     send_cancel(&env, pid, key ^ 1);
     send_cancel(&env, pid.wrapping_add(1), key);
-    assert_eq!(result_of_query(&mut raw), Ok(()), "a forged key cancelled the query");
+    assert_eq!(
+        result_of_query(&mut raw),
+        Ok(()),
+        "a forged key cancelled the query"
+    );
 
     // The real key: the query is cancelled (57014).
     raw.send(&query_bytes("select pg_sleep(60)"));
@@ -90,20 +100,19 @@ fn forged_or_stale_keys_cancel_nothing_and_the_real_key_cancels() {
     wait_for_sleep(&env);
     send_cancel(&env, pid, key);
     assert_eq!(result_of_query(&mut other), Ok(()));
-    assert!(env.pgiam.log().contains("cancel request with an unknown key ignored"));
+    assert!(env
+        .pgiam
+        .log()
+        .contains("cancel request with an unknown key ignored"));
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokio_postgres_cancel_token_stops_pg_sleep() {
     let env = Env::start();
     let client = tokio_client(&env.tcp_dsn("")).await;
     let token = client.cancel_token();
-    let sleeper = tokio::spawn(async move {
-        client
-            .simple_query("select pg_sleep(60)")
-            .await
-            .map(|_| ())
-    });
+    let sleeper =
+        tokio::spawn(async move { client.simple_query("select pg_sleep(60)").await.map(|_| ()) });
     let env_ref = &env;
     tokio::task::block_in_place(|| wait_for_sleep(env_ref));
     token.cancel_query(tokio_postgres::NoTls).await.unwrap();

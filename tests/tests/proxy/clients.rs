@@ -14,7 +14,10 @@ fn psql_through_unix_and_tcp_is_the_mapped_role() {
     }
     // pgiam says who it let in: the process that connected, with its uid and executable.
     let log = env.pgiam.log();
-    let established: Vec<&str> = log.lines().filter(|l| l.contains("session established")).collect();
+    let established: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("session established"))
+        .collect();
     assert_eq!(established.len(), 2, "{log}");
     let uid = nix::unistd::geteuid();
     for line in established {
@@ -36,11 +39,21 @@ async fn tokio_postgres_through_unix_and_tcp() {
         assert_eq!(row.get::<_, String>(0), ROLE);
         assert_eq!(row.get::<_, i32>(1), 42);
         // A transaction, an error inside it, and recovery: state flows through untouched.
-        client.batch_execute("create table if not exists t(x int)").await.unwrap();
-        client.batch_execute("begin; insert into t values (1)").await.unwrap();
+        client
+            .batch_execute("create table if not exists t(x int)")
+            .await
+            .unwrap();
+        client
+            .batch_execute("begin; insert into t values (1)")
+            .await
+            .unwrap();
         assert!(client.batch_execute("select 1/0").await.is_err());
         client.batch_execute("rollback").await.unwrap();
-        let n: i64 = client.query_one("select count(*) from t", &[]).await.unwrap().get(0);
+        let n: i64 = client
+            .query_one("select count(*) from t", &[])
+            .await
+            .unwrap()
+            .get(0);
         assert_eq!(n, 0);
     }
     // Large values both ways (bigger than any single read buffer).
@@ -57,10 +70,7 @@ async fn tokio_postgres_through_unix_and_tcp() {
 #[test]
 fn pgbench_all_protocol_modes_zero_failures() {
     let env = Env::start();
-    let init = run(
-        "pgbench",
-        &["-i", "-q", "-s", "1", &env.tcp_dsn("")],
-    );
+    let init = run("pgbench", &["-i", "-q", "-s", "1", &env.tcp_dsn("")]);
     assert!(init.status.success(), "pgbench -i: {}", stderr(&init));
     for dsn in [env.tcp_dsn(""), env.unix_dsn("")] {
         for mode in ["simple", "extended", "prepared"] {
@@ -69,7 +79,11 @@ fn pgbench_all_protocol_modes_zero_failures() {
                 &["-M", mode, "-c", "4", "-j", "2", "-t", "50", "-n", &dsn],
             );
             let text = String::from_utf8_lossy(&out.stdout);
-            assert!(out.status.success(), "pgbench -M {mode}: {}{text}", stderr(&out));
+            assert!(
+                out.status.success(),
+                "pgbench -M {mode}: {}{text}",
+                stderr(&out)
+            );
             assert!(
                 text.contains("number of failed transactions: 0 ")
                     && text.contains("number of transactions actually processed: 200/200"),
@@ -125,7 +139,11 @@ fn upstream_md5_and_cleartext_password_logins() {
             },
             ..Setup::default()
         });
-        assert_eq!(psql_ok(&env.tcp_dsn(""), "select current_user"), ROLE, "{method}");
+        assert_eq!(
+            psql_ok(&env.tcp_dsn(""), "select current_user"),
+            ROLE,
+            "{method}"
+        );
         let log = env.pg.log();
         assert!(
             log.contains(&format!("method={method}")),

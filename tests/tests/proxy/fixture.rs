@@ -61,18 +61,28 @@ impl Env {
         let pg = PgCluster::start(setup.pg).expect("start PostgreSQL");
         pg.psql(&format!("CREATE ROLE {ROLE} LOGIN PASSWORD 'rw-secret'"))
             .unwrap();
-        pg.psql(&format!("CREATE DATABASE {DB} OWNER {ROLE}")).unwrap();
-        let dir = tempfile::Builder::new().prefix("pgiam-test-").tempdir().unwrap();
+        pg.psql(&format!("CREATE DATABASE {DB} OWNER {ROLE}"))
+            .unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("pgiam-test-")
+            .tempdir()
+            .unwrap();
         let pw = write_file(dir.path(), "app_rw.password", "rw-secret\n", 0o600);
         let tcp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let unix_port = free_port();
         let unix_dir = dir.path().join("sock");
         std::fs::create_dir_all(&unix_dir).unwrap();
         // Other OS users (nobody) must reach the socket to be refused by identity.
-        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        std::fs::set_permissions(&unix_dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            &unix_dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
         // `PGPORT` in a custom upstream section stands for the cluster's port.
         let upstream = setup
             .upstream
@@ -156,7 +166,10 @@ pub fn run(program: &str, args: &[&str]) -> Output {
 }
 
 pub fn psql(dsn: &str, sql: &str) -> Output {
-    run("psql", &["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", dsn, "-c", sql])
+    run(
+        "psql",
+        &["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", dsn, "-c", sql],
+    )
 }
 
 /// psql that must succeed; returns trimmed stdout.
@@ -217,7 +230,10 @@ impl Raw {
     }
 
     pub fn startup(&mut self) {
-        self.send(&Raw::startup_bytes(3 << 16, &[("user", "x"), ("database", DB)]));
+        self.send(&Raw::startup_bytes(
+            3 << 16,
+            &[("user", "x"), ("database", DB)],
+        ));
     }
 
     /// Reads one message; `None` when the connection is closed.
@@ -251,8 +267,15 @@ impl Raw {
 
     /// Expects an ErrorResponse and then the end of the connection; returns (SQLSTATE, message).
     pub fn expect_fatal(&mut self) -> (String, String) {
-        let (tag, body) = self.read().expect("an ErrorResponse, not a closed connection");
-        assert_eq!(tag, b'E', "expected ErrorResponse, got {:?}", char::from(tag));
+        let (tag, body) = self
+            .read()
+            .expect("an ErrorResponse, not a closed connection");
+        assert_eq!(
+            tag,
+            b'E',
+            "expected ErrorResponse, got {:?}",
+            char::from(tag)
+        );
         let field = |code: u8| {
             let mut rest = &body[..];
             while let Some((&c, tail)) = rest.split_first() {

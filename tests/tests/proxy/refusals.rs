@@ -23,7 +23,10 @@ fn unmapped_identity_is_refused_before_any_upstream_connection() {
     let err = stderr(&out);
     assert!(!out.status.success());
     assert!(err.contains("no database role is mapped"), "{err}");
-    assert!(err.contains("uid=65534"), "the client is told who pgiam thinks it is: {err}");
+    assert!(
+        err.contains("uid=65534"),
+        "the client is told who pgiam thinks it is: {err}"
+    );
 
     // Over TCP too (identity from /proc).
     let out = Command::new(pgiam_tests::pg_bin_dir().join("psql"))
@@ -31,15 +34,26 @@ fn unmapped_identity_is_refused_before_any_upstream_connection() {
         .pipe_as("nobody")
         .output()
         .unwrap();
-    assert!(stderr(&out).contains("no database role is mapped"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no database role is mapped"),
+        "{}",
+        stderr(&out)
+    );
 
     // A mapped identity asking for another database is refused the same way.
     let out = psql(&env.tcp_dsn("dbname=postgres sslmode=disable"), "select 1");
-    assert!(stderr(&out).contains("no database role is mapped"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no database role is mapped"),
+        "{}",
+        stderr(&out)
+    );
 
     // Raw: SQLSTATE 28000.
     let mut raw = Raw::connect(env.tcp);
-    raw.send(&Raw::startup_bytes(3 << 16, &[("user", "x"), ("database", "postgres")]));
+    raw.send(&Raw::startup_bytes(
+        3 << 16,
+        &[("user", "x"), ("database", "postgres")],
+    ));
     assert_eq!(raw.expect_fatal().0, "28000");
 
     assert_eq!(
@@ -62,13 +76,13 @@ fn role_changes_and_replication_at_startup_are_refused() {
         "options=-cROLE=postgres",
         "replication=database",
     ] {
-        let out = psql(&env.tcp_dsn(&format!("sslmode=disable {options}")), "select current_user");
+        let out = psql(
+            &env.tcp_dsn(&format!("sslmode=disable {options}")),
+            "select current_user",
+        );
         assert!(!out.status.success(), "{options} must be refused");
         let err = stderr(&out);
-        assert!(
-            err.contains("not allowed"),
-            "{options}: {err}"
-        );
+        assert!(err.contains("not allowed"), "{options}: {err}");
     }
     // A startup parameter named like the GUC itself.
     let mut raw = Raw::connect(env.tcp);
@@ -81,7 +95,10 @@ fn role_changes_and_replication_at_startup_are_refused() {
 
     // Harmless settings still pass: the server applies them.
     assert_eq!(
-        psql_ok(&env.tcp_dsn("options='-c search_path=pg_catalog'"), "show search_path"),
+        psql_ok(
+            &env.tcp_dsn("options='-c search_path=pg_catalog'"),
+            "show search_path"
+        ),
         "pg_catalog"
     );
 }

@@ -36,11 +36,18 @@ fn client_tls_disabled_declines_ssl() {
     });
     let out = psql(&env.tcp_dsn("sslmode=require"), "select 1");
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("does not support SSL"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("does not support SSL"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(psql_ok(&env.tcp_dsn("sslmode=prefer"), "select 1"), "1");
 }
 
-fn tls_client(env: &Env, alpn: &[&[u8]]) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+fn tls_client(
+    env: &Env,
+    alpn: &[&[u8]],
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
     let cert = CertificateDer::from_pem_file(env.dir.path().join("state/client-tls.crt")).unwrap();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert).unwrap();
@@ -51,13 +58,12 @@ fn tls_client(env: &Env, alpn: &[&[u8]]) -> rustls::StreamOwned<rustls::ClientCo
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let conn = rustls::ClientConnection::new(
-        Arc::new(config),
-        ServerName::try_from("localhost").unwrap(),
-    )
-    .unwrap();
+    let conn =
+        rustls::ClientConnection::new(Arc::new(config), ServerName::try_from("localhost").unwrap())
+            .unwrap();
     let tcp = std::net::TcpStream::connect(env.tcp).unwrap();
-    tcp.set_read_timeout(Some(std::time::Duration::from_secs(15))).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(15)))
+        .unwrap();
     rustls::StreamOwned::new(conn, tcp)
 }
 
@@ -65,16 +71,25 @@ fn tls_client(env: &Env, alpn: &[&[u8]]) -> rustls::StreamOwned<rustls::ClientCo
 fn direct_ssl_needs_alpn_postgresql() {
     let env = Env::start();
     let mut tls = tls_client(&env, &[b"postgresql"]);
-    tls.write_all(&Raw::startup_bytes(3 << 16, &[("user", "x"), ("database", DB)]))
-        .unwrap();
+    tls.write_all(&Raw::startup_bytes(
+        3 << 16,
+        &[("user", "x"), ("database", DB)],
+    ))
+    .unwrap();
     let mut first = [0u8; 1];
     tls.read_exact(&mut first).unwrap();
-    assert_eq!(first[0], b'R', "authentication follows a direct-SSL startup");
+    assert_eq!(
+        first[0], b'R',
+        "authentication follows a direct-SSL startup"
+    );
     assert_eq!(tls.conn.alpn_protocol(), Some(&b"postgresql"[..]));
 
     // Without ALPN the connection is not served.
     let mut tls = tls_client(&env, &[]);
-    let _ = tls.write_all(&Raw::startup_bytes(3 << 16, &[("user", "x"), ("database", DB)]));
+    let _ = tls.write_all(&Raw::startup_bytes(
+        3 << 16,
+        &[("user", "x"), ("database", DB)],
+    ));
     let mut buf = [0u8; 16];
     assert!(
         !matches!(tls.read(&mut buf), Ok(n) if n > 0),
@@ -139,7 +154,10 @@ fn upstream_verify_full_rejects_an_unknown_ca() {
     let out = psql(&env.tcp_dsn(""), "select 1");
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(err.contains("cannot open a connection to the database"), "{err}");
+    assert!(
+        err.contains("cannot open a connection to the database"),
+        "{err}"
+    );
     assert!(err.to_lowercase().contains("certificate"), "{err}");
 }
 
