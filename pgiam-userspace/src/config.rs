@@ -287,7 +287,7 @@ impl Config {
     ) -> Option<&'a Mapping> {
         self.mappings
             .iter()
-            .find(|m| m.matches_database(database) && principals.iter().any(|p| *p == m.principal))
+            .find(|m| m.matches_database(database) && principals.contains(&m.principal))
     }
 }
 

@@ -654,7 +654,7 @@ pub fn decode_backend(tag: u8, mut body: &[u8]) -> Result<BackendMessage<'_>, Wi
                     }
                 }
                 7 => Authentication::Gss,
-                8 => return Ok(M::Authentication(Authentication::GssContinue(*b))),
+                8 => return Ok(M::Authentication(Authentication::GssContinue(b))),
                 9 => Authentication::Sspi,
                 10 => {
                     let mut mechanisms = Vec::new();
@@ -667,8 +667,8 @@ pub fn decode_backend(tag: u8, mut body: &[u8]) -> Result<BackendMessage<'_>, Wi
                     }
                     Authentication::Sasl { mechanisms }
                 }
-                11 => return Ok(M::Authentication(Authentication::SaslContinue(*b))),
-                12 => return Ok(M::Authentication(Authentication::SaslFinal(*b))),
+                11 => return Ok(M::Authentication(Authentication::SaslContinue(b))),
+                12 => return Ok(M::Authentication(Authentication::SaslFinal(b))),
                 _ => return Err(malformed(W, "unknown authentication code")),
             };
             finish(b, W)?;
