@@ -18,14 +18,28 @@ fn bad_configs_are_refused_with_the_reason() {
     let base = "state_dir = \"/tmp/x\"\n[listen]\ntcp = \"127.0.0.1:6432\"\n[upstream]\nhost = \"127.0.0.1\"\n[roles.app]\n";
     let cases = [
         ("missing.toml", None, "cannot read"),
-        ("syntax.toml", Some("state_dir = ".to_string()), "syntax.toml"),
-        ("remote.toml", Some(base.replace("127.0.0.1:6432", "0.0.0.0:6432")), "only loopback"),
+        (
+            "syntax.toml",
+            Some("state_dir = ".to_string()),
+            "syntax.toml",
+        ),
+        (
+            "remote.toml",
+            Some(base.replace("127.0.0.1:6432", "0.0.0.0:6432")),
+            "only loopback",
+        ),
         (
             "norole.toml",
-            Some(format!("{base}[[mapping]]\nprincipal = \"uid:1\"\ndatabase = \"*\"\nrole = \"ghost\"\n")),
+            Some(format!(
+                "{base}[[mapping]]\nprincipal = \"uid:1\"\ndatabase = \"*\"\nrole = \"ghost\"\n"
+            )),
             "no [roles.ghost]",
         ),
-        ("typo.toml", Some(format!("{base}[listen2]\n")), "unknown field"),
+        (
+            "typo.toml",
+            Some(format!("{base}[listen2]\n")),
+            "unknown field",
+        ),
     ];
     for (name, contents, needle) in cases {
         let path = match contents {
@@ -37,14 +51,19 @@ fn bad_configs_are_refused_with_the_reason() {
             args.push(path.to_str().unwrap());
             let (ok, out) = pgiam(&args);
             assert!(!ok, "{args:?} must fail");
-            assert!(out.contains(needle), "{args:?}: {out:?} should mention {needle:?}");
+            assert!(
+                out.contains(needle),
+                "{args:?}: {out:?} should mention {needle:?}"
+            );
             assert!(!out.contains("panicked"), "{out}");
         }
     }
     let good = write_file(
         dir.path(),
         "good.toml",
-        &format!("{base}[[mapping]]\nprincipal = \"unit:x.service\"\ndatabase = \"*\"\nrole = \"app\"\n"),
+        &format!(
+            "{base}[[mapping]]\nprincipal = \"unit:x.service\"\ndatabase = \"*\"\nrole = \"app\"\n"
+        ),
         0o600,
     );
     let (ok, out) = pgiam(&["check-config", good.to_str().unwrap()]);

@@ -14,27 +14,37 @@ fn section(title: &str) {
 
 fn psql(dsn: &str, sql: &str, as_user: Option<&str>) -> anyhow::Result<(bool, String)> {
     let mut cmd = Command::new(pg_bin_dir().join("psql"));
-    cmd.args(["-X", dsn, "-c", sql]).env("PGCONNECT_TIMEOUT", "10");
+    cmd.args(["-X", dsn, "-c", sql])
+        .env("PGCONNECT_TIMEOUT", "10");
     if let Some(u) = as_user {
         run_as(&mut cmd, u);
     }
     let out = cmd.output().context("running psql")?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     Ok((out.status.success(), text))
 }
 
 pub fn run_demo() -> anyhow::Result<()> {
     section("building pgiam (release)");
-    run(Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .current_dir(workspace_root())
-        .args(["build", "--release", "--bin", "pgiam"]))?;
+    run(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .current_dir(workspace_root())
+            .args(["build", "--release", "--bin", "pgiam"]),
+    )?;
     let bin = workspace_root().join("target/release/pgiam");
 
     section("starting a throwaway PostgreSQL");
     let pg = PgCluster::start(PgOptions::default())?;
-    println!("PostgreSQL on 127.0.0.1:{} (data in {})", pg.port, pg.data_dir.display());
+    println!(
+        "PostgreSQL on 127.0.0.1:{} (data in {})",
+        pg.port,
+        pg.data_dir.display()
+    );
     let password = format!("demo-{}", std::process::id());
-    pg.psql(&format!("CREATE ROLE app_reader LOGIN PASSWORD '{password}'"))?;
+    pg.psql(&format!(
+        "CREATE ROLE app_reader LOGIN PASSWORD '{password}'"
+    ))?;
     pg.psql("CREATE DATABASE app")?;
     pg.psql_db(
         "app",
@@ -45,7 +55,10 @@ pub fn run_demo() -> anyhow::Result<()> {
     println!("role app_reader (password known only to pgiam), table app.public.accounts");
 
     let dir = tempfile::Builder::new().prefix("pgiam-demo-").tempdir()?;
-    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
     let pw = write_file(dir.path(), "app_reader.password", &password, 0o600);
     let tcp_port = free_port();
     let unix_port = free_port();
@@ -84,9 +97,12 @@ role = "app_reader"
         "host={} port={unix_port} dbname=app user=anything",
         dir.path().display()
     );
-    let tcp_dsn = format!("host=127.0.0.1 port={tcp_port} dbname=app user=anything sslmode=require");
+    let tcp_dsn =
+        format!("host=127.0.0.1 port={tcp_port} dbname=app user=anything sslmode=require");
 
-    section(&format!("psql as OS user {me:?} over pgiam's unix socket (no password)"));
+    section(&format!(
+        "psql as OS user {me:?} over pgiam's unix socket (no password)"
+    ));
     let (ok, out) = psql(
         &unix_dsn,
         "SELECT current_user, session_user; SELECT * FROM accounts ORDER BY id",
@@ -98,7 +114,11 @@ role = "app_reader"
     }
 
     section("psql over pgiam's TCP listener with sslmode=require");
-    let (ok, out) = psql(&tcp_dsn, "SELECT current_user, count(*) AS accounts FROM accounts", None)?;
+    let (ok, out) = psql(
+        &tcp_dsn,
+        "SELECT current_user, count(*) AS accounts FROM accounts",
+        None,
+    )?;
     print!("{out}");
     if !ok {
         bail!("the TLS session did not work:\n{out}");
@@ -112,13 +132,19 @@ role = "app_reader"
     }
 
     section("what pgiam says about who connected (its log)");
-    for line in pgiam.log().lines().filter(|l| {
-        l.contains("session established") || l.contains("session refused")
-    }) {
+    for line in pgiam
+        .log()
+        .lines()
+        .filter(|l| l.contains("session established") || l.contains("session refused"))
+    {
         println!("{line}");
     }
     section("what PostgreSQL saw (its log)");
-    for line in pg.log().lines().filter(|l| l.contains("connection authorized")) {
+    for line in pg
+        .log()
+        .lines()
+        .filter(|l| l.contains("connection authorized"))
+    {
         if !line.contains("user=postgres") {
             println!("{line}");
         }

@@ -59,9 +59,7 @@ fn cargo() -> Command {
 }
 
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("running {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed ({status})");
     }
@@ -84,7 +82,11 @@ fn install_deps() -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !is_installed(p)).collect();
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !is_installed(p))
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -107,11 +109,18 @@ fn install_deps() -> anyhow::Result<()> {
     apt(&args)
 }
 
-
 fn test(extra: &[String]) -> anyhow::Result<()> {
-    run(cargo().args(["fmt", "--all", "--", "--check"])).context("cargo fmt: run `cargo fmt --all`")?;
-    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))
-        .context("cargo clippy")?;
+    run(cargo().args(["fmt", "--all", "--", "--check"]))
+        .context("cargo fmt: run `cargo fmt --all`")?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+    .context("cargo clippy")?;
     run(cargo().args(["build", "--bin", "pgiam"]))?;
     let bin = workspace_root().join("target/debug/pgiam");
     let mut cmd = cargo();
