@@ -15,6 +15,8 @@ pub struct Target {
     pub upstream: Arc<Upstream>,
     pub process_id: i32,
     pub secret_key: i32,
+    /// The server's address when it is not the configured one (an intercepted connection).
+    pub address: Option<std::net::SocketAddr>,
 }
 
 struct Entry {
@@ -112,6 +114,7 @@ mod tests {
             upstream: upstream(),
             process_id: 4242,
             secret_key: 99,
+            address: None,
         });
         let t = registry.lookup(reg.process_id, reg.secret_key).unwrap();
         assert_eq!((t.process_id, t.secret_key), (4242, 99));

@@ -41,13 +41,114 @@ pub struct Config {
     pub roles: BTreeMap<String, RoleCredentials>,
     #[serde(default, rename = "mapping")]
     pub mappings: Vec<Mapping>,
+    /// Transparent interception with eBPF; absent: clients connect to the listeners explicitly.
+    pub interception: Option<Interception>,
+}
+
+/// `[interception]`: which connections the kernel sends to pgiam.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Interception {
+    /// cgroup v2 path (inside the hierarchy) whose processes are intercepted; `/` is the host.
+    #[serde(default = "default_cgroup")]
+    pub cgroup: String,
+    /// Database addresses: IPs, CIDRs or host names (resolved and refreshed).
+    pub endpoints: Vec<String>,
+    #[serde(default = "default_ports")]
+    pub ports: Vec<u16>,
+    /// sk_msg socket-to-socket redirect between the application and pgiam.
+    #[serde(default = "default_true")]
+    pub fast_path: bool,
+    /// While pgiam is stopped, let intercepted connections through to the database instead of
+    /// refusing them. Off by default: fail closed.
+    #[serde(default)]
+    pub fail_open: bool,
+    /// Also intercept sockets bound to a network device (SO_BINDTODEVICE).
+    #[serde(default)]
+    pub intercept_bound_devices: bool,
+    /// SO_MARK on pgiam's own upstream sockets; the kernel never redirects those.
+    #[serde(default = "default_mark")]
+    pub mark: u32,
+    /// Where programs and maps are pinned (a versioned directory below it).
+    #[serde(default = "default_bpffs_dir")]
+    pub bpffs_dir: PathBuf,
+    /// How often host names in `endpoints` are resolved again.
+    #[serde(default = "default_resolve_interval_secs")]
+    pub resolve_interval_secs: u64,
+}
+
+fn default_cgroup() -> String {
+    "/".into()
+}
+
+fn default_ports() -> Vec<u16> {
+    vec![5432]
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_mark() -> u32 {
+    // "pgia"
+    0x7067_6961
+}
+
+fn default_bpffs_dir() -> PathBuf {
+    "/sys/fs/bpf/pgiam".into()
+}
+
+fn default_resolve_interval_secs() -> u64 {
+    30
+}
+
+/// An `endpoints` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointSpec {
+    Net { addr: std::net::IpAddr, prefix: u8 },
+    Host(String),
+}
+
+impl EndpointSpec {
+    pub fn parse(s: &str) -> Result<EndpointSpec, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        match addr.parse::<std::net::IpAddr>() {
+            Ok(ip) => {
+                let max = if ip.is_ipv4() { 32 } else { 128 };
+                let prefix = match prefix {
+                    Some(p) => p
+                        .parse::<u8>()
+                        .ok()
+                        .filter(|p| *p <= max)
+                        .ok_or_else(|| format!("{s:?}: prefix must be 0..={max}"))?,
+                    None => max,
+                };
+                Ok(EndpointSpec::Net { addr: ip, prefix })
+            }
+            Err(_)
+                if prefix.is_none()
+                    && !s.is_empty()
+                    && s.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-') =>
+            {
+                Ok(EndpointSpec::Host(s.to_owned()))
+            }
+            Err(_) => Err(format!("{s:?} is neither an IP, a CIDR nor a host name")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listen {
-    /// Loopback TCP listener; the peer's identity is found through /proc.
+    /// Loopback TCP listener; the peer's identity is found through /proc, or for intercepted
+    /// connections in the kernel's record.
     pub tcp: Option<SocketAddr>,
+    /// IPv6 loopback listener (`[::1]:PORT`), where interception sends IPv6 connections.
+    pub tcp6: Option<SocketAddr>,
     /// Unix socket path; the peer's identity comes from SO_PEERCRED.
     pub unix: Option<PathBuf>,
     /// Permission bits of the unix socket. Any local user may connect by default: what they
@@ -234,13 +335,43 @@ impl Config {
         if self.listen.tcp.is_none() && self.listen.unix.is_none() {
             return Err("[listen] needs `tcp`, `unix` or both".into());
         }
-        if let Some(addr) = self.listen.tcp {
+        for addr in self.listen.tcp.iter().chain(&self.listen.tcp6) {
             // Identity of a TCP peer is read from this host's /proc: a remote peer has none.
             if !addr.ip().is_loopback() {
                 return Err(format!(
                     "listen.tcp = {addr}: only loopback addresses are allowed, because the \
                      client's identity is taken from this host's kernel"
                 ));
+            }
+        }
+        if let Some(i) = &self.interception {
+            if !self.listen.tcp.is_some_and(|a| a.is_ipv4()) {
+                return Err(
+                    "[interception] needs an IPv4 listen.tcp to send connections to".into(),
+                );
+            }
+            if self.listen.tcp6.is_some_and(|a| a.is_ipv4()) {
+                return Err("listen.tcp6 must be an IPv6 address such as \"[::1]:6432\"".into());
+            }
+            if i.endpoints.is_empty() {
+                return Err("interception.endpoints is empty: nothing would be intercepted".into());
+            }
+            for e in &i.endpoints {
+                EndpointSpec::parse(e).map_err(|m| format!("interception.endpoints: {m}"))?;
+            }
+            if i.ports.is_empty() || i.ports.contains(&0) {
+                return Err("interception.ports must list ports from 1 to 65535".into());
+            }
+            if i.mark == 0 {
+                return Err("interception.mark must not be 0".into());
+            }
+            if !i.cgroup.starts_with('/') {
+                return Err(
+                    "interception.cgroup is a path such as \"/\" or \"/system.slice\"".into(),
+                );
+            }
+            if i.resolve_interval_secs == 0 {
+                return Err("interception.resolve_interval_secs must be at least 1".into());
             }
         }
         if self.limits.max_message_size < 1024 {
@@ -347,6 +478,36 @@ mod tests {
             "app"
         );
         assert!(c.find_mapping(&p(&["uid:1001"]), "app").is_none());
+    }
+
+    #[test]
+    fn endpoint_specs() {
+        use std::net::IpAddr;
+        assert_eq!(
+            EndpointSpec::parse("10.0.0.0/8"),
+            Ok(EndpointSpec::Net {
+                addr: "10.0.0.0".parse::<IpAddr>().unwrap(),
+                prefix: 8
+            })
+        );
+        assert_eq!(
+            EndpointSpec::parse("::1"),
+            Ok(EndpointSpec::Net {
+                addr: "::1".parse::<IpAddr>().unwrap(),
+                prefix: 128
+            })
+        );
+        assert_eq!(
+            EndpointSpec::parse("db.internal"),
+            Ok(EndpointSpec::Host("db.internal".into()))
+        );
+        assert!(EndpointSpec::parse("10.0.0.0/33").is_err());
+        assert!(EndpointSpec::parse("db internal").is_err());
+        let err = parse("[interception]\nendpoints = []")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nothing would be intercepted"), "{err}");
+        assert!(parse("[interception]\nendpoints = [\"10.0.0.7\"]").is_ok());
     }
 
     #[test]

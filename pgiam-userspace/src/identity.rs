@@ -27,6 +27,8 @@ pub enum IdentityError {
 pub enum Source {
     UnixPeerCred,
     LoopbackProc,
+    /// Recorded by the eBPF connect hook when the process called connect().
+    Kernel,
 }
 
 impl fmt::Display for Source {
@@ -34,6 +36,7 @@ impl fmt::Display for Source {
         f.write_str(match self {
             Source::UnixPeerCred => "unix-peercred",
             Source::LoopbackProc => "loopback-proc",
+            Source::Kernel => "ebpf",
         })
     }
 }
@@ -55,11 +58,44 @@ pub struct Identity {
     /// Container id from a docker, containerd, CRI-O or podman scope.
     pub container: Option<String>,
     pub exe: Option<PathBuf>,
+    /// The thread name the kernel recorded (eBPF only).
+    pub comm: Option<String>,
 }
 
 impl Identity {
     /// Fills in everything that follows from uid, gid and pid.
     pub fn from_kernel_facts(source: Source, uid: u32, gid: u32, pid: Option<i32>) -> Identity {
+        let cgroup = pid.and_then(|p| read_cgroup_v2_path(p).ok());
+        Identity::enrich(source, uid, gid, pid, cgroup, None)
+    }
+
+    /// The identity the eBPF connect hook recorded. The cgroup is the one the process was in at
+    /// connect() time, resolved from its id, not where it may have moved since.
+    pub fn from_origin(origin: &pgiam_common::Origin) -> Identity {
+        let comm_len = origin
+            .comm
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(origin.comm.len());
+        let comm = String::from_utf8_lossy(&origin.comm[..comm_len]).into_owned();
+        Identity::enrich(
+            Source::Kernel,
+            origin.uid,
+            origin.gid,
+            Some(origin.tgid as i32),
+            cgroup_path_by_id(origin.cgroup_id),
+            Some(comm),
+        )
+    }
+
+    fn enrich(
+        source: Source,
+        uid: u32,
+        gid: u32,
+        pid: Option<i32>,
+        cgroup: Option<String>,
+        comm: Option<String>,
+    ) -> Identity {
         let user = nix::unistd::User::from_uid(uid.into())
             .ok()
             .flatten()
@@ -68,7 +104,6 @@ impl Identity {
             .ok()
             .flatten()
             .map(|g| g.name);
-        let cgroup = pid.and_then(|p| read_cgroup_v2_path(p).ok());
         let exe = pid.and_then(|p| std::fs::read_link(format!("/proc/{p}/exe")).ok());
         let unit = cgroup.as_deref().and_then(unit_from_cgroup_path);
         let container = cgroup.as_deref().and_then(container_from_cgroup_path);
@@ -83,6 +118,7 @@ impl Identity {
             unit,
             container,
             exe,
+            comm,
         }
     }
 
@@ -136,6 +172,9 @@ impl fmt::Display for Identity {
         }
         if let Some(e) = &self.exe {
             write!(f, " exe={}", e.display())?;
+        }
+        if let Some(c) = &self.comm {
+            write!(f, " comm={c}")?;
         }
         write!(f, " via={}", self.source)
     }
@@ -282,6 +321,49 @@ pub fn read_cgroup_v2_path(pid: i32) -> std::io::Result<String> {
         .find_map(|l| l.strip_prefix("0::"))
         .map(str::to_owned)
         .ok_or_else(|| std::io::Error::other("no cgroup v2 entry"))
+}
+
+/// The cgroup v2 path whose directory has inode `id` (on cgroup v2 the id is that inode).
+/// Results are cached; a miss walks the hierarchy once more, since cgroups come and go.
+pub fn cgroup_path_by_id(id: u64) -> Option<String> {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    static CACHE: Mutex<Option<HashMap<u64, String>>> = Mutex::new(None);
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = cache.as_ref().and_then(|c| c.get(&id)) {
+        return Some(p.clone());
+    }
+    let root = cgroup2_mount()?;
+    let mut found = HashMap::new();
+    walk_cgroups(&root, &root, &mut found, 0);
+    let path = found.get(&id).cloned();
+    *cache = Some(found);
+    path
+}
+
+fn walk_cgroups(
+    root: &Path,
+    dir: &Path,
+    out: &mut std::collections::HashMap<u64, String>,
+    depth: usize,
+) {
+    use std::os::unix::fs::MetadataExt;
+    // cgroup trees are shallow; the bound only guards against a pathological hierarchy.
+    if depth > 32 {
+        return;
+    }
+    if let Ok(meta) = std::fs::metadata(dir) {
+        let rel = dir.strip_prefix(root).unwrap_or(dir);
+        out.insert(meta.ino(), format!("/{}", rel.display()));
+    }
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            walk_cgroups(root, &e.path(), out, depth + 1);
+        }
+    }
 }
 
 /// Where cgroup v2 is mounted: `/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified` on

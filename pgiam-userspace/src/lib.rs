@@ -7,6 +7,7 @@
 pub mod cancel;
 pub mod config;
 pub mod identity;
+pub mod redirect;
 pub mod server;
 pub mod session;
 pub mod stream;

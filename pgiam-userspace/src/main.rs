@@ -25,6 +25,24 @@ enum Command {
         /// Path to pgiam.toml.
         config: PathBuf,
     },
+    /// Remove pinned eBPF programs and maps: interception stops for every process.
+    UninstallBpf {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Print the eBPF interception counters.
+    BpfStats {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn bpffs_dir(config: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let c = pgiam::config::Config::load(config)?;
+    let i = c
+        .interception
+        .with_context(|| format!("{}: no [interception] section", config.display()))?;
+    Ok(i.bpffs_dir)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,6 +63,19 @@ fn main() -> anyhow::Result<()> {
                 .build()
                 .context("starting the runtime")?
                 .block_on(pgiam::server::run(config))
+        }
+        Command::UninstallBpf { config } => {
+            let dir = bpffs_dir(&config)?;
+            let n = pgiam::redirect::uninstall(&dir)
+                .with_context(|| format!("removing pins under {}", dir.display()))?;
+            println!("removed {n} pinned objects under {}", dir.display());
+            Ok(())
+        }
+        Command::BpfStats { config } => {
+            for (name, value) in pgiam::redirect::read_stats(&bpffs_dir(&config)?)? {
+                println!("{name} {value}");
+            }
+            Ok(())
         }
         Command::CheckConfig { config } => {
             let c = pgiam::config::Config::load(&config)?;

@@ -2,7 +2,7 @@
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -11,10 +11,13 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
 
 use crate::cancel::CancelRegistry;
-use crate::config::Config;
-use crate::identity;
-use crate::session::{self, IdentitySource, Shared};
+use crate::config::{self, Config, EndpointSpec};
+use crate::identity::{self, Identity};
+use crate::redirect::{self, Endpoint, Interception};
+use crate::session::{self, ClientOrigin, IdentitySource, Shared};
 use crate::upstream::Upstream;
+
+type SharedInterception = Option<Arc<Mutex<Interception>>>;
 
 /// Runs the proxy until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -28,21 +31,44 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         cancels: Arc::new(CancelRegistry::default()),
     });
 
-    let mut unix_path = None;
-    if let Some(addr) = config.listen.tcp {
+    // Listeners first: interception must never send connections to a port nobody serves.
+    let mut tcp = Vec::new();
+    for addr in config.listen.tcp.iter().chain(&config.listen.tcp6) {
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
-        info!(%addr, "listening on TCP (identity from /proc)");
-        tokio::spawn(accept_tcp(listener, shared.clone()));
+        info!(%addr, "listening on TCP");
+        tcp.push(listener);
     }
+    let interception: SharedInterception = match &config.interception {
+        Some(ic) => {
+            let endpoints = resolve_endpoints(ic)
+                .await
+                .context("resolving interception.endpoints")?;
+            let listen4 = config
+                .listen
+                .tcp
+                .expect("validated: interception needs listen.tcp");
+            let installed = Interception::install(ic, listen4, config.listen.tcp6, &endpoints)
+                .context("installing eBPF interception")?;
+            info!(cgroup = %ic.cgroup, fast_path = ic.fast_path, "eBPF interception active");
+            let shared = Arc::new(Mutex::new(installed));
+            tokio::spawn(refresh_endpoints(ic.clone(), shared.clone()));
+            Some(shared)
+        }
+        None => None,
+    };
+    for listener in tcp {
+        tokio::spawn(accept_tcp(listener, shared.clone(), interception.clone()));
+    }
+    let mut unix_path = None;
     if let Some(path) = &config.listen.unix {
         let listener = bind_unix(path, config.listen.unix_mode)?;
         info!(path = %path.display(), "listening on unix socket (identity from SO_PEERCRED)");
         unix_path = Some(path.clone());
         tokio::spawn(accept_unix(listener, shared.clone()));
     }
-    info!(upstream = %shared.upstream.describe(), "pgiam ready");
+    info!(upstream = %shared.upstream.describe(None), "pgiam ready");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -53,7 +79,50 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(path) = unix_path {
         let _ = std::fs::remove_file(path);
     }
+    if let Some(i) = &interception {
+        i.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
+    }
     Ok(())
+}
+
+/// Every (prefix, port) the configuration names, with host names resolved now.
+async fn resolve_endpoints(ic: &config::Interception) -> anyhow::Result<Vec<Endpoint>> {
+    let mut out = Vec::new();
+    for spec in &ic.endpoints {
+        let nets: Vec<(std::net::IpAddr, u8)> =
+            match EndpointSpec::parse(spec).map_err(anyhow::Error::msg)? {
+                EndpointSpec::Net { addr, prefix } => vec![(addr, prefix)],
+                EndpointSpec::Host(host) => tokio::net::lookup_host((host.as_str(), 0))
+                    .await
+                    .with_context(|| format!("resolving {host}"))?
+                    .map(|a| (a.ip(), if a.is_ipv4() { 32 } else { 128 }))
+                    .collect(),
+            };
+        for (addr, prefix) in nets {
+            for &port in &ic.ports {
+                out.push(Endpoint { addr, prefix, port });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Host names move: resolve them again periodically. A failed resolution keeps the last set.
+async fn refresh_endpoints(ic: config::Interception, interception: Arc<Mutex<Interception>>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(ic.resolve_interval_secs));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match resolve_endpoints(&ic).await {
+            Ok(endpoints) => {
+                let mut i = interception.lock().unwrap_or_else(|e| e.into_inner());
+                if let Err(e) = i.set_endpoints(&endpoints) {
+                    error!("updating intercepted endpoints: {e}");
+                }
+            }
+            Err(e) => error!("resolving interception endpoints (keeping the last set): {e:#}"),
+        }
+    }
 }
 
 /// Binds the unix socket, replacing a stale socket file left by an earlier run (never any other
@@ -83,7 +152,7 @@ async fn accept_failed(e: std::io::Error) {
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
-async fn accept_tcp(listener: TcpListener, shared: Arc<Shared>) {
+async fn accept_tcp(listener: TcpListener, shared: Arc<Shared>, interception: SharedInterception) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -96,8 +165,24 @@ async fn accept_tcp(listener: TcpListener, shared: Arc<Shared>) {
         let Ok(local) = stream.local_addr() else {
             continue;
         };
-        let identity =
-            IdentitySource::Lookup(Box::new(move || identity::from_loopback_tcp(peer, local)));
+        let interception = interception.clone();
+        let identity = IdentitySource::Lookup(Box::new(move || {
+            // An intercepted connection has a kernel record under its address; any other
+            // loopback client is an explicit one, found through /proc.
+            if let Some(i) = interception {
+                let origin = i
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take_origin(peer);
+                if let Some(origin) = origin {
+                    return Ok(ClientOrigin {
+                        identity: Identity::from_origin(&origin),
+                        destination: Some(redirect::original_destination(&origin)),
+                    });
+                }
+            }
+            identity::from_loopback_tcp(peer, local).map(ClientOrigin::from)
+        }));
         tokio::spawn(session::run(
             shared.clone(),
             Box::new(stream),
@@ -116,7 +201,8 @@ async fn accept_unix(listener: UnixListener, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let identity = IdentitySource::Known(identity::from_unix_peer(&stream));
+        let identity =
+            IdentitySource::Known(identity::from_unix_peer(&stream).map(ClientOrigin::from));
         let peer = match stream.peer_cred().ok().and_then(|c| c.pid()) {
             Some(pid) => format!("unix:pid={pid}"),
             None => "unix".to_owned(),

@@ -29,15 +29,32 @@ pub struct Shared {
     pub cancels: Arc<CancelRegistry>,
 }
 
+/// Who the client is, and where it was going.
+pub struct ClientOrigin {
+    pub identity: Identity,
+    /// The database address an intercepted application dialled; `None`: the configured one.
+    pub destination: Option<std::net::SocketAddr>,
+}
+
+impl From<Identity> for ClientOrigin {
+    fn from(identity: Identity) -> Self {
+        ClientOrigin {
+            identity,
+            destination: None,
+        }
+    }
+}
+
 /// How the client's identity is obtained: unix peers are known at accept; TCP peers are looked
-/// up in /proc only once the client has asked for a session (a CancelRequest needs none).
+/// up (kernel record or /proc) only once the client has asked for a session (a CancelRequest
+/// needs none).
 pub enum IdentitySource {
-    Known(Result<Identity, IdentityError>),
-    Lookup(Box<dyn FnOnce() -> Result<Identity, IdentityError> + Send>),
+    Known(Result<ClientOrigin, IdentityError>),
+    Lookup(Box<dyn FnOnce() -> Result<ClientOrigin, IdentityError> + Send>),
 }
 
 impl IdentitySource {
-    async fn resolve(self) -> Result<Identity, IdentityError> {
+    async fn resolve(self) -> Result<ClientOrigin, IdentityError> {
         match self {
             IdentitySource::Known(r) => r,
             IdentitySource::Lookup(f) => tokio::task::spawn_blocking(f)
@@ -212,7 +229,7 @@ async fn establish(
         client.write(&b).await?;
     }
 
-    let identity = identity.resolve().await.map_err(|e| {
+    let origin = identity.resolve().await.map_err(|e| {
         warn!(peer = %client.peer, "cannot establish client identity: {e}");
         PgError::fatal(
             "28000",
@@ -220,6 +237,7 @@ async fn establish(
         )
         .with_detail(e.to_string())
     })?;
+    let identity = &origin.identity;
     let principals = identity.principals();
     let config = &shared.config;
     let Some(mapping) = config.find_mapping(&principals, &checked.database) else {
@@ -230,7 +248,12 @@ async fn establish(
 
     let established = shared
         .upstream
-        .login(&mapping.role, credentials, &checked.forwarded)
+        .login(
+            &mapping.role,
+            credentials,
+            &checked.forwarded,
+            origin.destination,
+        )
         .await
         .map_err(|e| {
             warn!(peer = %client.peer, role = %mapping.role, "upstream login failed: {e}");
@@ -247,6 +270,7 @@ async fn establish(
         upstream: shared.upstream.clone(),
         process_id: established.process_id,
         secret_key: established.secret_key,
+        address: origin.destination,
     });
     let mut hello = BytesMut::with_capacity(established.greeting.len() + 64);
     wire::authentication_ok(&mut hello);
@@ -256,8 +280,12 @@ async fn establish(
     client.write(&hello).await?;
 
     let summary = format!(
-        "{identity} principal={} database={} role={} backend_pid={}",
-        mapping.principal, checked.database, mapping.role, established.process_id
+        "{identity} principal={} database={} role={} upstream={} backend_pid={}",
+        mapping.principal,
+        checked.database,
+        mapping.role,
+        shared.upstream.describe(origin.destination),
+        established.process_id
     );
     info!(peer = %client.peer, tls = client.tls, "session established: {summary}");
     Ok(Some(Session {
@@ -326,7 +354,7 @@ async fn forward_cancel(shared: &Shared, process_id: i32, secret_key: i32) {
             info!(backend_pid = target.process_id, "forwarding cancel request");
             if let Err(e) = target
                 .upstream
-                .cancel(target.process_id, target.secret_key)
+                .cancel(target.process_id, target.secret_key, target.address)
                 .await
             {
                 warn!("cancel request could not be forwarded: {e}");

@@ -2,6 +2,7 @@
 //!
 //! Credentials come from files named in the config, never from the client.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use bytes::{Bytes, BytesMut};
@@ -9,7 +10,7 @@ use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM
 use postgres_protocol::message::frontend;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::{lookup_host, TcpSocket, TcpStream, UnixStream};
 
 use crate::config::{self, Config};
 use crate::stream::BoxStream;
@@ -58,6 +59,8 @@ pub struct Upstream {
     config: config::Upstream,
     tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
     max_message_size: usize,
+    /// SO_MARK for pgiam's own sockets, so interception never sends them back to pgiam.
+    mark: Option<u32>,
 }
 
 /// A logged-in upstream connection, ready for queries.
@@ -76,35 +79,64 @@ impl Upstream {
             tls: tls::upstream_connector(&config.upstream)?,
             config: config.upstream.clone(),
             max_message_size: config.limits.max_message_size,
+            mark: config.interception.as_ref().map(|i| i.mark),
         })
     }
 
-    pub fn describe(&self) -> String {
-        if self.config.is_unix() {
+    pub fn describe(&self, target: Option<SocketAddr>) -> String {
+        if let Some(t) = target {
+            t.to_string()
+        } else if self.config.is_unix() {
             self.config.unix_path().display().to_string()
         } else {
             format!("{}:{}", self.config.host, self.config.port)
         }
     }
 
-    /// Opens a transport to the server and negotiates TLS as configured.
-    async fn open(&self) -> Result<BoxStream, UpstreamError> {
-        let target = self.describe();
+    async fn tcp(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        if let Some(mark) = self.mark {
+            nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Mark, &mark).map_err(
+                |e| std::io::Error::other(format!("SO_MARK (needs CAP_NET_ADMIN): {e}")),
+            )?;
+        }
+        socket.set_nodelay(true)?;
+        socket.connect(addr).await
+    }
+
+    /// Opens a transport to the server (`target`, or the configured endpoint) and negotiates
+    /// TLS as configured.
+    async fn open(&self, target: Option<SocketAddr>) -> Result<BoxStream, UpstreamError> {
+        let described = self.describe(target);
         let connect = async {
-            if self.config.is_unix() {
+            if let Some(addr) = target {
+                self.tcp(addr).await.map(|s| Box::new(s) as BoxStream)
+            } else if self.config.is_unix() {
                 UnixStream::connect(self.config.unix_path())
                     .await
                     .map(|s| Box::new(s) as BoxStream)
             } else {
-                let s = TcpStream::connect((self.config.host.as_str(), self.config.port)).await?;
-                s.set_nodelay(true)?;
-                Ok(Box::new(s) as BoxStream)
+                let mut last = None;
+                for addr in lookup_host((self.config.host.as_str(), self.config.port)).await? {
+                    match self.tcp(addr).await {
+                        Ok(s) => return Ok(Box::new(s) as BoxStream),
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(last.unwrap_or_else(|| std::io::Error::other("host name has no address")))
             }
         };
         let mut stream = tokio::time::timeout(self.config.connect_timeout(), connect)
             .await
-            .map_err(|_| UpstreamError::ConnectTimeout(target.clone()))?
-            .map_err(|source| UpstreamError::Connect { target, source })?;
+            .map_err(|_| UpstreamError::ConnectTimeout(described.clone()))?
+            .map_err(|source| UpstreamError::Connect {
+                target: described,
+                source,
+            })?;
         let Some((connector, name)) = &self.tls else {
             return Ok(stream);
         };
@@ -116,8 +148,14 @@ impl Upstream {
         if answer[0] != b'S' {
             return Err(UpstreamError::TlsRefused);
         }
+        // Without a configured server_name, an intercepted connection's certificate is checked
+        // against the address the application dialled.
+        let name = match (target, &self.config.server_name) {
+            (Some(t), None) => ServerName::IpAddress(t.ip().into()),
+            _ => name.clone(),
+        };
         let tls = connector
-            .connect(name.clone(), stream)
+            .connect(name, stream)
             .await
             .map_err(UpstreamError::Tls)?;
         Ok(Box::new(tls))
@@ -130,8 +168,9 @@ impl Upstream {
         role: &str,
         credentials: &config::RoleCredentials,
         params: &[(String, String)],
+        target: Option<SocketAddr>,
     ) -> Result<Established, UpstreamError> {
-        let mut stream = self.open().await?;
+        let mut stream = self.open(target).await?;
         let mut out = BytesMut::new();
         let startup = std::iter::once(("user", role))
             .chain(params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
@@ -252,8 +291,13 @@ impl Upstream {
 
     /// Forwards a cancel for the backend `process_id` with its real key. PostgreSQL answers
     /// nothing; the connection just closes.
-    pub async fn cancel(&self, process_id: i32, secret_key: i32) -> Result<(), UpstreamError> {
-        let mut stream = self.open().await?;
+    pub async fn cancel(
+        &self,
+        process_id: i32,
+        secret_key: i32,
+        target: Option<SocketAddr>,
+    ) -> Result<(), UpstreamError> {
+        let mut stream = self.open(target).await?;
         let mut out = BytesMut::new();
         frontend::cancel_request(process_id, secret_key, &mut out);
         stream.write_all(&out).await?;

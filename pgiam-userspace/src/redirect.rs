@@ -1,0 +1,456 @@
+//! The eBPF side of interception: load the programs, pin them under bpffs so interception
+//! survives a restart of pgiam, attach them to a cgroup, and read the kernel's records.
+//!
+//! Pins live in a versioned directory (`<bpffs_dir>/v1`): programs and maps of an incompatible
+//! layout never meet. A restarted pgiam reopens the pinned maps and finds the pinned cgroup
+//! links, so it never attaches twice.
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{Array, HashMap, MapData, SockHash};
+use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
+use aya::programs::{CgroupSockAddr, SkMsg, SkSkb, SockOps};
+use aya::{Ebpf, EbpfLoader};
+use pgiam_common as common;
+
+use crate::config::Interception as InterceptionConfig;
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pgiam.bpf.o"));
+
+/// Bumped when map layouts or program semantics change incompatibly.
+const PIN_VERSION: &str = "v1";
+
+const CGROUP_PROGRAMS: &[&str] = &[
+    "pgiam_connect4",
+    "pgiam_connect6",
+    "pgiam_getpeername4",
+    "pgiam_getpeername6",
+    "pgiam_sockops",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectError {
+    #[error("no cgroup v2 hierarchy is mounted (looked in /proc/mounts)")]
+    NoCgroup2,
+    #[error("cannot open cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("bpffs: {0}")]
+    Bpffs(String),
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("pinning {path}: {message}")]
+    Pin { path: PathBuf, message: String },
+    #[error("reading the network namespace cookie: {0}")]
+    NetnsCookie(std::io::Error),
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> RedirectError {
+    move |source| RedirectError::Map { name, source }
+}
+
+fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> RedirectError {
+    move |source| RedirectError::Program { name, source }
+}
+
+/// Where the pins of a bpffs directory setting live.
+pub fn pin_dir(bpffs_dir: &Path) -> PathBuf {
+    bpffs_dir.join(PIN_VERSION)
+}
+
+/// Mounts bpffs at /sys/fs/bpf when nothing is mounted there (a fresh host).
+fn ensure_bpffs(dir: &Path) -> Result<(), RedirectError> {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let mounted = mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (_, at, fstype) = (f.next(), f.next(), f.next());
+        fstype == Some("bpf") && at.is_some_and(|at| dir.starts_with(at))
+    });
+    if !mounted {
+        let root = Path::new("/sys/fs/bpf");
+        if !dir.starts_with(root) {
+            return Err(RedirectError::Bpffs(format!(
+                "{} is not on a mounted bpffs",
+                dir.display()
+            )));
+        }
+        nix::mount::mount(
+            Some("bpf"),
+            root,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| RedirectError::Bpffs(format!("mounting bpffs at /sys/fs/bpf: {e}")))?;
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| RedirectError::Bpffs(format!("creating {}: {e}", dir.display())))
+}
+
+/// The network namespace cookie of pgiam's own namespace: only sockets there are intercepted.
+fn netns_cookie() -> Result<u64, RedirectError> {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").map_err(RedirectError::NetnsCookie)?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, and a buffer of the size passed.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(RedirectError::NetnsCookie(std::io::Error::last_os_error()));
+    }
+    Ok(cookie)
+}
+
+fn v4_mapped(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// One intercepted destination: an address prefix and a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub addr: IpAddr,
+    pub prefix: u8,
+    pub port: u16,
+}
+
+impl Endpoint {
+    fn key(&self) -> Key<[u8; 20]> {
+        let mut data = [0u8; 20];
+        data[0..2].copy_from_slice(&self.port.to_be_bytes());
+        data[4..20].copy_from_slice(&v4_mapped(self.addr));
+        let bits = match self.addr {
+            IpAddr::V4(_) => 96 + u32::from(self.prefix),
+            IpAddr::V6(_) => u32::from(self.prefix),
+        };
+        Key::new(32 + bits, data)
+    }
+}
+
+/// Interception as installed in the kernel.
+pub struct Interception {
+    // Keeps the sk_msg and stream-verdict attachments alive; the cgroup links are pinned.
+    _ebpf: Ebpf,
+    peers: HashMap<MapData, common::PeerKey, common::Origin>,
+    endpoints: LpmTrie<MapData, [u8; 20], u8>,
+    config_map: Array<MapData, common::Config>,
+    config: common::Config,
+    installed: Vec<Endpoint>,
+    fail_open: bool,
+}
+
+impl Interception {
+    /// Loads (or reopens) and attaches interception for connections to `endpoints`, sending
+    /// them to `listen4` (and IPv6 ones to `listen6`).
+    pub fn install(
+        cfg: &InterceptionConfig,
+        listen4: SocketAddr,
+        listen6: Option<SocketAddr>,
+        endpoints: &[Endpoint],
+    ) -> Result<Interception, RedirectError> {
+        let mount = crate::identity::cgroup2_mount().ok_or(RedirectError::NoCgroup2)?;
+        let cgroup_path = mount.join(cfg.cgroup.trim_start_matches('/'));
+        let cgroup = std::fs::File::open(&cgroup_path).map_err(|source| RedirectError::Cgroup {
+            path: cgroup_path.clone(),
+            source,
+        })?;
+        let cgroup_id =
+            std::os::unix::fs::MetadataExt::ino(&cgroup.metadata().map_err(|source| {
+                RedirectError::Cgroup {
+                    path: cgroup_path.clone(),
+                    source,
+                }
+            })?);
+        let pins = pin_dir(&cfg.bpffs_dir);
+        ensure_bpffs(&pins)?;
+
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&pins)
+            .load(OBJECT)?;
+
+        // Configuration first, so programs attached below never see a half-set map.
+        let mut config = common::Config {
+            mark: cfg.mark,
+            flags: common::F_ENABLED,
+            netns_cookie: netns_cookie()?,
+            ..Default::default()
+        };
+        if cfg.fast_path {
+            config.flags |= common::F_FAST_PATH;
+        }
+        if cfg.intercept_bound_devices {
+            config.flags |= common::F_BOUND_DEV;
+        }
+        let IpAddr::V4(ip4) = listen4.ip() else {
+            return Err(RedirectError::Bpffs(
+                "listen.tcp must be an IPv4 address".into(),
+            ));
+        };
+        config.proxy_ip4 = u32::from_ne_bytes(ip4.octets());
+        config.proxy_port4 = u32::from(listen4.port().to_be());
+        if let Some(SocketAddr::V6(l6)) = listen6 {
+            let o = l6.ip().octets();
+            for (i, w) in config.proxy_ip6.iter_mut().enumerate() {
+                *w = u32::from_ne_bytes([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]]);
+            }
+            config.proxy_port6 = u32::from(l6.port().to_be());
+        }
+        let mut config_map: Array<MapData, common::Config> = ebpf
+            .take_map("pgiam_config")
+            .ok_or(RedirectError::Bpffs("object has no pgiam_config".into()))?
+            .try_into()
+            .map_err(map_err("pgiam_config"))?;
+        config_map
+            .set(0, config, 0)
+            .map_err(map_err("pgiam_config"))?;
+        let endpoints_map: LpmTrie<MapData, [u8; 20], u8> = ebpf
+            .take_map("pgiam_endpoints")
+            .ok_or(RedirectError::Bpffs("object has no pgiam_endpoints".into()))?
+            .try_into()
+            .map_err(map_err("pgiam_endpoints"))?;
+        let peers: HashMap<MapData, common::PeerKey, common::Origin> = ebpf
+            .take_map("pgiam_peers")
+            .ok_or(RedirectError::Bpffs("object has no pgiam_peers".into()))?
+            .try_into()
+            .map_err(map_err("pgiam_peers"))?;
+
+        let mut me = Interception {
+            _ebpf: ebpf,
+            peers,
+            endpoints: endpoints_map,
+            config_map,
+            config,
+            installed: Vec::new(),
+            fail_open: cfg.fail_open,
+        };
+        me.set_endpoints(endpoints)?;
+        me.attach(&cgroup, cgroup_id, &pins)?;
+        Ok(me)
+    }
+
+    fn attach(
+        &mut self,
+        cgroup: &std::fs::File,
+        cgroup_id: u64,
+        pins: &Path,
+    ) -> Result<(), RedirectError> {
+        let ebpf = &mut self._ebpf;
+        // Links to another cgroup (the configuration changed) are removed; links to this one
+        // are kept as they are.
+        let wanted: Vec<String> = CGROUP_PROGRAMS
+            .iter()
+            .map(|p| format!("link_{p}_{cgroup_id}"))
+            .collect();
+        if let Ok(rd) = std::fs::read_dir(pins) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with("link_") && !wanted.contains(&name) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        // Attached as bpf_links (kernel 5.7+), which coexist with other programs on the same
+        // cgroup by nature: the kernel refuses attach flags on them, so the mode is Single.
+        for (name, link_name) in CGROUP_PROGRAMS.iter().copied().zip(&wanted) {
+            let link_path = pins.join(link_name);
+            if PinnedLink::from_pin(&link_path).is_ok() {
+                tracing::info!(
+                    program = name,
+                    "interception already attached (pinned link)"
+                );
+                continue;
+            }
+            let link = if name == "pgiam_sockops" {
+                let prog: &mut SockOps = ebpf
+                    .program_mut(name)
+                    .expect("program in object")
+                    .try_into()
+                    .map_err(prog_err(name))?;
+                prog.load().map_err(prog_err(name))?;
+                let id = prog
+                    .attach(cgroup, CgroupAttachMode::Single)
+                    .map_err(prog_err(name))?;
+                FdLink::try_from(prog.take_link(id).map_err(prog_err(name))?).map_err(|e| {
+                    RedirectError::Pin {
+                        path: link_path.clone(),
+                        message: e.to_string(),
+                    }
+                })?
+            } else {
+                let prog: &mut CgroupSockAddr = ebpf
+                    .program_mut(name)
+                    .expect("program in object")
+                    .try_into()
+                    .map_err(prog_err(name))?;
+                prog.load().map_err(prog_err(name))?;
+                let id = prog
+                    .attach(cgroup, CgroupAttachMode::Single)
+                    .map_err(prog_err(name))?;
+                FdLink::try_from(prog.take_link(id).map_err(prog_err(name))?).map_err(|e| {
+                    RedirectError::Pin {
+                        path: link_path.clone(),
+                        message: e.to_string(),
+                    }
+                })?
+            };
+            link.pin(&link_path).map_err(|e| RedirectError::Pin {
+                path: link_path.clone(),
+                message: e.to_string(),
+            })?;
+            tracing::info!(program = name, "interception attached");
+        }
+
+        // The fast path hangs off the SOCKHASH itself; it lives as long as this process.
+        let socks: SockHash<MapData, common::SockKey> = ebpf
+            .take_map("pgiam_socks")
+            .ok_or(RedirectError::Bpffs("object has no pgiam_socks".into()))?
+            .try_into()
+            .map_err(map_err("pgiam_socks"))?;
+        let fd = socks.fd();
+        let msg: &mut SkMsg = ebpf
+            .program_mut("pgiam_sk_msg")
+            .expect("program in object")
+            .try_into()
+            .map_err(prog_err("pgiam_sk_msg"))?;
+        msg.load().map_err(prog_err("pgiam_sk_msg"))?;
+        msg.attach(fd).map_err(prog_err("pgiam_sk_msg"))?;
+        let verdict: &mut SkSkb = ebpf
+            .program_mut("pgiam_stream_verdict")
+            .expect("program in object")
+            .try_into()
+            .map_err(prog_err("pgiam_stream_verdict"))?;
+        verdict.load().map_err(prog_err("pgiam_stream_verdict"))?;
+        verdict
+            .attach(fd)
+            .map_err(prog_err("pgiam_stream_verdict"))?;
+        Ok(())
+    }
+
+    /// Replaces the set of intercepted endpoints (host names are resolved by the caller).
+    pub fn set_endpoints(&mut self, endpoints: &[Endpoint]) -> Result<(), RedirectError> {
+        let mut wanted = endpoints.to_vec();
+        wanted.sort();
+        wanted.dedup();
+        for e in &wanted {
+            self.endpoints
+                .insert(&e.key(), 1, 0)
+                .map_err(map_err("pgiam_endpoints"))?;
+        }
+        // Stale entries: from a previous run (the map is pinned) or a changed resolution.
+        let stale: Vec<Key<[u8; 20]>> = self
+            .endpoints
+            .keys()
+            .flatten()
+            .filter(|k| !wanted.iter().any(|e| same_key(&e.key(), k)))
+            .collect();
+        for k in stale {
+            let _ = self.endpoints.remove(&k);
+        }
+        if wanted != self.installed {
+            tracing::info!(endpoints = ?wanted, "intercepted endpoints");
+            self.installed = wanted;
+        }
+        Ok(())
+    }
+
+    /// The kernel's record of the application socket at `peer`, removed from the map: each
+    /// record identifies exactly one accepted connection.
+    pub fn take_origin(&mut self, peer: SocketAddr) -> Option<common::Origin> {
+        let key = common::PeerKey {
+            addr: v4_mapped(peer.ip()),
+            port: peer.port(),
+            _pad: 0,
+        };
+        let origin = self.peers.get(&key, 0).ok()?;
+        let _ = self.peers.remove(&key);
+        Some(origin)
+    }
+
+    /// On a clean stop: with `fail_open`, connections go straight to the database while pgiam
+    /// is down; otherwise they keep being sent to pgiam's (closed) port and are refused.
+    pub fn shutdown(&mut self) {
+        if self.fail_open {
+            self.config.flags &= !common::F_ENABLED;
+            if let Err(e) = self.config_map.set(0, self.config, 0) {
+                tracing::error!("cannot disable interception for fail-open: {e}");
+            } else {
+                tracing::warn!("fail_open: interception disabled while pgiam is down");
+            }
+        }
+    }
+}
+
+fn same_key(a: &Key<[u8; 20]>, b: &Key<[u8; 20]>) -> bool {
+    a.prefix_len() == b.prefix_len() && a.data() == b.data()
+}
+
+/// The original destination of an intercepted connection.
+pub fn original_destination(origin: &common::Origin) -> SocketAddr {
+    let ip = Ipv6Addr::from(origin.addr);
+    let ip = match ip.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(ip),
+    };
+    SocketAddr::new(ip, u16::from_be(origin.port))
+}
+
+/// Removes every pin: cgroup links (which detaches the programs), maps, the directory.
+pub fn uninstall(bpffs_dir: &Path) -> std::io::Result<usize> {
+    let dir = pin_dir(bpffs_dir);
+    let mut removed = 0;
+    match std::fs::read_dir(&dir) {
+        Ok(rd) => {
+            for e in rd.flatten() {
+                std::fs::remove_file(e.path())?;
+                removed += 1;
+            }
+            std::fs::remove_dir(&dir)?;
+            let _ = std::fs::remove_dir(bpffs_dir);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    Ok(removed)
+}
+
+/// Reads the pinned statistics counters (for `pgiam bpf-stats` and tests).
+pub fn read_stats(bpffs_dir: &Path) -> Result<Vec<(&'static str, u64)>, RedirectError> {
+    let path = pin_dir(bpffs_dir).join("pgiam_stats");
+    let data = MapData::from_pin(&path).map_err(map_err("pgiam_stats"))?;
+    let stats: Array<MapData, u64> =
+        Array::try_from(aya::maps::Map::Array(data)).map_err(map_err("pgiam_stats"))?;
+    let names = [
+        (common::STAT_CONNECT, "connect"),
+        (common::STAT_ESTABLISHED, "established"),
+        (common::STAT_GETPEERNAME, "getpeername"),
+        (common::STAT_REDIRECT, "redirect"),
+    ];
+    names
+        .into_iter()
+        .map(|(i, n)| Ok((n, stats.get(&i, 0).map_err(map_err("pgiam_stats"))?)))
+        .collect()
+}
