@@ -374,6 +374,84 @@ impl TestCa {
     }
 }
 
+/// Where cgroup v2 is mounted (`/sys/fs/cgroup` or, on hybrid hosts, `/sys/fs/cgroup/unified`).
+pub fn cgroup2_mount() -> PathBuf {
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() > 2 && f[2] == "cgroup2").then(|| PathBuf::from(f[1]))
+        })
+        .expect("no cgroup v2 hierarchy mounted")
+}
+
+/// A cgroup v2 directory of the test's own, removed on drop (with any children). Processes the
+/// test started in it must have exited or been stopped by the test before.
+pub struct TestCgroup {
+    /// Absolute directory under the cgroup2 mount.
+    pub dir: PathBuf,
+    /// The path as the kernel names it (`/pgiam-test-…`), for configs and principals.
+    pub path: String,
+}
+
+impl TestCgroup {
+    pub fn new(prefix: &str) -> TestCgroup {
+        let mount = cgroup2_mount();
+        let name = format!("{prefix}-{}-{:08x}", std::process::id(), rand_u64() as u32);
+        let dir = mount.join(&name);
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        TestCgroup {
+            path: format!("/{name}"),
+            dir,
+        }
+    }
+
+    pub fn child(&self, name: &str) -> TestCgroup {
+        let dir = self.dir.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        TestCgroup {
+            path: format!("{}/{name}", self.path),
+            dir,
+        }
+    }
+
+    /// `program args…` started inside this cgroup: a shell puts itself in, then execs it, so
+    /// the program is in the cgroup from its first instruction.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg("echo $$ > \"$PGIAM_CGROUP_PROCS\" && exec \"$0\" \"$@\"")
+            .arg(program)
+            .env("PGIAM_CGROUP_PROCS", self.dir.join("cgroup.procs"));
+        cmd
+    }
+
+    fn remove(dir: &Path) {
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    Self::remove(&e.path());
+                }
+            }
+        }
+        // A process that just exited can linger for a moment as a zombie member.
+        for _ in 0..100 {
+            if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("warning: could not remove cgroup {}", dir.display());
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        Self::remove(&self.dir);
+    }
+}
+
 /// A running pgiam, stopped (SIGTERM, then SIGKILL) and cleaned up on drop.
 pub struct Pgiam {
     pub child: Child,
@@ -389,6 +467,16 @@ impl Pgiam {
     }
 
     pub fn start_with(bin: PathBuf, config: &str, tcp: SocketAddr) -> anyhow::Result<Pgiam> {
+        Self::start_in(bin, config, tcp, None)
+    }
+
+    /// Starts pgiam inside `cgroup` (when given), as interception tests need for the fast path.
+    pub fn start_in(
+        bin: PathBuf,
+        config: &str,
+        tcp: SocketAddr,
+        cgroup: Option<&TestCgroup>,
+    ) -> anyhow::Result<Pgiam> {
         let dir = tempfile::Builder::new()
             .prefix("pgiam-run-")
             .tempdir()?
@@ -396,7 +484,11 @@ impl Pgiam {
         let config_path = write_file(&dir, "pgiam.toml", config, 0o600);
         let log_path = dir.join("pgiam.log");
         let log = std::fs::File::create(&log_path)?;
-        let child = Command::new(&bin)
+        let mut cmd = match cgroup {
+            Some(cg) => cg.command(&bin),
+            None => Command::new(&bin),
+        };
+        let child = cmd
             .args(["run", "--config", path(&config_path)])
             .env(
                 "RUST_LOG",
@@ -414,8 +506,12 @@ impl Pgiam {
             config_path,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
+        // Ready means listening *and* everything installed (interception attaches after the
+        // listeners are up): pgiam logs "pgiam ready" only then.
         loop {
-            if TcpStream::connect_timeout(&tcp, Duration::from_millis(200)).is_ok() {
+            if pgiam.log().contains("pgiam ready")
+                && TcpStream::connect_timeout(&tcp, Duration::from_millis(200)).is_ok()
+            {
                 return Ok(pgiam);
             }
             if let Some(status) = pgiam.child.try_wait()? {
@@ -434,6 +530,15 @@ impl Pgiam {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Runs `pgiam ARGS… --config <this config>` to completion.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(pgiam_bin())
+            .args(args)
+            .args(["--config", path(&self.config_path)])
+            .output()
+            .expect("run pgiam")
     }
 
     /// SIGTERM, up to 5 s to exit, then SIGKILL.

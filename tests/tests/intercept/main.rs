@@ -1,0 +1,446 @@
+//! Transparent interception with real eBPF: unmodified clients in a test cgroup, pointed at
+//! PostgreSQL's own address, reach it only through pgiam. Each test has its own cgroup tree and
+//! bpffs pin directory, and removes both even when it fails.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use pgiam_tests::{
+    free_port, pg_bin_dir, pgiam_bin, write_file, PgCluster, PgOptions, Pgiam, TestCgroup,
+};
+
+const RW: &str = "app_rw";
+const RO: &str = "app_ro";
+const DB: &str = "app";
+
+struct Env {
+    pgiam: Option<Pgiam>,
+    listen: SocketAddr,
+    config_path: PathBuf,
+    bpffs_dir: PathBuf,
+    /// Where pgiam itself runs: inside the attached subtree, so the fast path sees its sockets.
+    proxy: TestCgroup,
+    /// Mapped to app_rw.
+    app: TestCgroup,
+    /// Mapped to nothing (unless the uid is).
+    other: TestCgroup,
+    root: TestCgroup,
+    pg: PgCluster,
+    _dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn start(fast_path: bool) -> Env {
+        let pg = PgCluster::start(PgOptions {
+            extra_conf: vec!["listen_addresses = '127.0.0.1,::1'".into()],
+            hba_lines: Some(vec![
+                "local all all trust".into(),
+                "host all all 127.0.0.1/32 scram-sha-256".into(),
+                "host all all ::1/128 scram-sha-256".into(),
+            ]),
+            ..PgOptions::default()
+        })
+        .expect("start PostgreSQL");
+        pg.psql(&format!("CREATE ROLE {RW} LOGIN PASSWORD 'rw-secret'"))
+            .unwrap();
+        pg.psql(&format!("CREATE ROLE {RO} LOGIN PASSWORD 'ro-secret'"))
+            .unwrap();
+        pg.psql(&format!("CREATE DATABASE {DB} OWNER {RW}"))
+            .unwrap();
+        let root = TestCgroup::new("pgiam-test");
+        let (proxy, app, other) = (root.child("pgiam"), root.child("app"), root.child("other"));
+        let dir = tempfile::Builder::new()
+            .prefix("pgiam-icept-")
+            .tempdir()
+            .unwrap();
+        let rw = write_file(dir.path(), "rw.pw", "rw-secret", 0o600);
+        let ro = write_file(dir.path(), "ro.pw", "ro-secret", 0o600);
+        let port = free_port();
+        let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let bpffs_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/pgiam-test-{}",
+            root.path.trim_start_matches("/pgiam-test-")
+        ));
+        let config = format!(
+            r#"
+state_dir = "{state}"
+[listen]
+tcp = "{listen}"
+tcp6 = "[::1]:{port}"
+[upstream]
+host = "127.0.0.1"
+port = {pg_port}
+[roles.{RW}]
+password_file = "{rw}"
+[roles.{RO}]
+password_file = "{ro}"
+[[mapping]]
+principal = "uid:65534"
+database = "{DB}"
+role = "{RO}"
+[[mapping]]
+principal = "cgroup:{app}"
+database = "{DB}"
+role = "{RW}"
+[interception]
+cgroup = "{root}"
+endpoints = ["127.0.0.1", "::1"]
+ports = [{pg_port}]
+fast_path = {fast_path}
+bpffs_dir = "{bpffs}"
+"#,
+            state = dir.path().join("state").display(),
+            pg_port = pg.port,
+            rw = rw.display(),
+            ro = ro.display(),
+            app = app.path,
+            root = root.path,
+            bpffs = bpffs_dir.display(),
+        );
+        let config_path = write_file(dir.path(), "pgiam.toml", &config, 0o600);
+        let mut env = Env {
+            pgiam: None,
+            listen,
+            config_path,
+            bpffs_dir,
+            proxy,
+            app,
+            other,
+            root,
+            pg,
+            _dir: dir,
+        };
+        env.start_pgiam();
+        env
+    }
+
+    fn config(&self) -> String {
+        std::fs::read_to_string(&self.config_path).unwrap()
+    }
+
+    fn start_pgiam(&mut self) {
+        let pgiam = Pgiam::start_in(pgiam_bin(), &self.config(), self.listen, Some(&self.proxy))
+            .expect("start pgiam with interception");
+        self.pgiam = Some(pgiam);
+    }
+
+    fn stop_pgiam(&mut self) -> String {
+        let mut p = self.pgiam.take().expect("pgiam running");
+        p.stop();
+        p.log()
+    }
+
+    fn log(&self) -> String {
+        self.pgiam.as_ref().map(Pgiam::log).unwrap_or_default()
+    }
+
+    /// The database's own address, as an unmodified application would dial it.
+    fn db_dsn(&self, host: &str, extra: &str) -> String {
+        format!(
+            "host={host} port={} dbname={DB} user=whoever connect_timeout=10 {extra}",
+            self.pg.port
+        )
+    }
+
+    fn stats(&self) -> std::collections::HashMap<String, u64> {
+        let out = Command::new(pgiam_bin())
+            .args(["bpf-stats", "--config"])
+            .arg(&self.config_path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| {
+                let (k, v) = l.split_once(' ').unwrap();
+                (k.to_owned(), v.parse().unwrap())
+            })
+            .collect()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.pgiam.take() {
+            p.stop();
+        }
+        // Pins keep programs attached after pgiam exits: remove them, then the cgroups go.
+        let out = Command::new(pgiam_bin())
+            .args(["uninstall-bpf", "--config"])
+            .arg(&self.config_path)
+            .output();
+        if !out.is_ok_and(|o| o.status.success()) {
+            eprintln!(
+                "warning: uninstall-bpf failed for {}",
+                self.bpffs_dir.display()
+            );
+        }
+        let _ = &self.root;
+    }
+}
+
+fn output(cmd: &mut Command) -> Output {
+    cmd.env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .expect("run client")
+}
+
+fn text(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+}
+
+/// Unmodified psql, run inside `cg` (as `user` if given).
+fn psql_in(cg: &TestCgroup, dsn: &str, sql: &str, user: Option<&str>) -> Output {
+    let psql = pg_bin_dir().join("psql");
+    let mut cmd = match user {
+        // Join the cgroup as root first, then drop to the user (setpriv: no PAM session that
+        // could move the process into a scope of its own).
+        Some(u) => {
+            let u = nix::unistd::User::from_name(u)
+                .unwrap()
+                .expect("user exists");
+            let mut c = cg.command("setpriv");
+            c.arg(format!("--reuid={}", u.uid))
+                .arg(format!("--regid={}", u.gid))
+                .arg("--clear-groups")
+                .arg(&psql);
+            c
+        }
+        None => cg.command(&psql),
+    };
+    cmd.args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", dsn, "-c", sql]);
+    output(&mut cmd)
+}
+
+fn psql_ok_in(cg: &TestCgroup, dsn: &str, sql: &str) -> String {
+    let out = psql_in(cg, dsn, sql, None);
+    assert!(out.status.success(), "psql in {}: {}", cg.path, text(&out));
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A client that prints what getpeername and getsockname say for a connection to `addr`.
+fn peer_seen_from(cg: &TestCgroup, host: &str, port: u16) -> (String, String) {
+    let family = if host.contains(':') {
+        "AF_INET6"
+    } else {
+        "AF_INET"
+    };
+    let script = format!(
+        "import socket\ns = socket.socket(socket.{family}, socket.SOCK_STREAM)\n\
+         s.connect(('{host}', {port}))\nprint(s.getpeername()[1], s.getsockname()[1])\n"
+    );
+    let out = output(cg.command("python3").args(["-c", &script]));
+    assert!(out.status.success(), "python3: {}", text(&out));
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let (peer, local) = line.split_once(' ').unwrap();
+    (peer.to_owned(), local.to_owned())
+}
+
+#[test]
+fn unmodified_clients_in_the_cgroup_go_through_pgiam() {
+    let env = Env::start(true);
+    // psql with the database's own address and no password: only pgiam can log it in.
+    let dsn = env.db_dsn("127.0.0.1", "");
+    assert_eq!(
+        psql_ok_in(
+            &env.app,
+            &dsn,
+            "select current_user || ' ' || inet_server_port()"
+        ),
+        format!("{RW} {}", env.pg.port)
+    );
+    let log = env.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("session established"))
+        .unwrap_or_else(|| panic!("no session in pgiam's log:\n{log}"));
+    assert!(line.contains("via=ebpf"), "{line}");
+    assert!(line.contains("uid=0"), "{line}");
+    assert!(line.contains(&format!("cgroup={}", env.app.path)), "{line}");
+    assert!(line.contains("comm=psql"), "{line}");
+    assert!(
+        line.contains(&format!("upstream=127.0.0.1:{}", env.pg.port)),
+        "the upstream is the original destination: {line}"
+    );
+    // PostgreSQL sees pgiam's connection, as the mapped role.
+    assert!(env
+        .pg
+        .log()
+        .contains(&format!("connection authorized: user={RW} database={DB}")));
+
+    // The application's getpeername shows the database, though the socket is pgiam's.
+    let (peer, _) = peer_seen_from(&env.app, "127.0.0.1", env.pg.port);
+    assert_eq!(peer, env.pg.port.to_string());
+    assert!(env.stats()["getpeername"] >= 1);
+
+    // pgbench, unmodified, zero failures.
+    env.pg.pgbench_init(DB, 1).unwrap();
+    env.pg
+        .psql_db(
+            DB,
+            &format!("GRANT ALL ON ALL TABLES IN SCHEMA public TO {RW}"),
+        )
+        .unwrap();
+    let out = output(
+        env.app
+            .command(pg_bin_dir().join("pgbench"))
+            .args(["-n", "-S", "-c", "2", "-j", "2", "-t", "100", &dsn]),
+    );
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("number of failed transactions: 0 "), "{t}");
+    assert!(t.contains("actually processed: 200/200"), "{t}");
+}
+
+#[test]
+fn outside_the_cgroup_and_other_ports_are_untouched() {
+    let env = Env::start(true);
+    let before = env.stats()["connect"];
+    // The same psql, outside the cgroup: straight to PostgreSQL, which wants a password.
+    let out = output(
+        Command::new(pg_bin_dir().join("psql"))
+            .args([
+                "-X",
+                "-A",
+                "-t",
+                &format!(
+                    "host=127.0.0.1 port={} dbname=postgres user=postgres",
+                    env.pg.port
+                ),
+                "-c",
+                "select current_user",
+            ])
+            .env("PGPASSWORD", &env.pg.superuser_password),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "postgres");
+
+    // Inside the cgroup, a port that is not intercepted reaches its listener directly.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (peer, local) = peer_seen_from(&env.app, "127.0.0.1", port);
+    let (_, from) = listener.accept().unwrap();
+    assert_eq!(peer, port.to_string());
+    assert_eq!(
+        from.port().to_string(),
+        local,
+        "the listener saw the client itself"
+    );
+
+    assert_eq!(env.stats()["connect"], before, "nothing was intercepted");
+    assert!(!env.log().contains("session established"));
+}
+
+#[test]
+fn identities_map_to_different_roles_and_unmapped_ones_are_refused() {
+    let env = Env::start(true);
+    let dsn = env.db_dsn("127.0.0.1", "");
+    // Different cgroup, same uid: app → app_rw.
+    assert_eq!(psql_ok_in(&env.app, &dsn, "select current_user"), RW);
+    // Different uid in the same cgroup: nobody → app_ro (first matching rule).
+    let out = psql_in(&env.app, &dsn, "select current_user", Some("nobody"));
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), RO);
+    // Neither the cgroup nor the uid is mapped: refused, and the database never hears of it.
+    let authorized = env.pg.log().matches("connection authorized").count();
+    let out = psql_in(&env.other, &dsn, "select 1", None);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("no database role is mapped"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains(&format!("cgroup={}", env.other.path)),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        env.pg.log().matches("connection authorized").count(),
+        authorized
+    );
+}
+
+#[test]
+fn restart_reuses_pins_and_refuses_while_down() {
+    let mut env = Env::start(true);
+    let dsn = env.db_dsn("127.0.0.1", "");
+    assert_eq!(psql_ok_in(&env.app, &dsn, "select current_user"), RW);
+    env.stop_pgiam();
+
+    // Down: intercepted connections are refused (fail closed), not sent to the database.
+    let out = psql_in(&env.app, &dsn, "select current_user", None);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("Connection refused"), "{}", text(&out));
+
+    env.start_pgiam();
+    assert_eq!(psql_ok_in(&env.app, &dsn, "select current_user"), RW);
+    assert_eq!(
+        env.log().matches("already attached").count(),
+        5,
+        "{}",
+        env.log()
+    );
+    // Exactly one of each program on the cgroup: nothing was attached twice.
+    let out = output(
+        Command::new("bpftool")
+            .args(["cgroup", "show"])
+            .arg(&env.root.dir),
+    );
+    let shown = text(&out);
+    for prog in [
+        "pgiam_connect4",
+        "pgiam_connect6",
+        "pgiam_getpeername4",
+        "pgiam_getpeername6",
+        "pgiam_sockops",
+    ] {
+        assert_eq!(shown.matches(prog).count(), 1, "{prog} in:\n{shown}");
+    }
+}
+
+const CHECKSUM: &str =
+    "select md5(string_agg(i::text || repeat('x', i % 97), ',')) from generate_series(1, 20000) i";
+
+#[test]
+fn fast_path_redirects_and_results_match_the_slow_path() {
+    let mut env = Env::start(true);
+    let dsn = env.db_dsn("127.0.0.1", "sslmode=disable");
+    let before = env.stats()["redirect"];
+    let fast = psql_ok_in(&env.app, &dsn, CHECKSUM);
+    let redirected = env.stats()["redirect"] - before;
+    assert!(redirected > 0, "no message took the sk_msg fast path");
+
+    // Fast path off: same answer, and no redirects.
+    env.stop_pgiam();
+    let config = env
+        .config()
+        .replace("fast_path = true", "fast_path = false");
+    std::fs::write(&env.config_path, config).unwrap();
+    env.start_pgiam();
+    let before = env.stats()["redirect"];
+    let slow = psql_ok_in(&env.app, &dsn, CHECKSUM);
+    assert_eq!(env.stats()["redirect"], before);
+    assert_eq!(fast, slow);
+    let direct = env.pg.psql(CHECKSUM).unwrap();
+    assert_eq!(fast, direct, "both paths return what PostgreSQL computed");
+}
+
+#[test]
+fn ipv6_loopback_is_intercepted() {
+    let env = Env::start(true);
+    let dsn = env.db_dsn("::1", "");
+    assert_eq!(psql_ok_in(&env.app, &dsn, "select current_user"), RW);
+    let log = env.log();
+    assert!(
+        log.contains(&format!("upstream=[::1]:{}", env.pg.port)),
+        "pgiam connected to the IPv6 destination the client asked for:\n{log}"
+    );
+    let (peer, _) = peer_seen_from(&env.app, "::1", env.pg.port);
+    assert_eq!(peer, env.pg.port.to_string());
+}
