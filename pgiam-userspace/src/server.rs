@@ -201,8 +201,9 @@ async fn accept_unix(listener: UnixListener, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let identity =
-            IdentitySource::Known(identity::from_unix_peer(&stream).map(ClientOrigin::from));
+        let identity = IdentitySource::Known(Box::new(
+            identity::from_unix_peer(&stream).map(ClientOrigin::from),
+        ));
         let peer = match stream.peer_cred().ok().and_then(|c| c.pid()) {
             Some(pid) => format!("unix:pid={pid}"),
             None => "unix".to_owned(),

@@ -49,14 +49,14 @@ impl From<Identity> for ClientOrigin {
 /// up (kernel record or /proc) only once the client has asked for a session (a CancelRequest
 /// needs none).
 pub enum IdentitySource {
-    Known(Result<ClientOrigin, IdentityError>),
+    Known(Box<Result<ClientOrigin, IdentityError>>),
     Lookup(Box<dyn FnOnce() -> Result<ClientOrigin, IdentityError> + Send>),
 }
 
 impl IdentitySource {
     async fn resolve(self) -> Result<ClientOrigin, IdentityError> {
         match self {
-            IdentitySource::Known(r) => r,
+            IdentitySource::Known(r) => *r,
             IdentitySource::Lookup(f) => tokio::task::spawn_blocking(f)
                 .await
                 .unwrap_or_else(|e| Err(IdentityError::PeerCred(std::io::Error::other(e)))),
@@ -242,7 +242,7 @@ async fn establish(
     let config = &shared.config;
     let Some(mapping) = config.find_mapping(&principals, &checked.database) else {
         warn!(peer = %client.peer, %identity, database = %checked.database, "session refused: no mapping");
-        return Err(startup::no_mapping(&identity, &checked.database).into());
+        return Err(startup::no_mapping(identity, &checked.database).into());
     };
     let credentials = &config.roles[&mapping.role];
 

@@ -4,7 +4,9 @@
 use std::process::Command;
 
 use anyhow::{bail, Context};
-use pgiam_tests::{free_port, pg_bin_dir, run_as, write_file, PgCluster, PgOptions, Pgiam};
+use pgiam_tests::{
+    free_port, pg_bin_dir, run_as, write_file, PgCluster, PgOptions, Pgiam, TestCgroup,
+};
 
 use crate::{run, workspace_root};
 
@@ -13,11 +15,42 @@ fn section(title: &str) {
 }
 
 fn psql(dsn: &str, sql: &str, as_user: Option<&str>) -> anyhow::Result<(bool, String)> {
-    let mut cmd = Command::new(pg_bin_dir().join("psql"));
+    psql_in(None, dsn, sql, as_user)
+}
+
+/// psql, unmodified, optionally started inside a cgroup (and as another OS user).
+fn psql_in(
+    cgroup: Option<&TestCgroup>,
+    dsn: &str,
+    sql: &str,
+    as_user: Option<&str>,
+) -> anyhow::Result<(bool, String)> {
+    let psql = pg_bin_dir().join("psql");
+    let mut cmd = match (cgroup, as_user) {
+        // Join the cgroup as root, then drop privileges (setpriv opens no PAM session).
+        (Some(cg), Some(u)) => {
+            let user = nix::unistd::User::from_name(u)?.context("no such OS user")?;
+            let mut c = cg.command("setpriv");
+            c.arg(format!("--reuid={}", user.uid))
+                .arg(format!("--regid={}", user.gid))
+                .arg("--clear-groups")
+                .arg(&psql);
+            c
+        }
+        (Some(cg), None) => cg.command(&psql),
+        (None, u) => {
+            let mut c = Command::new(&psql);
+            if let Some(u) = u {
+                run_as(&mut c, u);
+            }
+            c
+        }
+    };
     cmd.args(["-X", dsn, "-c", sql])
         .env("PGCONNECT_TIMEOUT", "10");
-    if let Some(u) = as_user {
-        run_as(&mut cmd, u);
+    if as_user.is_some() {
+        // Not root's home: libpq would try to read root's client certificate there.
+        cmd.env("HOME", "/");
     }
     let out = cmd.output().context("running psql")?;
     let text =
@@ -63,6 +96,26 @@ pub fn run_demo() -> anyhow::Result<()> {
     let tcp_port = free_port();
     let unix_port = free_port();
     let me = nix_user_name();
+    // Interception needs root (BPF, cgroups); elsewhere the demo shows the explicit listeners.
+    let intercept = nix::unistd::geteuid().is_root();
+    let cgroup = intercept.then(|| TestCgroup::new("pgiam-demo"));
+    let (proxy_cg, app_cg) = match &cgroup {
+        Some(cg) => (Some(cg.child("pgiam")), Some(cg.child("app"))),
+        None => (None, None),
+    };
+    let bpffs = dir
+        .path()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let interception = match &cgroup {
+        Some(cg) => format!(
+            "\n[interception]\ncgroup = \"{}\"\nendpoints = [\"127.0.0.1\"]\nports = [{}]\nbpffs_dir = \"/sys/fs/bpf/{bpffs}\"\n",
+            cg.path, pg.port
+        ),
+        None => String::new(),
+    };
     let config = format!(
         r#"state_dir = "{dir}/state"
 
@@ -84,19 +137,81 @@ password_file = "{pw}"
 principal = "user:{me}"
 database = "app"
 role = "app_reader"
-"#,
+{interception}"#,
         dir = dir.path().display(),
         pg_port = pg.port,
         pw = pw.display(),
     );
     section("pgiam configuration");
     print!("{config}");
-    let pgiam = Pgiam::start_with(bin, &config, format!("127.0.0.1:{tcp_port}").parse()?)?;
+    write_file(dir.path(), "demo.toml", &config, 0o600);
+    let pgiam = Pgiam::start_in(
+        bin,
+        &config,
+        format!("127.0.0.1:{tcp_port}").parse()?,
+        proxy_cg.as_ref(),
+    )?;
+    let result = scenes(&pg, &pgiam, &dir, tcp_port, unix_port, &me, app_cg.as_ref());
+    drop(pgiam);
+    if intercept {
+        let out = Command::new(workspace_root().join("target/release/pgiam"))
+            .args(["uninstall-bpf", "--config"])
+            .arg(dir.path().join("demo.toml"))
+            .output()?;
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+    drop((app_cg, proxy_cg, cgroup));
+    result?;
+    println!(
+        "\nDemo complete: PostgreSQL, pgiam, the cgroups, the pins and all files are removed."
+    );
+    Ok(())
+}
+
+fn scenes(
+    pg: &PgCluster,
+    pgiam: &Pgiam,
+    dir: &tempfile::TempDir,
+    tcp_port: u16,
+    unix_port: u16,
+    me: &str,
+    app_cg: Option<&TestCgroup>,
+) -> anyhow::Result<()> {
+    if let Some(app) = app_cg {
+        let dsn = format!("host=127.0.0.1 port={} dbname=app user=anything", pg.port);
+        section(&format!(
+            "unmodified psql in cgroup {} dialling PostgreSQL itself ({dsn}), no password",
+            app.path
+        ));
+        let (ok, out) = psql_in(
+            Some(app),
+            &dsn,
+            "SELECT current_user, inet_server_port(); SELECT * FROM accounts ORDER BY id",
+            None,
+        )?;
+        print!("{out}");
+        if !ok || !out.contains("app_reader") {
+            bail!("interception did not work:\n{out}\n{}", pgiam.log());
+        }
+        section("the same psql as OS user \"nobody\" in that cgroup: no mapping, refused");
+        let (ok, out) = psql_in(Some(app), &dsn, "SELECT 1", Some("nobody"))?;
+        print!("{out}");
+        if ok {
+            bail!("the unmapped identity was not refused");
+        }
+        section("the same psql outside the cgroup: not intercepted, PostgreSQL wants a password");
+        let (_, out) = psql_in(None, &format!("{dsn} sslmode=disable"), "SELECT 1", None)?;
+        print!("{out}");
+        section("eBPF counters");
+        let out = pgiam.cli(&["bpf-stats"]);
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+    }
 
     let unix_dsn = format!(
         "host={} port={unix_port} dbname=app user=anything",
         dir.path().display()
     );
+    let me = me.to_owned();
     let tcp_dsn =
         format!("host=127.0.0.1 port={tcp_port} dbname=app user=anything sslmode=require");
 
@@ -149,7 +264,6 @@ role = "app_reader"
             println!("{line}");
         }
     }
-    println!("\nDemo complete: PostgreSQL, pgiam and their files are removed now.");
     Ok(())
 }
 

@@ -31,8 +31,11 @@ fn main() -> ExitCode {
         Some("install-deps") => install_deps(),
         Some("demo") => install_deps().and_then(|_| demo::run_demo()),
         Some("test") => install_deps().and_then(|_| test(&args[1..])),
+        Some("build-ebpf") => build_ebpf(),
         _ => {
-            eprintln!("usage: cargo xtask <install-deps | demo | test [-- cargo test args]>");
+            eprintln!(
+                "usage: cargo xtask <install-deps | build-ebpf | demo | test [-- cargo test args]>"
+            );
             return ExitCode::from(2);
         }
     };
@@ -107,6 +110,14 @@ fn install_deps() -> anyhow::Result<()> {
     let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
     args.extend(&missing);
     apt(&args)
+}
+
+/// Compiles the eBPF object into target/bpf with the same function the build script uses.
+fn build_ebpf() -> anyhow::Result<()> {
+    let out = workspace_root().join("target/bpf");
+    let obj = pgiam_common::build::build_ebpf(&out).map_err(anyhow::Error::msg)?;
+    println!("{}", obj.display());
+    Ok(())
 }
 
 fn test(extra: &[String]) -> anyhow::Result<()> {

@@ -404,6 +404,49 @@ fn restart_reuses_pins_and_refuses_while_down() {
     }
 }
 
+#[test]
+fn fail_open_lets_connections_through_while_pgiam_is_stopped() {
+    let mut env = Env::start(true);
+    env.stop_pgiam();
+    let config = env
+        .config()
+        .replace("fast_path = true", "fast_path = true\nfail_open = true");
+    std::fs::write(&env.config_path, config).unwrap();
+    env.start_pgiam();
+    let with_password = format!(
+        "host=127.0.0.1 port={} dbname={DB} user={RW} password=rw-secret connect_timeout=10",
+        env.pg.port
+    );
+    assert_eq!(
+        psql_ok_in(
+            &env.app,
+            &env.db_dsn("127.0.0.1", ""),
+            "select current_user"
+        ),
+        RW
+    );
+    let log = env.stop_pgiam();
+    assert!(log.contains("fail_open: interception disabled"), "{log}");
+    // Stopped: the application reaches PostgreSQL itself, with its own credentials.
+    let sessions = log.matches("session established").count();
+    assert_eq!(
+        psql_ok_in(&env.app, &with_password, "select current_user"),
+        RW
+    );
+    // Started again: intercepted again.
+    env.start_pgiam();
+    assert_eq!(
+        psql_ok_in(
+            &env.app,
+            &env.db_dsn("127.0.0.1", ""),
+            "select current_user"
+        ),
+        RW
+    );
+    assert_eq!(env.log().matches("session established").count(), 1);
+    assert_eq!(sessions, 1);
+}
+
 const CHECKSUM: &str =
     "select md5(string_agg(i::text || repeat('x', i % 97), ',')) from generate_series(1, 20000) i";
 
