@@ -21,6 +21,9 @@ type SharedInterception = Option<Arc<Mutex<Interception>>>;
 
 /// Runs the proxy until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Before anything else: a SIGTERM that arrives once READY=1 is out must be handled.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let tls =
         crate::tls::client_acceptor(&config.client_tls, &config.state_dir).context("client TLS")?;
     let upstream = Arc::new(Upstream::new(&config).context("upstream TLS")?);
@@ -69,13 +72,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::spawn(accept_unix(listener, shared.clone()));
     }
     info!(upstream = %shared.upstream.describe(None), "pgiam ready");
+    sd_notify("READY=1");
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: shutting down"),
         _ = int.recv() => info!("SIGINT: shutting down"),
     }
+    sd_notify("STOPPING=1");
     if let Some(path) = unix_path {
         let _ = std::fs::remove_file(path);
     }
@@ -122,6 +125,26 @@ async fn refresh_endpoints(ic: config::Interception, interception: Arc<Mutex<Int
             }
             Err(e) => error!("resolving interception endpoints (keeping the last set): {e:#}"),
         }
+    }
+}
+
+/// Tells systemd (Type=notify) about state changes; a no-op outside systemd.
+fn sd_notify(state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let target = target.to_string_lossy().into_owned();
+    let addr = match target.strip_prefix('@') {
+        Some(abstract_name) => std::os::unix::net::SocketAddr::from_abstract_name(abstract_name),
+        None => std::os::unix::net::SocketAddr::from_pathname(&target),
+    };
+    let sent = addr.and_then(|addr| {
+        let sock = std::os::unix::net::UnixDatagram::unbound()?;
+        sock.send_to_addr(state.as_bytes(), &addr)
+    });
+    if let Err(e) = sent {
+        error!("sd_notify {state} to {target}: {e}");
     }
 }
 

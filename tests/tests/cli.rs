@@ -70,3 +70,41 @@ fn bad_configs_are_refused_with_the_reason() {
     assert!(ok, "{out}");
     assert!(out.contains("ok (1 mappings, 1 roles)"), "{out}");
 }
+
+#[test]
+fn systemd_readiness_is_notified_once_listening() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let port = pgiam_tests::free_port();
+    let config = write_file(
+        dir.path(),
+        "pgiam.toml",
+        &format!(
+            "state_dir = \"{}/state\"\n[listen]\ntcp = \"127.0.0.1:{port}\"\n[upstream]\nhost = \"127.0.0.1\"\n",
+            dir.path().display()
+        ),
+        0o600,
+    );
+    let mut child = Command::new(pgiam_bin())
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("NOTIFY_SOCKET", &notify)
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let n = sock.recv(&mut buf);
+    // Ready means serving: the listener accepts by the time READY=1 arrives.
+    let listening = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let n2 = sock.recv(&mut buf[32..]);
+    child.wait().unwrap();
+    assert_eq!(&buf[..n.unwrap()], b"READY=1");
+    assert!(listening);
+    assert_eq!(&buf[32..32 + n2.unwrap()], b"STOPPING=1");
+}

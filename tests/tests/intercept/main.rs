@@ -447,6 +447,97 @@ fn fail_open_lets_connections_through_while_pgiam_is_stopped() {
     assert_eq!(sessions, 1);
 }
 
+#[test]
+fn other_network_namespaces_and_device_bound_sockets_are_left_alone() {
+    let env = Env::start(true);
+    let before = env.stats()["connect"];
+    // In a network namespace of its own, a process in the cgroup that dials the database's
+    // address and port reaches whatever listens there in *its* namespace.
+    let script = format!(
+        "import socket\nl = socket.socket(); l.bind(('127.0.0.1', {port})); l.listen()\n\
+         c = socket.create_connection(('127.0.0.1', {port})); a, _ = l.accept()\n\
+         print(c.getpeername()[1] == {port} and a.getpeername() == c.getsockname())\n",
+        port = env.pg.port
+    );
+    let out = output(env.app.command("unshare").args([
+        "-n",
+        "sh",
+        "-c",
+        "ip link set lo up && exec python3 -c \"$0\"",
+        &script,
+    ]));
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "True");
+
+    // A socket bound to a device goes straight to the database (it asks for a password).
+    let script = format!(
+        "import socket\ns = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b'lo')\n\
+         s.connect(('127.0.0.1', {}))\nprint('connected')\n",
+        env.pg.port
+    );
+    let out = output(env.app.command("python3").args(["-c", &script]));
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        env.stats()["connect"],
+        before,
+        "neither connection was intercepted"
+    );
+    assert!(!env.log().contains("session established"));
+}
+
+#[test]
+fn interception_runs_with_only_the_capabilities_it_needs() {
+    let mut env = Env::start(true);
+    env.stop_pgiam();
+    // From scratch: the limited pgiam must load and attach everything itself.
+    let out = Command::new(pgiam_bin())
+        .args(["uninstall-bpf", "--config"])
+        .arg(&env.config_path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    // Root, but with a bounding set of exactly what pgiam needs: bpf (programs and maps),
+    // net_admin (cgroup socket hooks, SO_MARK), perfmon (bpf_get_current_comm in cgroup
+    // programs), sys_ptrace and dac_read_search (other users' /proc entries for identity).
+    let wrapper = write_file(
+        env._dir.path(),
+        "pgiam-limited",
+        &format!(
+            "#!/bin/sh\nexec setpriv --bounding-set=-all,+bpf,+net_admin,+perfmon,+sys_ptrace,+dac_read_search \
+             --inh-caps=-all {} \"$@\"\n",
+            pgiam_bin().display()
+        ),
+        0o755,
+    );
+    let pgiam = Pgiam::start_in(wrapper, &env.config(), env.listen, Some(&env.proxy))
+        .expect("pgiam with limited capabilities");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pgiam.pid())).unwrap();
+    let cap_eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    const CAP_SYS_ADMIN: u64 = 21;
+    assert_eq!(
+        cap_eff & (1 << CAP_SYS_ADMIN),
+        0,
+        "CapEff {cap_eff:x} still has CAP_SYS_ADMIN"
+    );
+    env.pgiam = Some(pgiam);
+    assert_eq!(
+        psql_ok_in(
+            &env.app,
+            &env.db_dsn("127.0.0.1", ""),
+            "select current_user"
+        ),
+        RW
+    );
+    let log = env.log();
+    assert!(log.contains("via=ebpf"), "{log}");
+    assert_eq!(log.matches("interception attached").count(), 5, "{log}");
+}
+
 const CHECKSUM: &str =
     "select md5(string_agg(i::text || repeat('x', i % 97), ',')) from generate_series(1, 20000) i";
 
