@@ -43,6 +43,19 @@ pub struct Config {
     pub mappings: Vec<Mapping>,
     /// Transparent interception with eBPF; absent: clients connect to the listeners explicitly.
     pub interception: Option<Interception>,
+    /// The tamper-evident audit log; absent: no audit (pgiam warns at start).
+    pub audit: Option<Audit>,
+}
+
+/// `[audit]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Audit {
+    /// JSON Lines file, appended to (its hash chain continues across restarts).
+    pub path: PathBuf,
+    /// `always`: a decision's record is on disk before the decision takes effect.
+    #[serde(default)]
+    pub durability: crate::audit::Durability,
 }
 
 /// `[interception]`: which connections the kernel sends to pgiam.

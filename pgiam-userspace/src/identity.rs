@@ -180,6 +180,25 @@ impl fmt::Display for Identity {
     }
 }
 
+impl Identity {
+    /// The identity as an audit record field.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "source": self.source.to_string(),
+            "uid": self.uid,
+            "gid": self.gid,
+            "pid": self.pid,
+            "user": self.user,
+            "group": self.group,
+            "cgroup": self.cgroup,
+            "unit": self.unit,
+            "container": self.container,
+            "exe": self.exe.as_ref().map(|e| e.display().to_string()),
+            "comm": self.comm,
+        })
+    }
+}
+
 /// Identity of the process at the other end of a unix socket.
 pub fn from_unix_peer(stream: &tokio::net::UnixStream) -> Result<Identity, IdentityError> {
     let cred = stream.peer_cred().map_err(IdentityError::PeerCred)?;

@@ -30,10 +30,24 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Audit log tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Print the eBPF interception counters.
     BpfStats {
         #[arg(long, short)]
         config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check an audit file's hash chain: every line intact, none removed, inserted or moved.
+    Verify {
+        /// The JSON Lines audit file.
+        file: PathBuf,
     },
 }
 
@@ -64,6 +78,19 @@ fn main() -> anyhow::Result<()> {
                 .context("starting the runtime")?
                 .block_on(pgiam::server::run(config))
         }
+        Command::Audit {
+            command: AuditCommand::Verify { file },
+        } => match pgiam::audit::verify(&file)
+            .with_context(|| format!("reading {}", file.display()))?
+        {
+            pgiam::audit::Verified::Intact { records } => {
+                println!("{}: {records} records, hash chain intact", file.display());
+                Ok(())
+            }
+            pgiam::audit::Verified::Broken { line, reason } => {
+                anyhow::bail!("{}: line {line}: {reason}", file.display())
+            }
+        },
         Command::UninstallBpf { config } => {
             let dir = bpffs_dir(&config)?;
             let n = pgiam::redirect::uninstall(&dir)

@@ -27,8 +27,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let tls =
         crate::tls::client_acceptor(&config.client_tls, &config.state_dir).context("client TLS")?;
     let upstream = Arc::new(Upstream::new(&config).context("upstream TLS")?);
+    let audit = match &config.audit {
+        Some(a) => {
+            let log = crate::audit::AuditLog::open(&a.path, a.durability).context("audit log")?;
+            info!(path = %a.path.display(), durability = ?a.durability, "audit log open");
+            Some(log)
+        }
+        None => {
+            tracing::warn!("no [audit] section: sessions are not audited");
+            None
+        }
+    };
     let shared = Arc::new(Shared {
         config: Arc::new(config.clone()),
+        audit,
         tls,
         upstream,
         cancels: Arc::new(CancelRegistry::default()),

@@ -24,6 +24,7 @@ pub mod startup;
 /// What every session shares: the configuration in force and the process-wide registries.
 pub struct Shared {
     pub config: Arc<Config>,
+    pub audit: Option<crate::audit::AuditLog>,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub upstream: Arc<Upstream>,
     pub cancels: Arc<CancelRegistry>,
@@ -169,6 +170,9 @@ struct Session {
     upstream: BoxStream,
     _cancel_key: crate::cancel::Registration,
     summary: String,
+    /// The id of the session's allow record, which its end record refers to.
+    audit_id: Option<String>,
+    started: std::time::Instant,
 }
 
 /// Negotiation, startup checks, mapping and upstream login. `Ok(None)` for a connection that
@@ -217,7 +221,20 @@ async fn establish(
             PgError::fatal("08P01", "pgiam: data sent before authentication completed").into(),
         );
     }
-    let checked = startup::check(startup)?;
+    // Who is asking comes first, so that every refusal below is audited with its identity.
+    let origin = identity.resolve().await.map_err(|e| {
+        warn!(peer = %client.peer, "cannot establish client identity: {e}");
+        PgError::fatal(
+            "28000",
+            "pgiam: cannot establish the identity of this client",
+        )
+        .with_detail(e.to_string())
+    })?;
+    let identity = &origin.identity;
+    let checked = match startup::check(startup) {
+        Ok(c) => c,
+        Err(e) => return Err(audited_refusal(shared, &client.peer, identity, None, e).await),
+    };
     if let Some(negotiation) = &checked.negotiation {
         let mut b = BytesMut::new();
         let unrecognized: Vec<&str> = negotiation
@@ -229,20 +246,42 @@ async fn establish(
         client.write(&b).await?;
     }
 
-    let origin = identity.resolve().await.map_err(|e| {
-        warn!(peer = %client.peer, "cannot establish client identity: {e}");
-        PgError::fatal(
-            "28000",
-            "pgiam: cannot establish the identity of this client",
-        )
-        .with_detail(e.to_string())
-    })?;
-    let identity = &origin.identity;
     let principals = identity.principals();
     let config = &shared.config;
     let Some(mapping) = config.find_mapping(&principals, &checked.database) else {
         warn!(peer = %client.peer, %identity, database = %checked.database, "session refused: no mapping");
-        return Err(startup::no_mapping(identity, &checked.database).into());
+        let e = startup::no_mapping(identity, &checked.database);
+        return Err(
+            audited_refusal(shared, &client.peer, identity, Some(&checked.database), e).await,
+        );
+    };
+    // With durability `always` the decision is on disk before anything reaches the database;
+    // without a working audit log nothing does.
+    let audit_id = match &shared.audit {
+        None => None,
+        Some(audit) => {
+            let id = audit.next_id();
+            let record = crate::audit_fields! {
+                "id" => id,
+                "kind" => "session",
+                "decision" => "allow",
+                "identity" => identity.to_json(),
+                "principal" => mapping.principal,
+                "database" => checked.database,
+                "role" => mapping.role,
+                "upstream" => shared.upstream.describe(origin.destination),
+                "peer" => client.peer,
+                "tls" => client.tls,
+            };
+            audit.record(record).await.map_err(|e| {
+                PgError::fatal(
+                    "58030",
+                    "pgiam: the audit log is unavailable, so no session can start",
+                )
+                .with_detail(e.to_string())
+            })?;
+            Some(id)
+        }
     };
     let credentials = &config.roles[&mapping.role];
 
@@ -292,7 +331,37 @@ async fn establish(
         upstream: established.stream,
         _cancel_key: cancel_key,
         summary,
+        audit_id,
+        started: std::time::Instant::now(),
     }))
+}
+
+/// Records a refusal and points the client at the record.
+async fn audited_refusal(
+    shared: &Shared,
+    peer: &str,
+    identity: &Identity,
+    database: Option<&str>,
+    error: PgError,
+) -> Refusal {
+    let Some(audit) = &shared.audit else {
+        return error.into();
+    };
+    let id = audit.next_id();
+    let record = crate::audit_fields! {
+        "id" => id,
+        "kind" => "session",
+        "decision" => "deny",
+        "code" => error.code,
+        "reason" => error.message,
+        "identity" => identity.to_json(),
+        "database" => database,
+        "peer" => peer,
+    };
+    if let Err(e) = audit.record(record).await {
+        warn!("audit record for a refusal was not written: {e}");
+    }
+    error.with_audit_id(&id).into()
 }
 
 fn no_pipelining(client: &Client) -> Result<(), Refusal> {
@@ -468,20 +537,39 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
 
     tokio::pin!(to_server, to_client);
     let mut server_side_done = false;
+    let mut ended_by = String::new();
     loop {
         tokio::select! {
             r = &mut to_server, if !server_side_done => {
                 server_side_done = true;
                 match r {
-                    Ok(why) => debug!(peer = %peer, "{why}"),
-                    Err(e) => warn!(peer = %peer, code = e.code, "closing session: {}", e.message),
+                    Ok(why) => {
+                        debug!(peer = %peer, "{why}");
+                        ended_by = why.to_owned();
+                    }
+                    Err(e) => {
+                        warn!(peer = %peer, code = e.code, "closing session: {}", e.message);
+                        ended_by = e.message.clone();
+                    }
                 }
             }
             why = &mut to_client => {
                 debug!(peer = %peer, "{why}");
+                if ended_by.is_empty() {
+                    ended_by = why.to_owned();
+                }
                 break;
             }
         }
+    }
+    if let (Some(audit), Some(session_id)) = (&shared.audit, &session.audit_id) {
+        audit.record_later(crate::audit_fields! {
+            "id" => audit.next_id(),
+            "kind" => "session_end",
+            "session" => session_id,
+            "duration_ms" => session.started.elapsed().as_millis() as u64,
+            "ended_by" => ended_by,
+        });
     }
     info!(peer = %peer, "session ended: {}", session.summary);
 }

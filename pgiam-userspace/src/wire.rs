@@ -879,6 +879,16 @@ impl PgError {
         self
     }
 
+    /// Adds the audit record id to the hint, where an operator's lookup starts.
+    pub fn with_audit_id(mut self, id: &str) -> Self {
+        let note = format!("pgiam audit record {id}");
+        self.hint = Some(match self.hint.take() {
+            Some(h) => format!("{h} ({note})"),
+            None => note,
+        });
+        self
+    }
+
     pub fn encode(&self, buf: &mut BytesMut) {
         write_message(buf, b'E', |b| {
             for (code, value) in [

@@ -37,6 +37,8 @@ pub struct Setup {
     pub limits: String,
     /// Principal mapped to ROLE on DB.
     pub principal: String,
+    /// `[audit]` path; `None`: `audit.jsonl` in the test's directory.
+    pub audit_path: Option<String>,
 }
 
 impl Default for Setup {
@@ -48,6 +50,7 @@ impl Default for Setup {
             client_tls: "mode = \"generate\"".into(),
             limits: String::new(),
             principal: format!("uid:{}", nix::unistd::geteuid()),
+            audit_path: None,
         }
     }
 }
@@ -106,6 +109,8 @@ password_file = "{pw}"
 principal = "{principal}"
 database = "{DB}"
 role = "{ROLE}"
+[audit]
+path = "{audit}"
 {extra}
 "#,
             state = dir.path().join("state").display(),
@@ -114,6 +119,11 @@ role = "{ROLE}"
             client_tls = setup.client_tls,
             pw = pw.display(),
             principal = setup.principal,
+            audit = setup.audit_path.unwrap_or_else(|| dir
+                .path()
+                .join("audit.jsonl")
+                .display()
+                .to_string()),
             extra = setup.extra,
         );
         let pgiam = Pgiam::start(&config, tcp).expect("start pgiam");
@@ -147,6 +157,19 @@ role = "{ROLE}"
     /// The superuser's view, straight to PostgreSQL.
     pub fn direct(&self, sql: &str) -> String {
         self.pg.psql(sql).expect("direct psql")
+    }
+
+    pub fn audit_path(&self) -> PathBuf {
+        self.dir.path().join("audit.jsonl")
+    }
+
+    /// The audit records so far, parsed.
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.audit_path())
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit lines are JSON"))
+            .collect()
     }
 
     /// Connections PostgreSQL has received so far, from its own log.

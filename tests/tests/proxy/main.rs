@@ -3,6 +3,7 @@
 
 mod fixture;
 
+mod audit;
 mod cancel;
 mod clients;
 mod malformed;

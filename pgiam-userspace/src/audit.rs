@@ -1,0 +1,365 @@
+//! The audit log: JSON Lines, one record per decision, tamper-evident through a hash chain.
+//!
+//! Each line ends with `"hash":"<sha256>"`, the digest of the line as written without that
+//! field; each line's `"prev"` is the previous line's hash (the first line's is all zeros).
+//! Editing, inserting or deleting a line breaks the chain at that point, which
+//! `pgiam audit verify` reports. (Without a secret, someone who can rewrite the file can also
+//! recompute the tail; shipping lines to the log pipeline as they are written is what anchors
+//! them.)
+//!
+//! One writer thread owns the file. Records arrive over a channel; the writer takes every
+//! record waiting, writes them in one go and, with durability `always`, syncs before it
+//! acknowledges any of them (group commit). A caller that needs its record on disk before it
+//! proceeds awaits the acknowledgement; if the write fails, the caller fails closed.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use tokio::sync::{mpsc, oneshot};
+
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    /// Synced to disk before the decision takes effect.
+    #[default]
+    Always,
+    /// Written in order, synced by the operating system when it chooses.
+    Buffered,
+}
+
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum AuditError {
+    #[error("cannot open the audit log {path}: {message}")]
+    Open { path: PathBuf, message: String },
+    #[error("writing the audit log failed: {0}")]
+    Write(String),
+    #[error("the audit writer has stopped")]
+    Stopped,
+}
+
+struct Pending {
+    fields: Map<String, Value>,
+    ack: Option<oneshot::Sender<Result<(), AuditError>>>,
+}
+
+/// A handle to the audit writer; cheap to clone.
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: mpsc::UnboundedSender<Pending>,
+    run_id: String,
+    seq: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl AuditLog {
+    /// Opens (or continues) the log at `path` and starts its writer thread.
+    pub fn open(path: &Path, durability: Durability) -> Result<AuditLog, AuditError> {
+        let open_err = |e: std::io::Error| AuditError::Open {
+            path: path.to_owned(),
+            message: e.to_string(),
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(open_err)?;
+        }
+        let mut file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(path)
+            .map_err(open_err)?;
+        let prev = last_hash(&mut file).map_err(|message| AuditError::Open {
+            path: path.to_owned(),
+            message,
+        })?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        std::thread::Builder::new()
+            .name("pgiam-audit".into())
+            .spawn(move || writer(file, prev, durability, rx))
+            .map_err(open_err)?;
+        Ok(AuditLog {
+            tx,
+            run_id: format!("{:08x}", rand::random::<u32>()),
+            seq: Default::default(),
+        })
+    }
+
+    /// A fresh record id, unique across restarts of pgiam (a random run id and a sequence).
+    pub fn next_id(&self) -> String {
+        let n = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("{}-{n}", self.run_id)
+    }
+
+    /// Appends a record and waits until it is written (and synced, with `always`).
+    pub async fn record(&self, fields: Map<String, Value>) -> Result<(), AuditError> {
+        let (ack, done) = oneshot::channel();
+        self.tx
+            .send(Pending {
+                fields,
+                ack: Some(ack),
+            })
+            .map_err(|_| AuditError::Stopped)?;
+        done.await.map_err(|_| AuditError::Stopped)?
+    }
+
+    /// Appends a record without waiting (completions: nothing depends on them being on disk
+    /// first, and the writer keeps their order).
+    pub fn record_later(&self, fields: Map<String, Value>) {
+        let _ = self.tx.send(Pending { fields, ack: None });
+    }
+}
+
+/// The hash of the file's last line, or the genesis value for an empty file.
+fn last_hash(file: &mut File) -> Result<String, String> {
+    let len = file.seek(SeekFrom::End(0)).map_err(|e| e.to_string())?;
+    if len == 0 {
+        return Ok(GENESIS.to_owned());
+    }
+    // Lines are short; reading the last 64 KiB finds the last one.
+    let start = len.saturating_sub(64 * 1024);
+    file.seek(SeekFrom::Start(start))
+        .map_err(|e| e.to_string())?;
+    let mut tail = String::new();
+    file.read_to_string(&mut tail).map_err(|e| e.to_string())?;
+    let last = tail
+        .trim_end_matches('\n')
+        .rsplit('\n')
+        .next()
+        .unwrap_or_default();
+    split_hash(last)
+        .map(|(_, h)| h.to_owned())
+        .ok_or_else(|| "the last line is not a pgiam audit record; refusing to append".into())
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Splits a line into the part that is hashed and its `hash` value.
+fn split_hash(line: &str) -> Option<(&str, &str)> {
+    const SUFFIX_LEN: usize = ",\"hash\":\"\"}".len() + 64;
+    if line.len() < SUFFIX_LEN || !line.ends_with("\"}") {
+        return None;
+    }
+    let (body, suffix) = line.split_at(line.len() - SUFFIX_LEN);
+    let hash = suffix.strip_prefix(",\"hash\":\"")?.strip_suffix("\"}")?;
+    (hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit())).then_some((body, hash))
+}
+
+/// Serializes one record onto the chain: returns the line (without newline) and its hash.
+fn seal(mut fields: Map<String, Value>, prev: &str) -> (String, String) {
+    let ts = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    fields.insert("ts".into(), Value::String(ts));
+    fields.insert("prev".into(), Value::String(prev.to_owned()));
+    fields.remove("hash");
+    let body = serde_json::to_string(&Value::Object(fields)).expect("JSON values serialize");
+    // `body` ends with '}': the hash is spliced in as the last field.
+    let open = &body[..body.len() - 1];
+    let hash = sha256_hex(open.as_bytes());
+    (format!("{open},\"hash\":\"{hash}\"}}"), hash)
+}
+
+fn writer(
+    mut file: File,
+    mut prev: String,
+    durability: Durability,
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+) {
+    let mut batch = Vec::new();
+    let mut buf = Vec::with_capacity(64 * 1024);
+    // Once a write fails the file's tail is unknown: every later record fails too, and the
+    // callers fail closed.
+    let mut broken: Option<AuditError> = None;
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while let Ok(more) = rx.try_recv() {
+            batch.push(more);
+            if batch.len() >= 1024 {
+                break;
+            }
+        }
+        let result = match &broken {
+            Some(e) => Err(e.clone()),
+            None => {
+                buf.clear();
+                let mut next = prev.clone();
+                for p in batch.iter_mut() {
+                    let (line, hash) = seal(std::mem::take(&mut p.fields), &next);
+                    buf.extend_from_slice(line.as_bytes());
+                    buf.push(b'\n');
+                    next = hash;
+                }
+                let written = file.write_all(&buf).and_then(|_| match durability {
+                    Durability::Always => file.sync_data(),
+                    Durability::Buffered => Ok(()),
+                });
+                match written {
+                    Ok(()) => {
+                        prev = next;
+                        Ok(())
+                    }
+                    Err(e) => {
+                        let e = AuditError::Write(e.to_string());
+                        tracing::error!("{e}: refusing everything that needs an audit record");
+                        broken = Some(e.clone());
+                        Err(e)
+                    }
+                }
+            }
+        };
+        for p in batch.drain(..) {
+            if let Some(ack) = p.ack {
+                let _ = ack.send(result.clone());
+            }
+        }
+    }
+}
+
+/// The outcome of checking a file.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verified {
+    Intact { records: usize },
+    Broken { line: usize, reason: String },
+}
+
+/// Checks every line's own hash and its link to the line before.
+pub fn verify(path: &Path) -> std::io::Result<Verified> {
+    let file = File::open(path)?;
+    let mut prev = GENESIS.to_owned();
+    let mut records = 0;
+    for (i, line) in BufReader::new(file).split(b'\n').enumerate() {
+        let line_no = i + 1;
+        let line = line?;
+        let broken = |reason: &str| {
+            Ok(Verified::Broken {
+                line: line_no,
+                reason: reason.to_owned(),
+            })
+        };
+        let Ok(line) = std::str::from_utf8(&line) else {
+            return broken("not UTF-8");
+        };
+        let Some((body, hash)) = split_hash(line) else {
+            return broken("no hash field at the end of the line");
+        };
+        if sha256_hex(body.as_bytes()) != hash {
+            return broken("the line does not match its hash (edited)");
+        }
+        let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(line) else {
+            return broken("not a JSON object");
+        };
+        if fields.get("prev").and_then(Value::as_str) != Some(prev.as_str()) {
+            return broken("prev does not match the previous line's hash (lines removed, inserted or reordered)");
+        }
+        prev = hash.to_owned();
+        records += 1;
+    }
+    Ok(Verified::Intact { records })
+}
+
+/// Builds a record's fields from `(name, value)` pairs.
+#[macro_export]
+macro_rules! audit_fields {
+    ($($k:expr => $v:expr),* $(,)?) => {{
+        let mut m = serde_json::Map::new();
+        $( m.insert($k.to_string(), serde_json::json!($v)); )*
+        m
+    }};
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn write_three(path: &Path) {
+        let log = AuditLog::open(path, Durability::Always).unwrap();
+        for i in 0..3 {
+            log.record(crate::audit_fields! {"kind" => "test", "n" => i, "text" => "a\"b\n"})
+                .await
+                .unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn chain_verifies_and_continues_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        write_three(&path).await;
+        write_three(&path).await;
+        assert_eq!(verify(&path).unwrap(), Verified::Intact { records: 6 });
+    }
+
+    #[tokio::test]
+    async fn any_single_byte_edit_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        write_three(&path).await;
+        let original = std::fs::read(&path).unwrap();
+        for at in (0..original.len()).filter(|i| original[*i] != b'\n') {
+            let mut edited = original.clone();
+            edited[at] ^= 0x01;
+            std::fs::write(&path, &edited).unwrap();
+            assert!(
+                matches!(verify(&path).unwrap(), Verified::Broken { .. }),
+                "flipping byte {at} went unnoticed"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn removed_or_reordered_lines_are_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        write_three(&path).await;
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        std::fs::write(&path, format!("{}\n{}\n", lines[0], lines[2])).unwrap();
+        assert_eq!(
+            verify(&path).unwrap(),
+            Verified::Broken {
+                line: 2,
+                reason: "prev does not match the previous line's hash (lines removed, inserted or reordered)".into()
+            }
+        );
+        std::fs::write(&path, format!("{}\n{}\n{}\n", lines[1], lines[0], lines[2])).unwrap();
+        assert!(matches!(
+            verify(&path).unwrap(),
+            Verified::Broken { line: 1, .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_failing_sink_fails_every_record() {
+        let log = AuditLog::open(Path::new("/dev/full"), Durability::Always);
+        // /dev/full accepts the open and fails every write.
+        let log = log.unwrap();
+        assert!(log
+            .record(crate::audit_fields! {"kind" => "x"})
+            .await
+            .is_err());
+        assert!(log
+            .record(crate::audit_fields! {"kind" => "y"})
+            .await
+            .is_err());
+    }
+
+    #[test]
+    fn a_foreign_file_is_not_appended_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        std::fs::write(&path, "hello\n").unwrap();
+        let Err(err) = AuditLog::open(&path, Durability::Always) else {
+            panic!("must refuse")
+        };
+        assert!(
+            err.to_string().contains("not a pgiam audit record"),
+            "{err}"
+        );
+    }
+}

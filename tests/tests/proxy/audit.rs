@@ -1,0 +1,103 @@
+//! Every session decision is in the audit log, with the verified identity, before it takes
+//! effect; the log's hash chain catches edits; a failing log refuses sessions.
+
+use std::process::Command;
+
+use pgiam_tests::pgiam_bin;
+
+use crate::fixture::*;
+
+fn verify(path: &std::path::Path) -> (bool, String) {
+    let out = Command::new(pgiam_bin())
+        .args(["audit", "verify"])
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn session_decisions_are_audited_and_the_chain_catches_edits() {
+    let env = Env::start();
+    assert_eq!(psql_ok(&env.tcp_dsn(""), "select current_user"), ROLE);
+    let mut cmd = Command::new(pgiam_tests::pg_bin_dir().join("psql"));
+    cmd.args(["-X", "-c", "select 1", &env.unix_dsn("")]);
+    pgiam_tests::run_as(&mut cmd, "nobody");
+    let refused = cmd.output().unwrap();
+    let refused_err = stderr(&refused);
+    assert!(refused_err.contains("pgiam audit record"), "{refused_err}");
+
+    // The end record is written after the session; wait for it.
+    let mut records = Vec::new();
+    for _ in 0..100 {
+        records = env.audit_records();
+        if records.iter().any(|r| r["kind"] == "session_end") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let allow = records
+        .iter()
+        .find(|r| r["decision"] == "allow")
+        .expect("an allow record");
+    assert_eq!(allow["role"], ROLE);
+    assert_eq!(allow["database"], DB);
+    assert_eq!(allow["identity"]["uid"], nix::unistd::geteuid().as_raw());
+    assert_eq!(allow["identity"]["source"], "loopback-proc");
+    assert!(allow["identity"]["exe"].as_str().unwrap().ends_with("psql"));
+    let end = records
+        .iter()
+        .find(|r| r["kind"] == "session_end")
+        .expect("a session_end record");
+    assert_eq!(end["session"], allow["id"]);
+
+    let deny = records
+        .iter()
+        .find(|r| r["decision"] == "deny")
+        .expect("a deny record");
+    assert_eq!(deny["code"], "28000");
+    assert_eq!(deny["identity"]["uid"], 65534);
+    assert!(
+        refused_err.contains(deny["id"].as_str().unwrap()),
+        "the client's hint names the record: {refused_err}"
+    );
+
+    let path = env.audit_path();
+    let (ok, out) = verify(&path);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("{} records, hash chain intact", records.len())),
+        "{out}"
+    );
+
+    // One byte changed in the first record (uid 0 -> 1, say): verify fails and says where.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.iter().position(|&b| b == b'"').unwrap() + 1;
+    bytes[at] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    let (ok, out) = verify(&path);
+    assert!(!ok);
+    assert!(out.contains("line 1"), "{out}");
+}
+
+#[test]
+fn a_failing_audit_log_refuses_sessions() {
+    let env = Env::with(Setup {
+        // Opens fine, fails every write (ENOSPC).
+        audit_path: Some("/dev/full".into()),
+        ..Setup::default()
+    });
+    let before = env.connections_received();
+    let out = psql(&env.tcp_dsn(""), "select 1");
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("audit log is unavailable"), "{err}");
+    assert_eq!(
+        env.connections_received(),
+        before,
+        "nothing reached PostgreSQL"
+    );
+}
