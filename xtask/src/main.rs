@@ -9,6 +9,7 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{bail, Context};
 
+mod bench;
 mod demo;
 
 /// Debian packages: PostgreSQL and its clients for the tests and demo, PgBouncer for the
@@ -32,9 +33,10 @@ fn main() -> ExitCode {
         Some("demo") => install_deps().and_then(|_| demo::run_demo()),
         Some("test") => install_deps().and_then(|_| test(&args[1..])),
         Some("build-ebpf") => build_ebpf(),
+        Some("bench") => install_deps().and_then(|_| bench::run_bench(&args[1..])),
         _ => {
             eprintln!(
-                "usage: cargo xtask <install-deps | build-ebpf | demo | test [-- cargo test args]>"
+                "usage: cargo xtask <install-deps | build-ebpf | demo | test [-- cargo test args] | bench [--short]>"
             );
             return ExitCode::from(2);
         }

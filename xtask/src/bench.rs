@@ -1,0 +1,476 @@
+//! `cargo xtask bench`: pgbench against direct PostgreSQL, PgBouncer (session mode) and pgiam
+//! as deployed (eBPF interception, audit `always`), interleaved round by round so drift hits all
+//! alike; medians and ratios. pgiam also runs without the sk_msg fast path and without audit, so
+//! each feature's cost shows. Every pgiam variant has a cgroup of its own, so no restarts happen
+//! between measurements.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{bail, Context};
+use pgiam_tests::{free_port, pg_bin_dir, write_file, PgCluster, PgOptions, Pgiam, TestCgroup};
+
+use crate::{run, workspace_root};
+
+struct Workload {
+    name: &'static str,
+    args: &'static [&'static str],
+}
+
+const WORKLOADS: &[Workload] = &[
+    Workload {
+        name: "select prepared c1",
+        args: &["-S", "-M", "prepared", "-c", "1"],
+    },
+    Workload {
+        name: "select prepared c16",
+        args: &["-S", "-M", "prepared", "-c", "16", "-j", "2"],
+    },
+    Workload {
+        name: "select simple c16",
+        args: &["-S", "-M", "simple", "-c", "16", "-j", "2"],
+    },
+    Workload {
+        name: "select extended c16",
+        args: &["-S", "-M", "extended", "-c", "16", "-j", "2"],
+    },
+    Workload {
+        name: "tpcb prepared c16",
+        args: &["-M", "prepared", "-c", "16", "-j", "2"],
+    },
+    Workload {
+        name: "connect churn c8",
+        args: &["-S", "-C", "-c", "8", "-j", "2"],
+    },
+];
+
+/// Where a pgbench run is pointed.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Target {
+    Direct,
+    PgBouncer,
+    Pgiam,
+    PgiamNoFastPath,
+    PgiamNoAudit,
+}
+
+impl Target {
+    fn label(self) -> &'static str {
+        match self {
+            Target::Direct => "direct",
+            Target::PgBouncer => "pgbouncer",
+            Target::Pgiam => "pgiam",
+            Target::PgiamNoFastPath => "pgiam -fastpath",
+            Target::PgiamNoAudit => "pgiam -audit",
+        }
+    }
+}
+
+struct Options {
+    duration: u32,
+    rounds: usize,
+    scale: u32,
+    workloads: Vec<&'static Workload>,
+    /// Variants (no fast path, no audit) for every workload, or only the first two.
+    all_variants: bool,
+}
+
+fn parse_options(args: &[String]) -> anyhow::Result<Options> {
+    let mut o = Options {
+        duration: 10,
+        rounds: 3,
+        scale: 10,
+        workloads: WORKLOADS.iter().collect(),
+        all_variants: true,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().context(format!("{a} needs a value"));
+        match a.as_str() {
+            "--short" => {
+                o.duration = 1;
+                o.scale = 1;
+                o.all_variants = false;
+            }
+            "--duration" => o.duration = value()?.parse()?,
+            "--rounds" => o.rounds = value()?.parse()?,
+            "--scale" => o.scale = value()?.parse()?,
+            "--workloads" => {
+                let wanted = value()?;
+                o.workloads = WORKLOADS
+                    .iter()
+                    .filter(|w| wanted.split(',').any(|n| w.name.contains(n.trim())))
+                    .collect();
+                if o.workloads.is_empty() {
+                    bail!("no workload matches {wanted:?}");
+                }
+            }
+            other => bail!(
+                "unknown option {other}; options: --short, --duration SECS, --rounds N, --scale N, --workloads NAME[,NAME]"
+            ),
+        }
+    }
+    if o.rounds < 3 {
+        bail!("at least 3 rounds: a median of fewer says little");
+    }
+    Ok(o)
+}
+
+/// PgBouncer in session mode, run as the postgres user (it refuses root).
+struct PgBouncer {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl PgBouncer {
+    fn start(pg_port: u16, user: &str, password: &str) -> anyhow::Result<PgBouncer> {
+        let dir = tempfile::Builder::new()
+            .prefix("pgiam-bench-pgb-")
+            .tempdir()?;
+        let port = free_port();
+        write_file(
+            dir.path(),
+            "userlist.txt",
+            &format!("\"{user}\" \"{password}\"\n"),
+            0o600,
+        );
+        let ini = format!(
+            "[databases]\napp = host=127.0.0.1 port={pg_port} dbname=app\n\
+             [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+             auth_type = scram-sha-256\nauth_file = {dir}/userlist.txt\npool_mode = session\n\
+             max_client_conn = 20000\ndefault_pool_size = 64\nlogfile = {dir}/pgbouncer.log\n\
+             ignore_startup_parameters = extra_float_digits\n",
+            dir = dir.path().display()
+        );
+        let ini_path = write_file(dir.path(), "pgbouncer.ini", &ini, 0o600);
+        if nix::unistd::geteuid().is_root() {
+            let pg = nix::unistd::User::from_name("postgres")?.context("no postgres user")?;
+            for p in [dir.path(), &ini_path, &dir.path().join("userlist.txt")] {
+                nix::unistd::chown(p, Some(pg.uid), Some(pg.gid))?;
+            }
+        }
+        let mut cmd = Command::new("/usr/sbin/pgbouncer");
+        cmd.arg(&ini_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if nix::unistd::geteuid().is_root() {
+            pgiam_tests::run_as(&mut cmd, "postgres");
+        }
+        let child = cmd.spawn().context("starting pgbouncer")?;
+        let mut b = PgBouncer {
+            child,
+            port,
+            _dir: dir,
+        };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(b);
+            }
+            if let Some(s) = b.child.try_wait()? {
+                bail!("pgbouncer exited: {s}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        bail!("pgbouncer did not listen on {port}")
+    }
+
+    fn rss_kib(&self) -> u64 {
+        rss_kib(self.child.id())
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// One pgiam with interception over its own cgroup subtree.
+struct PgiamVariant {
+    target: Target,
+    pgiam: Option<Pgiam>,
+    config_path: PathBuf,
+    app: TestCgroup,
+    _proxy: TestCgroup,
+    // Last: removed after its children.
+    _cgroup: TestCgroup,
+}
+
+impl Drop for PgiamVariant {
+    fn drop(&mut self) {
+        drop(self.pgiam.take());
+        let _ = Command::new(workspace_root().join("target/release/pgiam"))
+            .args(["uninstall-bpf", "--config"])
+            .arg(&self.config_path)
+            .output();
+    }
+}
+
+fn start_variant(
+    target: Target,
+    root: &TestCgroup,
+    pg_port: u16,
+    dir: &Path,
+    password_file: &Path,
+) -> anyhow::Result<PgiamVariant> {
+    let name = target.label().replace([' ', '-'], "");
+    let cg = root.child(&name);
+    let (proxy, app) = (cg.child("pgiam"), cg.child("app"));
+    let port = free_port();
+    let audit = if target == Target::PgiamNoAudit {
+        String::new()
+    } else {
+        format!(
+            "[audit]\npath = \"{}/{name}-audit.jsonl\"\ndurability = \"always\"\n",
+            dir.display()
+        )
+    };
+    let config = format!(
+        "state_dir = \"{dir}/state\"\n[listen]\ntcp = \"127.0.0.1:{port}\"\n\
+         [upstream]\nhost = \"127.0.0.1\"\nport = {pg_port}\n\
+         [roles.bench]\npassword_file = \"{pw}\"\n\
+         [[mapping]]\nprincipal = \"cgroup:{app}\"\ndatabase = \"app\"\nrole = \"bench\"\n\
+         [interception]\ncgroup = \"{cg}\"\nendpoints = [\"127.0.0.1\"]\nports = [{pg_port}]\n\
+         fast_path = {fast}\nbpffs_dir = \"/sys/fs/bpf/{bpffs}\"\n{audit}",
+        dir = dir.display(),
+        pw = password_file.display(),
+        app = app.path,
+        cg = cg.path,
+        fast = target != Target::PgiamNoFastPath,
+        bpffs = cg.path.trim_start_matches('/').replace('/', "-"),
+    );
+    let config_path = write_file(dir, &format!("{name}.toml"), &config, 0o600);
+    let pgiam = Pgiam::start_in(
+        workspace_root().join("target/release/pgiam"),
+        &config,
+        format!("127.0.0.1:{port}").parse()?,
+        Some(&proxy),
+    )?;
+    Ok(PgiamVariant {
+        target,
+        pgiam: Some(pgiam),
+        config_path,
+        app,
+        _proxy: proxy,
+        _cgroup: cg,
+    })
+}
+
+#[derive(Default, Clone, Copy)]
+struct Sample {
+    tps: f64,
+    latency_ms: f64,
+}
+
+fn pgbench(
+    cmd: &mut Command,
+    workload: &Workload,
+    duration: u32,
+    dsn: &str,
+) -> anyhow::Result<Sample> {
+    cmd.args(["-n", "-T", &duration.to_string()])
+        .args(workload.args)
+        .arg(dsn);
+    let out = cmd.output().context("running pgbench")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() || !text.contains("number of failed transactions: 0 ") {
+        bail!(
+            "pgbench {} failed:\n{text}{}",
+            workload.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let field = |prefix: &str| -> anyhow::Result<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .with_context(|| format!("no {prefix:?} in pgbench output:\n{text}"))
+    };
+    Ok(Sample {
+        tps: field("tps = ")?,
+        latency_ms: field("latency average = ")?,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
+    let opts = parse_options(args)?;
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the benchmark measures pgiam with eBPF interception: run it as root");
+    }
+    run(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .current_dir(workspace_root())
+            .args(["build", "--release", "--bin", "pgiam"]),
+    )?;
+
+    eprintln!("bench: PostgreSQL (pgbench scale {})", opts.scale);
+    let pg = PgCluster::start(PgOptions {
+        extra_conf: vec![
+            "max_connections = 300".into(),
+            "shared_buffers = '256MB'".into(),
+            "synchronous_commit = off".into(),
+        ],
+        ..PgOptions::default()
+    })?;
+    let password = format!("bench-{:x}", std::process::id());
+    pg.psql(&format!("CREATE ROLE bench LOGIN PASSWORD '{password}'"))?;
+    pg.psql("CREATE DATABASE app OWNER bench")?;
+    pg.pgbench_init("app", opts.scale)?;
+    pg.psql_db("app", "GRANT ALL ON ALL TABLES IN SCHEMA public TO bench")?;
+
+    let dir = tempfile::Builder::new().prefix("pgiam-bench-").tempdir()?;
+    let pw = write_file(dir.path(), "bench.password", &password, 0o600);
+    let bouncer = PgBouncer::start(pg.port, "bench", &password)?;
+    let root = TestCgroup::new("pgiam-bench");
+    let mut variants = vec![start_variant(
+        Target::Pgiam,
+        &root,
+        pg.port,
+        dir.path(),
+        &pw,
+    )?];
+    variants.push(start_variant(
+        Target::PgiamNoFastPath,
+        &root,
+        pg.port,
+        dir.path(),
+        &pw,
+    )?);
+    variants.push(start_variant(
+        Target::PgiamNoAudit,
+        &root,
+        pg.port,
+        dir.path(),
+        &pw,
+    )?);
+
+    let direct_dsn = format!("host=127.0.0.1 port={} dbname=app user=bench", pg.port);
+    let bouncer_dsn = format!("host=127.0.0.1 port={} dbname=app user=bench", bouncer.port);
+    // The application's DSN, unchanged: the kernel sends it through pgiam.
+    let intercepted_dsn = format!(
+        "host=127.0.0.1 port={} dbname=app user=bench sslmode=disable",
+        pg.port
+    );
+    let pgbench_bin = pg_bin_dir().join("pgbench");
+
+    let mut results: BTreeMap<(usize, Target), Vec<Sample>> = BTreeMap::new();
+    for round in 1..=opts.rounds {
+        for (wi, w) in opts.workloads.iter().enumerate() {
+            let mut targets = vec![Target::Direct, Target::PgBouncer, Target::Pgiam];
+            if opts.all_variants || wi < 2 {
+                targets.extend([Target::PgiamNoFastPath, Target::PgiamNoAudit]);
+            }
+            for t in targets {
+                let sample = match t {
+                    Target::Direct | Target::PgBouncer => {
+                        let dsn = if t == Target::Direct {
+                            &direct_dsn
+                        } else {
+                            &bouncer_dsn
+                        };
+                        let mut cmd = Command::new(&pgbench_bin);
+                        cmd.env("PGPASSWORD", &password);
+                        pgbench(&mut cmd, w, opts.duration, dsn)?
+                    }
+                    _ => {
+                        let v = variants.iter().find(|v| v.target == t).expect("variant");
+                        pgbench(
+                            &mut v.app.command(&pgbench_bin),
+                            w,
+                            opts.duration,
+                            &intercepted_dsn,
+                        )?
+                    }
+                };
+                eprintln!(
+                    "bench: round {round} {:<22} {:<16} {:>10.0} tps {:>8.3} ms",
+                    w.name,
+                    t.label(),
+                    sample.tps,
+                    sample.latency_ms
+                );
+                results.entry((wi, t)).or_default().push(sample);
+            }
+        }
+    }
+
+    // Memory: pgiam and PgBouncer with idle sessions held open.
+    println!(
+        "\npgbench {}s x {} rounds, interleaved; medians. Machine: {} cores, kernel {}.",
+        opts.duration,
+        opts.rounds,
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    );
+    println!(
+        "\n| workload | direct tps | pgbouncer tps | pgiam tps | pgiam/direct | pgiam/pgbouncer | pgiam -fastpath tps | pgiam -audit tps | latency ms direct / pgbouncer / pgiam |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (wi, w) in opts.workloads.iter().enumerate() {
+        let tps = |t| {
+            results
+                .get(&(wi, t))
+                .map(|s| median(s.iter().map(|x| x.tps).collect()))
+        };
+        let lat = |t| {
+            results
+                .get(&(wi, t))
+                .map(|s| median(s.iter().map(|x| x.latency_ms).collect()))
+        };
+        let fmt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
+        let (d, b, p) = (
+            tps(Target::Direct),
+            tps(Target::PgBouncer),
+            tps(Target::Pgiam),
+        );
+        println!(
+            "| {} | {} | {} | {} | {:.2} | {:.2} | {} | {} | {:.3} / {:.3} / {:.3} |",
+            w.name,
+            fmt(d),
+            fmt(b),
+            fmt(p),
+            p.unwrap_or(0.0) / d.unwrap_or(1.0),
+            p.unwrap_or(0.0) / b.unwrap_or(1.0),
+            fmt(tps(Target::PgiamNoFastPath)),
+            fmt(tps(Target::PgiamNoAudit)),
+            lat(Target::Direct).unwrap_or(0.0),
+            lat(Target::PgBouncer).unwrap_or(0.0),
+            lat(Target::Pgiam).unwrap_or(0.0),
+        );
+    }
+    let pgiam_pid = variants[0]
+        .pgiam
+        .as_ref()
+        .map(|p| p.pid() as u32)
+        .unwrap_or(0);
+    println!(
+        "\nresident memory after the runs: pgiam {} KiB, pgbouncer {} KiB",
+        rss_kib(pgiam_pid),
+        bouncer.rss_kib()
+    );
+    drop(variants);
+    drop(root);
+    drop(bouncer);
+    Ok(())
+}
