@@ -109,8 +109,8 @@ impl Client {
     }
 
     async fn fill(&mut self) -> Result<(), Refusal> {
-        if self.buf.capacity() - self.buf.len() < 1024 {
-            self.buf.reserve(8192);
+        if self.buf.capacity() - self.buf.len() < 512 {
+            self.buf.reserve(2048);
         }
         match self.stream.read_buf(&mut self.buf).await? {
             0 if self.buf.is_empty() => Err(Refusal::Silent("client closed the connection".into())),
@@ -126,7 +126,7 @@ impl Client {
 pub async fn run(shared: Arc<Shared>, stream: BoxStream, identity: IdentitySource, peer: String) {
     let mut client = Client {
         stream,
-        buf: BytesMut::with_capacity(8192),
+        buf: BytesMut::with_capacity(1024),
         tls: false,
         peer,
     };
@@ -454,6 +454,7 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
     let (fatal_tx, mut fatal_rx) = tokio::sync::oneshot::channel::<PgError>();
 
     let to_server = async {
+        let mut client_size = ReadSize::default();
         let result: Result<&'static str, PgError> = async {
             loop {
                 // Forward what was complete and valid before a bad message, as a server would
@@ -471,10 +472,19 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
                 if framed.terminate {
                     return Ok(CLIENT_TERMINATED);
                 }
-                if cbuf.capacity() - cbuf.len() < 4096 {
-                    cbuf.reserve(16 * 1024);
+                // A message whose header says how long it is gets room for all of it at once.
+                if let Ok(Some(h)) = wire::peek_header(&cbuf, max) {
+                    if h.total > cbuf.len() {
+                        cbuf.reserve(h.total - cbuf.len());
+                    }
                 }
-                match client_rd.read_buf(&mut cbuf).await {
+                client_size.prepare(&mut cbuf);
+                let free = cbuf.capacity() - cbuf.len();
+                let read = client_rd.read_buf(&mut cbuf).await;
+                if let Ok(n) = read {
+                    client_size.observe(n, free);
+                }
+                match read {
                     Ok(0) if cbuf.is_empty() => return Ok("client closed"),
                     Ok(0) => {
                         return Err(PgError::fatal(
@@ -504,16 +514,16 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
     };
 
     let to_client = async {
-        let mut sbuf = BytesMut::with_capacity(16 * 1024);
+        let mut sbuf = BytesMut::new();
+        let mut size = ReadSize::default();
         let mut framing = BackendFraming::default();
         let end = loop {
             sbuf.clear();
-            if sbuf.capacity() < 16 * 1024 {
-                sbuf.reserve(16 * 1024);
-            }
+            size.prepare(&mut sbuf);
+            let free = sbuf.capacity();
             match server_rd.read_buf(&mut sbuf).await {
                 Ok(0) => break "server closed",
-                Ok(_) => {}
+                Ok(n) => size.observe(n, free),
                 Err(_) => break "server read failed",
             }
             if let Err(e) = framing.advance(&sbuf) {
@@ -618,6 +628,41 @@ fn frame_client_messages(buf: &[u8], max: usize) -> Framed {
     }
 }
 
+/// How much to read at a time: doubles while reads fill the buffer (a result set streaming),
+/// halves when they come back small, so an idle session holds a small buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ReadSize(usize);
+
+impl ReadSize {
+    const MIN: usize = 2 * 1024;
+    const MAX: usize = 256 * 1024;
+
+    /// Makes room for the next read, giving back an empty buffer far larger than needed.
+    fn prepare(self, buf: &mut BytesMut) {
+        if buf.is_empty() && buf.capacity() > 4 * self.0 {
+            *buf = BytesMut::with_capacity(self.0);
+        }
+        if buf.capacity() - buf.len() < self.0 / 2 {
+            buf.reserve(self.0);
+        }
+    }
+
+    /// Learns from a read of `n` bytes into `free` bytes of room.
+    fn observe(&mut self, n: usize, free: usize) {
+        if n >= free {
+            self.0 = (self.0 * 2).min(Self::MAX);
+        } else if n < self.0 / 4 {
+            self.0 = (self.0 / 2).max(Self::MIN);
+        }
+    }
+}
+
+impl Default for ReadSize {
+    fn default() -> Self {
+        ReadSize(Self::MIN)
+    }
+}
+
 /// Tracks message boundaries in the server's byte stream without buffering it.
 #[derive(Default)]
 struct BackendFraming {
@@ -659,6 +704,28 @@ impl BackendFraming {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_size_grows_while_streaming_and_shrinks_when_quiet() {
+        let mut size = ReadSize::default();
+        let mut buf = BytesMut::new();
+        for _ in 0..10 {
+            size.prepare(&mut buf);
+            let free = buf.capacity() - buf.len();
+            size.observe(free, free);
+            buf.clear();
+        }
+        assert_eq!(size, ReadSize(ReadSize::MAX));
+        assert!(buf.capacity() >= ReadSize::MAX / 2);
+        for _ in 0..10 {
+            size.prepare(&mut buf);
+            size.observe(5, buf.capacity());
+            buf.clear();
+        }
+        assert_eq!(size, ReadSize(ReadSize::MIN));
+        size.prepare(&mut buf);
+        assert!(buf.capacity() <= 4 * ReadSize::MIN, "{}", buf.capacity());
+    }
 
     #[test]
     fn backend_framing_across_reads() {

@@ -68,6 +68,8 @@ impl Target {
 }
 
 struct Options {
+    /// Idle sessions held open for the memory measurement.
+    idle: usize,
     duration: u32,
     rounds: usize,
     scale: u32,
@@ -78,6 +80,7 @@ struct Options {
 
 fn parse_options(args: &[String]) -> anyhow::Result<Options> {
     let mut o = Options {
+        idle: 250,
         duration: 10,
         rounds: 3,
         scale: 10,
@@ -89,6 +92,7 @@ fn parse_options(args: &[String]) -> anyhow::Result<Options> {
         let mut value = || it.next().context(format!("{a} needs a value"));
         match a.as_str() {
             "--short" => {
+                o.idle = 100;
                 o.duration = 1;
                 o.scale = 1;
                 o.all_variants = false;
@@ -96,6 +100,7 @@ fn parse_options(args: &[String]) -> anyhow::Result<Options> {
             "--duration" => o.duration = value()?.parse()?,
             "--rounds" => o.rounds = value()?.parse()?,
             "--scale" => o.scale = value()?.parse()?,
+            "--idle" => o.idle = value()?.parse()?,
             "--workloads" => {
                 let wanted = value()?;
                 o.workloads = WORKLOADS
@@ -107,7 +112,7 @@ fn parse_options(args: &[String]) -> anyhow::Result<Options> {
                 }
             }
             other => bail!(
-                "unknown option {other}; options: --short, --duration SECS, --rounds N, --scale N, --workloads NAME[,NAME]"
+                "unknown option {other}; options: --short, --duration SECS, --rounds N, --scale N, --idle N, --workloads NAME[,NAME]"
             ),
         }
     }
@@ -125,7 +130,13 @@ struct PgBouncer {
 }
 
 impl PgBouncer {
-    fn start(pg_port: u16, user: &str, password: &str) -> anyhow::Result<PgBouncer> {
+    /// `pool_size`: session mode gives each client a server connection of its own.
+    fn start(
+        pg_port: u16,
+        user: &str,
+        password: &str,
+        pool_size: usize,
+    ) -> anyhow::Result<PgBouncer> {
         let dir = tempfile::Builder::new()
             .prefix("pgiam-bench-pgb-")
             .tempdir()?;
@@ -140,7 +151,7 @@ impl PgBouncer {
             "[databases]\napp = host=127.0.0.1 port={pg_port} dbname=app\n\
              [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
              auth_type = scram-sha-256\nauth_file = {dir}/userlist.txt\npool_mode = session\n\
-             max_client_conn = 20000\ndefault_pool_size = 64\nlogfile = {dir}/pgbouncer.log\n\
+             max_client_conn = 20000\ndefault_pool_size = {pool_size}\nlogfile = {dir}/pgbouncer.log\n\
              ignore_startup_parameters = extra_float_digits\n",
             dir = dir.path().display()
         );
@@ -174,10 +185,6 @@ impl PgBouncer {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         bail!("pgbouncer did not listen on {port}")
-    }
-
-    fn rss_kib(&self) -> u64 {
-        rss_kib(self.child.id())
     }
 }
 
@@ -323,7 +330,9 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
     eprintln!("bench: PostgreSQL (pgbench scale {})", opts.scale);
     let pg = PgCluster::start(PgOptions {
         extra_conf: vec![
-            "max_connections = 300".into(),
+            // PgBouncer keeps its server connections after the idle clients leave, while
+            // pgiam's idle sessions have backends of their own.
+            format!("max_connections = {}", 2 * opts.idle + 300),
             "shared_buffers = '256MB'".into(),
             "synchronous_commit = off".into(),
         ],
@@ -337,7 +346,7 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
 
     let dir = tempfile::Builder::new().prefix("pgiam-bench-").tempdir()?;
     let pw = write_file(dir.path(), "bench.password", &password, 0o600);
-    let bouncer = PgBouncer::start(pg.port, "bench", &password)?;
+    let bouncer = PgBouncer::start(pg.port, "bench", &password, opts.idle + 32)?;
     let root = TestCgroup::new("pgiam-bench");
     let mut variants = vec![start_variant(
         Target::Pgiam,
@@ -459,18 +468,85 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
             lat(Target::Pgiam).unwrap_or(0.0),
         );
     }
+    // Memory per idle session: resident set before and while N sessions are held open.
     let pgiam_pid = variants[0]
         .pgiam
         .as_ref()
         .map(|p| p.pid() as u32)
         .unwrap_or(0);
+    let per_session = |pid: u32, mut cmd: Command, dsn: &str| -> anyhow::Result<(u64, u64)> {
+        let before = rss_kib(pid);
+        let mut holder = cmd
+            .arg("hold-connections")
+            .arg(opts.idle.to_string())
+            .arg(dsn)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(holder.stdout.as_mut().expect("piped")),
+            &mut line,
+        )?;
+        // Let allocators settle before reading.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let during = rss_kib(pid);
+        drop(holder.stdin.take());
+        holder.wait()?;
+        if line.trim() != "ready" {
+            bail!("holding {} sessions failed: {line}", opts.idle);
+        }
+        Ok((before, during))
+    };
+    let xtask = std::env::current_exe()?;
+    let (pb0, pb1) = per_session(
+        bouncer.child.id(),
+        Command::new(&xtask),
+        &format!("{bouncer_dsn} password={password}"),
+    )?;
+    let (pi0, pi1) = per_session(pgiam_pid, variants[0].app.command(&xtask), &intercepted_dsn)?;
+    let per = |a: u64, b: u64| (b.saturating_sub(a) as f64) * 1024.0 / opts.idle as f64;
     println!(
-        "\nresident memory after the runs: pgiam {} KiB, pgbouncer {} KiB",
-        rss_kib(pgiam_pid),
-        bouncer.rss_kib()
+        "\n{} idle sessions: pgiam {pi0} -> {pi1} KiB resident ({:.0} bytes per session); \
+         pgbouncer {pb0} -> {pb1} KiB ({:.0} bytes per session)",
+        opts.idle,
+        per(pi0, pi1),
+        per(pb0, pb1)
     );
     drop(variants);
     drop(root);
     drop(bouncer);
     Ok(())
+}
+
+/// `hold-connections N DSN`: opens N sessions, prints "ready", and holds them until stdin closes.
+pub fn hold_connections(args: &[String]) -> anyhow::Result<()> {
+    let [n, dsn] = args else {
+        bail!("usage: hold-connections N DSN");
+    };
+    let n: usize = n.parse()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut clients = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+                .await
+                .with_context(|| format!("session {} of {n}", clients.len() + 1))?;
+            tokio::spawn(conn);
+            clients.push(client);
+        }
+        // Every session did a round trip, as an application's pool would.
+        for c in &clients {
+            c.simple_query("select 1").await?;
+        }
+        println!("ready");
+        tokio::task::spawn_blocking(|| {
+            let mut sink = String::new();
+            let _ = std::io::stdin().read_line(&mut sink);
+        })
+        .await?;
+        Ok(())
+    })
 }

@@ -34,6 +34,8 @@ fn main() -> ExitCode {
         Some("test") => install_deps().and_then(|_| test(&args[1..])),
         Some("build-ebpf") => build_ebpf(),
         Some("bench") => install_deps().and_then(|_| bench::run_bench(&args[1..])),
+        // Used by the benchmark: runs inside a cgroup, holds N sessions idle.
+        Some("hold-connections") => bench::hold_connections(&args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask <install-deps | build-ebpf | demo | test [-- cargo test args] | bench [--short]>"
