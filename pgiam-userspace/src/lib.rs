@@ -11,6 +11,7 @@ pub mod identity;
 pub mod redirect;
 pub mod server;
 pub mod session;
+pub mod sql;
 pub mod stream;
 pub mod tls;
 pub mod upstream;

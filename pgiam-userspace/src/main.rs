@@ -30,6 +30,12 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Show how pgiam reads SQL: per statement, the command, every relation with its access,
+    /// the functions called, and role changes, DO blocks, COPY PROGRAM and server file access.
+    Sql {
+        #[command(subcommand)]
+        command: SqlCommand,
+    },
     /// Audit log tools.
     Audit {
         #[command(subcommand)]
@@ -39,6 +45,18 @@ enum Command {
     BpfStats {
         #[arg(long, short)]
         config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum SqlCommand {
+    /// Classify a query string (one JSON object per statement).
+    Classify {
+        /// The SQL text, as a client would send it in a Query message.
+        sql: String,
+        /// Parse as a server with standard_conforming_strings = off does.
+        #[arg(long)]
+        no_standard_conforming_strings: bool,
     },
 }
 
@@ -91,6 +109,18 @@ fn main() -> anyhow::Result<()> {
                 anyhow::bail!("{}: line {line}: {reason}", file.display())
             }
         },
+        Command::Sql {
+            command:
+                SqlCommand::Classify {
+                    sql,
+                    no_standard_conforming_strings,
+                },
+        } => {
+            for statement in pgiam::sql::classify(&sql, !no_standard_conforming_strings)? {
+                println!("{}", serde_json::to_string(&statement)?);
+            }
+            Ok(())
+        }
         Command::UninstallBpf { config } => {
             let dir = bpffs_dir(&config)?;
             let n = pgiam::redirect::uninstall(&dir)

@@ -108,3 +108,24 @@ fn systemd_readiness_is_notified_once_listening() {
     assert!(listening);
     assert_eq!(&buf[32..32 + n2.unwrap()], b"STOPPING=1");
 }
+
+#[test]
+fn sql_classify_shows_what_a_statement_touches() {
+    let (ok, out) = pgiam(&[
+        "sql",
+        "classify",
+        "DECLARE c CURSOR FOR SELECT * FROM Secret; SET ROLE postgres",
+    ]);
+    assert!(ok, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[0].contains(r#""command":"declare""#), "{out}");
+    assert!(
+        lines[0].contains(r#"{"name":"secret","access":"select"}"#),
+        "{out}"
+    );
+    assert!(lines[1].contains(r#""role_change":true"#), "{out}");
+    let (ok, out) = pgiam(&["sql", "classify", "SELEC 1"]);
+    assert!(!ok);
+    assert!(out.contains("syntax error"), "{out}");
+}

@@ -1,0 +1,757 @@
+//! What a statement does, read with PostgreSQL's own parser (libpg_query), never with regexes:
+//! a parser that disagreed with the server would be a bypass.
+//!
+//! The parse tree is walked in full through its serde form. prost serializes every field, so a
+//! relation reference is recognised by its shape (`relname` + `relpersistence`) wherever it sits
+//! — inside a Node or as a bare field (an INSERT target, `INTO`, a foreign key's referenced
+//! table, …). Nothing is reached through per-statement helpers that could miss a case: every
+//! RangeVar in the tree becomes a relation access unless it names a CTE in scope.
+
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SqlError {
+    #[error("syntax error: {0}")]
+    Syntax(String),
+}
+
+/// How a statement touches a relation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Access {
+    Select,
+    Insert,
+    Update,
+    Delete,
+    /// MERGE's target: insert, update and delete are all possible.
+    Merge,
+    Truncate,
+    CopyIn,
+    CopyOut,
+    /// Created by SELECT INTO or CREATE TABLE AS.
+    Create,
+    Lock,
+    /// Named by any other utility statement (CREATE/ALTER/DROP/GRANT/VACUUM …).
+    Ddl,
+}
+
+/// A name as the parser folded it: unquoted identifiers lower-cased and truncated to 63 bytes,
+/// quoted ones kept. `schema: None` is resolved against the session's search_path.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct QualifiedName {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub schema: Option<String>,
+    pub name: String,
+}
+
+impl std::fmt::Display for QualifiedName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.schema {
+            Some(s) => write!(f, "{s}.{}", self.name),
+            None => f.write_str(&self.name),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Relation {
+    #[serde(flatten)]
+    pub name: QualifiedName,
+    pub access: Access,
+}
+
+/// One statement of a query string, with everything nested in it (subqueries, CTEs, the
+/// statement inside EXPLAIN, PREPARE, DECLARE CURSOR, CREATE TABLE AS, COPY (query)).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Statement {
+    /// The command, e.g. `select`, `insert`, `copy`, `set`, `ddl`.
+    pub command: &'static str,
+    /// PostgreSQL's node type, e.g. `SelectStmt`.
+    pub node: String,
+    pub relations: BTreeSet<Relation>,
+    pub functions: BTreeSet<QualifiedName>,
+    /// EXECUTE of a prepared statement: its classification is the one stored at PREPARE.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub executes: Option<String>,
+    /// SET/RESET ROLE, SET SESSION AUTHORIZATION, RESET ALL, set_config('role'|…).
+    pub role_change: bool,
+    pub do_block: bool,
+    pub copy_program: bool,
+    /// COPY to or from a server file, or a server file function.
+    pub server_files: bool,
+}
+
+/// Functions that read or write the server's files.
+const FILE_FUNCTIONS: &[&str] = &[
+    "pg_read_file",
+    "pg_read_binary_file",
+    "pg_ls_dir",
+    "pg_stat_file",
+    "pg_ls_logdir",
+    "pg_ls_waldir",
+    "pg_ls_tmpdir",
+    "pg_ls_archive_statusdir",
+    "pg_ls_logicalsnapdir",
+    "pg_ls_logicalmapdir",
+    "pg_ls_replslotdir",
+    "lo_import",
+    "lo_export",
+    "pg_file_write",
+    "pg_file_rename",
+    "pg_file_unlink",
+    "pg_file_sync",
+];
+
+/// Settings that change who the session acts as.
+const ROLE_SETTINGS: &[&str] = &["role", "session_authorization"];
+
+/// Splits and classifies a query string. `standard_conforming_strings` must be the server's
+/// current value: it changes where string literals end, and so where statements end.
+pub fn classify(sql: &str, standard_conforming_strings: bool) -> Result<Vec<Statement>, SqlError> {
+    let options = if standard_conforming_strings {
+        pg_query::ParserOptions::DEFAULT
+    } else {
+        pg_query::ParserOptions::DISABLE_STANDARD_CONFORMING_STRINGS
+    };
+    let parsed = pg_query::parse(sql, options).map_err(|e| SqlError::Syntax(e.to_string()))?;
+    let tree = serde_json::to_value(&parsed.protobuf).expect("parse trees serialize");
+    let stmts = tree
+        .get("stmts")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    Ok(stmts
+        .iter()
+        .filter_map(|raw| raw.get("stmt"))
+        .map(classify_statement)
+        .collect())
+}
+
+fn classify_statement(stmt: &Value) -> Statement {
+    let (node, body) = tagged(stmt.get("node").unwrap_or(stmt)).unwrap_or(("", &Value::Null));
+    let mut out = Statement {
+        command: command_of(node, body),
+        node: node.to_owned(),
+        ..Statement::default()
+    };
+    let default = if DML.contains(&node) || node == "SelectStmt" {
+        Access::Select
+    } else if node == "LockStmt" {
+        Access::Lock
+    } else {
+        Access::Ddl
+    };
+    let mut w = Walker {
+        out: &mut out,
+        scopes: Vec::new(),
+    };
+    w.visit_node(node, body, default);
+    out
+}
+
+const DML: &[&str] = &["InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"];
+
+fn command_of(node: &str, body: &Value) -> &'static str {
+    match node {
+        "SelectStmt" => {
+            if body.get("into_clause").is_some_and(|v| !v.is_null()) {
+                "select_into"
+            } else {
+                "select"
+            }
+        }
+        "InsertStmt" => "insert",
+        "UpdateStmt" => "update",
+        "DeleteStmt" => "delete",
+        "MergeStmt" => "merge",
+        "CopyStmt" => "copy",
+        "TruncateStmt" => "truncate",
+        "ExplainStmt" => "explain",
+        "PrepareStmt" => "prepare",
+        "ExecuteStmt" => "execute",
+        "DeallocateStmt" => "deallocate",
+        "DeclareCursorStmt" => "declare",
+        "FetchStmt" => "fetch",
+        "ClosePortalStmt" => "close",
+        "TransactionStmt" => "transaction",
+        "VariableSetStmt" => "set",
+        "VariableShowStmt" => "show",
+        "ListenStmt" => "listen",
+        "UnlistenStmt" => "unlisten",
+        "NotifyStmt" => "notify",
+        "DiscardStmt" => "discard",
+        "DoStmt" => "do",
+        "CallStmt" => "call",
+        "LockStmt" => "lock",
+        "CreateTableAsStmt" => "create_table_as",
+        _ => "ddl",
+    }
+}
+
+/// `{"TypeName": {...}}` (how a Node serializes): the type and its fields.
+fn tagged(v: &Value) -> Option<(&str, &Value)> {
+    let m = v.as_object()?;
+    if m.len() != 1 {
+        return None;
+    }
+    let (k, inner) = m.iter().next()?;
+    (k.starts_with(|c: char| c.is_ascii_uppercase()) && inner.is_object())
+        .then_some((k.as_str(), inner))
+}
+
+fn is_range_var(m: &Map<String, Value>) -> bool {
+    m.contains_key("relname") && m.contains_key("relpersistence")
+}
+
+fn is_func_call(m: &Map<String, Value>) -> bool {
+    m.contains_key("funcname") && m.contains_key("agg_within_group")
+}
+
+fn string_of(v: &Value) -> Option<&str> {
+    // {"node": {"String": {"sval": "x"}}} or {"String": {"sval": "x"}}
+    let v = v.get("node").unwrap_or(v);
+    v.get("String")?.get("sval")?.as_str()
+}
+
+fn name_of(m: &Map<String, Value>) -> QualifiedName {
+    let s = |k: &str| {
+        m.get(k)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+    };
+    QualifiedName {
+        schema: s("schemaname"),
+        name: s("relname").unwrap_or_default(),
+    }
+}
+
+struct Walker<'a> {
+    out: &'a mut Statement,
+    /// CTE names visible at this point, innermost last.
+    scopes: Vec<BTreeSet<String>>,
+}
+
+impl Walker<'_> {
+    fn is_cte(&self, name: &QualifiedName) -> bool {
+        name.schema.is_none() && self.scopes.iter().any(|s| s.contains(&name.name))
+    }
+
+    fn relation(&mut self, m: &Map<String, Value>, access: Access) {
+        let name = name_of(m);
+        if access == Access::Select && self.is_cte(&name) {
+            return;
+        }
+        self.out.relations.insert(Relation { name, access });
+    }
+
+    /// A bare RangeVar field that is a statement's target.
+    fn target(&mut self, body: &Value, field: &str, access: Access) {
+        if let Some(m) = body.get(field).and_then(Value::as_object) {
+            if is_range_var(m) {
+                // A target always names a table: CTEs cannot be written to.
+                self.out.relations.insert(Relation {
+                    name: name_of(m),
+                    access,
+                });
+                // Its alias and the like hold nothing more to find.
+            }
+        }
+    }
+
+    fn visit(&mut self, v: &Value, access: Access) {
+        match v {
+            Value::Array(items) => {
+                for i in items {
+                    self.visit(i, access);
+                }
+            }
+            Value::Object(m) => {
+                if let Some((node, body)) = tagged(v) {
+                    return self.visit_node(node, body, access);
+                }
+                if is_range_var(m) {
+                    return self.relation(m, access);
+                }
+                if is_func_call(m) {
+                    self.func_call(m);
+                }
+                for (k, child) in m {
+                    match k.as_str() {
+                        // SELECT … INTO t, CREATE TABLE t AS: t is created.
+                        "into_clause" | "into" => {
+                            self.target(child, "rel", Access::Create);
+                            self.visit_except(child, &["rel"], access);
+                        }
+                        _ => self.visit(child, access),
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Visits an object's fields except `skip`.
+    fn visit_except(&mut self, body: &Value, skip: &[&str], access: Access) {
+        if let Some(m) = body.as_object() {
+            for (k, child) in m {
+                if !skip.contains(&k.as_str()) {
+                    match k.as_str() {
+                        "into_clause" | "into" => {
+                            self.target(child, "rel", Access::Create);
+                            self.visit_except(child, &["rel"], access);
+                        }
+                        _ => self.visit(child, access),
+                    }
+                }
+            }
+        }
+    }
+
+    fn visit_node(&mut self, node: &str, body: &Value, access: Access) {
+        // Statements with a WITH clause: its CTEs are in scope for the rest of the statement.
+        let pushed = self.with_clause(body);
+        match node {
+            "SelectStmt" => self.visit_except(body, &["with_clause"], Access::Select),
+            "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => {
+                let write = match node {
+                    "InsertStmt" => Access::Insert,
+                    "UpdateStmt" => Access::Update,
+                    "DeleteStmt" => Access::Delete,
+                    _ => Access::Merge,
+                };
+                self.target(body, "relation", write);
+                self.visit_except(body, &["relation", "with_clause"], Access::Select);
+            }
+            "CopyStmt" => {
+                let from = body
+                    .get("is_from")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                self.target(
+                    body,
+                    "relation",
+                    if from {
+                        Access::CopyIn
+                    } else {
+                        Access::CopyOut
+                    },
+                );
+                if body.get("is_program").and_then(Value::as_bool) == Some(true) {
+                    self.out.copy_program = true;
+                } else if body
+                    .get("filename")
+                    .and_then(Value::as_str)
+                    .is_some_and(|f| !f.is_empty())
+                {
+                    self.out.server_files = true;
+                }
+                self.visit_except(body, &["relation"], Access::Select);
+            }
+            "TruncateStmt" => self.visit(body, Access::Truncate),
+            "DoStmt" => {
+                self.out.do_block = true;
+                self.visit(body, access);
+            }
+            "VariableSetStmt" => {
+                let name = body.get("name").and_then(Value::as_str).unwrap_or("");
+                let kind = body.get("kind").and_then(Value::as_i64).unwrap_or(0);
+                // RESET ALL resets the role with everything else. VAR_RESET_ALL is 6 in the
+                // protobuf enum (it starts with an UNDEFINED the C enum does not have).
+                if ROLE_SETTINGS.contains(&name.to_ascii_lowercase().as_str()) || kind == 6 {
+                    self.out.role_change = true;
+                }
+                self.visit(body, access);
+            }
+            "ExecuteStmt" => {
+                self.out.executes = body.get("name").and_then(Value::as_str).map(str::to_owned);
+                self.visit(body, access);
+            }
+            "ViewStmt" => {
+                self.target(body, "view", Access::Ddl);
+                self.visit_except(body, &["view"], Access::Select);
+            }
+            // The statement inside runs (or is planned) as itself.
+            "ExplainStmt" | "PrepareStmt" | "DeclareCursorStmt" | "CreateTableAsStmt" => {
+                self.visit(body, Access::Select)
+            }
+            "RangeVar" => {
+                if let Some(m) = body.as_object() {
+                    self.relation(m, access);
+                }
+            }
+            _ => self.visit(body, access),
+        }
+        if pushed {
+            self.scopes.pop();
+        }
+    }
+
+    /// Visits the CTEs of `body`'s WITH clause with the scoping PostgreSQL applies, and leaves
+    /// all their names in scope (the caller pops) for the rest of the statement.
+    fn with_clause(&mut self, body: &Value) -> bool {
+        let Some(with) = body.get("with_clause").filter(|w| !w.is_null()) else {
+            return false;
+        };
+        let recursive = with.get("recursive").and_then(Value::as_bool) == Some(true);
+        let ctes: Vec<(String, &Value)> = with
+            .get("ctes")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|c| {
+                let (_, cte) = tagged(c.get("node").unwrap_or(c))?;
+                let name = cte.get("ctename")?.as_str()?.to_owned();
+                Some((name, cte))
+            })
+            .collect();
+        let all: BTreeSet<String> = ctes.iter().map(|(n, _)| n.clone()).collect();
+        for (i, (_, cte)) in ctes.iter().enumerate() {
+            // Without RECURSIVE a CTE sees only the CTEs before it: inside its own body its
+            // own name is the *table* of that name (WITH secret AS (SELECT * FROM secret)).
+            let visible = if recursive {
+                all.clone()
+            } else {
+                ctes[..i].iter().map(|(n, _)| n.clone()).collect()
+            };
+            self.scopes.push(visible);
+            if let Some(q) = cte.get("ctequery") {
+                self.visit(q, Access::Select);
+            }
+            self.scopes.pop();
+        }
+        self.scopes.push(all);
+        true
+    }
+
+    fn func_call(&mut self, m: &Map<String, Value>) {
+        let parts: Vec<&str> = m
+            .get("funcname")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(string_of)
+            .collect();
+        let Some((&name, schema)) = parts.split_last() else {
+            return;
+        };
+        let lower = name.to_ascii_lowercase();
+        if FILE_FUNCTIONS.contains(&lower.as_str()) {
+            self.out.server_files = true;
+        }
+        if lower == "set_config" {
+            // set_config('role', …) changes the role; a name that is not a constant might.
+            let first = m
+                .get("args")
+                .and_then(Value::as_array)
+                .and_then(|a| a.first());
+            let constant = first.and_then(|a| {
+                let a = a.get("node").unwrap_or(a);
+                a.get("AConst")?
+                    .get("val")?
+                    .get("Sval")?
+                    .get("sval")?
+                    .as_str()
+            });
+            match constant {
+                Some(setting)
+                    if !ROLE_SETTINGS.contains(&setting.to_ascii_lowercase().as_str()) => {}
+                _ => self.out.role_change = true,
+            }
+        }
+        self.out.functions.insert(QualifiedName {
+            schema: schema.last().map(|s| s.to_string()),
+            name: name.to_owned(),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(sql: &str) -> Statement {
+        let mut v = classify(sql, true).unwrap_or_else(|e| panic!("{sql}: {e}"));
+        assert_eq!(v.len(), 1, "{sql}");
+        v.remove(0)
+    }
+
+    fn rels(sql: &str) -> Vec<(String, Access)> {
+        one(sql)
+            .relations
+            .into_iter()
+            .map(|r| (r.name.to_string(), r.access))
+            .collect()
+    }
+
+    use Access::*;
+
+    fn r(name: &str, a: Access) -> (String, Access) {
+        (name.to_owned(), a)
+    }
+
+    #[test]
+    fn names_fold_as_postgresql_folds_them() {
+        assert_eq!(rels("SELECT * FROM Accounts"), [r("accounts", Select)]);
+        assert_eq!(rels(r#"SELECT * FROM "Accounts""#), [r("Accounts", Select)]);
+        assert_eq!(rels("select * from App.T"), [r("app.t", Select)]);
+        let long = "x".repeat(70);
+        assert_eq!(
+            rels(&format!("select * from {long}")),
+            [r(&"x".repeat(63), Select)]
+        );
+    }
+
+    #[test]
+    fn writes_and_their_sources() {
+        assert_eq!(
+            rels("INSERT INTO t SELECT * FROM secret"),
+            [r("secret", Select), r("t", Insert)]
+        );
+        assert_eq!(
+            rels("UPDATE t SET a = s.a FROM secret s WHERE t.id = s.id"),
+            [r("secret", Select), r("t", Update)]
+        );
+        assert_eq!(
+            rels("DELETE FROM t USING secret WHERE t.id = secret.id"),
+            [r("secret", Select), r("t", Delete)]
+        );
+        assert_eq!(
+            rels("MERGE INTO t USING secret s ON t.id = s.id WHEN MATCHED THEN DELETE"),
+            [r("secret", Select), r("t", Merge)]
+        );
+        assert_eq!(rels("TRUNCATE a, b"), [r("a", Truncate), r("b", Truncate)]);
+        assert_eq!(
+            rels("SELECT * INTO t3 FROM secret"),
+            [r("secret", Select), r("t3", Create)]
+        );
+        assert_eq!(
+            rels("CREATE TABLE t2 AS SELECT * FROM secret"),
+            [r("secret", Select), r("t2", Create)]
+        );
+    }
+
+    #[test]
+    fn nested_statements_reveal_their_tables() {
+        // The cases pg_query's summary helpers miss.
+        assert_eq!(
+            rels("DECLARE c CURSOR FOR SELECT * FROM secret"),
+            [r("secret", Select)]
+        );
+        assert_eq!(
+            rels("PREPARE p AS SELECT * FROM secret"),
+            [r("secret", Select)]
+        );
+        assert_eq!(
+            rels("EXPLAIN ANALYZE DELETE FROM secret"),
+            [r("secret", Delete)]
+        );
+        assert_eq!(
+            rels("COPY (SELECT * FROM secret) TO STDOUT"),
+            [r("secret", Select)]
+        );
+        assert_eq!(
+            rels("SELECT 1 FROM t WHERE x IN (SELECT y FROM u WHERE EXISTS (SELECT FROM v))"),
+            [r("t", Select), r("u", Select), r("v", Select)]
+        );
+        assert_eq!(
+            rels("CREATE VIEW v AS SELECT * FROM secret"),
+            [r("secret", Select), r("v", Ddl)]
+        );
+        assert_eq!(
+            rels("CREATE TABLE c (id int REFERENCES parent(id))"),
+            [r("c", Ddl), r("parent", Ddl)]
+        );
+    }
+
+    #[test]
+    fn ctes_are_scoped_like_postgresql() {
+        assert_eq!(
+            rels("WITH x AS (DELETE FROM secret RETURNING *) SELECT * FROM x"),
+            [r("secret", Delete)]
+        );
+        assert_eq!(
+            rels("WITH a AS (SELECT * FROM secret) SELECT * FROM a"),
+            [r("secret", Select)]
+        );
+        // Non-recursive: inside its own body, `secret` is the table.
+        assert_eq!(
+            rels("WITH secret AS (SELECT * FROM secret) SELECT * FROM secret"),
+            [r("secret", Select)]
+        );
+        // Later CTEs see earlier ones, not the other way round.
+        assert_eq!(
+            rels("WITH a AS (SELECT * FROM b), b AS (SELECT 1) SELECT * FROM a, b"),
+            [r("b", Select)]
+        );
+        assert_eq!(
+            rels("WITH RECURSIVE r AS (SELECT 1 UNION SELECT * FROM r) SELECT * FROM r"),
+            []
+        );
+        // A schema-qualified name is never a CTE.
+        assert_eq!(
+            rels("WITH secret AS (SELECT 1) SELECT * FROM public.secret"),
+            [r("public.secret", Select)]
+        );
+        // A CTE's scope ends with its statement.
+        assert_eq!(
+            rels("SELECT * FROM (WITH x AS (SELECT 1) SELECT * FROM x) s, x"),
+            [r("x", Select)]
+        );
+    }
+
+    #[test]
+    fn copy_directions_program_and_files() {
+        assert_eq!(rels("COPY secret TO STDOUT"), [r("secret", CopyOut)]);
+        assert_eq!(rels("COPY t FROM STDIN"), [r("t", CopyIn)]);
+        assert!(one("COPY t FROM PROGRAM 'id'").copy_program);
+        assert!(one("COPY t TO '/tmp/x'").server_files);
+        assert!(!one("COPY t TO STDOUT").server_files);
+    }
+
+    #[test]
+    fn role_changes_in_every_form() {
+        for sql in [
+            "SET ROLE postgres",
+            "set local role postgres",
+            "RESET ROLE",
+            "SET SESSION AUTHORIZATION postgres",
+            "RESET ALL",
+            "SELECT set_config('role', 'postgres', false)",
+            "SELECT set_config('ROLE', 'postgres', false)",
+            "SELECT set_config(current_setting('x'), 'postgres', false)",
+            "SELECT pg_catalog.set_config('session_authorization', 'postgres', false)",
+        ] {
+            assert!(one(sql).role_change, "{sql}");
+        }
+        for sql in [
+            "SET search_path = x",
+            "SELECT set_config('work_mem', '4MB', false)",
+        ] {
+            assert!(!one(sql).role_change, "{sql}");
+        }
+    }
+
+    #[test]
+    fn functions_do_blocks_and_file_access() {
+        let s = one("SELECT pg_catalog.pg_read_file('/etc/passwd'), lower('A')");
+        assert!(s.server_files);
+        assert!(s.functions.contains(&QualifiedName {
+            schema: Some("pg_catalog".into()),
+            name: "pg_read_file".into()
+        }));
+        assert!(s.functions.contains(&QualifiedName {
+            schema: None,
+            name: "lower".into()
+        }));
+        assert!(one("DO $$ BEGIN PERFORM 1; END $$").do_block);
+        assert!(one("CALL proc(1)")
+            .functions
+            .iter()
+            .any(|f| f.name == "proc"));
+        assert_eq!(one("EXECUTE p(1)").executes.as_deref(), Some("p"));
+    }
+
+    #[test]
+    fn statements_split_by_the_servers_string_rules() {
+        let sql = r"SELECT 'a\'; DROP TABLE t; --'";
+        let on = classify(sql, true).unwrap();
+        assert_eq!(
+            on.iter().map(|s| s.command).collect::<Vec<_>>(),
+            ["select", "ddl"],
+            "with standard_conforming_strings on, the backslash ends nothing"
+        );
+        let off = classify(sql, false).unwrap();
+        assert_eq!(off.len(), 1, "off: the whole thing is one string literal");
+        assert_eq!(
+            classify("SELECT 1; SELECT * FROM secret", true)
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(matches!(
+            classify("SELEC 1", true),
+            Err(SqlError::Syntax(_))
+        ));
+    }
+
+    /// Every relation name anywhere in the parse tree surfaces as an access, unless it names a
+    /// CTE: the walker has no statement kind it does not look into.
+    #[test]
+    fn no_relation_in_the_tree_is_missed() {
+        let corpus = [
+            "SELECT * FROM a JOIN b USING (id) LEFT JOIN LATERAL (SELECT * FROM c) x ON true",
+            "SELECT (SELECT max(v) FROM d), array(SELECT 1 FROM e) FROM f",
+            "INSERT INTO g (a) VALUES ((SELECT 1 FROM h)) ON CONFLICT (a) DO UPDATE SET a = (SELECT 2 FROM i)",
+            "UPDATE j SET a = 1 WHERE id IN (SELECT id FROM k) RETURNING (SELECT 1 FROM l)",
+            "DELETE FROM m WHERE EXISTS (SELECT FROM n)",
+            "MERGE INTO o USING p ON o.id = p.id WHEN NOT MATCHED THEN INSERT VALUES (p.id)",
+            "CREATE TABLE q (id int REFERENCES r, LIKE s)",
+            "CREATE INDEX ON t (a)",
+            "CREATE TRIGGER tr AFTER INSERT ON u FOR EACH ROW EXECUTE FUNCTION f()",
+            "CREATE POLICY pol ON v USING (true)",
+            "ALTER TABLE w ADD CONSTRAINT c FOREIGN KEY (a) REFERENCES x(a)",
+            "ALTER TABLE y RENAME TO z2",
+            "GRANT SELECT ON aa, bb TO public",
+            "VACUUM cc",
+            "CLUSTER dd USING idx",
+            "REFRESH MATERIALIZED VIEW ee",
+            "CREATE MATERIALIZED VIEW ff AS SELECT * FROM gg",
+            "CREATE RULE r AS ON INSERT TO hh DO INSTEAD NOTHING",
+            "LOCK TABLE ii, jj",
+            "COMMENT ON TABLE kk IS 'x'",
+            "ALTER TABLE ll ATTACH PARTITION mm FOR VALUES IN (1)",
+            "CREATE TABLE nn PARTITION OF oo FOR VALUES IN (1)",
+            "TABLE pp",
+            "SELECT * FROM qq TABLESAMPLE SYSTEM (10)",
+            "WITH cte AS (SELECT * FROM rr) INSERT INTO ss SELECT * FROM cte",
+            "CREATE PUBLICATION pub FOR TABLE tt",
+            "ANALYZE uu",
+            "CREATE STATISTICS st ON a, b FROM vv",
+            "SELECT * FROM ww FOR UPDATE OF ww",
+        ];
+        for sql in corpus {
+            let parsed = pg_query::parse(sql, pg_query::ParserOptions::DEFAULT).unwrap();
+            let tree =
+                serde_json::to_string(&serde_json::to_value(&parsed.protobuf).unwrap()).unwrap();
+            let found: BTreeSet<String> = one(sql)
+                .relations
+                .iter()
+                .map(|r| r.name.name.clone())
+                .collect();
+            let mut rest = tree.as_str();
+            while let Some(at) = rest.find("\"relname\":\"") {
+                rest = &rest[at + 11..];
+                let name = &rest[..rest.find('"').unwrap()];
+                if name != "cte" {
+                    assert!(
+                        found.contains(name),
+                        "{sql}: {name} missed; found {found:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn commands() {
+        for (sql, command) in [
+            ("select 1", "select"),
+            ("select 1 into t", "select_into"),
+            ("begin", "transaction"),
+            ("listen x", "listen"),
+            ("notify x", "notify"),
+            ("show work_mem", "show"),
+            ("lock table t", "lock"),
+            ("create table t(a int)", "ddl"),
+            ("grant select on t to public", "ddl"),
+        ] {
+            assert_eq!(one(sql).command, command, "{sql}");
+        }
+        assert_eq!(rels("lock table t"), [r("t", Lock)]);
+        assert_eq!(rels("grant select on t to public"), [r("t", Ddl)]);
+    }
+}
