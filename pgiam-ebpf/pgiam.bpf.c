@@ -63,6 +63,20 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pgiam_peers SEC(".maps");
 
+/*
+ * pgiam's accepted socket (its cookie) -> origin. The record moves here from pgiam_peers during
+ * the handshake, so it belongs to exactly the connection that was intercepted: a later
+ * connection from the same address and port, even to pgiam's listener directly, never finds it
+ * (cookies are never reused while the system runs).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct pgiam_origin);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} pgiam_accepted SEC(".maps");
+
 /* Both ends of every intercepted connection, for the sk_msg fast path. aya's SockHash wants a
  * 4-byte value. */
 struct {
@@ -312,8 +326,8 @@ int pgiam_sockops(struct bpf_sock_ops *skops)
 	switch (skops->op) {
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		/* The application's socket: publish its origin under its own address, which is
-		 * the peer address pgiam's accept() returns. This runs before the final ACK is
-		 * sent, so the record exists before pgiam can accept. */
+		 * the peer address pgiam's side sees. This runs before the final ACK is sent, so
+		 * the record exists when pgiam's side completes the handshake (below). */
 		cookie = bpf_get_socket_cookie(skops);
 		o = bpf_map_lookup_elem(&pgiam_origins, &cookie);
 		if (!o)
@@ -325,12 +339,20 @@ int pgiam_sockops(struct bpf_sock_ops *skops)
 		count(PGIAM_STAT_ESTABLISHED);
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		/* pgiam's side: only connections whose other end is an intercepted app socket. */
+		/* pgiam's side of an intercepted connection: bind the record to this socket. Only
+		 * sockets of pgiam's own listener qualify. */
 		sockops_key(skops, &key);
+		if (key.local_port != bpf_ntohs((__u16)cfg->proxy_port4) &&
+		    key.local_port != bpf_ntohs((__u16)cfg->proxy_port6))
+			return SYS_PROCEED;
 		__builtin_memcpy(peer.addr, key.remote, 16);
 		peer.port = (__u16)key.remote_port;
-		if (!bpf_map_lookup_elem(&pgiam_peers, &peer))
+		o = bpf_map_lookup_elem(&pgiam_peers, &peer);
+		if (!o)
 			return SYS_PROCEED;
+		cookie = bpf_get_socket_cookie(skops);
+		bpf_map_update_elem(&pgiam_accepted, &cookie, o, BPF_ANY);
+		bpf_map_delete_elem(&pgiam_peers, &peer);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		if (skops->args[1] == BPF_TCP_CLOSE) {

@@ -155,7 +155,7 @@ impl Endpoint {
 pub struct Interception {
     // Keeps the sk_msg and stream-verdict attachments alive; the cgroup links are pinned.
     _ebpf: Ebpf,
-    peers: HashMap<MapData, common::PeerKey, common::Origin>,
+    accepted: HashMap<MapData, u64, common::Origin>,
     endpoints: LpmTrie<MapData, [u8; 20], u8>,
     config_map: Array<MapData, common::Config>,
     config: common::Config,
@@ -185,6 +185,17 @@ impl Interception {
                     source,
                 }
             })?);
+        // The kernel binds a connection's record to pgiam's accepted socket when that socket's
+        // handshake runs through the attached programs: pgiam must be inside the subtree.
+        let own = crate::identity::read_cgroup_v2_path(std::process::id() as i32)
+            .map_err(|e| RedirectError::Bpffs(format!("reading pgiam's own cgroup: {e}")))?;
+        if !cgroup_contains(&cfg.cgroup, &own) {
+            return Err(RedirectError::Bpffs(format!(
+                "pgiam runs in cgroup {own}, outside the intercepted subtree {}: it must run \
+                 inside it (the default \"/\" always holds)",
+                cfg.cgroup
+            )));
+        }
         let pins = pin_dir(&cfg.bpffs_dir);
         ensure_bpffs(&pins)?;
 
@@ -232,15 +243,15 @@ impl Interception {
             .ok_or(RedirectError::Bpffs("object has no pgiam_endpoints".into()))?
             .try_into()
             .map_err(map_err("pgiam_endpoints"))?;
-        let peers: HashMap<MapData, common::PeerKey, common::Origin> = ebpf
-            .take_map("pgiam_peers")
-            .ok_or(RedirectError::Bpffs("object has no pgiam_peers".into()))?
+        let accepted: HashMap<MapData, u64, common::Origin> = ebpf
+            .take_map("pgiam_accepted")
+            .ok_or(RedirectError::Bpffs("object has no pgiam_accepted".into()))?
             .try_into()
-            .map_err(map_err("pgiam_peers"))?;
+            .map_err(map_err("pgiam_accepted"))?;
 
         let mut me = Interception {
             _ebpf: ebpf,
-            peers,
+            accepted,
             endpoints: endpoints_map,
             config_map,
             config,
@@ -284,38 +295,30 @@ impl Interception {
                 );
                 continue;
             }
+            // SockOps and CgroupSockAddr share these steps but no trait.
+            macro_rules! attach_to_cgroup {
+                ($ty:ty) => {{
+                    let prog: &mut $ty = ebpf
+                        .program_mut(name)
+                        .expect("program in object")
+                        .try_into()
+                        .map_err(prog_err(name))?;
+                    prog.load().map_err(prog_err(name))?;
+                    let id = prog
+                        .attach(cgroup, CgroupAttachMode::Single)
+                        .map_err(prog_err(name))?;
+                    FdLink::try_from(prog.take_link(id).map_err(prog_err(name))?).map_err(|e| {
+                        RedirectError::Pin {
+                            path: link_path.clone(),
+                            message: e.to_string(),
+                        }
+                    })?
+                }};
+            }
             let link = if name == "pgiam_sockops" {
-                let prog: &mut SockOps = ebpf
-                    .program_mut(name)
-                    .expect("program in object")
-                    .try_into()
-                    .map_err(prog_err(name))?;
-                prog.load().map_err(prog_err(name))?;
-                let id = prog
-                    .attach(cgroup, CgroupAttachMode::Single)
-                    .map_err(prog_err(name))?;
-                FdLink::try_from(prog.take_link(id).map_err(prog_err(name))?).map_err(|e| {
-                    RedirectError::Pin {
-                        path: link_path.clone(),
-                        message: e.to_string(),
-                    }
-                })?
+                attach_to_cgroup!(SockOps)
             } else {
-                let prog: &mut CgroupSockAddr = ebpf
-                    .program_mut(name)
-                    .expect("program in object")
-                    .try_into()
-                    .map_err(prog_err(name))?;
-                prog.load().map_err(prog_err(name))?;
-                let id = prog
-                    .attach(cgroup, CgroupAttachMode::Single)
-                    .map_err(prog_err(name))?;
-                FdLink::try_from(prog.take_link(id).map_err(prog_err(name))?).map_err(|e| {
-                    RedirectError::Pin {
-                        path: link_path.clone(),
-                        message: e.to_string(),
-                    }
-                })?
+                attach_to_cgroup!(CgroupSockAddr)
             };
             link.pin(&link_path).map_err(|e| RedirectError::Pin {
                 path: link_path.clone(),
@@ -377,16 +380,12 @@ impl Interception {
         Ok(())
     }
 
-    /// The kernel's record of the application socket at `peer`, removed from the map: each
-    /// record identifies exactly one accepted connection.
-    pub fn take_origin(&mut self, peer: SocketAddr) -> Option<common::Origin> {
-        let key = common::PeerKey {
-            addr: v4_mapped(peer.ip()),
-            port: peer.port(),
-            _pad: 0,
-        };
-        let origin = self.peers.get(&key, 0).ok()?;
-        let _ = self.peers.remove(&key);
+    /// The kernel's record for the accepted socket with this cookie, removed from the map. The
+    /// kernel bound it to that socket during the handshake, so it can belong to no other
+    /// connection.
+    pub fn take_origin(&mut self, socket_cookie: u64) -> Option<common::Origin> {
+        let origin = self.accepted.get(&socket_cookie, 0).ok()?;
+        let _ = self.accepted.remove(&socket_cookie);
         Some(origin)
     }
 
@@ -402,6 +401,36 @@ impl Interception {
             }
         }
     }
+}
+
+/// Whether cgroup path `inner` is `outer` or below it.
+fn cgroup_contains(outer: &str, inner: &str) -> bool {
+    let outer = outer.trim_end_matches('/');
+    outer.is_empty()
+        || inner == outer
+        || inner
+            .strip_prefix(outer)
+            .is_some_and(|r| r.starts_with('/'))
+}
+
+/// The kernel's cookie of a socket (SO_COOKIE): unique for the system's lifetime.
+pub fn socket_cookie(socket: &impl AsRawFd) -> std::io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, and a buffer of the size passed.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 fn same_key(a: &Key<[u8; 20]>, b: &Key<[u8; 20]>) -> bool {
@@ -453,4 +482,34 @@ pub fn read_stats(bpffs_dir: &Path) -> Result<Vec<(&'static str, u64)>, Redirect
         .into_iter()
         .map(|(i, n)| Ok((n, stats.get(&i, 0).map_err(map_err("pgiam_stats"))?)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroup_subtrees() {
+        assert!(cgroup_contains("/", "/system.slice/x.service"));
+        assert!(cgroup_contains("/a", "/a"));
+        assert!(cgroup_contains("/a", "/a/b"));
+        assert!(!cgroup_contains("/a", "/ab"));
+        assert!(!cgroup_contains("/a/b", "/a"));
+    }
+
+    #[test]
+    fn endpoint_keys_put_the_port_first() {
+        let e = Endpoint {
+            addr: "10.0.0.0".parse().unwrap(),
+            prefix: 8,
+            port: 5432,
+        };
+        let k = e.key();
+        assert_eq!(k.prefix_len(), 32 + 96 + 8);
+        assert_eq!(&k.data()[0..2], &5432u16.to_be_bytes());
+        assert_eq!(
+            &k.data()[4..20],
+            &"::ffff:10.0.0.0".parse::<Ipv6Addr>().unwrap().octets()
+        );
+    }
 }

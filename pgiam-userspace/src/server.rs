@@ -200,23 +200,20 @@ async fn accept_tcp(listener: TcpListener, shared: Arc<Shared>, interception: Sh
         let Ok(local) = stream.local_addr() else {
             continue;
         };
-        let interception = interception.clone();
-        let identity = IdentitySource::Lookup(Box::new(move || {
-            // An intercepted connection has a kernel record under its address; any other
-            // loopback client is an explicit one, found through /proc.
-            if let Some(i) = interception {
-                let origin = i
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .take_origin(peer);
-                if let Some(origin) = origin {
-                    return Ok(ClientOrigin {
-                        identity: Identity::from_origin(&origin),
-                        destination: Some(redirect::original_destination(&origin)),
-                    });
-                }
-            }
-            identity::from_loopback_tcp(peer, local).map(ClientOrigin::from)
+        // An intercepted connection's kernel record is bound to this very socket: take it now.
+        // Any other loopback client is an explicit one, found through /proc.
+        let origin = interception.as_ref().and_then(|i| {
+            let cookie = redirect::socket_cookie(&stream).ok()?;
+            i.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take_origin(cookie)
+        });
+        let identity = IdentitySource::Lookup(Box::new(move || match origin {
+            Some(origin) => Ok(ClientOrigin {
+                identity: Identity::from_origin(&origin),
+                destination: Some(redirect::original_destination(&origin)),
+            }),
+            None => identity::from_loopback_tcp(peer, local).map(ClientOrigin::from),
         }));
         tokio::spawn(session::run(
             shared.clone(),

@@ -212,26 +212,23 @@ impl PgCluster {
         Ok(())
     }
 
+    /// The superuser over the cluster's own unix socket (trust).
+    fn superuser_args(&self) -> [String; 6] {
+        [
+            "-h".into(),
+            path(&self.socket_dir).into(),
+            "-p".into(),
+            self.port.to_string(),
+            "-U".into(),
+            "postgres".into(),
+        ]
+    }
+
     fn psql_command(&self, db: &str, sql: &str) -> Command {
         let mut cmd = self.command("psql");
-        cmd.args([
-            "-X",
-            "-A",
-            "-t",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            path(&self.socket_dir),
-            "-p",
-            &self.port.to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            db,
-            "-c",
-            sql,
-        ]);
+        cmd.args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1"])
+            .args(self.superuser_args())
+            .args(["-d", db, "-c", sql]);
         cmd
     }
 
@@ -252,19 +249,12 @@ impl PgCluster {
     }
 
     pub fn pgbench_init(&self, db: &str, scale: u32) -> anyhow::Result<()> {
-        run_checked(self.command("pgbench").args([
-            "-i",
-            "-q",
-            "-s",
-            &scale.to_string(),
-            "-h",
-            path(&self.socket_dir),
-            "-p",
-            &self.port.to_string(),
-            "-U",
-            "postgres",
-            db,
-        ]))
+        run_checked(
+            self.command("pgbench")
+                .args(["-i", "-q", "-s", &scale.to_string()])
+                .args(self.superuser_args())
+                .arg(db),
+        )
         .map(|_| ())
     }
 

@@ -538,6 +538,49 @@ fn interception_runs_with_only_the_capabilities_it_needs() {
     assert_eq!(log.matches("interception attached").count(), 5, "{log}");
 }
 
+#[test]
+fn a_connections_record_cannot_be_inherited_through_its_source_port() {
+    let env = Env::start(true);
+    // Intercepted, but carrying only a CancelRequest: pgiam never needed its identity, and
+    // closes first (so the client's side leaves no TIME_WAIT behind).
+    let victim = format!(
+        "import socket, struct\ns = socket.create_connection(('127.0.0.1', {}))\n\
+         s.sendall(struct.pack('!iiii', 16, 80877102, 1, 2))\ns.recv(1)\n\
+         print(s.getsockname()[1])\n",
+        env.pg.port
+    );
+    let out = output(env.app.command("/usr/bin/python3").args(["-c", &victim]));
+    assert!(out.status.success(), "{}", text(&out));
+    let port: u16 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert_eq!(env.stats()["established"], 1, "the victim was intercepted");
+
+    // An unmapped process (uid 4242) outside the cgroup takes that source port and dials pgiam
+    // itself.
+    let attacker = format!(
+        "import socket, struct\ns = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('127.0.0.1', {port}))\ns.connect(('127.0.0.1', {listen}))\n\
+         body = struct.pack('!i', 196608) + b'user\\0x\\0database\\0{DB}\\0\\0'\n\
+         s.sendall(struct.pack('!i', len(body) + 4) + body)\nprint(s.recv(1).decode())\n",
+        listen = env.listen.port()
+    );
+    let out = output(Command::new("setpriv").args([
+        "--reuid=4242",
+        "--regid=4242",
+        "--clear-groups",
+        "/usr/bin/python3",
+        "-c",
+        &attacker,
+    ]));
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "E",
+        "the direct connection must be refused as uid 4242, not authenticated as the victim"
+    );
+    assert!(env.log().contains("uid=4242"), "{}", env.log());
+}
+
 const CHECKSUM: &str =
     "select md5(string_agg(i::text || repeat('x', i % 97), ',')) from generate_series(1, 20000) i";
 
