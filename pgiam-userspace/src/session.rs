@@ -200,6 +200,9 @@ async fn establish(
                 request_tls(shared, client).await?;
             }
             StartupPacket::GssEncRequest => {
+                if client.tls {
+                    return Err(PgError::fatal("08P01", "pgiam: GSSENCRequest inside TLS").into());
+                }
                 // Anything pipelined behind the request would be read as if it had been
                 // encrypted: refuse it, as PostgreSQL does.
                 no_pipelining(client)?;

@@ -13,7 +13,8 @@ mod bench;
 mod demo;
 
 /// Debian packages: PostgreSQL and its clients for the tests and demo, PgBouncer for the
-/// benchmark, clang/llvm/libbpf for the eBPF programs and libclang (bindgen).
+/// benchmark, clang/llvm/libbpf for the eBPF programs and libclang (bindgen), python3 for the
+/// tests' small socket clients.
 const PACKAGES: &[&str] = &[
     "postgresql",
     "postgresql-contrib",
@@ -24,6 +25,7 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "iproute2",
     "procps",
+    "python3",
 ];
 
 fn main() -> ExitCode {

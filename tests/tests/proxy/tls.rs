@@ -178,3 +178,25 @@ fn upstream_require_encrypts_without_verification() {
         "t"
     );
 }
+
+#[test]
+fn gssenc_request_inside_tls_is_refused() {
+    let env = Env::start();
+    let mut tls = tls_client(&env, &[b"postgresql"]);
+    tls.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30])
+        .unwrap();
+    let mut header = [0u8; 5];
+    tls.read_exact(&mut header).unwrap();
+    assert_eq!(
+        header[0], b'E',
+        "an ErrorResponse, not an answer to the request"
+    );
+    let len = i32::from_be_bytes(header[1..5].try_into().unwrap()) as usize;
+    let mut body = vec![0u8; len - 4];
+    tls.read_exact(&mut body).unwrap();
+    let body = String::from_utf8_lossy(&body);
+    assert!(
+        body.contains("08P01") && body.contains("GSSENCRequest inside TLS"),
+        "{body}"
+    );
+}
