@@ -137,6 +137,10 @@ password_file = "{pw}"
 principal = "user:{me}"
 database = "app"
 role = "app_reader"
+
+[audit]
+path = "{dir}/audit.jsonl"
+durability = "always"
 {interception}"#,
         dir = dir.path().display(),
         pg_port = pg.port,
@@ -264,7 +268,22 @@ fn scenes(
             println!("{line}");
         }
     }
+    section("the audit log: every decision, hash-chained");
+    let audit = dir.path().join("audit.jsonl");
+    print!("{}", std::fs::read_to_string(&audit).unwrap_or_default());
+    let out = pgiam_cli(&["audit", "verify", &audit.display().to_string()])?;
+    print!("{out}");
+    if !out.contains("hash chain intact") {
+        bail!("the audit log does not verify");
+    }
     Ok(())
+}
+
+fn pgiam_cli(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(workspace_root().join("target/release/pgiam"))
+        .args(args)
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
 }
 
 fn nix_user_name() -> String {
