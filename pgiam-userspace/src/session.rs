@@ -20,6 +20,7 @@ use crate::upstream::{Upstream, UpstreamError};
 use crate::wire::{self, FrontendMessage, PgError, StartupPacket, WireError};
 
 pub mod startup;
+mod statements;
 
 /// What every session shares: the configuration in force and the process-wide registries.
 pub struct Shared {
@@ -172,6 +173,8 @@ struct Session {
     summary: String,
     /// The id of the session's allow record, which its end record refers to.
     audit_id: Option<String>,
+    /// Records each statement before it is forwarded (when the audit log is on).
+    statements: Option<statements::StatementLog>,
     started: std::time::Instant,
 }
 
@@ -334,6 +337,17 @@ async fn establish(
         upstream: established.stream,
         _cancel_key: cancel_key,
         summary,
+        statements: match (&shared.audit, &audit_id) {
+            (Some(audit), Some(id)) => Some(statements::StatementLog::new(
+                audit.clone(),
+                id.clone(),
+                mapping.principal.clone(),
+                mapping.role.clone(),
+                checked.database.clone(),
+                established.standard_conforming_strings,
+            )),
+            _ => None,
+        },
         audit_id,
         started: std::time::Instant::now(),
     }))
@@ -451,6 +465,7 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
     } = client;
     let (mut client_rd, mut client_wr) = tokio::io::split(stream);
     let (mut server_rd, mut server_wr) = tokio::io::split(session.upstream);
+    let mut statements = session.statements;
     // The client-to-server direction never writes to the client: a fatal error it finds is
     // handed to the other direction, which writes it once the server has gone quiet, so it can
     // never land in the middle of a server message.
@@ -464,6 +479,16 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
                 // have executed it; nothing from the bad message on.
                 let framed = frame_client_messages(&cbuf, max);
                 if framed.len > 0 {
+                    // On the audit log before the server sees it; without the log, not at all.
+                    if let Some(log) = statements.as_mut() {
+                        log.record(&cbuf[..framed.len]).await.map_err(|e| {
+                            PgError::fatal(
+                                "58030",
+                                "pgiam: the audit log is unavailable; the statement was not forwarded",
+                            )
+                            .with_detail(e.to_string())
+                        })?;
+                    }
                     let chunk = cbuf.split_to(framed.len);
                     server_wr.write_all(&chunk).await.map_err(|e| {
                         PgError::fatal("08006", format!("pgiam: server write: {e}"))

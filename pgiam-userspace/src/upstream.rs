@@ -71,6 +71,8 @@ pub struct Established {
     pub process_id: i32,
     pub secret_key: i32,
     pub status: TransactionStatus,
+    /// The server's standard_conforming_strings at login (on unless it said otherwise).
+    pub standard_conforming_strings: bool,
 }
 
 impl Upstream {
@@ -182,6 +184,7 @@ impl Upstream {
         let mut greeting = BytesMut::new();
         let mut key = None;
         let mut authenticated = false;
+        let mut standard_conforming_strings = true;
         loop {
             let (tag, body) = read_message(&mut stream, &mut buf, self.max_message_size).await?;
             out.clear();
@@ -244,9 +247,10 @@ impl Upstream {
                     }
                     Authentication::Sspi => return Err(UpstreamError::UnsupportedAuth("SSPI")),
                 },
-                BackendMessage::ParameterStatus { .. } | BackendMessage::NoticeResponse(_)
-                    if authenticated =>
-                {
+                BackendMessage::ParameterStatus { name, value } if authenticated => {
+                    if name == b"standard_conforming_strings" {
+                        standard_conforming_strings = value != b"off";
+                    }
                     append_frame(&mut greeting, tag, &body);
                 }
                 BackendMessage::NoticeResponse(_) => append_frame(&mut greeting, tag, &body),
@@ -267,6 +271,7 @@ impl Upstream {
                         process_id,
                         secret_key,
                         status,
+                        standard_conforming_strings,
                     });
                 }
                 BackendMessage::ErrorResponse(fields) => {

@@ -101,3 +101,83 @@ fn a_failing_audit_log_refuses_sessions() {
         "nothing reached PostgreSQL"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_statement_is_audited_before_it_runs() {
+    let env = Env::start();
+    let client = tokio_client(&env.tcp_dsn("")).await;
+    client
+        .batch_execute("CREATE TABLE audited(a int); INSERT INTO audited VALUES (1)")
+        .await
+        .unwrap();
+    let prepared = client
+        .prepare("SELECT a FROM audited WHERE a = $1")
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        client.query(&prepared, &[&1i32]).await.unwrap();
+    }
+    client
+        .batch_execute(&format!("ALTER ROLE {ROLE} PASSWORD 'hunter2-secret'"))
+        .await
+        .unwrap();
+    drop(client);
+
+    let records = env.audit_records();
+    let session = records
+        .iter()
+        .find(|r| r["decision"] == "allow")
+        .expect("session record")["id"]
+        .clone();
+    let statements: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["kind"] == "statement")
+        .collect();
+    assert!(statements
+        .iter()
+        .all(|r| r["session"] == session && r["role"] == ROLE));
+
+    // The multi-statement Query: one record, both statements classified.
+    let batch = statements
+        .iter()
+        .find(|r| {
+            r["sql"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("CREATE TABLE audited"))
+        })
+        .expect("the batch");
+    assert_eq!(batch["protocol"], "simple");
+    let kinds: Vec<&str> = batch["statements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["command"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["ddl", "insert"]);
+    assert_eq!(batch["statements"][1]["relations"][0]["name"], "audited");
+
+    // Extended protocol: the Parse, and each of the three Executes with its SQL.
+    let parse = statements
+        .iter()
+        .find(|r| r["protocol"] == "parse" && r["sql"] == "SELECT a FROM audited WHERE a = $1")
+        .expect("the Parse");
+    assert_eq!(parse["statements"][0]["relations"][0]["access"], "select");
+    let executes = statements
+        .iter()
+        .filter(|r| r["protocol"] == "execute" && r["sql"] == "SELECT a FROM audited WHERE a = $1")
+        .count();
+    assert_eq!(executes, 3);
+
+    // The password never reaches the log.
+    let text = std::fs::read_to_string(env.audit_path()).unwrap();
+    assert!(
+        !text.contains("hunter2"),
+        "a password was written to the audit log"
+    );
+    assert!(statements.iter().any(|r| r["sql"]
+        .as_str()
+        .is_some_and(|s| s.starts_with("ALTER ROLE") && s.contains("$1"))));
+
+    let (ok, out) = verify(&env.audit_path());
+    assert!(ok, "{out}");
+}
