@@ -4,6 +4,7 @@
 //! The session runs over any [`BoxStream`], so tests drive it through in-memory pipes; the pure
 //! decisions (which startup parameters pass, what a refusal says) live in [`startup`].
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -175,6 +176,8 @@ struct Session {
     audit_id: Option<String>,
     /// Records each statement before it is forwarded (when the audit log is on).
     statements: Option<statements::StatementLog>,
+    /// The server's standard_conforming_strings at login.
+    standard_conforming_strings: bool,
     started: std::time::Instant,
 }
 
@@ -344,10 +347,10 @@ async fn establish(
                 mapping.principal.clone(),
                 mapping.role.clone(),
                 checked.database.clone(),
-                established.standard_conforming_strings,
             )),
             _ => None,
         },
+        standard_conforming_strings: established.standard_conforming_strings,
         audit_id,
         started: std::time::Instant::now(),
     }))
@@ -466,6 +469,9 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
     let (mut client_rd, mut client_wr) = tokio::io::split(stream);
     let (mut server_rd, mut server_wr) = tokio::io::split(session.upstream);
     let mut statements = session.statements;
+    // What the server says about standard_conforming_strings, for classifying what follows.
+    let standard_conforming_strings =
+        std::sync::atomic::AtomicBool::new(session.standard_conforming_strings);
     // The client-to-server direction never writes to the client: a fatal error it finds is
     // handed to the other direction, which writes it once the server has gone quiet, so it can
     // never land in the middle of a server message.
@@ -481,7 +487,8 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
                 if framed.len > 0 {
                     // On the audit log before the server sees it; without the log, not at all.
                     if let Some(log) = statements.as_mut() {
-                        log.record(&cbuf[..framed.len]).await.map_err(|e| {
+                        let scs = standard_conforming_strings.load(Ordering::Relaxed);
+                        log.record(&cbuf[..framed.len], scs).await.map_err(|e| {
                             PgError::fatal(
                                 "58030",
                                 "pgiam: the audit log is unavailable; the statement was not forwarded",
@@ -557,6 +564,9 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
             if let Err(e) = framing.advance(&sbuf) {
                 warn!(peer = %peer, "invalid data from the server: {e}");
                 break "invalid data from the server";
+            }
+            if let Some(scs) = framing.standard_conforming_strings.take() {
+                standard_conforming_strings.store(scs, Ordering::Relaxed);
             }
             if client_wr.write_all(&sbuf).await.is_err() {
                 return "client write failed";
@@ -691,7 +701,8 @@ impl Default for ReadSize {
     }
 }
 
-/// Tracks message boundaries in the server's byte stream without buffering it.
+/// Tracks message boundaries in the server's byte stream without buffering it, except for
+/// ParameterStatus messages (small), which say when standard_conforming_strings changes.
 #[derive(Default)]
 struct BackendFraming {
     /// Bytes of the current message still to come.
@@ -699,9 +710,16 @@ struct BackendFraming {
     /// A partial header carried over from the previous read.
     header: [u8; 5],
     header_len: usize,
+    /// The body of the ParameterStatus being read.
+    status: Option<Vec<u8>>,
+    /// standard_conforming_strings as the server last announced it, if it did.
+    standard_conforming_strings: Option<bool>,
 }
 
 impl BackendFraming {
+    /// Longer ParameterStatus messages are not kept (no setting pgiam tracks needs more).
+    const MAX_STATUS: usize = 1024;
+
     fn at_boundary(&self) -> bool {
         self.remaining == 0 && self.header_len == 0
     }
@@ -710,8 +728,14 @@ impl BackendFraming {
         while !data.is_empty() {
             if self.remaining > 0 {
                 let n = self.remaining.min(data.len());
+                if let Some(body) = &mut self.status {
+                    body.extend_from_slice(&data[..n]);
+                }
                 self.remaining -= n;
                 data = &data[n..];
+                if self.remaining == 0 {
+                    self.finish_status();
+                }
                 continue;
             }
             let n = (5 - self.header_len).min(data.len());
@@ -723,9 +747,28 @@ impl BackendFraming {
                 let h = wire::peek_header(&self.header, usize::MAX)?.expect("5 bytes present");
                 self.remaining = h.body_len();
                 self.header_len = 0;
+                if h.tag == b'S' && h.body_len() <= Self::MAX_STATUS {
+                    self.status = Some(Vec::with_capacity(h.body_len()));
+                }
+                if self.remaining == 0 {
+                    self.finish_status();
+                }
             }
         }
         Ok(())
+    }
+
+    fn finish_status(&mut self) {
+        let Some(body) = self.status.take() else {
+            return;
+        };
+        if let Ok(wire::BackendMessage::ParameterStatus { name, value }) =
+            wire::decode_backend(b'S', &body)
+        {
+            if name == b"standard_conforming_strings" {
+                self.standard_conforming_strings = Some(value != b"off");
+            }
+        }
     }
 }
 
@@ -770,6 +813,24 @@ mod tests {
         f.advance(&b[..b.len() - 1]).unwrap();
         assert!(!f.at_boundary());
         assert!(BackendFraming::default().advance(b"Z\0\0\0\x02").is_err());
+    }
+
+    #[test]
+    fn standard_conforming_strings_changes_are_seen_across_reads() {
+        let mut b = BytesMut::new();
+        wire::parameter_status(b"application_name", b"x", &mut b);
+        wire::parameter_status(b"standard_conforming_strings", b"off", &mut b);
+        wire::ready_for_query(wire::TransactionStatus::Idle, &mut b);
+        for split in 0..b.len() {
+            let mut f = BackendFraming::default();
+            f.advance(&b[..split]).unwrap();
+            f.advance(&b[split..]).unwrap();
+            assert_eq!(
+                f.standard_conforming_strings,
+                Some(false),
+                "split at {split}"
+            );
+        }
     }
 
     #[test]

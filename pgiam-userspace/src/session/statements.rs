@@ -35,8 +35,6 @@ pub struct StatementLog {
     principal: String,
     role: String,
     database: String,
-    /// The server's setting at login; it decides where string literals, and so statements, end.
-    standard_conforming_strings: bool,
     /// Protocol-level prepared statements: name → SQL (the unnamed one is "").
     prepared: HashMap<Vec<u8>, Arc<str>>,
     /// Portals: name → the prepared statement they were bound to.
@@ -50,7 +48,6 @@ impl StatementLog {
         principal: String,
         role: String,
         database: String,
-        standard_conforming_strings: bool,
     ) -> StatementLog {
         StatementLog {
             audit,
@@ -58,7 +55,6 @@ impl StatementLog {
             principal,
             role,
             database,
-            standard_conforming_strings,
             prepared: HashMap::new(),
             portals: HashMap::new(),
         }
@@ -78,9 +74,10 @@ impl StatementLog {
     }
 
     /// Classifies `text` and returns (what to store as the text, the classification).
-    fn describe(&self, text: &[u8]) -> (Value, Value) {
+    /// `standard_conforming_strings` decides where string literals, and so statements, end.
+    fn describe(&self, text: &[u8], standard_conforming_strings: bool) -> (Value, Value) {
         let text = String::from_utf8_lossy(text);
-        match sql::classify(&text, self.standard_conforming_strings) {
+        match sql::classify(&text, standard_conforming_strings) {
             Ok(statements) => {
                 let secret = statements
                     .iter()
@@ -103,7 +100,11 @@ impl StatementLog {
 
     /// Records the statements among `messages` (complete, validated frames) and returns once
     /// every record is written (and synced, with durability `always`).
-    pub async fn record(&mut self, messages: &[u8]) -> Result<(), AuditError> {
+    pub async fn record(
+        &mut self,
+        messages: &[u8],
+        standard_conforming_strings: bool,
+    ) -> Result<(), AuditError> {
         let mut records = Vec::new();
         let mut at = 0;
         while let Ok(Some(h)) = wire::peek_header(&messages[at..], usize::MAX) {
@@ -114,14 +115,14 @@ impl StatementLog {
             };
             match message {
                 FrontendMessage::Query { sql } => {
-                    let (text, statements) = self.describe(sql);
+                    let (text, statements) = self.describe(sql, standard_conforming_strings);
                     let mut r = self.base("simple");
                     r.insert("sql".into(), text);
                     r.insert("statements".into(), statements);
                     records.push(r);
                 }
                 FrontendMessage::Parse { name, sql, .. } => {
-                    let (text, statements) = self.describe(sql);
+                    let (text, statements) = self.describe(sql, standard_conforming_strings);
                     let mut r = self.base("parse");
                     r.insert("statement".into(), json!(String::from_utf8_lossy(name)));
                     r.insert("sql".into(), text.clone());

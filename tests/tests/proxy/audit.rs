@@ -181,3 +181,35 @@ async fn every_statement_is_audited_before_it_runs() {
     let (ok, out) = verify(&env.audit_path());
     assert!(ok, "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_split_as_the_server_splits_them_after_a_setting_change() {
+    let env = Env::start();
+    let client = tokio_client(&env.tcp_dsn("")).await;
+    client
+        .batch_execute("SET standard_conforming_strings = off")
+        .await
+        .unwrap();
+    // With the setting off, \' escapes the quote: one statement returning one string.
+    let probe = r"SELECT 'a\'; SELECT 1; --'";
+    let rows = client.simple_query(probe).await.unwrap();
+    let values: Vec<String> = rows
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(values, ["a'; SELECT 1; --"], "the server saw one statement");
+    drop(client);
+    let records = env.audit_records();
+    let record = records
+        .iter()
+        .find(|r| r["sql"] == probe)
+        .expect("the probe's record");
+    assert_eq!(
+        record["statements"].as_array().unwrap().len(),
+        1,
+        "pgiam split it like the server: {record}"
+    );
+}
