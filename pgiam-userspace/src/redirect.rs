@@ -105,22 +105,27 @@ fn ensure_bpffs(dir: &Path) -> Result<(), RedirectError> {
 /// The network namespace cookie of pgiam's own namespace: only sockets there are intercepted.
 fn netns_cookie() -> Result<u64, RedirectError> {
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").map_err(RedirectError::NetnsCookie)?;
-    let mut cookie: u64 = 0;
+    getsockopt_u64(&sock, libc::SO_NETNS_COOKIE).map_err(RedirectError::NetnsCookie)
+}
+
+/// A 64-bit SOL_SOCKET option (the kernel's cookies).
+fn getsockopt_u64(socket: &impl AsRawFd, option: libc::c_int) -> std::io::Result<u64> {
+    let mut value: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid fd, and a buffer of the size passed.
+    // SAFETY: a valid fd, and a buffer of the size passed.
     let rc = unsafe {
         libc::getsockopt(
-            sock.as_raw_fd(),
+            socket.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
+            option,
+            (&mut value as *mut u64).cast(),
             &mut len,
         )
     };
     if rc != 0 {
-        return Err(RedirectError::NetnsCookie(std::io::Error::last_os_error()));
+        return Err(std::io::Error::last_os_error());
     }
-    Ok(cookie)
+    Ok(value)
 }
 
 fn v4_mapped(ip: IpAddr) -> [u8; 16] {
@@ -415,22 +420,7 @@ fn cgroup_contains(outer: &str, inner: &str) -> bool {
 
 /// The kernel's cookie of a socket (SO_COOKIE): unique for the system's lifetime.
 pub fn socket_cookie(socket: &impl AsRawFd) -> std::io::Result<u64> {
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid fd, and a buffer of the size passed.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(cookie)
+    getsockopt_u64(socket, libc::SO_COOKIE)
 }
 
 fn same_key(a: &Key<[u8; 20]>, b: &Key<[u8; 20]>) -> bool {
