@@ -278,10 +278,6 @@ fn finish(body: &[u8], what: &'static str) -> Result<(), WireError> {
     }
 }
 
-fn expect_empty(body: &[u8], what: &'static str) -> Result<(), WireError> {
-    finish(body, what)
-}
-
 // ---------------------------------------------------------------------------------------------
 // Frontend messages
 // ---------------------------------------------------------------------------------------------
@@ -431,19 +427,19 @@ pub fn decode_frontend(tag: u8, mut body: &[u8]) -> Result<FrontendMessage<'_>, 
             FrontendMessage::Execute { portal, max_rows }
         }
         b'S' => {
-            expect_empty(b, "Sync")?;
+            finish(b, "Sync")?;
             FrontendMessage::Sync
         }
         b'H' => {
-            expect_empty(b, "Flush")?;
+            finish(b, "Flush")?;
             FrontendMessage::Flush
         }
         b'X' => {
-            expect_empty(b, "Terminate")?;
+            finish(b, "Terminate")?;
             FrontendMessage::Terminate
         }
         b'c' => {
-            expect_empty(b, "CopyDone")?;
+            finish(b, "CopyDone")?;
             FrontendMessage::CopyDone
         }
         b'd' => FrontendMessage::CopyData(body),
@@ -685,11 +681,11 @@ pub fn decode_backend(tag: u8, mut body: &[u8]) -> Result<BackendMessage<'_>, Wi
             }
         }
         b'2' => {
-            expect_empty(b, "BindComplete")?;
+            finish(b, "BindComplete")?;
             M::BindComplete
         }
         b'3' => {
-            expect_empty(b, "CloseComplete")?;
+            finish(b, "CloseComplete")?;
             M::CloseComplete
         }
         b'C' => {
@@ -699,7 +695,7 @@ pub fn decode_backend(tag: u8, mut body: &[u8]) -> Result<BackendMessage<'_>, Wi
         }
         b'd' => M::CopyData(all),
         b'c' => {
-            expect_empty(b, "CopyDone")?;
+            finish(b, "CopyDone")?;
             M::CopyDone
         }
         b'G' => M::CopyInResponse {
@@ -721,7 +717,7 @@ pub fn decode_backend(tag: u8, mut body: &[u8]) -> Result<BackendMessage<'_>, Wi
             M::DataRow { columns }
         }
         b'I' => {
-            expect_empty(b, "EmptyQueryResponse")?;
+            finish(b, "EmptyQueryResponse")?;
             M::EmptyQueryResponse
         }
         b'E' => M::ErrorResponse(Fields::parse(all, "ErrorResponse")?),
@@ -748,7 +744,7 @@ pub fn decode_backend(tag: u8, mut body: &[u8]) -> Result<BackendMessage<'_>, Wi
             }
         }
         b'n' => {
-            expect_empty(b, "NoData")?;
+            finish(b, "NoData")?;
             M::NoData
         }
         b'A' => {
@@ -778,11 +774,11 @@ pub fn decode_backend(tag: u8, mut body: &[u8]) -> Result<BackendMessage<'_>, Wi
             M::ParameterStatus { name, value }
         }
         b'1' => {
-            expect_empty(b, "ParseComplete")?;
+            finish(b, "ParseComplete")?;
             M::ParseComplete
         }
         b's' => {
-            expect_empty(b, "PortalSuspended")?;
+            finish(b, "PortalSuspended")?;
             M::PortalSuspended
         }
         b'Z' => {

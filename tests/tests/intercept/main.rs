@@ -180,7 +180,7 @@ impl Drop for Env {
                 self.bpffs_dir.display()
             );
         }
-        let _ = &self.root;
+        // The cgroups go next, as the fields drop (children before `root`).
     }
 }
 
