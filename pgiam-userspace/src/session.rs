@@ -479,16 +479,21 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
 
     let to_server = async {
         let mut client_size = ReadSize::default();
+        let mut records = Vec::new();
         let result: Result<&'static str, PgError> = async {
             loop {
                 // Forward what was complete and valid before a bad message, as a server would
                 // have executed it; nothing from the bad message on.
-                let framed = frame_client_messages(&cbuf, max);
+                let scs = standard_conforming_strings.load(Ordering::Relaxed);
+                let framed = frame_client_messages(&cbuf, max, |message| {
+                    if let Some(log) = statements.as_mut() {
+                        log.observe(message, scs, &mut records);
+                    }
+                });
                 if framed.len > 0 {
                     // On the audit log before the server sees it; without the log, not at all.
-                    if let Some(log) = statements.as_mut() {
-                        let scs = standard_conforming_strings.load(Ordering::Relaxed);
-                        log.record(&cbuf[..framed.len], scs).await.map_err(|e| {
+                    if let Some(log) = statements.as_ref() {
+                        log.commit(std::mem::take(&mut records)).await.map_err(|e| {
                             PgError::fatal(
                                 "58030",
                                 "pgiam: the audit log is unavailable; the statement was not forwarded",
@@ -634,8 +639,13 @@ struct Framed {
 }
 
 /// Frames and validates client messages after login. Every byte pgiam forwards has passed
-/// here; nothing after a Terminate or an invalid message is included.
-fn frame_client_messages(buf: &[u8], max: usize) -> Framed {
+/// here; nothing after a Terminate or an invalid message is included. `visit` sees each message
+/// that will be forwarded, decoded once.
+fn frame_client_messages(
+    buf: &[u8],
+    max: usize,
+    mut visit: impl FnMut(&FrontendMessage<'_>),
+) -> Framed {
     let mut at = 0;
     let done = |len, terminate, error| Framed {
         len,
@@ -661,7 +671,10 @@ fn frame_client_messages(buf: &[u8], max: usize) -> Framed {
                 return done(at, false, Some(e));
             }
             FrontendMessage::Terminate => return done(at + header.total, true, None),
-            _ => at += header.total,
+            _ => {
+                visit(&message);
+                at += header.total;
+            }
         }
     }
 }
@@ -840,35 +853,37 @@ mod tests {
         frontend::sync(&mut b);
         let good = b.len();
         b.extend_from_slice(b"S\0\0\0\x05x");
-        let f = frame_client_messages(&b, 1 << 20);
+        let f = frame_client_messages(&b, 1 << 20, |_| {});
         assert_eq!(f.len, good);
         assert!(matches!(f.error, Some(WireError::Malformed { .. })));
 
         let mut b = BytesMut::new();
         frontend::sync(&mut b);
         frontend::password_message(b"pw", &mut b).unwrap();
-        let f = frame_client_messages(&b, 1 << 20);
+        let f = frame_client_messages(&b, 1 << 20, |_| {});
         assert_eq!(f.len, 5, "a password after login is never forwarded");
         assert!(f.error.is_some());
 
         let mut b = BytesMut::new();
         frontend::terminate(&mut b);
         frontend::sync(&mut b);
-        let f = frame_client_messages(&b, 1 << 20);
+        let f = frame_client_messages(&b, 1 << 20, |_| {});
         assert_eq!((f.len, f.terminate, f.error), (5, true, None));
 
         let mut b = BytesMut::new();
         frontend::query("select 1", &mut b).unwrap();
         let whole = b.len();
         b.extend_from_slice(b"Q\0\0");
-        let f = frame_client_messages(&b, 1 << 20);
+        let f = frame_client_messages(&b, 1 << 20, |_| {});
         assert_eq!(
             (f.len, f.terminate, f.error),
             (whole, false, None),
             "partial: wait"
         );
         assert!(
-            frame_client_messages(b"Q\0\0\x10\0", 1024).error.is_some(),
+            frame_client_messages(b"Q\0\0\x10\0", 1024, |_| {})
+                .error
+                .is_some(),
             "too large"
         );
     }

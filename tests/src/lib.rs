@@ -417,6 +417,19 @@ impl TestCgroup {
         cmd
     }
 
+    /// Like [`TestCgroup::command`], and then as OS user `user`: the process joins the cgroup
+    /// as root and drops privileges with setpriv, which opens no PAM session that could move it
+    /// into a scope of its own.
+    pub fn command_as(&self, program: impl AsRef<std::ffi::OsStr>, user: &str) -> Command {
+        let u = os_user(user).expect("user exists");
+        let mut cmd = self.command("setpriv");
+        cmd.arg(format!("--reuid={}", u.uid))
+            .arg(format!("--regid={}", u.gid))
+            .arg("--clear-groups")
+            .arg(program);
+        cmd
+    }
+
     fn remove(dir: &Path) {
         if let Ok(rd) = std::fs::read_dir(dir) {
             for e in rd.flatten() {

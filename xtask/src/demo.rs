@@ -27,16 +27,7 @@ fn psql_in(
 ) -> anyhow::Result<(bool, String)> {
     let psql = pg_bin_dir().join("psql");
     let mut cmd = match (cgroup, as_user) {
-        // Join the cgroup as root, then drop privileges (setpriv opens no PAM session).
-        (Some(cg), Some(u)) => {
-            let user = nix::unistd::User::from_name(u)?.context("no such OS user")?;
-            let mut c = cg.command("setpriv");
-            c.arg(format!("--reuid={}", user.uid))
-                .arg(format!("--regid={}", user.gid))
-                .arg("--clear-groups")
-                .arg(&psql);
-            c
-        }
+        (Some(cg), Some(u)) => cg.command_as(&psql, u),
         (Some(cg), None) => cg.command(&psql),
         (None, u) => {
             let mut c = Command::new(&psql);

@@ -15,7 +15,7 @@ use serde_json::{json, Map, Value};
 
 use crate::audit::{AuditError, AuditLog};
 use crate::sql;
-use crate::wire::{self, FrontendMessage, Target};
+use crate::wire::{FrontendMessage, Target};
 
 /// Node types whose text may hold a password or a credential.
 const SECRET_NODES: &[&str] = &[
@@ -98,75 +98,71 @@ impl StatementLog {
         }
     }
 
-    /// Records the statements among `messages` (complete, validated frames) and returns once
-    /// every record is written (and synced, with durability `always`).
-    pub async fn record(
+    /// Notes one validated message about to be forwarded; statements add a record to
+    /// `records`, which [`StatementLog::commit`] writes before the messages are forwarded.
+    pub fn observe(
         &mut self,
-        messages: &[u8],
+        message: &FrontendMessage<'_>,
         standard_conforming_strings: bool,
-    ) -> Result<(), AuditError> {
-        let mut records = Vec::new();
-        let mut at = 0;
-        while let Ok(Some(h)) = wire::peek_header(&messages[at..], usize::MAX) {
-            let body = &messages[at + 5..at + h.total];
-            at += h.total;
-            let Ok(message) = wire::decode_frontend(h.tag, body) else {
-                continue;
-            };
-            match message {
-                FrontendMessage::Query { sql } => {
-                    let (text, statements) = self.describe(sql, standard_conforming_strings);
-                    let mut r = self.base("simple");
-                    r.insert("sql".into(), text);
-                    r.insert("statements".into(), statements);
-                    records.push(r);
-                }
-                FrontendMessage::Parse { name, sql, .. } => {
-                    let (text, statements) = self.describe(sql, standard_conforming_strings);
-                    let mut r = self.base("parse");
-                    r.insert("statement".into(), json!(String::from_utf8_lossy(name)));
-                    r.insert("sql".into(), text.clone());
-                    r.insert("statements".into(), statements);
-                    records.push(r);
-                    let stored: Arc<str> = text.as_str().unwrap_or_default().into();
-                    self.prepared.insert(name.to_vec(), stored);
-                }
-                FrontendMessage::Bind {
-                    portal, statement, ..
-                } => {
-                    self.portals.insert(portal.to_vec(), statement.to_vec());
-                }
-                FrontendMessage::Execute { portal, .. } => {
-                    let statement = self.portals.get(portal).cloned().unwrap_or_default();
-                    let mut r = self.base("execute");
-                    r.insert("portal".into(), json!(String::from_utf8_lossy(portal)));
-                    r.insert(
-                        "statement".into(),
-                        json!(String::from_utf8_lossy(&statement)),
-                    );
-                    if let Some(sql) = self.prepared.get(&statement) {
-                        r.insert("sql".into(), json!(sql.as_ref()));
-                    }
-                    records.push(r);
-                }
-                FrontendMessage::Close { target, name } => match target {
-                    Target::Statement => {
-                        self.prepared.remove(name);
-                    }
-                    Target::Portal => {
-                        self.portals.remove(name);
-                    }
-                },
-                FrontendMessage::FunctionCall { function_oid, .. } => {
-                    let mut r = self.base("function_call");
-                    r.insert("function_oid".into(), json!(function_oid));
-                    records.push(r);
-                }
-                _ => {}
+        records: &mut Vec<Map<String, Value>>,
+    ) {
+        match *message {
+            FrontendMessage::Query { sql } => {
+                let (text, statements) = self.describe(sql, standard_conforming_strings);
+                let mut r = self.base("simple");
+                r.insert("sql".into(), text);
+                r.insert("statements".into(), statements);
+                records.push(r);
             }
+            FrontendMessage::Parse { name, sql, .. } => {
+                let (text, statements) = self.describe(sql, standard_conforming_strings);
+                let mut r = self.base("parse");
+                r.insert("statement".into(), json!(String::from_utf8_lossy(name)));
+                r.insert("sql".into(), text.clone());
+                r.insert("statements".into(), statements);
+                records.push(r);
+                let stored: Arc<str> = text.as_str().unwrap_or_default().into();
+                self.prepared.insert(name.to_vec(), stored);
+            }
+            FrontendMessage::Bind {
+                portal, statement, ..
+            } => {
+                self.portals.insert(portal.to_vec(), statement.to_vec());
+            }
+            FrontendMessage::Execute { portal, .. } => {
+                let statement = self.portals.get(portal).cloned().unwrap_or_default();
+                let mut r = self.base("execute");
+                r.insert("portal".into(), json!(String::from_utf8_lossy(portal)));
+                r.insert(
+                    "statement".into(),
+                    json!(String::from_utf8_lossy(&statement)),
+                );
+                if let Some(sql) = self.prepared.get(&statement) {
+                    r.insert("sql".into(), json!(sql.as_ref()));
+                }
+                records.push(r);
+            }
+            FrontendMessage::Close { target, name } => match target {
+                Target::Statement => {
+                    self.prepared.remove(name);
+                }
+                Target::Portal => {
+                    self.portals.remove(name);
+                }
+            },
+            FrontendMessage::FunctionCall { function_oid, .. } => {
+                let mut r = self.base("function_call");
+                r.insert("function_oid".into(), json!(function_oid));
+                records.push(r);
+            }
+            _ => {}
         }
-        // One wait covers the batch: the writer keeps order and acknowledges the last record
-        // only once everything before it is written too.
+    }
+
+    /// Writes `records` and returns once all are written (and synced, with durability
+    /// `always`). One wait covers the batch: the writer keeps order and acknowledges the last
+    /// record only once everything before it is written too.
+    pub async fn commit(&self, mut records: Vec<Map<String, Value>>) -> Result<(), AuditError> {
         let Some(last) = records.pop() else {
             return Ok(());
         };

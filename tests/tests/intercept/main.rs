@@ -198,19 +198,7 @@ fn text(o: &Output) -> String {
 fn psql_in(cg: &TestCgroup, dsn: &str, sql: &str, user: Option<&str>) -> Output {
     let psql = pg_bin_dir().join("psql");
     let mut cmd = match user {
-        // Join the cgroup as root first, then drop to the user (setpriv: no PAM session that
-        // could move the process into a scope of its own).
-        Some(u) => {
-            let u = nix::unistd::User::from_name(u)
-                .unwrap()
-                .expect("user exists");
-            let mut c = cg.command("setpriv");
-            c.arg(format!("--reuid={}", u.uid))
-                .arg(format!("--regid={}", u.gid))
-                .arg("--clear-groups")
-                .arg(&psql);
-            c
-        }
+        Some(u) => cg.command_as(&psql, u),
         None => cg.command(&psql),
     };
     cmd.args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", dsn, "-c", sql]);
