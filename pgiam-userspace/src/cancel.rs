@@ -100,7 +100,7 @@ mod tests {
 
     fn upstream() -> Arc<Upstream> {
         let config = crate::config::Config::parse(
-            "state_dir = \"/tmp\"\n[listen]\ntcp = \"127.0.0.1:1\"\n[upstream]\nhost = \"127.0.0.1\"\n",
+            "state_dir = \"/tmp\"\n[listen]\ntcp = \"127.0.0.1:1\"\n[upstream]\nhost = \"127.0.0.1\"\n[policy]\nfile = \"/p\"\n",
             Path::new("t.toml"),
         )
         .unwrap();

@@ -45,6 +45,47 @@ pub struct Config {
     pub interception: Option<Interception>,
     /// The tamper-evident audit log; absent: no audit (pgiam warns at start).
     pub audit: Option<Audit>,
+    /// Statement authorization. Required: without a policy nothing would be decided.
+    pub policy: PolicyConfig,
+}
+
+/// `[policy]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Cedar policy file, validated against pgiam's schema (`pgiam policy schema`). Reloaded
+    /// on SIGHUP; a file that does not validate is refused and the policy in force stays.
+    pub file: PathBuf,
+    /// The search_path every session gets (clients cannot change it): unqualified names are
+    /// authorized against these schemas. `$user` means the session's role.
+    #[serde(default = "default_search_path")]
+    pub search_path: Vec<String>,
+}
+
+fn default_search_path() -> Vec<String> {
+    vec!["public".into()]
+}
+
+impl PolicyConfig {
+    /// The search_path as a setting value, each schema quoted as an identifier.
+    pub fn search_path_setting(&self) -> String {
+        self.search_path
+            .iter()
+            .map(|s| {
+                // Simple lower-case names as they are (that is how PostgreSQL shows them);
+                // anything else quoted, so the server reads exactly this name.
+                let simple = s.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+                    && s.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+                if simple {
+                    s.clone()
+                } else {
+                    format!("\"{}\"", s.replace('"', "\"\""))
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// `[audit]`
@@ -236,6 +277,21 @@ pub struct Upstream {
     pub server_name: Option<String>,
     #[serde(default = "default_connect_timeout_secs")]
     pub connect_timeout_secs: u64,
+    /// `role-login`: log in as the mapped role with its own credentials. `gateway`: log in as
+    /// `gateway_role` (NOINHERIT, a member of every mapped role) and SET ROLE to the mapped
+    /// role; no client statement may then change the role.
+    #[serde(default)]
+    pub mode: UpstreamMode,
+    /// The login role in `gateway` mode; its credentials are under `[roles.NAME]`.
+    pub gateway_role: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamMode {
+    #[default]
+    RoleLogin,
+    Gateway,
 }
 
 fn default_port() -> u16 {
@@ -399,6 +455,32 @@ impl Config {
         if self.upstream.tls == UpstreamTls::VerifyFull && self.upstream.ca_file.is_none() {
             return Err("upstream.tls = \"verify-full\" needs upstream.ca_file".into());
         }
+        if self.policy.search_path.is_empty()
+            || self
+                .policy
+                .search_path
+                .iter()
+                .any(|s| s.is_empty() || s.contains('\0'))
+        {
+            return Err("policy.search_path must list schema names".into());
+        }
+        let gateway = match (self.upstream.mode, &self.upstream.gateway_role) {
+            (UpstreamMode::Gateway, Some(g)) => {
+                if !self.roles.contains_key(g) {
+                    return Err(format!(
+                        "upstream.gateway_role {g:?} has no [roles.{g}] entry with its credentials"
+                    ));
+                }
+                true
+            }
+            (UpstreamMode::Gateway, None) => {
+                return Err("upstream.mode = \"gateway\" needs upstream.gateway_role".into())
+            }
+            (UpstreamMode::RoleLogin, Some(_)) => {
+                return Err("upstream.gateway_role is only used with mode = \"gateway\"".into())
+            }
+            (UpstreamMode::RoleLogin, None) => false,
+        };
         for (i, m) in self.mappings.iter().enumerate() {
             let where_ = format!("mapping #{} ({})", i + 1, m.principal);
             let Some((kind, value)) = m.principal.split_once(':') else {
@@ -413,7 +495,7 @@ impl Config {
             if m.database.is_empty() || m.role.is_empty() {
                 return Err(format!("{where_}: database and role must not be empty"));
             }
-            if !self.roles.contains_key(&m.role) {
+            if !gateway && !self.roles.contains_key(&m.role) {
                 return Err(format!(
                     "{where_}: role {:?} has no [roles.{}] entry with its credentials",
                     m.role, m.role
@@ -447,6 +529,8 @@ mod tests {
         host = "127.0.0.1"
         [roles.app]
         password_file = "/etc/app.pw"
+        [policy]
+        file = "/etc/pgiam/policy.cedar"
     "#;
 
     fn parse(extra: &str) -> Result<Config, ConfigError> {
@@ -461,6 +545,17 @@ mod tests {
         assert_eq!(c.upstream.tls, UpstreamTls::Disable);
         assert_eq!(c.listen.unix_mode, 0o666);
         assert_eq!(c.limits.max_message_size, 64 << 20);
+    }
+
+    #[test]
+    fn search_path_setting_quotes_what_needs_it() {
+        let mut c = parse("").unwrap();
+        assert_eq!(c.policy.search_path_setting(), "public");
+        c.policy.search_path = vec!["$user".into(), "App".into(), "a\"b".into(), "x_1".into()];
+        assert_eq!(
+            c.policy.search_path_setting(),
+            r#""$user", "App", "a""b", x_1"#
+        );
     }
 
     #[test]

@@ -69,6 +69,26 @@ impl Identity {
         Identity::enrich(source, uid, gid, pid, cgroup, None)
     }
 
+    /// A hypothetical client known only by one principal (for `pgiam policy test`): that
+    /// attribute is set, the others are not (uid and gid are 0 unless the principal names them).
+    pub fn for_principal(kind: &str, value: &str) -> Option<Identity> {
+        let mut id = Identity::enrich(Source::Kernel, 0, 0, None, None, None);
+        id.user = None;
+        id.group = None;
+        match kind {
+            "uid" => id.uid = value.parse().ok()?,
+            "gid" => id.gid = value.parse().ok()?,
+            "user" => id.user = Some(value.to_owned()),
+            "group" => id.group = Some(value.to_owned()),
+            "unit" => id.unit = Some(value.to_owned()),
+            "cgroup" => id.cgroup = Some(value.to_owned()),
+            "container" => id.container = Some(value.to_owned()),
+            "exe" => id.exe = Some(value.into()),
+            _ => return None,
+        }
+        Some(id)
+    }
+
     /// The identity the eBPF connect hook recorded. The cgroup is the one the process was in at
     /// connect() time, resolved from its id, not where it may have moved since.
     pub fn from_origin(origin: &pgiam_common::Origin) -> Identity {

@@ -8,6 +8,7 @@ pub mod audit;
 pub mod cancel;
 pub mod config;
 pub mod identity;
+pub mod policy;
 pub mod redirect;
 pub mod server;
 pub mod session;

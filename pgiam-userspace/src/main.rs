@@ -36,6 +36,11 @@ enum Command {
         #[command(subcommand)]
         command: SqlCommand,
     },
+    /// Statement policy tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Audit log tools.
     Audit {
         #[command(subcommand)]
@@ -57,6 +62,38 @@ enum SqlCommand {
         /// Parse as a server with standard_conforming_strings = off does.
         #[arg(long)]
         no_standard_conforming_strings: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate a Cedar policy file against pgiam's schema.
+    Check {
+        /// The policy file.
+        file: PathBuf,
+    },
+    /// Print the Cedar schema policies are validated against.
+    Schema,
+    /// Decide a query string as pgiam would for a principal, and say why.
+    Test {
+        /// The policy file; or give --config to use the one pgiam.toml names.
+        #[arg(long, required_unless_present = "config")]
+        policy: Option<PathBuf>,
+        /// pgiam.toml: its policy file, search_path, upstream mode and mappings.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The principal, e.g. unit:billing.service, user:alice, uid:1000.
+        #[arg(long = "as")]
+        principal: String,
+        /// The database.
+        #[arg(long)]
+        db: String,
+        /// The database role (default: from the config's mapping, else the principal's value).
+        #[arg(long)]
+        role: Option<String>,
+        /// The query string.
+        #[arg(long)]
+        sql: String,
     },
 }
 
@@ -121,6 +158,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Policy { command } => policy_command(command),
         Command::UninstallBpf { config } => {
             let dir = bpffs_dir(&config)?;
             let n = pgiam::redirect::uninstall(&dir)
@@ -136,13 +174,103 @@ fn main() -> anyhow::Result<()> {
         }
         Command::CheckConfig { config } => {
             let c = pgiam::config::Config::load(&config)?;
+            let policy = pgiam::policy::Policy::load(&c.policy.file)?;
             println!(
-                "{}: ok ({} mappings, {} roles)",
+                "{}: ok ({} mappings, {} roles, {} policies)",
                 config.display(),
                 c.mappings.len(),
-                c.roles.len()
+                c.roles.len(),
+                policy.len()
             );
             Ok(())
+        }
+    }
+}
+
+fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
+    use pgiam::policy::{Policy, Principal, Resolver};
+    match command {
+        PolicyCommand::Check { file } => {
+            let p = Policy::load(&file)?;
+            println!("{}: ok ({} policies)", file.display(), p.len());
+            Ok(())
+        }
+        PolicyCommand::Schema => {
+            print!("{}", pgiam::policy::SCHEMA.trim_start());
+            Ok(())
+        }
+        PolicyCommand::Test {
+            policy,
+            config,
+            principal,
+            db,
+            role,
+            sql,
+        } => {
+            let config = config
+                .map(|c| pgiam::config::Config::load(&c))
+                .transpose()?;
+            let file = match (&policy, &config) {
+                (Some(p), _) => p.clone(),
+                (None, Some(c)) => c.policy.file.clone(),
+                (None, None) => unreachable!("clap requires one"),
+            };
+            let policy = Policy::load(&file)?;
+            let (kind, value) = principal
+                .split_once(':')
+                .with_context(|| format!("{principal:?}: a principal is written KIND:VALUE"))?;
+            let role = role
+                .or_else(|| {
+                    let c = config.as_ref()?;
+                    Some(
+                        c.find_mapping(std::slice::from_ref(&principal), &db)?
+                            .role
+                            .clone(),
+                    )
+                })
+                .unwrap_or_else(|| value.to_owned());
+            let identity = pgiam::identity::Identity::for_principal(kind, value)
+                .with_context(|| format!("{principal:?}: unknown principal kind {kind:?}"))?;
+            let who = Principal::new(&principal, &role, &db, &identity);
+            let search_path = config
+                .as_ref()
+                .map(|c| c.policy.search_path.clone())
+                .unwrap_or_else(|| vec!["public".into()]);
+            let gateway = config
+                .as_ref()
+                .is_some_and(|c| c.upstream.mode == pgiam::config::UpstreamMode::Gateway);
+            let resolver = Resolver::new(&search_path, &role);
+            let statements = pgiam::sql::classify(&sql, true)?;
+            let decision = statements
+                .iter()
+                .find_map(|s| pgiam::policy::fixed_refusal(s, gateway))
+                .unwrap_or_else(|| {
+                    let asks: Vec<_> = statements.iter().flat_map(|s| resolver.asks(s)).collect();
+                    policy.decide_all(&who, &asks)
+                });
+            let connect = policy.decide(
+                &who,
+                &pgiam::policy::Ask::on_database(pgiam::policy::Action::Connect, "connect"),
+            );
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "decision": if decision.allowed { "allow" } else { "deny" },
+                    "policies": decision.policies,
+                    "denied": decision.denied,
+                    "reason": decision.reason,
+                    "connect": if connect.allowed { "allow" } else { "deny" },
+                    "principal": principal,
+                    "role": role,
+                    "database": db,
+                    "statements": statements,
+                }))?
+            );
+            if decision.allowed {
+                Ok(())
+            } else {
+                std::process::exit(2)
+            }
         }
     }
 }

@@ -24,6 +24,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Before anything else: a SIGTERM that arrives once READY=1 is out must be handled.
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let policies = Arc::new(
+        crate::policy::PolicyStore::load(&config.policy.file).context("statement policy")?,
+    );
+    info!(
+        file = %config.policy.file.display(),
+        policies = policies.current().len(),
+        "policy loaded"
+    );
     let tls =
         crate::tls::client_acceptor(&config.client_tls, &config.state_dir).context("client TLS")?;
     let upstream = Arc::new(Upstream::new(&config).context("upstream TLS")?);
@@ -44,6 +53,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tls,
         upstream,
         cancels: Arc::new(CancelRegistry::default()),
+        policies: policies.clone(),
     });
 
     // Listeners first: interception must never send connections to a port nobody serves.
@@ -86,9 +96,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     info!(upstream = %shared.upstream.describe(None), "pgiam ready");
     sd_notify("READY=1");
 
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: shutting down"),
-        _ = int.recv() => info!("SIGINT: shutting down"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: shutting down"); break }
+            _ = int.recv() => { info!("SIGINT: shutting down"); break }
+            _ = hup.recv() => {
+                sd_notify("RELOADING=1");
+                // Atomic: the new policy replaces the old one whole, or not at all.
+                match policies.reload() {
+                    Ok(n) => info!(policies = n, "SIGHUP: policy reloaded"),
+                    Err(e) => tracing::error!("SIGHUP: policy not reloaded, the previous one stays: {e}"),
+                }
+                sd_notify("READY=1");
+            }
+        }
     }
     sd_notify("STOPPING=1");
     if let Some(path) = unix_path {

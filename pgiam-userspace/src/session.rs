@@ -4,7 +4,7 @@
 //! The session runs over any [`BoxStream`], so tests drive it through in-memory pipes; the pure
 //! decisions (which startup parameters pass, what a refusal says) live in [`startup`].
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +20,7 @@ use crate::tls::ALPN_POSTGRESQL;
 use crate::upstream::{Upstream, UpstreamError};
 use crate::wire::{self, FrontendMessage, PgError, StartupPacket, WireError};
 
+mod responses;
 pub mod startup;
 mod statements;
 
@@ -30,6 +31,7 @@ pub struct Shared {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub upstream: Arc<Upstream>,
     pub cancels: Arc<CancelRegistry>,
+    pub policies: Arc<crate::policy::PolicyStore>,
 }
 
 /// Who the client is, and where it was going.
@@ -174,8 +176,8 @@ struct Session {
     summary: String,
     /// The id of the session's allow record, which its end record refers to.
     audit_id: Option<String>,
-    /// Records each statement before it is forwarded (when the audit log is on).
-    statements: Option<statements::StatementLog>,
+    /// Authorizes and records each statement before it is forwarded.
+    gate: statements::Gate,
     /// The server's standard_conforming_strings at login.
     standard_conforming_strings: bool,
     started: std::time::Instant,
@@ -264,6 +266,29 @@ async fn establish(
             audited_refusal(shared, &client.peer, identity, Some(&checked.database), e).await,
         );
     };
+    let principal = crate::policy::Principal::new(
+        &mapping.principal,
+        &mapping.role,
+        &checked.database,
+        identity,
+    );
+    let connect = shared.policies.current().decide(
+        &principal,
+        &crate::policy::Ask::on_database(crate::policy::Action::Connect, "connect"),
+    );
+    if !connect.allowed {
+        warn!(peer = %client.peer, %identity, database = %checked.database, "session refused by policy");
+        let e = PgError::fatal(
+            "42501",
+            format!(
+                "pgiam: permission denied: connect to database {}",
+                checked.database
+            ),
+        );
+        return Err(
+            audited_refusal(shared, &client.peer, identity, Some(&checked.database), e).await,
+        );
+    }
     // With durability `always` the decision is on disk before anything reaches the database;
     // without a working audit log nothing does.
     let audit_id = match &shared.audit {
@@ -278,6 +303,7 @@ async fn establish(
                 "principal" => mapping.principal,
                 "database" => checked.database,
                 "role" => mapping.role,
+                "policies" => connect.policies,
                 "upstream" => shared.upstream.describe(origin.destination),
                 "peer" => client.peer,
                 "tls" => client.tls,
@@ -292,27 +318,36 @@ async fn establish(
             Some(id)
         }
     };
-    let credentials = &config.roles[&mapping.role];
-
-    let established = shared
+    let gateway = config.upstream.mode == crate::config::UpstreamMode::Gateway;
+    let login_role = match (&config.upstream.gateway_role, gateway) {
+        (Some(g), true) => g,
+        _ => &mapping.role,
+    };
+    let credentials = &config.roles[login_role];
+    let mut params = checked.forwarded.clone();
+    params.push(("search_path".into(), config.policy.search_path_setting()));
+    let upstream_failed = |e: UpstreamError| {
+        warn!(peer = %client.peer, role = %mapping.role, "upstream login failed: {e}");
+        match e {
+            UpstreamError::Server { frame, .. } => Refusal::ServerFrame(frame),
+            other => Refusal::Client(
+                PgError::fatal("08006", "pgiam: cannot open a connection to the database")
+                    .with_detail(other.to_string()),
+            ),
+        }
+    };
+    let mut established = shared
         .upstream
-        .login(
-            &mapping.role,
-            credentials,
-            &checked.forwarded,
-            origin.destination,
-        )
+        .login(login_role, credentials, &params, origin.destination)
         .await
-        .map_err(|e| {
-            warn!(peer = %client.peer, role = %mapping.role, "upstream login failed: {e}");
-            match e {
-                UpstreamError::Server { frame, .. } => Refusal::ServerFrame(frame),
-                other => Refusal::Client(
-                    PgError::fatal("08006", "pgiam: cannot open a connection to the database")
-                        .with_detail(other.to_string()),
-                ),
-            }
-        })?;
+        .map_err(upstream_failed)?;
+    if gateway {
+        shared
+            .upstream
+            .assume_role(&mut established, &mapping.role)
+            .await
+            .map_err(upstream_failed)?;
+    }
 
     let cancel_key = shared.cancels.register(Target {
         upstream: shared.upstream.clone(),
@@ -340,16 +375,20 @@ async fn establish(
         upstream: established.stream,
         _cancel_key: cancel_key,
         summary,
-        statements: match (&shared.audit, &audit_id) {
-            (Some(audit), Some(id)) => Some(statements::StatementLog::new(
-                audit.clone(),
-                id.clone(),
-                mapping.principal.clone(),
-                mapping.role.clone(),
-                checked.database.clone(),
-            )),
-            _ => None,
-        },
+        gate: statements::Gate::new(
+            shared.audit.clone(),
+            shared.policies.clone(),
+            principal,
+            crate::policy::Resolver::new(&config.policy.search_path, &mapping.role),
+            gateway,
+            statements::SessionInfo {
+                session_id: audit_id.clone(),
+                principal_name: mapping.principal.clone(),
+                role: mapping.role.clone(),
+                database: checked.database.clone(),
+                identity: identity.to_json(),
+            },
+        ),
         standard_conforming_strings: established.standard_conforming_strings,
         audit_id,
         started: std::time::Instant::now(),
@@ -456,8 +495,9 @@ async fn forward_cancel(shared: &Shared, process_id: i32, secret_key: i32) {
 
 const CLIENT_TERMINATED: &str = "client terminated";
 
-/// Moves bytes both ways until either side ends. Client messages are framed and validated
-/// before they are forwarded; server bytes stream through with their framing tracked.
+/// Moves bytes both ways until either side ends. Client messages are framed, validated and
+/// authorized before they are forwarded; server messages stream through, matched to the
+/// requests they answer.
 async fn relay(shared: &Shared, client: Client, session: Session) {
     let max = shared.config.limits.max_message_size;
     let Client {
@@ -468,43 +508,56 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
     } = client;
     let (mut client_rd, mut client_wr) = tokio::io::split(stream);
     let (mut server_rd, mut server_wr) = tokio::io::split(session.upstream);
-    let mut statements = session.statements;
+    let mut gate = session.gate;
     // What the server says about standard_conforming_strings, for classifying what follows.
-    let standard_conforming_strings =
-        std::sync::atomic::AtomicBool::new(session.standard_conforming_strings);
+    let standard_conforming_strings = AtomicBool::new(session.standard_conforming_strings);
     // The client-to-server direction never writes to the client: a fatal error it finds is
     // handed to the other direction, which writes it once the server has gone quiet, so it can
     // never land in the middle of a server message.
     let (fatal_tx, mut fatal_rx) = tokio::sync::oneshot::channel::<PgError>();
+    // Requests forwarded, in order, for the direction that reads the answers; and back from
+    // it, prepared statements the server did not create after all.
+    let (expect_tx, mut expect_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (unprepared_tx, mut unprepared_rx) =
+        tokio::sync::mpsc::unbounded_channel::<(Vec<u8>, u64)>();
+    let audit = shared.audit.clone();
 
     let to_server = async {
         let mut client_size = ReadSize::default();
-        let mut records = Vec::new();
+        let mut checked = Vec::new();
+        let mut expects = Vec::new();
         let result: Result<&'static str, PgError> = async {
             loop {
+                gate.refresh_policy();
+                while let Ok((name, generation)) = unprepared_rx.try_recv() {
+                    gate.forget_prepared(&name, generation);
+                }
                 // Forward what was complete and valid before a bad message, as a server would
                 // have executed it; nothing from the bad message on.
                 let scs = standard_conforming_strings.load(Ordering::Relaxed);
-                let framed = frame_client_messages(&cbuf, max, |message| {
-                    if let Some(log) = statements.as_mut() {
-                        log.observe(message, scs, &mut records);
-                    }
+                let framed = frame_client_messages(&cbuf, max, |message, range| {
+                    checked.push((range, gate.check(message, scs, &mut expects)));
                 });
                 if framed.len > 0 {
                     // On the audit log before the server sees it; without the log, not at all.
-                    if let Some(log) = statements.as_ref() {
-                        log.commit(std::mem::take(&mut records)).await.map_err(|e| {
+                    let records = gate.take_records();
+                    statements::Gate::commit(audit.as_ref(), records)
+                        .await
+                        .map_err(|e| {
                             PgError::fatal(
                                 "58030",
                                 "pgiam: the audit log is unavailable; the statement was not forwarded",
                             )
                             .with_detail(e.to_string())
                         })?;
+                    for e in expects.drain(..) {
+                        // The reading side outlives this one only to drain the server.
+                        let _ = expect_tx.send(e);
                     }
                     let chunk = cbuf.split_to(framed.len);
-                    server_wr.write_all(&chunk).await.map_err(|e| {
-                        PgError::fatal("08006", format!("pgiam: server write: {e}"))
-                    })?;
+                    write_checked(&mut server_wr, &chunk, &mut checked)
+                        .await
+                        .map_err(|e| PgError::fatal("08006", format!("pgiam: server write: {e}")))?;
                 }
                 if let Some(e) = framed.error {
                     return Err(protocol_violation(e));
@@ -556,28 +609,78 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
     let to_client = async {
         let mut sbuf = BytesMut::new();
         let mut size = ReadSize::default();
-        let mut framing = BackendFraming::default();
+        let mut responses = responses::Responses::default();
         let end = loop {
-            sbuf.clear();
             size.prepare(&mut sbuf);
-            let free = sbuf.capacity();
+            let free = sbuf.capacity() - sbuf.len();
             match server_rd.read_buf(&mut sbuf).await {
                 Ok(0) => break "server closed",
                 Ok(n) => size.observe(n, free),
                 Err(_) => break "server read failed",
             }
-            if let Err(e) = framing.advance(&sbuf) {
-                warn!(peer = %peer, "invalid data from the server: {e}");
-                break "invalid data from the server";
+            while let Ok(e) = expect_rx.try_recv() {
+                responses.push(e);
             }
-            if let Some(scs) = framing.standard_conforming_strings.take() {
-                standard_conforming_strings.store(scs, Ordering::Relaxed);
+            let (mut start, mut pos) = (0, 0);
+            let mut failed = false;
+            loop {
+                match responses.step(&sbuf[pos..]) {
+                    Ok(responses::Step::Pass(n)) => pos += n,
+                    Ok(responses::Step::Replace { len, with }) => {
+                        if client_wr.write_all(&sbuf[start..pos]).await.is_err()
+                            || client_wr.write_all(&with).await.is_err()
+                        {
+                            return "client write failed";
+                        }
+                        pos += len;
+                        start = pos;
+                    }
+                    Ok(responses::Step::NeedMore) => break,
+                    Err(e) => {
+                        warn!(peer = %peer, "invalid data from the server: {e}");
+                        failed = true;
+                        break;
+                    }
+                }
             }
-            if client_wr.write_all(&sbuf).await.is_err() {
+            if client_wr.write_all(&sbuf[start..pos]).await.is_err() {
                 return "client write failed";
             }
+            let _ = sbuf.split_to(pos);
+            for event in responses.events.drain(..) {
+                match event {
+                    responses::Event::Completed {
+                        record,
+                        sqlstate,
+                        rows,
+                        tag,
+                        micros,
+                    } => {
+                        if let Some(audit) = &audit {
+                            audit.record_later(crate::audit_fields! {
+                                "id" => audit.next_id(),
+                                "kind" => "completion",
+                                "statement" => record,
+                                "sqlstate" => sqlstate.as_deref().unwrap_or("skipped"),
+                                "rows" => rows,
+                                "tag" => tag,
+                                "duration_us" => micros,
+                            });
+                        }
+                    }
+                    responses::Event::NotPrepared { name, generation } => {
+                        let _ = unprepared_tx.send((name, generation));
+                    }
+                    responses::Event::StandardConformingStrings(on) => {
+                        standard_conforming_strings.store(on, Ordering::Relaxed)
+                    }
+                }
+            }
+            if failed {
+                break "invalid data from the server";
+            }
         };
-        if framing.at_boundary() {
+        if responses.at_boundary() && sbuf.is_empty() {
             if let Ok(e) = fatal_rx.try_recv() {
                 let mut b = BytesMut::new();
                 e.encode(&mut b);
@@ -627,6 +730,27 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
     info!(peer = %peer, "session ended: {}", session.summary);
 }
 
+/// Writes a framed run of client messages: as one write when all were authorized as they are,
+/// else piecewise with the sentinels in place of the refused ones.
+async fn write_checked<W: AsyncWriteExt + Unpin>(
+    server: &mut W,
+    chunk: &[u8],
+    checked: &mut Vec<(std::ops::Range<usize>, statements::Checked)>,
+) -> std::io::Result<()> {
+    let mut at = 0;
+    for (range, c) in checked.drain(..) {
+        match c {
+            statements::Checked::Forward(statements::Authorized { .. }) => {}
+            statements::Checked::Substitute(with) => {
+                server.write_all(&chunk[at..range.start]).await?;
+                server.write_all(&with).await?;
+                at = range.end;
+            }
+        }
+    }
+    server.write_all(&chunk[at..]).await
+}
+
 /// The run of complete, valid client messages at the front of a buffer.
 #[derive(Debug, PartialEq, Eq)]
 struct Framed {
@@ -644,7 +768,7 @@ struct Framed {
 fn frame_client_messages(
     buf: &[u8],
     max: usize,
-    mut visit: impl FnMut(&FrontendMessage<'_>),
+    mut visit: impl FnMut(&FrontendMessage<'_>, std::ops::Range<usize>),
 ) -> Framed {
     let mut at = 0;
     let done = |len, terminate, error| Framed {
@@ -672,7 +796,7 @@ fn frame_client_messages(
             }
             FrontendMessage::Terminate => return done(at + header.total, true, None),
             _ => {
-                visit(&message);
+                visit(&message, at..at + header.total);
                 at += header.total;
             }
         }
@@ -714,77 +838,6 @@ impl Default for ReadSize {
     }
 }
 
-/// Tracks message boundaries in the server's byte stream without buffering it, except for
-/// ParameterStatus messages (small), which say when standard_conforming_strings changes.
-#[derive(Default)]
-struct BackendFraming {
-    /// Bytes of the current message still to come.
-    remaining: usize,
-    /// A partial header carried over from the previous read.
-    header: [u8; 5],
-    header_len: usize,
-    /// The body of the ParameterStatus being read.
-    status: Option<Vec<u8>>,
-    /// standard_conforming_strings as the server last announced it, if it did.
-    standard_conforming_strings: Option<bool>,
-}
-
-impl BackendFraming {
-    /// Longer ParameterStatus messages are not kept (no setting pgiam tracks needs more).
-    const MAX_STATUS: usize = 1024;
-
-    fn at_boundary(&self) -> bool {
-        self.remaining == 0 && self.header_len == 0
-    }
-
-    fn advance(&mut self, mut data: &[u8]) -> Result<(), WireError> {
-        while !data.is_empty() {
-            if self.remaining > 0 {
-                let n = self.remaining.min(data.len());
-                if let Some(body) = &mut self.status {
-                    body.extend_from_slice(&data[..n]);
-                }
-                self.remaining -= n;
-                data = &data[n..];
-                if self.remaining == 0 {
-                    self.finish_status();
-                }
-                continue;
-            }
-            let n = (5 - self.header_len).min(data.len());
-            self.header[self.header_len..self.header_len + n].copy_from_slice(&data[..n]);
-            self.header_len += n;
-            data = &data[n..];
-            if self.header_len == 5 {
-                // Backend messages are not capped: a row may legitimately be very large.
-                let h = wire::peek_header(&self.header, usize::MAX)?.expect("5 bytes present");
-                self.remaining = h.body_len();
-                self.header_len = 0;
-                if h.tag == b'S' && h.body_len() <= Self::MAX_STATUS {
-                    self.status = Some(Vec::with_capacity(h.body_len()));
-                }
-                if self.remaining == 0 {
-                    self.finish_status();
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn finish_status(&mut self) {
-        let Some(body) = self.status.take() else {
-            return;
-        };
-        if let Ok(wire::BackendMessage::ParameterStatus { name, value }) =
-            wire::decode_backend(b'S', &body)
-        {
-            if name == b"standard_conforming_strings" {
-                self.standard_conforming_strings = Some(value != b"off");
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -812,76 +865,41 @@ mod tests {
     }
 
     #[test]
-    fn backend_framing_across_reads() {
-        let mut b = BytesMut::new();
-        wire::parameter_status(b"a", b"b", &mut b);
-        wire::ready_for_query(wire::TransactionStatus::Idle, &mut b);
-        for split in 0..b.len() {
-            let mut f = BackendFraming::default();
-            f.advance(&b[..split]).unwrap();
-            f.advance(&b[split..]).unwrap();
-            assert!(f.at_boundary(), "split at {split}");
-        }
-        let mut f = BackendFraming::default();
-        f.advance(&b[..b.len() - 1]).unwrap();
-        assert!(!f.at_boundary());
-        assert!(BackendFraming::default().advance(b"Z\0\0\0\x02").is_err());
-    }
-
-    #[test]
-    fn standard_conforming_strings_changes_are_seen_across_reads() {
-        let mut b = BytesMut::new();
-        wire::parameter_status(b"application_name", b"x", &mut b);
-        wire::parameter_status(b"standard_conforming_strings", b"off", &mut b);
-        wire::ready_for_query(wire::TransactionStatus::Idle, &mut b);
-        for split in 0..b.len() {
-            let mut f = BackendFraming::default();
-            f.advance(&b[..split]).unwrap();
-            f.advance(&b[split..]).unwrap();
-            assert_eq!(
-                f.standard_conforming_strings,
-                Some(false),
-                "split at {split}"
-            );
-        }
-    }
-
-    #[test]
     fn client_framing_stops_before_a_bad_message_and_after_terminate() {
         use postgres_protocol::message::frontend;
         let mut b = BytesMut::new();
         frontend::sync(&mut b);
         let good = b.len();
         b.extend_from_slice(b"S\0\0\0\x05x");
-        let f = frame_client_messages(&b, 1 << 20, |_| {});
+        let f = frame_client_messages(&b, 1 << 20, |_, _| {});
         assert_eq!(f.len, good);
         assert!(matches!(f.error, Some(WireError::Malformed { .. })));
 
         let mut b = BytesMut::new();
         frontend::sync(&mut b);
         frontend::password_message(b"pw", &mut b).unwrap();
-        let f = frame_client_messages(&b, 1 << 20, |_| {});
+        let f = frame_client_messages(&b, 1 << 20, |_, _| {});
         assert_eq!(f.len, 5, "a password after login is never forwarded");
         assert!(f.error.is_some());
 
         let mut b = BytesMut::new();
         frontend::terminate(&mut b);
         frontend::sync(&mut b);
-        let f = frame_client_messages(&b, 1 << 20, |_| {});
+        let f = frame_client_messages(&b, 1 << 20, |_, _| {});
         assert_eq!((f.len, f.terminate, f.error), (5, true, None));
 
         let mut b = BytesMut::new();
         frontend::query("select 1", &mut b).unwrap();
         let whole = b.len();
         b.extend_from_slice(b"Q\0\0");
-        let f = frame_client_messages(&b, 1 << 20, |_| {});
+        let f = frame_client_messages(&b, 1 << 20, |_, _| {});
         assert_eq!(
             (f.len, f.terminate, f.error),
             (whole, false, None),
             "partial: wait"
         );
         assert!(
-            frame_client_messages(b"Q\0\0\x10\0", 1024, |_| {})
+            frame_client_messages(b"Q\0\0\x10\0", 1024, |_, _| {})
                 .error
                 .is_some(),
             "too large"

@@ -76,8 +76,21 @@ pub struct Statement {
     /// EXECUTE of a prepared statement: its classification is the one stored at PREPARE.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub executes: Option<String>,
-    /// SET/RESET ROLE, SET SESSION AUTHORIZATION, RESET ALL, set_config('role'|…).
+    /// PREPARE: the name it creates (one namespace with the protocol's statements).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prepares: Option<String>,
+    /// DEALLOCATE: the name it removes; `Some("")` for DEALLOCATE ALL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deallocates: Option<String>,
+    /// SET/RESET ROLE, SET SESSION AUTHORIZATION, RESET ALL, DISCARD ALL, set_config('role'|…)
+    /// or set_config() of a setting that is not a constant.
     pub role_change: bool,
+    /// Settings changed by SET, RESET or set_config(), lower-cased.
+    pub parameters: BTreeSet<String>,
+    /// Names a temporary relation (CREATE TEMP …, pg_temp.x): from then on unqualified names
+    /// may resolve to pg_temp.
+    pub temp: bool,
+    /// A DO block, or a function that runs SQL given as text (query_to_xml, dblink, …).
     pub do_block: bool,
     pub copy_program: bool,
     /// COPY to or from a server file, or a server file function.
@@ -105,6 +118,31 @@ const FILE_FUNCTIONS: &[&str] = &[
     "pg_file_sync",
 ];
 
+/// Functions that run SQL given as text (or read a whole table or schema named by a value),
+/// which pgiam cannot classify: treated like a DO block.
+const DYNAMIC_SQL_FUNCTIONS: &[&str] = &[
+    "query_to_xml",
+    "query_to_xmlschema",
+    "query_to_xml_and_xmlschema",
+    "cursor_to_xml",
+    "cursor_to_xmlschema",
+    "table_to_xml",
+    "table_to_xmlschema",
+    "table_to_xml_and_xmlschema",
+    "schema_to_xml",
+    "schema_to_xmlschema",
+    "schema_to_xml_and_xmlschema",
+    "database_to_xml",
+    "database_to_xmlschema",
+    "database_to_xml_and_xmlschema",
+    "ts_stat",
+    "ts_rewrite",
+    "dblink",
+    "dblink_exec",
+    "dblink_open",
+    "dblink_send_query",
+];
+
 /// Settings that change who the session acts as.
 const ROLE_SETTINGS: &[&str] = &["role", "session_authorization"];
 
@@ -128,6 +166,36 @@ pub fn classify(sql: &str, standard_conforming_strings: bool) -> Result<Vec<Stat
         .filter_map(|raw| raw.get("stmt"))
         .map(classify_statement)
         .collect())
+}
+
+/// [`classify`], remembered by statement text (and the string rules it was split with). The
+/// classification is a pure function of those two, so a cached one is the one parsing would
+/// give: the cache never changes a decision, only its cost. Bounded: when full it starts over.
+pub fn classify_cached(
+    sql: &str,
+    standard_conforming_strings: bool,
+) -> Result<std::sync::Arc<[Statement]>, SqlError> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    type Cache = Mutex<HashMap<(bool, Box<str>), Arc<[Statement]>>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    const CAPACITY: usize = 8192;
+    /// Longer texts are classified every time (bulk INSERTs with inline values rarely repeat).
+    const MAX_TEXT: usize = 16 * 1024;
+    let cache = CACHE.get_or_init(Default::default);
+    let key = (standard_conforming_strings, Box::<str>::from(sql));
+    if let Some(hit) = cache.lock().expect("cache lock").get(&key) {
+        return Ok(hit.clone());
+    }
+    let statements: Arc<[Statement]> = classify(sql, standard_conforming_strings)?.into();
+    if sql.len() <= MAX_TEXT {
+        let mut c = cache.lock().expect("cache lock");
+        if c.len() >= CAPACITY {
+            c.clear();
+        }
+        c.insert(key, statements.clone());
+    }
+    Ok(statements)
 }
 
 fn classify_statement(stmt: &Value) -> Statement {
@@ -241,6 +309,7 @@ impl Walker<'_> {
     }
 
     fn relation(&mut self, m: &Map<String, Value>, access: Access) {
+        self.note_temp(m);
         let name = name_of(m);
         if access == Access::Select && self.is_cte(&name) {
             return;
@@ -248,10 +317,19 @@ impl Walker<'_> {
         self.out.relations.insert(Relation { name, access });
     }
 
+    fn note_temp(&mut self, m: &Map<String, Value>) {
+        if m.get("relpersistence").and_then(Value::as_str) == Some("t")
+            || m.get("schemaname").and_then(Value::as_str) == Some("pg_temp")
+        {
+            self.out.temp = true;
+        }
+    }
+
     /// A bare RangeVar field that is a statement's target.
     fn target(&mut self, body: &Value, field: &str, access: Access) {
         if let Some(m) = body.get(field).and_then(Value::as_object) {
             if is_range_var(m) {
+                self.note_temp(m);
                 // A target always names a table: CTEs cannot be written to.
                 self.out.relations.insert(Relation {
                     name: name_of(m),
@@ -361,10 +439,30 @@ impl Walker<'_> {
                 let kind = body.get("kind").and_then(Value::as_i64).unwrap_or(0);
                 // RESET ALL resets the role with everything else. VAR_RESET_ALL is 6 in the
                 // protobuf enum (it starts with an UNDEFINED the C enum does not have).
-                if ROLE_SETTINGS.contains(&name.to_ascii_lowercase().as_str()) || kind == 6 {
+                let name = name.to_ascii_lowercase();
+                if ROLE_SETTINGS.contains(&name.as_str()) || kind == 6 {
                     self.out.role_change = true;
                 }
+                if !name.is_empty() {
+                    self.out.parameters.insert(name);
+                }
                 self.visit(body, access);
+            }
+            // DISCARD ALL includes SET SESSION AUTHORIZATION DEFAULT. DISCARD_ALL is 1 in the
+            // protobuf enum (after UNDEFINED).
+            "DiscardStmt" => {
+                if body.get("target").and_then(Value::as_i64) == Some(1) {
+                    self.out.role_change = true;
+                }
+            }
+            "PrepareStmt" => {
+                self.out.prepares = body.get("name").and_then(Value::as_str).map(str::to_owned);
+                self.visit(body, Access::Select);
+            }
+            "DeallocateStmt" => {
+                let name = body.get("name").and_then(Value::as_str).unwrap_or("");
+                let all = body.get("isall").and_then(Value::as_bool) == Some(true);
+                self.out.deallocates = Some(if all { "" } else { name }.to_owned());
             }
             "ExecuteStmt" => {
                 self.out.executes = body.get("name").and_then(Value::as_str).map(str::to_owned);
@@ -375,7 +473,7 @@ impl Walker<'_> {
                 self.visit_except(body, &["view"], Access::Select);
             }
             // The statement inside runs (or is planned) as itself.
-            "ExplainStmt" | "PrepareStmt" | "DeclareCursorStmt" | "CreateTableAsStmt" => {
+            "ExplainStmt" | "DeclareCursorStmt" | "CreateTableAsStmt" => {
                 self.visit(body, Access::Select)
             }
             "RangeVar" => {
@@ -442,6 +540,9 @@ impl Walker<'_> {
         if FILE_FUNCTIONS.contains(&lower.as_str()) {
             self.out.server_files = true;
         }
+        if DYNAMIC_SQL_FUNCTIONS.contains(&lower.as_str()) {
+            self.out.do_block = true;
+        }
         if lower == "set_config" {
             // set_config('role', …) changes the role; a name that is not a constant might.
             let first = m
@@ -456,9 +557,10 @@ impl Walker<'_> {
                     .get("sval")?
                     .as_str()
             });
-            match constant {
-                Some(setting)
-                    if !ROLE_SETTINGS.contains(&setting.to_ascii_lowercase().as_str()) => {}
+            match constant.map(str::to_ascii_lowercase) {
+                Some(setting) if !ROLE_SETTINGS.contains(&setting.as_str()) => {
+                    self.out.parameters.insert(setting);
+                }
                 _ => self.out.role_change = true,
             }
         }
@@ -620,6 +722,7 @@ mod tests {
             "RESET ROLE",
             "SET SESSION AUTHORIZATION postgres",
             "RESET ALL",
+            "DISCARD ALL",
             "SELECT set_config('role', 'postgres', false)",
             "SELECT set_config('ROLE', 'postgres', false)",
             "SELECT set_config(current_setting('x'), 'postgres', false)",
@@ -630,9 +733,18 @@ mod tests {
         for sql in [
             "SET search_path = x",
             "SELECT set_config('work_mem', '4MB', false)",
+            "DISCARD PLANS",
         ] {
             assert!(!one(sql).role_change, "{sql}");
         }
+        assert_eq!(
+            one("SELECT set_config('Search_Path', 'x', false)").parameters,
+            BTreeSet::from(["search_path".to_owned()])
+        );
+        assert_eq!(
+            one("SET LOCAL work_mem = '1MB'").parameters,
+            BTreeSet::from(["work_mem".to_owned()])
+        );
     }
 
     #[test]
@@ -648,11 +760,16 @@ mod tests {
             name: "lower".into()
         }));
         assert!(one("DO $$ BEGIN PERFORM 1; END $$").do_block);
+        assert!(one("SELECT query_to_xml('select * from secret', true, true, '')").do_block);
+        assert!(one("SELECT pg_catalog.table_to_xml('secret', true, true, '')").do_block);
         assert!(one("CALL proc(1)")
             .functions
             .iter()
             .any(|f| f.name == "proc"));
         assert_eq!(one("EXECUTE p(1)").executes.as_deref(), Some("p"));
+        assert_eq!(one("PREPARE P AS SELECT 1").prepares.as_deref(), Some("p"));
+        assert_eq!(one("DEALLOCATE p").deallocates.as_deref(), Some("p"));
+        assert_eq!(one("DEALLOCATE ALL").deallocates.as_deref(), Some(""));
     }
 
     #[test]
@@ -734,6 +851,14 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn temporary_relations_are_noticed() {
+        assert!(one("CREATE TEMP TABLE t (a int)").temp);
+        assert!(one("SELECT 1 INTO TEMP t").temp);
+        assert!(one("CREATE TABLE pg_temp.t (a int)").temp);
+        assert!(!one("CREATE TABLE t (a int)").temp);
     }
 
     #[test]

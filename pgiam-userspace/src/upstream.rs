@@ -294,6 +294,50 @@ impl Upstream {
         }
     }
 
+    /// Gateway mode: the session becomes `role` (SET ROLE) before the client sees it. The
+    /// server's reports on the change (is_superuser, …) join the greeting.
+    pub async fn assume_role(
+        &self,
+        established: &mut Established,
+        role: &str,
+    ) -> Result<(), UpstreamError> {
+        let mut out = BytesMut::new();
+        let sql = format!("SET ROLE \"{}\"", role.replace('"', "\"\""));
+        frontend::query(&sql, &mut out)?;
+        established.stream.write_all(&out).await?;
+        let mut buf = BytesMut::new();
+        let mut failed = None;
+        loop {
+            let (tag, body) =
+                read_message(&mut established.stream, &mut buf, self.max_message_size).await?;
+            match wire::decode_backend(tag, &body)? {
+                BackendMessage::CommandComplete { .. } => {}
+                BackendMessage::ParameterStatus { .. } | BackendMessage::NoticeResponse(_) => {
+                    append_frame(&mut established.greeting, tag, &body)
+                }
+                BackendMessage::ErrorResponse(fields) => {
+                    let mut frame = BytesMut::new();
+                    append_frame(&mut frame, tag, &body);
+                    failed = Some(UpstreamError::Server {
+                        message: format!(
+                            "SET ROLE {role}: {}",
+                            fields.get_str(b'M').unwrap_or("?")
+                        ),
+                        frame: frame.freeze(),
+                    });
+                }
+                BackendMessage::ReadyForQuery(status) => {
+                    if !buf.is_empty() {
+                        return Err(UpstreamError::Unexpected("data after ReadyForQuery"));
+                    }
+                    established.status = status;
+                    return failed.map_or(Ok(()), Err);
+                }
+                _ => return Err(UpstreamError::Unexpected("message out of order")),
+            }
+        }
+    }
+
     /// Forwards a cancel for the backend `process_id` with its real key. PostgreSQL answers
     /// nothing; the connection just closes.
     pub async fn cancel(

@@ -855,6 +855,17 @@ pub struct PgError {
 }
 
 impl PgError {
+    /// An error that ends the statement, not the session.
+    pub fn error(code: &'static str, message: impl Into<String>) -> Self {
+        PgError {
+            severity: Severity::Error,
+            code,
+            message: message.into(),
+            detail: None,
+            hint: None,
+        }
+    }
+
     pub fn fatal(code: &'static str, message: impl Into<String>) -> Self {
         PgError {
             severity: Severity::Fatal,
@@ -920,6 +931,10 @@ pub fn parameter_status(name: &[u8], value: &[u8], buf: &mut BytesMut) {
         put_cstr(b, name);
         put_cstr(b, value);
     });
+}
+
+pub fn command_complete(tag: &[u8], buf: &mut BytesMut) {
+    write_message(buf, b'C', |b| put_cstr(b, tag));
 }
 
 pub fn backend_key_data(process_id: i32, secret_key: i32, buf: &mut BytesMut) {

@@ -15,8 +15,34 @@ fn pgiam(args: &[&str]) -> (bool, String) {
 #[test]
 fn bad_configs_are_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let base = "state_dir = \"/tmp/x\"\n[listen]\ntcp = \"127.0.0.1:6432\"\n[upstream]\nhost = \"127.0.0.1\"\n[roles.app]\n";
+    let policy = write_file(dir.path(), "policy.cedar", ALLOW_SELECT, 0o644);
+    let bad_policy = write_file(
+        dir.path(),
+        "bad.cedar",
+        "permit(principal, action == PgIam::Action::\"selekt\", resource);",
+        0o644,
+    );
+    let base = format!(
+        "state_dir = \"/tmp/x\"\n[listen]\ntcp = \"127.0.0.1:6432\"\n[upstream]\nhost = \"127.0.0.1\"\n[policy]\nfile = \"{}\"\n[roles.app]\n",
+        policy.display()
+    );
+    let base = base.as_str();
     let cases = [
+        (
+            "nopolicy.toml",
+            Some(base.replace(&format!("[policy]\nfile = \"{}\"\n", policy.display()), "")),
+            "missing field `policy`",
+        ),
+        (
+            "badpolicy.toml",
+            Some(base.replace("policy.cedar", "bad.cedar")),
+            "selekt",
+        ),
+        (
+            "gateway.toml",
+            Some(base.replace("[policy]", "mode = \"gateway\"\n[policy]")),
+            "needs upstream.gateway_role",
+        ),
         ("missing.toml", None, "cannot read"),
         (
             "syntax.toml",
@@ -68,7 +94,51 @@ fn bad_configs_are_refused_with_the_reason() {
     );
     let (ok, out) = pgiam(&["check-config", good.to_str().unwrap()]);
     assert!(ok, "{out}");
-    assert!(out.contains("ok (1 mappings, 1 roles)"), "{out}");
+    assert!(
+        out.contains("ok (1 mappings, 1 roles, 2 policies)"),
+        "{out}"
+    );
+    let (ok, out) = pgiam(&["policy", "check", bad_policy.to_str().unwrap()]);
+    assert!(!ok && out.contains("selekt"), "{out}");
+    let (ok, out) = pgiam(&["policy", "check", policy.to_str().unwrap()]);
+    assert!(ok && out.contains("ok (2 policies)"), "{out}");
+}
+
+const ALLOW_SELECT: &str = r#"
+@id("connect")
+permit(principal, action == PgIam::Action::"connect", resource);
+@id("read-public")
+permit(principal, action == PgIam::Action::"select", resource in PgIam::Schema::"app.public")
+  when { principal has unit && principal.unit == "x.service" };
+"#;
+
+#[test]
+fn policy_test_says_what_is_decided_and_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = write_file(dir.path(), "policy.cedar", ALLOW_SELECT, 0o644);
+    let p = policy.to_str().unwrap();
+    let test = |who: &str, sql: &str| {
+        pgiam(&[
+            "policy", "test", "--policy", p, "--as", who, "--db", "app", "--sql", sql,
+        ])
+    };
+    let (ok, out) = test("unit:x.service", "SELECT * FROM Accounts");
+    assert!(ok, "{out}");
+    assert!(out.contains(r#""decision": "allow""#), "{out}");
+    assert!(out.contains(r#""read-public""#), "{out}");
+    assert!(out.contains(r#""name": "accounts""#), "{out}");
+    let (ok, out) = test("unit:y.service", "SELECT * FROM accounts");
+    assert!(!ok, "{out}");
+    assert!(out.contains("select on table public.accounts"), "{out}");
+    let (ok, out) = test("unit:x.service", "SELECT 1; DELETE FROM accounts");
+    assert!(
+        !ok && out.contains("delete on table public.accounts"),
+        "{out}"
+    );
+    let (ok, out) = test("unit:x.service", "SET search_path = evil");
+    assert!(!ok && out.contains("search_path is pinned"), "{out}");
+    let (ok, out) = pgiam(&["policy", "schema"]);
+    assert!(ok && out.contains("namespace PgIam"), "{out}");
 }
 
 #[test]
@@ -83,8 +153,9 @@ fn systemd_readiness_is_notified_once_listening() {
         dir.path(),
         "pgiam.toml",
         &format!(
-            "state_dir = \"{}/state\"\n[listen]\ntcp = \"127.0.0.1:{port}\"\n[upstream]\nhost = \"127.0.0.1\"\n",
-            dir.path().display()
+            "state_dir = \"{}/state\"\n[listen]\ntcp = \"127.0.0.1:{port}\"\n[upstream]\nhost = \"127.0.0.1\"\n[policy]\nfile = \"{}\"\n",
+            dir.path().display(),
+            write_file(dir.path(), "p.cedar", "", 0o644).display()
         ),
         0o600,
     );

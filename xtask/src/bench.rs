@@ -225,6 +225,20 @@ impl Drop for PgiamVariant {
     }
 }
 
+/// What pgbench needs and nothing more: its four tables, count() (its scale check), and the
+/// session's transactions.
+const BENCH_POLICY: &str = r#"
+@id("connect")
+permit(principal, action == PgIam::Action::"connect", resource == PgIam::Database::"app");
+@id("pgbench-tables")
+permit(principal, action in [PgIam::Action::"select", PgIam::Action::"insert", PgIam::Action::"update"],
+       resource in PgIam::Schema::"app.public")
+  when { resource.name like "pgbench_*" };
+@id("count")
+permit(principal, action == PgIam::Action::"execute", resource)
+  when { resource.name == "count" };
+"#;
+
 fn start_variant(
     target: Target,
     root: &TestCgroup,
@@ -244,14 +258,17 @@ fn start_variant(
             dir.display()
         )
     };
+    let policy = write_file(dir, "bench-policy.cedar", BENCH_POLICY, 0o644);
     let config = format!(
         "state_dir = \"{dir}/state\"\n[listen]\ntcp = \"127.0.0.1:{port}\"\n\
          [upstream]\nhost = \"127.0.0.1\"\nport = {pg_port}\n\
+         [policy]\nfile = \"{policy}\"\n\
          [roles.bench]\npassword_file = \"{pw}\"\n\
          [[mapping]]\nprincipal = \"cgroup:{app}\"\ndatabase = \"app\"\nrole = \"bench\"\n\
          [interception]\ncgroup = \"{cg}\"\nendpoints = [\"127.0.0.1\"]\nports = [{pg_port}]\n\
          fast_path = {fast}\nbpffs_dir = \"/sys/fs/bpf/{bpffs}\"\n{audit}",
         dir = dir.display(),
+        policy = policy.display(),
         pw = password_file.display(),
         app = app.path,
         cg = cg.path,

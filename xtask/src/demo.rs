@@ -74,9 +74,14 @@ pub fn run_demo() -> anyhow::Result<()> {
         "app",
         "CREATE TABLE accounts(id int, owner text); \
          INSERT INTO accounts VALUES (1, 'alice'), (2, 'bob'); \
-         GRANT SELECT ON accounts TO app_reader",
+         CREATE TABLE salaries(owner text, amount int); \
+         INSERT INTO salaries VALUES ('alice', 100000); \
+         GRANT SELECT ON accounts, salaries TO app_reader",
     )?;
-    println!("role app_reader (password known only to pgiam), table app.public.accounts");
+    println!(
+        "role app_reader (password known only to pgiam) may read app.public.accounts and \
+         app.public.salaries; pgiam's policy lets it read only accounts"
+    );
 
     let dir = tempfile::Builder::new().prefix("pgiam-demo-").tempdir()?;
     std::fs::set_permissions(
@@ -84,6 +89,9 @@ pub fn run_demo() -> anyhow::Result<()> {
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )?;
     let pw = write_file(dir.path(), "app_reader.password", &password, 0o600);
+    let policy = write_file(dir.path(), "policy.cedar", DEMO_POLICY, 0o644);
+    section("the statement policy (Cedar)");
+    print!("{DEMO_POLICY}");
     let tcp_port = free_port();
     let unix_port = free_port();
     let me = nix_user_name();
@@ -121,6 +129,9 @@ mode = "generate"
 host = "127.0.0.1"
 port = {pg_port}
 
+[policy]
+file = "{policy}"
+
 [roles.app_reader]
 password_file = "{pw}"
 
@@ -136,6 +147,7 @@ durability = "always"
         dir = dir.path().display(),
         pg_port = pg.port,
         pw = pw.display(),
+        policy = policy.display(),
     );
     section("pgiam configuration");
     print!("{config}");
@@ -234,6 +246,20 @@ fn scenes(
         bail!("the TLS session did not work:\n{out}");
     }
 
+    section("statements the policy refuses: another table, a role change, a server file");
+    for sql in [
+        "SELECT * FROM salaries",
+        "SET ROLE postgres",
+        "SELECT pg_read_file('/etc/passwd')",
+    ] {
+        let (ok, out) = psql(&unix_dsn, sql, None)?;
+        println!("=> {sql}");
+        print!("{out}");
+        if ok || !out.contains("permission denied") {
+            bail!("{sql:?} was not refused:\n{out}");
+        }
+    }
+
     section("psql as OS user \"nobody\": no mapping, refused before any database connection");
     let (ok, out) = psql(&unix_dsn, "SELECT 1", Some("nobody"))?;
     print!("{out}");
@@ -269,6 +295,20 @@ fn scenes(
     }
     Ok(())
 }
+
+const DEMO_POLICY: &str = r#"@id("connect-app")
+permit(principal, action == PgIam::Action::"connect", resource == PgIam::Database::"app");
+
+@id("read-accounts")
+permit(principal, action == PgIam::Action::"select", resource == PgIam::Table::"app.public.accounts");
+
+@id("functions")
+permit(principal, action == PgIam::Action::"execute", resource);
+
+@id("no-server-files")
+forbid(principal, action == PgIam::Action::"execute", resource)
+  when { resource.name like "pg_read_*" || resource.name like "lo_*" };
+"#;
 
 fn pgiam_cli(args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(workspace_root().join("target/release/pgiam"))

@@ -40,6 +40,14 @@ fn refuse_identity_change(how: &str) -> PgError {
     .with_hint("pgiam chooses the database role from the client's verified identity")
 }
 
+fn pinned_search_path() -> PgError {
+    PgError::fatal(
+        "42501",
+        "pgiam: search_path cannot be chosen at startup; pgiam pins it",
+    )
+    .with_hint("unqualified names are authorized against the search_path in pgiam's [policy]")
+}
+
 pub fn check(m: StartupMessage) -> Result<Checked, PgError> {
     let mut negotiation = (m.minor > 0).then(|| Negotiation {
         unrecognized: Vec::new(),
@@ -75,6 +83,7 @@ pub fn check(m: StartupMessage) -> Result<Checked, PgError> {
                     forwarded.push(("options".to_owned(), encode_options(&settings)));
                 }
             }
+            "search_path" => return Err(pinned_search_path()),
             n if IDENTITY_SETTINGS.contains(&n) => {
                 return Err(refuse_identity_change(&format!(
                     "startup parameter {name:?}"
@@ -169,6 +178,9 @@ pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, PgError> {
         }
         if IDENTITY_SETTINGS.contains(&name.as_str()) {
             return Err(refuse_identity_change(&format!("options {setting:?}")));
+        }
+        if name == "search_path" {
+            return Err(pinned_search_path());
         }
         settings.push((name, value.to_owned()));
     }
@@ -268,24 +280,40 @@ mod tests {
     }
 
     #[test]
+    fn search_path_is_pinned() {
+        for params in [
+            &[("user", "u"), ("search_path", "evil")][..],
+            &[("user", "u"), ("Search-Path", "evil")][..],
+            &[("user", "u"), ("options", "-c search_path=evil")][..],
+            &[("user", "u"), ("options", "--search-path=evil")][..],
+        ] {
+            assert_eq!(
+                check(startup(params)).unwrap_err().code,
+                "42501",
+                "{params:?}"
+            );
+        }
+    }
+
+    #[test]
     fn options_are_rebuilt_from_what_was_checked() {
         let c = check(startup(&[
             ("user", "u"),
             (
                 "options",
-                "  -c search_path=a\\ b   --statement-timeout=5s -cwork_mem=4MB",
+                "  -c application_name=a\\ b   --statement-timeout=5s -cwork_mem=4MB",
             ),
         ]))
         .unwrap();
         let options = &c.forwarded.iter().find(|(k, _)| k == "options").unwrap().1;
         assert_eq!(
             options,
-            "-c search_path=a\\ b -c statement_timeout=5s -c work_mem=4MB"
+            "-c application_name=a\\ b -c statement_timeout=5s -c work_mem=4MB"
         );
         assert_eq!(
             parse_options(options).unwrap(),
             vec![
-                ("search_path".to_string(), "a b".to_string()),
+                ("application_name".to_string(), "a b".to_string()),
                 ("statement_timeout".to_string(), "5s".to_string()),
                 ("work_mem".to_string(), "4MB".to_string())
             ]

@@ -1,21 +1,24 @@
-//! Every statement a session sends, written to the audit log before it is forwarded.
+//! Where a client's statement is authorized: every message after login passes [`Gate::check`],
+//! which classifies the SQL it carries, asks the policy, writes the decision record and says
+//! what may be forwarded. Only an [`Authorized`] lets the client's own bytes through; a refused
+//! message is replaced by a sentinel that makes the server fail at exactly that point (so a
+//! pipeline, a transaction block and the unnamed statement behave as after a server error),
+//! and [`super::responses`] puts pgiam's error in place of the server's.
 //!
-//! A simple Query is recorded with its classification; the extended protocol's Parse likewise,
-//! and each Execute with the SQL of the statement its portal was bound to (prepared statements
-//! run many times and each run is recorded). FunctionCall is recorded by function oid. Text of
-//! statements that can carry secrets (CREATE/ALTER ROLE … PASSWORD, user mappings, servers) is
-//! stored normalized, with constants replaced by placeholders.
-//!
-//! No policy decides yet (issue: statement authorization): each record says `"policy": "none"`.
+//! Prepared statements share one namespace, as in PostgreSQL: protocol Parse and SQL PREPARE
+//! both add to it, Close and DEALLOCATE remove, EXECUTE and Execute are authorized against the
+//! classification stored when the statement was created, with the policy in force now.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use bytes::{Bytes, BytesMut};
 use serde_json::{json, Map, Value};
 
 use crate::audit::{AuditError, AuditLog};
-use crate::sql;
-use crate::wire::{FrontendMessage, Target};
+use crate::policy::{Ask, Decision, PolicyStore, Principal, Resolver};
+use crate::sql::{self, Statement};
+use crate::wire::{FrontendMessage, PgError, Target};
 
 /// Node types whose text may hold a password or a credential.
 const SECRET_NODES: &[&str] = &[
@@ -29,146 +32,592 @@ const SECRET_NODES: &[&str] = &[
     "AlterSubscriptionStmt",
 ];
 
-pub struct StatementLog {
-    audit: AuditLog,
-    session_id: String,
-    principal: String,
-    role: String,
-    database: String,
-    /// Protocol-level prepared statements: name → SQL (the unnamed one is "").
-    prepared: HashMap<Vec<u8>, Arc<str>>,
-    /// Portals: name → the prepared statement they were bound to.
-    portals: HashMap<Vec<u8>, Vec<u8>>,
+/// Text that no PostgreSQL parses: the server answers it with a syntax error (42601), or with
+/// 25P02 inside a failed transaction, and does nothing else.
+pub const SENTINEL_SQL: &str = "pgiam_refused";
+
+/// The client's message may be forwarded as it is. Only [`Gate::check`] makes one.
+#[derive(Debug)]
+pub struct Authorized(());
+
+/// What to forward for one client message.
+#[derive(Debug)]
+pub enum Checked {
+    Forward(Authorized),
+    /// Forward these bytes instead: the sentinel for a refused message.
+    Substitute(Bytes),
 }
 
-impl StatementLog {
+/// A response the server owes, in the order the requests were forwarded.
+#[derive(Debug)]
+pub struct Expect {
+    pub kind: ExpectKind,
+    /// The decision record this response completes.
+    pub record: Option<String>,
+    /// The statement was refused: the server's error for the sentinel is replaced by this.
+    pub refused: Option<PgError>,
+    /// Prepared statements this request creates: (index of the statement in a Query, name,
+    /// generation). They are forgotten if the statement fails.
+    pub creates: Vec<(usize, Vec<u8>, u64)>,
+    pub started: std::time::Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpectKind {
+    Query,
+    FunctionCall,
+    Parse,
+    Bind,
+    Execute,
+    Describe,
+    Close,
+    Sync,
+}
+
+impl ExpectKind {
+    /// Part of the extended protocol: after an error the server skips these until Sync.
+    pub fn is_extended(self) -> bool {
+        !matches!(
+            self,
+            ExpectKind::Query | ExpectKind::FunctionCall | ExpectKind::Sync
+        )
+    }
+}
+
+/// A prepared statement the server may hold.
+#[derive(Debug)]
+struct Prepared {
+    sql: Arc<str>,
+    statements: Arc<[Statement]>,
+    generation: u64,
+}
+
+/// Who the session is, for its records.
+pub struct SessionInfo {
+    pub session_id: Option<String>,
+    pub principal_name: String,
+    pub role: String,
+    pub database: String,
+    pub identity: Value,
+}
+
+pub struct Gate {
+    audit: Option<AuditLog>,
+    policies: Arc<PolicyStore>,
+    policy_generation: u64,
+    policy: Arc<crate::policy::Policy>,
+    decisions: HashMap<Ask, Decision>,
+    principal: Principal,
+    resolver: Resolver,
+    gateway: bool,
+    info: SessionInfo,
+    prepared: HashMap<Vec<u8>, Prepared>,
+    /// Portal → the prepared statement it was bound to.
+    portals: HashMap<Vec<u8>, Vec<u8>>,
+    next_generation: u64,
+    /// Decision records for the messages checked since the last [`Gate::take_records`].
+    records: Vec<Map<String, Value>>,
+}
+
+/// A statement's classification, or why there is none.
+type Classified = Result<Arc<[Statement]>, sql::SqlError>;
+
+impl Gate {
     pub fn new(
-        audit: AuditLog,
-        session_id: String,
-        principal: String,
-        role: String,
-        database: String,
-    ) -> StatementLog {
-        StatementLog {
+        audit: Option<AuditLog>,
+        policies: Arc<PolicyStore>,
+        principal: Principal,
+        resolver: Resolver,
+        gateway: bool,
+        info: SessionInfo,
+    ) -> Gate {
+        Gate {
             audit,
-            session_id,
+            policy_generation: policies.generation(),
+            policy: policies.current(),
+            policies,
+            decisions: HashMap::new(),
             principal,
-            role,
-            database,
+            resolver,
+            gateway,
+            info,
             prepared: HashMap::new(),
             portals: HashMap::new(),
+            next_generation: 0,
+            records: Vec::new(),
         }
     }
 
-    fn base(&self, protocol: &str) -> Map<String, Value> {
-        crate::audit_fields! {
-            "id" => self.audit.next_id(),
-            "kind" => "statement",
-            "session" => self.session_id,
-            "principal" => self.principal,
-            "role" => self.role,
-            "database" => self.database,
-            "protocol" => protocol,
-            "policy" => "none",
+    /// Takes up a reloaded policy; decisions cached under the old one are dropped.
+    pub fn refresh_policy(&mut self) {
+        let g = self.policies.generation();
+        if g != self.policy_generation {
+            self.policy_generation = g;
+            self.policy = self.policies.current();
+            self.decisions.clear();
         }
     }
 
-    /// Classifies `text` and returns (what to store as the text, the classification).
-    /// `standard_conforming_strings` decides where string literals, and so statements, end.
-    fn describe(&self, text: &[u8], standard_conforming_strings: bool) -> (Value, Value) {
-        let text = String::from_utf8_lossy(text);
-        match sql::classify(&text, standard_conforming_strings) {
-            Ok(statements) => {
-                let secret = statements
-                    .iter()
-                    .any(|s| SECRET_NODES.contains(&s.node.as_str()));
-                let stored = if secret {
-                    pg_query::normalize(&text).unwrap_or_else(|_| "<redacted>".into())
-                } else {
-                    text.into_owned()
-                };
-                (Value::String(stored), json!(statements))
+    /// A prepared statement the server did not create after all.
+    pub fn forget_prepared(&mut self, name: &[u8], generation: u64) {
+        if self.prepared.get(name).map(|p| p.generation) == Some(generation) {
+            self.prepared.remove(name);
+        }
+    }
+
+    fn decide(&mut self, asks: &[Ask]) -> Decision {
+        let mut policies = std::collections::BTreeSet::new();
+        for ask in asks {
+            let d = match self.decisions.get(ask) {
+                Some(d) => d.clone(),
+                None => {
+                    let d = self.policy.decide(&self.principal, ask);
+                    if self.decisions.len() >= 4096 {
+                        self.decisions.clear();
+                    }
+                    self.decisions.insert(ask.clone(), d.clone());
+                    d
+                }
+            };
+            if !d.allowed {
+                return d;
             }
-            // The server will refuse it too; its text is not stored, since a mistyped statement
-            // can still carry a password.
+            policies.extend(d.policies);
+        }
+        Decision {
+            allowed: true,
+            policies: policies.into_iter().collect(),
+            denied: None,
+            reason: None,
+        }
+    }
+
+    /// Decides a list of statements (a Query's, or one prepared statement's).
+    fn decide_statements(&mut self, statements: &[Statement]) -> Decision {
+        let mut all = std::collections::BTreeSet::new();
+        for s in statements {
+            if let Some(d) = crate::policy::fixed_refusal(s, self.gateway) {
+                return d;
+            }
+            let mut asks = self.resolver.asks(s);
+            if let Some(name) = &s.executes {
+                match self.prepared.get(name.as_bytes()) {
+                    Some(p) => {
+                        let inner = p.statements.clone();
+                        for i in inner.iter() {
+                            if let Some(d) = crate::policy::fixed_refusal(i, self.gateway) {
+                                return d;
+                            }
+                            asks.extend(self.resolver.asks(i));
+                        }
+                    }
+                    None => {
+                        return Decision::refuse(
+                            format!("execute {name}"),
+                            "no prepared statement of that name is known to pgiam",
+                        )
+                    }
+                }
+            }
+            let d = self.decide(&asks);
+            if !d.allowed {
+                return d;
+            }
+            all.extend(d.policies);
+        }
+        Decision {
+            allowed: true,
+            policies: all.into_iter().collect(),
+            denied: None,
+            reason: None,
+        }
+    }
+
+    /// Effects on pgiam's view of the session of statements that will run.
+    fn apply_effects(
+        &mut self,
+        statements: &[Statement],
+        text: &Arc<str>,
+        creates: &mut Vec<(usize, Vec<u8>, u64)>,
+    ) {
+        for (i, s) in statements.iter().enumerate() {
+            if s.temp {
+                self.resolver.temp = true;
+            }
+            if let Some(name) = &s.prepares {
+                if !self.prepared.contains_key(name.as_bytes()) {
+                    let g = self.generation();
+                    self.prepared.insert(
+                        name.as_bytes().to_vec(),
+                        Prepared {
+                            sql: text.clone(),
+                            statements: Arc::from(vec![s.clone()]),
+                            generation: g,
+                        },
+                    );
+                    creates.push((i, name.as_bytes().to_vec(), g));
+                }
+            }
+            match s.deallocates.as_deref() {
+                Some("") => self.prepared.retain(|n, _| n.is_empty()),
+                Some(n) => {
+                    self.prepared.remove(n.as_bytes());
+                }
+                None => {}
+            }
+            if s.node == "DiscardStmt" && s.role_change {
+                // DISCARD ALL: every prepared statement goes, and temporary tables with it.
+                self.prepared.clear();
+                self.portals.clear();
+            }
+        }
+    }
+
+    fn generation(&mut self) -> u64 {
+        self.next_generation += 1;
+        self.next_generation
+    }
+
+    fn classify(sql: &[u8], scs: bool) -> Classified {
+        match std::str::from_utf8(sql) {
+            Ok(text) => sql::classify_cached(text, scs),
+            Err(_) => Err(sql::SqlError::Syntax(
+                "statement text is not valid UTF-8".into(),
+            )),
+        }
+    }
+
+    /// Writes the decision record; returns its id.
+    fn record(
+        &mut self,
+        protocol: &str,
+        text: Option<&str>,
+        statements: &Classified,
+        decision: &Decision,
+        extra: &[(&str, Value)],
+    ) -> Option<String> {
+        let audit = self.audit.as_ref()?;
+        let id = audit.next_id();
+        let mut r = crate::audit_fields! {
+            "id" => id,
+            "kind" => "statement",
+            "session" => self.info.session_id,
+            "principal" => self.info.principal_name,
+            "role" => self.info.role,
+            "database" => self.info.database,
+            "identity" => self.info.identity,
+            "protocol" => protocol,
+            "decision" => if decision.allowed { "allow" } else { "deny" },
+            "policies" => decision.policies,
+        };
+        if let Some(d) = &decision.denied {
+            r.insert("denied".into(), json!(d));
+        }
+        if let Some(reason) = &decision.reason {
+            r.insert("reason".into(), json!(reason));
+        }
+        for (k, v) in extra {
+            r.insert((*k).to_owned(), v.clone());
+        }
+        match statements {
+            Ok(list) => {
+                if let Some(text) = text {
+                    let secret = list.iter().any(|s| SECRET_NODES.contains(&s.node.as_str()));
+                    let stored = if secret {
+                        pg_query::normalize(text).unwrap_or_else(|_| "<redacted>".into())
+                    } else {
+                        text.to_owned()
+                    };
+                    r.insert("sql".into(), json!(stored));
+                }
+                r.insert("statements".into(), json!(list));
+            }
+            Err(e) => {
+                // A statement that does not parse can still carry a password: its text is not
+                // stored.
+                if let Some(text) = text {
+                    r.insert(
+                        "sql".into(),
+                        json!(format!("<unparsed, {} bytes>", text.len())),
+                    );
+                }
+                r.insert("error".into(), json!(e.to_string()));
+            }
+        }
+        self.records.push(r);
+        Some(id)
+    }
+
+    /// The decision for a classification, or the refusal for text that does not parse.
+    fn decide_classified(&mut self, statements: &Classified) -> (Decision, &'static str) {
+        match statements {
+            Ok(list) => {
+                let list = list.clone();
+                (self.decide_statements(&list), "42501")
+            }
             Err(e) => (
-                Value::String(format!("<unparsed, {} bytes>", text.len())),
-                json!({ "error": e.to_string() }),
+                Decision::refuse("parse", format!("pgiam cannot parse the statement: {e}")),
+                "42601",
             ),
         }
     }
 
-    /// Notes one validated message about to be forwarded; statements add a record to
-    /// `records`, which [`StatementLog::commit`] writes before the messages are forwarded.
-    pub fn observe(
+    /// Checks one client message; `expects` receives the response the server will owe for it.
+    pub fn check(
         &mut self,
         message: &FrontendMessage<'_>,
         standard_conforming_strings: bool,
-        records: &mut Vec<Map<String, Value>>,
-    ) {
+        expects: &mut Vec<Expect>,
+    ) -> Checked {
+        let started = std::time::Instant::now();
+        let mut expect = |kind, record: Option<String>, refused: Option<PgError>, creates| {
+            expects.push(Expect {
+                kind,
+                record,
+                refused,
+                creates,
+                started,
+            })
+        };
         match *message {
             FrontendMessage::Query { sql } => {
-                let (text, statements) = self.describe(sql, standard_conforming_strings);
-                let mut r = self.base("simple");
-                r.insert("sql".into(), text);
-                r.insert("statements".into(), statements);
-                records.push(r);
+                let classified = Self::classify(sql, standard_conforming_strings);
+                let (decision, code) = self.decide_classified(&classified);
+                let text = String::from_utf8_lossy(sql);
+                let id = self.record("simple", Some(&text), &classified, &decision, &[]);
+                if !decision.allowed {
+                    let e = refusal(code, &decision, id.as_deref());
+                    expect(ExpectKind::Query, id, Some(e), Vec::new());
+                    return Checked::Substitute(sentinel_query());
+                }
+                let mut creates = Vec::new();
+                if let Ok(list) = &classified {
+                    let text: Arc<str> = text.into();
+                    self.apply_effects(list, &text, &mut creates);
+                }
+                expect(ExpectKind::Query, id, None, creates);
+                Checked::Forward(Authorized(()))
             }
             FrontendMessage::Parse { name, sql, .. } => {
-                let (text, statements) = self.describe(sql, standard_conforming_strings);
-                let mut r = self.base("parse");
-                r.insert("statement".into(), json!(String::from_utf8_lossy(name)));
-                r.insert("sql".into(), text.clone());
-                r.insert("statements".into(), statements);
-                records.push(r);
-                let stored: Arc<str> = text.as_str().unwrap_or_default().into();
-                self.prepared.insert(name.to_vec(), stored);
+                let classified = Self::classify(sql, standard_conforming_strings);
+                let (decision, code) = self.decide_classified(&classified);
+                let text = String::from_utf8_lossy(sql);
+                let statement = json!(String::from_utf8_lossy(name));
+                let id = self.record(
+                    "parse",
+                    Some(&text),
+                    &classified,
+                    &decision,
+                    &[("statement", statement)],
+                );
+                if !decision.allowed {
+                    // A failed Parse of the unnamed statement drops the old one, as here.
+                    if name.is_empty() {
+                        self.prepared.remove(name);
+                    }
+                    let e = refusal(code, &decision, id.as_deref());
+                    expect(ExpectKind::Parse, id, Some(e), Vec::new());
+                    // A failed named Parse leaves the namespace as it was, whatever the name.
+                    let target = if name.is_empty() { "" } else { SENTINEL_SQL };
+                    return Checked::Substitute(sentinel_parse(target));
+                }
+                let mut creates = Vec::new();
+                if let Ok(list) = classified {
+                    // A named statement that exists is not replaced: the server refuses the
+                    // Parse (42P05) and keeps the old one.
+                    if name.is_empty() || !self.prepared.contains_key(name) {
+                        let g = self.generation();
+                        self.prepared.insert(
+                            name.to_vec(),
+                            Prepared {
+                                sql: text.into(),
+                                statements: list,
+                                generation: g,
+                            },
+                        );
+                        creates.push((0, name.to_vec(), g));
+                    }
+                }
+                expect(ExpectKind::Parse, id, None, creates);
+                Checked::Forward(Authorized(()))
             }
             FrontendMessage::Bind {
                 portal, statement, ..
             } => {
                 self.portals.insert(portal.to_vec(), statement.to_vec());
+                expect(ExpectKind::Bind, None, None, Vec::new());
+                Checked::Forward(Authorized(()))
             }
-            FrontendMessage::Execute { portal, .. } => {
-                let statement = self.portals.get(portal).cloned().unwrap_or_default();
-                let mut r = self.base("execute");
-                r.insert("portal".into(), json!(String::from_utf8_lossy(portal)));
-                r.insert(
-                    "statement".into(),
-                    json!(String::from_utf8_lossy(&statement)),
-                );
-                if let Some(sql) = self.prepared.get(&statement) {
-                    r.insert("sql".into(), json!(sql.as_ref()));
-                }
-                records.push(r);
+            FrontendMessage::Execute { portal, .. } => self.check_execute(portal, expects, started),
+            FrontendMessage::Describe { .. } => {
+                expect(ExpectKind::Describe, None, None, Vec::new());
+                Checked::Forward(Authorized(()))
             }
-            FrontendMessage::Close { target, name } => match target {
-                Target::Statement => {
-                    self.prepared.remove(name);
+            FrontendMessage::Close { target, name } => {
+                match target {
+                    Target::Statement => {
+                        self.prepared.remove(name);
+                    }
+                    Target::Portal => {
+                        self.portals.remove(name);
+                    }
                 }
-                Target::Portal => {
-                    self.portals.remove(name);
-                }
-            },
+                expect(ExpectKind::Close, None, None, Vec::new());
+                Checked::Forward(Authorized(()))
+            }
+            FrontendMessage::Sync => {
+                expect(ExpectKind::Sync, None, None, Vec::new());
+                Checked::Forward(Authorized(()))
+            }
             FrontendMessage::FunctionCall { function_oid, .. } => {
-                let mut r = self.base("function_call");
-                r.insert("function_oid".into(), json!(function_oid));
-                records.push(r);
+                let ask = Ask {
+                    function_oid: Some(function_oid),
+                    ..Ask::on_database(crate::policy::Action::FunctionCall, "function_call")
+                };
+                let decision = self.decide(&[ask]);
+                let id = self.record(
+                    "function_call",
+                    None,
+                    &Ok(Arc::from(Vec::new())),
+                    &decision,
+                    &[("function_oid", json!(function_oid))],
+                );
+                if !decision.allowed {
+                    let e = refusal("42501", &decision, id.as_deref());
+                    expect(ExpectKind::FunctionCall, id, Some(e), Vec::new());
+                    return Checked::Substitute(sentinel_query());
+                }
+                expect(ExpectKind::FunctionCall, id, None, Vec::new());
+                Checked::Forward(Authorized(()))
             }
-            _ => {}
+            // Flush and COPY data: no response of their own, nothing to decide (the COPY
+            // statement was).
+            _ => Checked::Forward(Authorized(())),
         }
+    }
+
+    fn check_execute(
+        &mut self,
+        portal: &[u8],
+        expects: &mut Vec<Expect>,
+        started: std::time::Instant,
+    ) -> Checked {
+        let portal_name = json!(String::from_utf8_lossy(portal));
+        let bound = self
+            .portals
+            .get(portal)
+            .map(|s| (s.clone(), self.prepared.get(s)));
+        let (decision, text, classified, statement) = match bound {
+            Some((name, Some(p))) => {
+                let classified: Classified = Ok(p.statements.clone());
+                let text = p.sql.clone();
+                let (d, _) = self.decide_classified(&classified);
+                (
+                    d,
+                    Some(text),
+                    classified,
+                    json!(String::from_utf8_lossy(&name)),
+                )
+            }
+            // Bound to a statement pgiam does not know: nothing to authorize it against.
+            Some((name, None)) => (
+                Decision::refuse(
+                    "execute of an unknown prepared statement",
+                    "the portal is bound to a statement pgiam has no classification for",
+                ),
+                None,
+                Ok(Arc::from(Vec::new())),
+                json!(String::from_utf8_lossy(&name)),
+            ),
+            // Never bound here: a cursor opened by DECLARE or by a function, whose query was
+            // authorized when it was opened. If no such portal exists the server says so.
+            None => (
+                Decision {
+                    allowed: true,
+                    policies: Vec::new(),
+                    denied: None,
+                    reason: Some("fetch from a cursor authorized when it was opened".into()),
+                },
+                None,
+                Ok(Arc::from(Vec::new())),
+                Value::Null,
+            ),
+        };
+        let id = self.record(
+            "execute",
+            text.as_deref(),
+            &classified,
+            &decision,
+            &[("portal", portal_name), ("statement", statement)],
+        );
+        let mut creates = Vec::new();
+        if decision.allowed {
+            if let (Ok(list), Some(text)) = (&classified, &text) {
+                self.apply_effects(list, text, &mut creates);
+            }
+        }
+        let refused = (!decision.allowed).then(|| refusal("42501", &decision, id.as_deref()));
+        let substitute = refused.is_some();
+        expects.push(Expect {
+            kind: ExpectKind::Execute,
+            record: id,
+            refused,
+            creates,
+            started,
+        });
+        if substitute {
+            // A Parse that fails before it creates anything: the pipeline errors right here.
+            Checked::Substitute(sentinel_parse(SENTINEL_SQL))
+        } else {
+            Checked::Forward(Authorized(()))
+        }
+    }
+
+    /// The decision records of the messages checked so far, to commit before forwarding.
+    pub fn take_records(&mut self) -> Vec<Map<String, Value>> {
+        std::mem::take(&mut self.records)
     }
 
     /// Writes `records` and returns once all are written (and synced, with durability
     /// `always`). One wait covers the batch: the writer keeps order and acknowledges the last
     /// record only once everything before it is written too.
-    pub async fn commit(&self, mut records: Vec<Map<String, Value>>) -> Result<(), AuditError> {
-        let Some(last) = records.pop() else {
+    pub async fn commit(
+        audit: Option<&AuditLog>,
+        mut records: Vec<Map<String, Value>>,
+    ) -> Result<(), AuditError> {
+        let (Some(audit), Some(last)) = (audit, records.pop()) else {
             return Ok(());
         };
         for r in records {
-            self.audit.record_later(r);
+            audit.record_later(r);
         }
-        self.audit.record(last).await
+        audit.record(last).await
     }
+}
+
+/// The error a client sees for a refused statement: the action and resource, and the audit
+/// record in the hint; never the policy's text.
+fn refusal(code: &'static str, decision: &Decision, record: Option<&str>) -> PgError {
+    let what = decision.denied.as_deref().unwrap_or("statement");
+    let mut e = PgError::error(code, format!("pgiam: permission denied: {what}"));
+    if let Some(reason) = &decision.reason {
+        e = e.with_detail(reason.clone());
+    }
+    match record {
+        Some(id) => e.with_audit_id(id),
+        None => e,
+    }
+}
+
+fn sentinel_query() -> Bytes {
+    let mut b = BytesMut::new();
+    postgres_protocol::message::frontend::query(SENTINEL_SQL, &mut b).expect("no NUL");
+    b.freeze()
+}
+
+fn sentinel_parse(name: &str) -> Bytes {
+    let mut b = BytesMut::new();
+    postgres_protocol::message::frontend::parse(name, SENTINEL_SQL, std::iter::empty(), &mut b)
+        .expect("no NUL");
+    b.freeze()
 }

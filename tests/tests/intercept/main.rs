@@ -71,6 +71,8 @@ tcp6 = "[::1]:{port}"
 [upstream]
 host = "127.0.0.1"
 port = {pg_port}
+[policy]
+file = "{policy}"
 [roles.{RW}]
 password_file = "{rw}"
 [roles.{RO}]
@@ -91,6 +93,13 @@ fast_path = {fast_path}
 bpffs_dir = "{bpffs}"
 "#,
             state = dir.path().join("state").display(),
+            policy = write_file(
+                dir.path(),
+                "policy.cedar",
+                "permit(principal, action, resource);",
+                0o644
+            )
+            .display(),
             pg_port = pg.port,
             rw = rw.display(),
             ro = ro.display(),

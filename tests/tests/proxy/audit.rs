@@ -3,21 +3,7 @@
 
 use std::process::Command;
 
-use pgiam_tests::pgiam_bin;
-
 use crate::fixture::*;
-
-fn verify(path: &std::path::Path) -> (bool, String) {
-    let out = Command::new(pgiam_bin())
-        .args(["audit", "verify"])
-        .arg(path)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
 
 #[test]
 fn session_decisions_are_audited_and_the_chain_catches_edits() {

@@ -39,7 +39,11 @@ pub struct Setup {
     pub principal: String,
     /// `[audit]` path; `None`: `audit.jsonl` in the test's directory.
     pub audit_path: Option<String>,
+    /// The Cedar policy; by default everything is permitted.
+    pub policy: String,
 }
+
+pub const ALLOW_ALL: &str = "@id(\"test-allow-all\")\npermit(principal, action, resource);\n";
 
 impl Default for Setup {
     fn default() -> Self {
@@ -51,6 +55,7 @@ impl Default for Setup {
             limits: String::new(),
             principal: format!("uid:{}", nix::unistd::geteuid()),
             audit_path: None,
+            policy: ALLOW_ALL.into(),
         }
     }
 }
@@ -109,10 +114,13 @@ password_file = "{pw}"
 principal = "{principal}"
 database = "{DB}"
 role = "{ROLE}"
+[policy]
+file = "{policy}"
 [audit]
 path = "{audit}"
 {extra}
 "#,
+            policy = write_file(dir.path(), "policy.cedar", &setup.policy, 0o644).display(),
             state = dir.path().join("state").display(),
             unix = unix_dir.join(format!(".s.PGSQL.{unix_port}")).display(),
             limits = setup.limits,
@@ -336,4 +344,17 @@ pub fn query_bytes(sql: &str) -> Vec<u8> {
 
 pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
+}
+
+/// `pgiam audit verify FILE`: (success, everything it printed).
+pub fn verify(path: &Path) -> (bool, String) {
+    let out = Command::new(pgiam_tests::pgiam_bin())
+        .args(["audit", "verify"])
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
 }

@@ -4,6 +4,7 @@
 mod fixture;
 
 mod audit;
+mod bypass;
 mod cancel;
 mod clients;
 mod malformed;

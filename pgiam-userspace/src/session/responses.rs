@@ -1,0 +1,398 @@
+//! The server's side of the conversation, matched to what was asked, without I/O.
+//!
+//! Every request pgiam forwarded left an [`Expect`] behind, in order. Reading the server's
+//! messages against that queue tells when each statement completed and how (SQLSTATE, rows,
+//! time: the completion record), which prepared statements were really created, and where the
+//! server's error for a sentinel must be replaced by pgiam's refusal. Rows stream through: only
+//! small control messages (ErrorResponse, CommandComplete, ParameterStatus, ReadyForQuery) are
+//! held until they are complete.
+
+use std::collections::VecDeque;
+
+use bytes::{Bytes, BytesMut};
+
+use super::statements::{Expect, ExpectKind};
+use crate::wire::{self, BackendMessage, WireError};
+
+/// Control messages larger than this are streamed without being read (no error pgiam would
+/// rewrite is this long).
+const MAX_INSPECT: usize = 1 << 20;
+
+/// What to do with the bytes at the front of the buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Forward this many bytes as they are.
+    Pass(usize),
+    /// Forward `with` instead of the next `len` bytes.
+    Replace { len: usize, with: Bytes },
+    /// Nothing can be decided until more bytes arrive.
+    NeedMore,
+}
+
+/// What the session learns from the server.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The statement of a decision record finished. `sqlstate: None`: the server skipped it
+    /// (an earlier message of its pipeline failed).
+    Completed {
+        record: String,
+        sqlstate: Option<String>,
+        rows: Option<u64>,
+        tag: Option<String>,
+        micros: u64,
+    },
+    /// A prepared statement pgiam expected was not created.
+    NotPrepared {
+        name: Vec<u8>,
+        generation: u64,
+    },
+    StandardConformingStrings(bool),
+}
+
+#[derive(Default)]
+pub struct Responses {
+    expects: VecDeque<Expect>,
+    /// Bytes of the message being streamed that are still to come.
+    remaining: usize,
+    /// Progress of the Query (or FunctionCall) at the front.
+    done: usize,
+    rows: u64,
+    tag: Option<String>,
+    error: Option<String>,
+    pub events: Vec<Event>,
+}
+
+impl Responses {
+    pub fn push(&mut self, e: Expect) {
+        self.expects.push_back(e);
+    }
+
+    /// Between messages: a message pgiam writes itself cannot land inside one of the server's.
+    pub fn at_boundary(&self) -> bool {
+        self.remaining == 0
+    }
+
+    pub fn step(&mut self, buf: &[u8]) -> Result<Step, WireError> {
+        if self.remaining > 0 {
+            if buf.is_empty() {
+                return Ok(Step::NeedMore);
+            }
+            let n = self.remaining.min(buf.len());
+            self.remaining -= n;
+            return Ok(Step::Pass(n));
+        }
+        // Backend messages are not capped: a row may legitimately be very large.
+        let Some(h) = wire::peek_header(buf, usize::MAX)? else {
+            return Ok(Step::NeedMore);
+        };
+        let inspect = matches!(h.tag, b'E' | b'C' | b'S' | b'Z') && h.total <= MAX_INSPECT;
+        if inspect {
+            if buf.len() < h.total {
+                return Ok(Step::NeedMore);
+            }
+            let body = &buf[5..h.total];
+            return Ok(match self.control(h.tag, body)? {
+                Some(with) => Step::Replace { len: h.total, with },
+                None => Step::Pass(h.total),
+            });
+        }
+        self.other(h.tag);
+        if buf.len() >= h.total {
+            Ok(Step::Pass(h.total))
+        } else {
+            self.remaining = h.total - buf.len();
+            Ok(Step::Pass(buf.len()))
+        }
+    }
+
+    fn front_kind(&self) -> Option<ExpectKind> {
+        self.expects.front().map(|e| e.kind)
+    }
+
+    /// Ends the request at the front. `sqlstate: None` for one the server skipped.
+    fn complete(&mut self, sqlstate: Option<&str>, rows: Option<u64>, tag: Option<String>) {
+        let Some(e) = self.expects.pop_front() else {
+            return;
+        };
+        let failed = sqlstate != Some("00000");
+        for (index, name, generation) in e.creates {
+            // In a Query, statements before the failing one ran.
+            let ran = matches!(e.kind, ExpectKind::Query) && index < self.done;
+            if failed && !ran {
+                self.events.push(Event::NotPrepared { name, generation });
+            }
+        }
+        if let Some(record) = e.record {
+            self.events.push(Event::Completed {
+                record,
+                sqlstate: sqlstate.map(str::to_owned),
+                rows,
+                tag,
+                micros: e.started.elapsed().as_micros() as u64,
+            });
+        }
+    }
+
+    /// Messages that need only their tag.
+    fn other(&mut self, tag: u8) {
+        match (tag, self.front_kind()) {
+            (b'1', Some(ExpectKind::Parse))
+            | (b'2', Some(ExpectKind::Bind))
+            | (b'3', Some(ExpectKind::Close))
+            | (b'T' | b'n', Some(ExpectKind::Describe)) => self.complete(Some("00000"), None, None),
+            (b'I', Some(ExpectKind::Query)) => self.done += 1,
+            (b'I', Some(ExpectKind::Execute)) => self.complete(Some("00000"), Some(0), None),
+            (b's', Some(ExpectKind::Execute)) => {
+                self.complete(Some("00000"), None, Some("suspended".into()))
+            }
+            _ => {}
+        }
+    }
+
+    /// ErrorResponse, CommandComplete, ParameterStatus, ReadyForQuery; returns a replacement.
+    fn control(&mut self, tag: u8, body: &[u8]) -> Result<Option<Bytes>, WireError> {
+        match wire::decode_backend(tag, body)? {
+            BackendMessage::ErrorResponse(fields) => {
+                let code = fields.get_str(b'C').unwrap_or("XX000").to_owned();
+                let Some(front) = self.expects.front() else {
+                    return Ok(None);
+                };
+                // The sentinel's own syntax error becomes pgiam's refusal; any other error
+                // (25P02 in a failed transaction, a shutdown) is what the server would have
+                // said about the statement too.
+                let replacement = match &front.refused {
+                    Some(e) if code == "42601" => {
+                        let mut b = BytesMut::new();
+                        e.encode(&mut b);
+                        Some(b.freeze())
+                    }
+                    _ => None,
+                };
+                let reported = if replacement.is_some() {
+                    front.refused.as_ref().map(|e| e.code.to_owned())
+                } else {
+                    Some(code)
+                };
+                match front.kind {
+                    ExpectKind::Query | ExpectKind::FunctionCall | ExpectKind::Sync => {
+                        if self.error.is_none() {
+                            self.error = reported;
+                        }
+                    }
+                    _ => {
+                        self.complete(reported.as_deref(), None, None);
+                        // The server skips the rest of the pipeline up to Sync.
+                        while self.front_kind().is_some_and(ExpectKind::is_extended) {
+                            self.complete(None, None, None);
+                        }
+                    }
+                }
+                Ok(replacement)
+            }
+            BackendMessage::CommandComplete { tag } => {
+                let tag = String::from_utf8_lossy(tag).into_owned();
+                let rows = tag.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok());
+                match self.front_kind() {
+                    Some(ExpectKind::Query) => {
+                        self.done += 1;
+                        self.rows += rows.unwrap_or(0);
+                        self.tag = Some(tag);
+                    }
+                    Some(ExpectKind::Execute) => self.complete(Some("00000"), rows, Some(tag)),
+                    _ => {}
+                }
+                Ok(None)
+            }
+            BackendMessage::ParameterStatus { name, value } => {
+                if name == b"standard_conforming_strings" {
+                    self.events
+                        .push(Event::StandardConformingStrings(value != b"off"));
+                }
+                Ok(None)
+            }
+            BackendMessage::ReadyForQuery(_) => {
+                // Ends a Query, a FunctionCall or a Sync (and anything before it, which the
+                // server skipped).
+                while let Some(kind) = self.front_kind() {
+                    if kind.is_extended() {
+                        self.complete(None, None, None);
+                        continue;
+                    }
+                    let error = self.error.take();
+                    let sqlstate = error.as_deref().unwrap_or("00000").to_owned();
+                    let (rows, tag) = match kind {
+                        ExpectKind::Query => (Some(self.rows), self.tag.take()),
+                        _ => (None, None),
+                    };
+                    self.complete(Some(&sqlstate), rows, tag);
+                    self.done = 0;
+                    self.rows = 0;
+                    self.tag = None;
+                    break;
+                }
+                Ok(None)
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::PgError;
+
+    fn expect(kind: ExpectKind, record: &str, refused: bool) -> Expect {
+        Expect {
+            kind,
+            record: (!record.is_empty()).then(|| record.to_owned()),
+            refused: refused.then(|| PgError::error("42501", "pgiam: permission denied: x")),
+            creates: Vec::new(),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    fn error(code: &'static str) -> BytesMut {
+        let mut b = BytesMut::new();
+        PgError::error(code, "m").encode(&mut b);
+        b
+    }
+
+    fn run(r: &mut Responses, data: &[u8], chunk: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        for piece in data.chunks(chunk) {
+            buf.extend_from_slice(piece);
+            let mut pos = 0;
+            loop {
+                match r.step(&buf[pos..]).unwrap() {
+                    Step::Pass(n) => {
+                        out.extend_from_slice(&buf[pos..pos + n]);
+                        pos += n;
+                    }
+                    Step::Replace { len, with } => {
+                        out.extend_from_slice(&with);
+                        pos += len;
+                    }
+                    Step::NeedMore => break,
+                }
+            }
+            buf.drain(..pos);
+        }
+        assert!(buf.is_empty());
+        out
+    }
+
+    fn completions(r: &Responses) -> Vec<(String, Option<String>, Option<u64>)> {
+        r.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Completed {
+                    record,
+                    sqlstate,
+                    rows,
+                    ..
+                } => Some((record.clone(), sqlstate.clone(), *rows)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_refused_message_in_a_pipeline_fails_there_and_the_rest_is_skipped() {
+        for chunk in [1, 3, 7, 1000] {
+            let mut r = Responses::default();
+            r.push(expect(ExpectKind::Parse, "a", false));
+            r.push(expect(ExpectKind::Bind, "", false));
+            r.push(expect(ExpectKind::Execute, "b", false));
+            r.push(expect(ExpectKind::Parse, "c", true));
+            r.push(expect(ExpectKind::Bind, "", false));
+            r.push(expect(ExpectKind::Execute, "d", false));
+            r.push(expect(ExpectKind::Sync, "", false));
+            let mut head = BytesMut::new();
+            head.extend_from_slice(b"1\0\0\0\x042\0\0\0\x04");
+            wire::command_complete(b"INSERT 0 1", &mut head);
+            let mut z = BytesMut::new();
+            wire::ready_for_query(wire::TransactionStatus::Idle, &mut z);
+            let server = [&head[..], &error("42601"), &z].concat();
+            let out = run(&mut r, &server, chunk);
+            let mut refusal = BytesMut::new();
+            PgError::error("42501", "pgiam: permission denied: x").encode(&mut refusal);
+            assert_eq!(out, [&head[..], &refusal, &z].concat(), "chunk {chunk}");
+            assert_eq!(
+                completions(&r),
+                [
+                    ("a".into(), Some("00000".into()), None),
+                    ("b".into(), Some("00000".into()), Some(1)),
+                    ("c".into(), Some("42501".into()), None),
+                    ("d".into(), None, None),
+                ]
+            );
+            assert!(r.expects.is_empty());
+        }
+    }
+
+    #[test]
+    fn only_the_sentinels_syntax_error_is_rewritten() {
+        let mut r = Responses::default();
+        r.push(expect(ExpectKind::Query, "q", true));
+        let mut server = error("25P02");
+        wire::ready_for_query(wire::TransactionStatus::Failed, &mut server);
+        assert_eq!(run(&mut r, &server, 1000), server.to_vec());
+        assert_eq!(
+            completions(&r),
+            [("q".into(), Some("25P02".into()), Some(0))]
+        );
+    }
+
+    #[test]
+    fn a_query_counts_rows_and_forgets_what_it_did_not_prepare() {
+        let mut r = Responses::default();
+        let mut q = expect(ExpectKind::Query, "q", false);
+        q.creates = vec![(0, b"p1".to_vec(), 1), (2, b"p2".to_vec(), 2)];
+        r.push(q);
+        let mut server = BytesMut::new();
+        wire::command_complete(b"PREPARE", &mut server);
+        wire::command_complete(b"SELECT 3", &mut server);
+        server.extend_from_slice(&error("22012"));
+        wire::ready_for_query(wire::TransactionStatus::Idle, &mut server);
+        // A large row streams through in pieces.
+        let mut big = BytesMut::new();
+        big.extend_from_slice(b"D\0\x01\0\x04");
+        big.extend_from_slice(&vec![b'x'; 65536]);
+        let mut all = big.clone();
+        all.extend_from_slice(&server);
+        assert_eq!(run(&mut r, &all, 4096), all.to_vec());
+        assert_eq!(
+            completions(&r),
+            [("q".into(), Some("22012".into()), Some(3))]
+        );
+        assert!(r.events.contains(&Event::NotPrepared {
+            name: b"p2".to_vec(),
+            generation: 2
+        }));
+        assert!(!r
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::NotPrepared { name, .. } if name == b"p1")));
+    }
+
+    #[test]
+    fn standard_conforming_strings_changes_are_seen_across_reads() {
+        let mut b = BytesMut::new();
+        wire::parameter_status(b"application_name", b"x", &mut b);
+        wire::parameter_status(b"standard_conforming_strings", b"off", &mut b);
+        wire::ready_for_query(wire::TransactionStatus::Idle, &mut b);
+        for chunk in 1..b.len() {
+            let mut r = Responses::default();
+            assert_eq!(run(&mut r, &b, chunk), b.to_vec());
+            assert_eq!(
+                r.events,
+                [Event::StandardConformingStrings(false)],
+                "chunk {chunk}"
+            );
+            assert!(r.at_boundary());
+        }
+        assert!(Responses::default().step(b"Z\0\0\0\x02").is_err());
+    }
+}
