@@ -82,7 +82,7 @@ pub struct Statement {
     /// DEALLOCATE: the name it removes; `Some("")` for DEALLOCATE ALL.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deallocates: Option<String>,
-    /// SET/RESET ROLE, SET SESSION AUTHORIZATION, RESET ALL, DISCARD ALL, set_config('role'|…)
+    /// SET/RESET ROLE, SET SESSION AUTHORIZATION, DISCARD ALL, set_config('role'|…)
     /// or set_config() of a setting that is not a constant.
     pub role_change: bool,
     /// Settings changed by SET, RESET or set_config(), lower-cased.
@@ -436,11 +436,10 @@ impl Walker<'_> {
             }
             "VariableSetStmt" => {
                 let name = body.get("name").and_then(Value::as_str).unwrap_or("");
-                let kind = body.get("kind").and_then(Value::as_i64).unwrap_or(0);
-                // RESET ALL resets the role with everything else. VAR_RESET_ALL is 6 in the
-                // protobuf enum (it starts with an UNDEFINED the C enum does not have).
+                // RESET ALL leaves role and session_authorization alone (GUC_NO_RESET_ALL), so
+                // it changes no identity. VAR_RESET_ALL is 6 in the protobuf enum.
                 let name = name.to_ascii_lowercase();
-                if ROLE_SETTINGS.contains(&name.as_str()) || kind == 6 {
+                if ROLE_SETTINGS.contains(&name.as_str()) {
                     self.out.role_change = true;
                 }
                 if !name.is_empty() {
@@ -721,7 +720,6 @@ mod tests {
             "set local role postgres",
             "RESET ROLE",
             "SET SESSION AUTHORIZATION postgres",
-            "RESET ALL",
             "DISCARD ALL",
             "SELECT set_config('role', 'postgres', false)",
             "SELECT set_config('ROLE', 'postgres', false)",
@@ -734,6 +732,7 @@ mod tests {
             "SET search_path = x",
             "SELECT set_config('work_mem', '4MB', false)",
             "DISCARD PLANS",
+            "RESET ALL",
         ] {
             assert!(!one(sql).role_change, "{sql}");
         }

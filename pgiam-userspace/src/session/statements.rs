@@ -474,7 +474,16 @@ impl Gate {
                     function_oid: Some(function_oid),
                     ..Ask::on_database(crate::policy::Action::FunctionCall, "function_call")
                 };
-                let decision = self.decide(&[ask]);
+                // The function is known only by its oid: in gateway mode it could be
+                // set_config('role', …), so no policy can allow it there.
+                let decision = if self.gateway {
+                    Decision::refuse(
+                        "function call in gateway mode",
+                        "in gateway mode FunctionCall messages are refused",
+                    )
+                } else {
+                    self.decide(&[ask])
+                };
                 let id = self.record(
                     "function_call",
                     None,

@@ -17,14 +17,7 @@ fn session_decisions_are_audited_and_the_chain_catches_edits() {
     assert!(refused_err.contains("pgiam audit record"), "{refused_err}");
 
     // The end record is written after the session; wait for it.
-    let mut records = Vec::new();
-    for _ in 0..100 {
-        records = env.audit_records();
-        if records.iter().any(|r| r["kind"] == "session_end") {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let records = env.audit_records_until(|r| r.iter().any(|r| r["kind"] == "session_end"));
     let allow = records
         .iter()
         .find(|r| r["decision"] == "allow")
@@ -107,9 +100,10 @@ async fn every_statement_is_audited_before_it_runs() {
         .batch_execute(&format!("ALTER ROLE {ROLE} PASSWORD 'hunter2-secret'"))
         .await
         .unwrap();
+    assert!(client.simple_query("SELECT 1/0").await.is_err());
     drop(client);
 
-    let records = env.audit_records();
+    let records = env.audit_records_until(|r| r.iter().any(|r| r["kind"] == "session_end"));
     let session = records
         .iter()
         .find(|r| r["decision"] == "allow")
@@ -153,6 +147,37 @@ async fn every_statement_is_audited_before_it_runs() {
         .filter(|r| r["protocol"] == "execute" && r["sql"] == "SELECT a FROM audited WHERE a = $1")
         .count();
     assert_eq!(executes, 3);
+
+    // Each decision names the policy that decided it, and each statement that ran has a
+    // completion record: its SQLSTATE, rows and time.
+    // (A statement that touches nothing, such as SELECT 1/0, needs no policy.)
+    assert!(statements.iter().all(|r| r["decision"] == "allow"));
+    assert_eq!(parse["policies"], serde_json::json!(["test-allow-all"]));
+    assert_eq!(batch["policies"], serde_json::json!(["test-allow-all"]));
+    let completion = |id: &serde_json::Value| {
+        records
+            .iter()
+            .find(|r| r["kind"] == "completion" && &r["statement"] == id)
+            .unwrap_or_else(|| panic!("no completion for {id}"))
+    };
+    let c = completion(&batch["id"]);
+    assert_eq!(
+        (c["sqlstate"].as_str(), c["rows"].as_u64()),
+        (Some("00000"), Some(1))
+    );
+    assert!(c["duration_us"].as_u64().is_some());
+    for e in statements.iter().filter(|r| r["protocol"] == "execute") {
+        let c = completion(&e["id"]);
+        assert_eq!(
+            (c["sqlstate"].as_str(), c["rows"].as_u64()),
+            (Some("00000"), Some(1))
+        );
+    }
+    let division = statements
+        .iter()
+        .find(|r| r["sql"] == "SELECT 1/0")
+        .unwrap();
+    assert_eq!(completion(&division["id"])["sqlstate"], "22012");
 
     // The password never reaches the log.
     let text = std::fs::read_to_string(env.audit_path()).unwrap();

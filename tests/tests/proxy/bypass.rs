@@ -487,18 +487,30 @@ impl<T: Read + Write> Stream for T {}
 struct Target<'a> {
     env: &'a Env,
     direct: bool,
+    /// Directly: log in as the gateway role and SET ROLE to the mapped one, as pgiam does in
+    /// gateway mode.
+    gateway: bool,
 }
 
 impl Target<'_> {
+    fn login(&self) -> &'static str {
+        if self.direct && self.gateway {
+            GATEWAY_ROLE
+        } else {
+            ROLE
+        }
+    }
+
     fn dsn(&self, options: Option<&str>) -> String {
         let options = options
             .map(|o| format!(" options='{o}'"))
             .unwrap_or_default();
         if self.direct {
             format!(
-                "host={} port={} dbname={DB} user={ROLE}{options}",
+                "host={} port={} dbname={DB} user={}{options}",
                 self.env.pg.socket_dir.display(),
-                self.env.pg.port
+                self.env.pg.port,
+                self.login()
             )
         } else {
             self.env.tcp_dsn(&options)
@@ -671,6 +683,12 @@ async fn attack(target: &Target<'_>, case: &Case) -> (String, Option<String>) {
         }
         Err(e) => return (format!("connect: {e}"), None),
     };
+    if target.direct && target.gateway {
+        client
+            .simple_query(&format!("SET ROLE {ROLE}"))
+            .await
+            .unwrap();
+    }
     let mut text = String::new();
     for step in &case.steps {
         let r: Result<String, tokio_postgres::Error> = match *step {
@@ -782,7 +800,11 @@ fn no_bypass_through_pgiam_and_every_oracle_fires_directly() {
     for case in &cases {
         for direct in [false, true] {
             reset(&env);
-            let target = Target { env: &env, direct };
+            let target = Target {
+                env: &env,
+                direct,
+                gateway: false,
+            };
             let (text, user) = rt.block_on(attack(&target, case));
             let fired = fired(&env, case.oracle, &text, user.as_deref());
             match (direct, fired) {
@@ -813,4 +835,96 @@ fn no_bypass_through_pgiam_and_every_oracle_fires_directly() {
     assert!(denies >= cases.len() / 2, "{denies} deny records");
     let (ok, out) = verify(&env.audit_path());
     assert!(ok, "{out}");
+}
+
+const GATEWAY_ROLE: &str = "pgiam_gw";
+
+/// Every way a session can change its role, in gateway mode (pgiam logs in as a NOINHERIT
+/// gateway role and SET ROLEs to the mapped one) and with a policy that permits everything: no
+/// policy can let a client leave the mapped role.
+#[test]
+fn gateway_mode_never_leaves_the_mapped_role() {
+    // pgiam refuses FunctionCall messages in gateway mode whatever the function; no lasting
+    // role change through one could be shown directly here, so it is not a case.
+    use Step::*;
+    let dir = tempfile::tempdir().unwrap();
+    let pw = pgiam_tests::write_file(dir.path(), "gw.password", "gw-secret", 0o600);
+    let env = Env::with(Setup {
+        upstream: Some(format!(
+            "host = \"127.0.0.1\"\nport = PGPORT\nmode = \"gateway\"\ngateway_role = \"{GATEWAY_ROLE}\""
+        )),
+        extra: format!("[roles.{GATEWAY_ROLE}]\npassword_file = \"{}\"\n", pw.display()),
+        ..Setup::default()
+    });
+    env.pg
+        .psql(&format!(
+            "CREATE ROLE {GATEWAY_ROLE} LOGIN NOINHERIT PASSWORD 'gw-secret'; \
+             GRANT {ROLE} TO {GATEWAY_ROLE}"
+        ))
+        .unwrap();
+    env.pg
+        .psql_db(DB, &format!("GRANT CREATE ON SCHEMA public TO {ROLE}"))
+        .unwrap();
+    // The session is the mapped role, logged in as the gateway.
+    assert_eq!(
+        psql_ok(
+            &env.tcp_dsn(""),
+            "SELECT current_user || ' ' || session_user"
+        ),
+        format!("{ROLE} {GATEWAY_ROLE}")
+    );
+    let escapes: &[(&str, Vec<Step>)] = &[
+        ("reset role", vec![Q("RESET ROLE")]),
+        ("reset role (extended)", vec![X("RESET ROLE")]),
+        ("set role none", vec![Q("SET ROLE NONE")]),
+        ("set role to the gateway", vec![Q("SET ROLE pgiam_gw")]),
+        ("set session authorization default", vec![Q("SET SESSION AUTHORIZATION DEFAULT")]),
+        ("reset session authorization", vec![Q("RESET SESSION AUTHORIZATION")]),
+        ("discard all", vec![Q("DISCARD ALL")]),
+        ("set_config", vec![Q("SELECT set_config('role', 'none', false)")]),
+        ("set_config (extended)", vec![X("SELECT set_config('role', 'none', false)")]),
+        ("set local role in a transaction", vec![Q("BEGIN"), Q("SET LOCAL ROLE NONE")]),
+        ("do block", vec![Q("DO $$BEGIN RESET ROLE; END$$")]),
+        (
+            "function that resets the role",
+            vec![
+                Q("CREATE FUNCTION esc() RETURNS void LANGUAGE plpgsql AS $$BEGIN RESET ROLE; END$$"),
+                Q("SELECT esc()"),
+            ],
+        ),
+    ];
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (mut bypasses, mut silent) = (Vec::new(), Vec::new());
+    for (name, steps) in escapes {
+        let case = Case {
+            name: name.to_string(),
+            options: None,
+            steps: steps.clone(),
+            oracle: Oracle::Role,
+        };
+        for direct in [false, true] {
+            env.pg.psql_db(DB, "DROP FUNCTION IF EXISTS esc()").unwrap();
+            let target = Target {
+                env: &env,
+                direct,
+                gateway: true,
+            };
+            let (text, user) = rt.block_on(attack(&target, &case));
+            match (direct, fired(&env, case.oracle, &text, user.as_deref())) {
+                (false, true) => bypasses.push(format!("{name}: {text} / user {user:?}")),
+                (true, false) => silent.push(format!("{name}: {text} / user {user:?}")),
+                _ => {}
+            }
+        }
+    }
+    assert!(
+        bypasses.is_empty(),
+        "escapes through pgiam:\n{}",
+        bypasses.join("\n")
+    );
+    assert!(
+        silent.is_empty(),
+        "oracles that did not fire directly:\n{}",
+        silent.join("\n")
+    );
 }

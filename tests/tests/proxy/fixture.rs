@@ -180,6 +180,22 @@ path = "{audit}"
             .collect()
     }
 
+    /// The audit records once `done` holds for them (records written after a response, such
+    /// as completions and session ends, trail the client by a moment); panics after 10 s.
+    pub fn audit_records_until(
+        &self,
+        done: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> Vec<serde_json::Value> {
+        for _ in 0..500 {
+            let records = self.audit_records();
+            if done(&records) {
+                return records;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("audit records never complete: {:#?}", self.audit_records());
+    }
+
     /// Connections PostgreSQL has received so far, from its own log.
     pub fn connections_received(&self) -> usize {
         self.pg.log().matches("connection received").count()

@@ -8,5 +8,6 @@ mod bypass;
 mod cancel;
 mod clients;
 mod malformed;
+mod policy;
 mod refusals;
 mod tls;
