@@ -23,7 +23,8 @@ const POLICY: &str = r#"
 @id("connect")
 permit(principal, action == PgIam::Action::"connect", resource == PgIam::Database::"app");
 @id("items")
-permit(principal, action in [PgIam::Action::"select", PgIam::Action::"insert"],
+permit(principal, action in [PgIam::Action::"select", PgIam::Action::"insert",
+                             PgIam::Action::"copy_in", PgIam::Action::"copy_out"],
        resource == PgIam::Table::"app.public.items");
 @id("functions")
 permit(principal, action == PgIam::Action::"execute", resource);
@@ -54,6 +55,8 @@ enum Step {
     X(&'static str),
     /// COPY … TO STDOUT (tokio-postgres).
     CopyOut(&'static str),
+    /// COPY … FROM STDIN with one row, `9` (tokio-postgres).
+    CopyIn(&'static str),
     /// Parse/Bind/Execute for each statement, then one Sync, in one write (hand-driven).
     Pipeline(&'static [&'static str]),
     /// A FunctionCall message for this function with these text arguments (hand-driven).
@@ -707,6 +710,7 @@ async fn attack(target: &Target<'_>, case: &Case) -> (String, Option<String>) {
                 }
                 Err(e) => Err(e),
             },
+            Step::CopyIn(sql) => copy_in(&client, sql).await,
             _ => unreachable!("raw steps are not mixed with client steps"),
         };
         match r {
@@ -723,6 +727,17 @@ async fn attack(target: &Target<'_>, case: &Case) -> (String, Option<String>) {
         .ok()
         .map(|m| simple_text(&m));
     (text, user)
+}
+
+async fn copy_in(
+    client: &tokio_postgres::Client,
+    sql: &str,
+) -> Result<String, tokio_postgres::Error> {
+    use futures_util::SinkExt;
+    let sink = client.copy_in::<_, bytes::Bytes>(sql).await?;
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(b"9\n")).await?;
+    sink.finish().await.map(|n| format!("{n} rows copied"))
 }
 
 fn reset(env: &Env) {
@@ -826,6 +841,56 @@ fn no_bypass_through_pgiam_and_every_oracle_fires_directly() {
         silent.len(),
         silent.join("\n")
     );
+    // What the policy allows still works through every route.
+    reset(&env);
+    let dsn = env.tcp_dsn("");
+    rt.block_on(async {
+        let client = tokio_client(&dsn).await;
+        assert_eq!(
+            simple_text(&client.simple_query("SELECT name FROM items").await.unwrap()),
+            "one\t\n"
+        );
+        let row = client
+            .query_one("SELECT name FROM items WHERE id = $1", &[&1i32])
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), "one");
+        client
+            .execute("INSERT INTO items VALUES ($1, 'two')", &[&2i32])
+            .await
+            .unwrap();
+        assert_eq!(
+            copy_in(&client, "COPY items (id) FROM STDIN")
+                .await
+                .unwrap(),
+            "1 rows copied"
+        );
+        use futures_util::TryStreamExt;
+        let out: Vec<bytes::Bytes> = client
+            .copy_out("COPY (SELECT id FROM items ORDER BY id) TO STDOUT")
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(out.concat(), b"1\n2\n9\n");
+        client
+            .batch_execute("PREPARE mine AS SELECT count(*) FROM items")
+            .await
+            .unwrap();
+        assert_eq!(
+            simple_text(&client.simple_query("EXECUTE mine").await.unwrap()),
+            "3\t\n"
+        );
+        assert_eq!(client.query("EXECUTE mine", &[]).await.unwrap().len(), 1);
+        client
+            .batch_execute(
+                "BEGIN; DECLARE c CURSOR FOR SELECT id FROM items; FETCH 1 FROM c; COMMIT",
+            )
+            .await
+            .unwrap();
+    });
+
     // Every refusal was pgiam's, recorded, and the file still verifies.
     let denies = env
         .audit_records()
