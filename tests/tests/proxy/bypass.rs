@@ -397,6 +397,18 @@ fn cases() -> Vec<Case> {
         Oracle::Leak(SECRET),
     );
     case(
+        "copy in",
+        None,
+        vec![CopyIn("COPY canary FROM STDIN")],
+        Oracle::Canary,
+    );
+    case(
+        "copy in, quoted and qualified",
+        None,
+        vec![CopyIn(r#"COPY public."canary" (v) FROM STDIN"#)],
+        Oracle::Canary,
+    );
+    case(
         "copy out of a query",
         None,
         vec![CopyOut("COPY (SELECT * FROM secret) TO STDOUT")],
@@ -809,6 +821,10 @@ fn no_bypass_through_pgiam_and_every_oracle_fires_directly() {
     prepare(&env);
     let cases = cases();
     assert!(cases.len() >= 80, "{} cases", cases.len());
+    eprintln!(
+        "bypass suite: {} cases, each through pgiam and directly",
+        cases.len()
+    );
     let rt = tokio::runtime::Runtime::new().unwrap();
     let mut bypasses = Vec::new();
     let mut silent = Vec::new();
