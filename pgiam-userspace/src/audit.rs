@@ -106,7 +106,8 @@ impl AuditLog {
     }
 
     /// Appends a record without waiting (completions: nothing depends on them being on disk
-    /// first, and the writer keeps their order).
+    /// first, and the writer keeps their order). With `always` it reaches the disk with the next
+    /// record that is waited for: on its own it costs a write, not a sync.
     pub fn record_later(&self, fields: Map<String, Value>) {
         let _ = self.tx.send(Pending { fields, ack: None });
     }
@@ -195,9 +196,12 @@ fn writer(
                     buf.push(b'\n');
                     next = hash;
                 }
+                // Only a record someone waits for needs the sync; records nobody waits for
+                // (completions, session ends) ride along with the next one that does, in order.
+                let waited_for = batch.iter().any(|p| p.ack.is_some());
                 let written = file.write_all(&buf).and_then(|_| match durability {
-                    Durability::Always => file.sync_data(),
-                    Durability::Buffered => Ok(()),
+                    Durability::Always if waited_for => file.sync_data(),
+                    _ => Ok(()),
                 });
                 match written {
                     Ok(()) => {

@@ -384,6 +384,49 @@ impl Policy {
     }
 }
 
+/// Decisions already made for one principal under one policy, so a statement seen before costs
+/// a lookup instead of Cedar evaluations. Bounded; the caller drops it when the policy changes.
+#[derive(Default)]
+pub struct DecisionCache {
+    decisions: HashMap<Ask, Decision>,
+}
+
+impl DecisionCache {
+    const CAPACITY: usize = 4096;
+
+    pub fn clear(&mut self) {
+        self.decisions.clear();
+    }
+
+    /// [`Policy::decide_all`], remembering each ask's answer.
+    pub fn decide_all(&mut self, policy: &Policy, principal: &Principal, asks: &[Ask]) -> Decision {
+        let mut policies = BTreeSet::new();
+        for ask in asks {
+            let d = match self.decisions.get(ask) {
+                Some(d) => d.clone(),
+                None => {
+                    let d = policy.decide(principal, ask);
+                    if self.decisions.len() >= Self::CAPACITY {
+                        self.decisions.clear();
+                    }
+                    self.decisions.insert(ask.clone(), d.clone());
+                    d
+                }
+            };
+            if !d.allowed {
+                return d;
+            }
+            policies.extend(d.policies);
+        }
+        Decision {
+            allowed: true,
+            policies: policies.into_iter().collect(),
+            denied: None,
+            reason: None,
+        }
+    }
+}
+
 fn uid(kind: &str, id: &str) -> EntityUid {
     EntityUid::from_type_name_and_id(
         EntityTypeName::from_str(&format!("PgIam::{kind}")).expect("valid type name"),

@@ -76,6 +76,8 @@ struct Options {
     workloads: Vec<&'static Workload>,
     /// Variants (no fast path, no audit) for every workload, or only the first two.
     all_variants: bool,
+    /// Also the per-statement classification and authorization benchmark.
+    classify: bool,
 }
 
 fn parse_options(args: &[String]) -> anyhow::Result<Options> {
@@ -86,6 +88,7 @@ fn parse_options(args: &[String]) -> anyhow::Result<Options> {
         scale: 10,
         workloads: WORKLOADS.iter().collect(),
         all_variants: true,
+        classify: true,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -96,6 +99,7 @@ fn parse_options(args: &[String]) -> anyhow::Result<Options> {
                 o.duration = 1;
                 o.scale = 1;
                 o.all_variants = false;
+                o.classify = false;
             }
             "--duration" => o.duration = value()?.parse()?,
             "--rounds" => o.rounds = value()?.parse()?,
@@ -533,6 +537,12 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
     drop(variants);
     drop(root);
     drop(bouncer);
+    if opts.classify {
+        println!(
+            "\nclassification and authorization per statement (median of 5 runs of 200 ms):\n"
+        );
+        run(crate::cargo().args(["bench", "-p", "pgiam-userspace", "--bench", "classify"]))?;
+    }
     Ok(())
 }
 

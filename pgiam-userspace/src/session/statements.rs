@@ -16,7 +16,7 @@ use bytes::{Bytes, BytesMut};
 use serde_json::{json, Map, Value};
 
 use crate::audit::{AuditError, AuditLog};
-use crate::policy::{Ask, Decision, PolicyStore, Principal, Resolver};
+use crate::policy::{Ask, Decision, DecisionCache, PolicyStore, Principal, Resolver};
 use crate::sql::{self, Statement};
 use crate::wire::{FrontendMessage, PgError, Target};
 
@@ -106,7 +106,7 @@ pub struct Gate {
     policies: Arc<PolicyStore>,
     policy_generation: u64,
     policy: Arc<crate::policy::Policy>,
-    decisions: HashMap<Ask, Decision>,
+    decisions: DecisionCache,
     principal: Principal,
     resolver: Resolver,
     gateway: bool,
@@ -136,7 +136,7 @@ impl Gate {
             policy_generation: policies.generation(),
             policy: policies.current(),
             policies,
-            decisions: HashMap::new(),
+            decisions: DecisionCache::default(),
             principal,
             resolver,
             gateway,
@@ -166,30 +166,8 @@ impl Gate {
     }
 
     fn decide(&mut self, asks: &[Ask]) -> Decision {
-        let mut policies = std::collections::BTreeSet::new();
-        for ask in asks {
-            let d = match self.decisions.get(ask) {
-                Some(d) => d.clone(),
-                None => {
-                    let d = self.policy.decide(&self.principal, ask);
-                    if self.decisions.len() >= 4096 {
-                        self.decisions.clear();
-                    }
-                    self.decisions.insert(ask.clone(), d.clone());
-                    d
-                }
-            };
-            if !d.allowed {
-                return d;
-            }
-            policies.extend(d.policies);
-        }
-        Decision {
-            allowed: true,
-            policies: policies.into_iter().collect(),
-            denied: None,
-            reason: None,
-        }
+        self.decisions
+            .decide_all(&self.policy, &self.principal, asks)
     }
 
     /// Decides a list of statements (a Query's, or one prepared statement's).
