@@ -211,6 +211,22 @@ impl PolicyStore {
         })
     }
 
+    /// A store holding `policy`, not backed by a file (reload fails).
+    pub fn fixed(policy: Policy) -> PolicyStore {
+        PolicyStore {
+            path: std::path::PathBuf::new(),
+            generation: 0.into(),
+            current: std::sync::RwLock::new(policy.into()),
+        }
+    }
+
+    /// Replaces the policy in force (as a reload does).
+    pub fn replace(&self, policy: Policy) {
+        *self.current.write().expect("policy lock") = policy.into();
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
     pub fn generation(&self) -> u64 {
         self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
@@ -223,9 +239,7 @@ impl PolicyStore {
     pub fn reload(&self) -> Result<usize, PolicyError> {
         let policy = Policy::load(&self.path)?;
         let n = policy.len();
-        *self.current.write().expect("policy lock") = policy.into();
-        self.generation
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.replace(policy);
         Ok(n)
     }
 }

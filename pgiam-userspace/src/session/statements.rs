@@ -92,6 +92,13 @@ struct Prepared {
     generation: u64,
 }
 
+/// A portal's statement.
+#[derive(Debug, Clone)]
+struct Bound {
+    sql: Arc<str>,
+    statements: Arc<[Statement]>,
+}
+
 /// Who the session is, for its records.
 pub struct SessionInfo {
     pub session_id: Option<String>,
@@ -112,8 +119,9 @@ pub struct Gate {
     gateway: bool,
     info: SessionInfo,
     prepared: HashMap<Vec<u8>, Prepared>,
-    /// Portal → the prepared statement it was bound to.
-    portals: HashMap<Vec<u8>, Vec<u8>>,
+    /// Portal → the statement it was bound to, as it was at Bind (a portal keeps its plan
+    /// when the statement's name is reused); `None`: bound to a statement pgiam did not know.
+    portals: HashMap<Vec<u8>, (Vec<u8>, Option<Bound>)>,
     next_generation: u64,
     /// Decision records for the messages checked since the last [`Gate::take_records`].
     records: Vec<Map<String, Value>>,
@@ -173,15 +181,20 @@ impl Gate {
     /// Decides a list of statements (a Query's, or one prepared statement's).
     fn decide_statements(&mut self, statements: &[Statement]) -> Decision {
         let mut all = std::collections::BTreeSet::new();
+        // PREPAREs earlier in the same query string, which an EXECUTE after them runs.
+        let mut earlier: HashMap<&str, Arc<[Statement]>> = HashMap::new();
         for s in statements {
             if let Some(d) = crate::policy::fixed_refusal(s, self.gateway) {
                 return d;
             }
             let mut asks = self.resolver.asks(s);
             if let Some(name) = &s.executes {
-                match self.prepared.get(name.as_bytes()) {
-                    Some(p) => {
-                        let inner = p.statements.clone();
+                let known = earlier
+                    .get(name.as_str())
+                    .cloned()
+                    .or_else(|| Some(self.prepared.get(name.as_bytes())?.statements.clone()));
+                match known {
+                    Some(inner) => {
                         for i in inner.iter() {
                             if let Some(d) = crate::policy::fixed_refusal(i, self.gateway) {
                                 return d;
@@ -196,6 +209,9 @@ impl Gate {
                         )
                     }
                 }
+            }
+            if let Some(name) = &s.prepares {
+                earlier.insert(name, Arc::from(vec![s.clone()]));
             }
             let d = self.decide(&asks);
             if !d.allowed {
@@ -422,7 +438,12 @@ impl Gate {
             FrontendMessage::Bind {
                 portal, statement, ..
             } => {
-                self.portals.insert(portal.to_vec(), statement.to_vec());
+                let bound = self.prepared.get(statement).map(|p| Bound {
+                    sql: p.sql.clone(),
+                    statements: p.statements.clone(),
+                });
+                self.portals
+                    .insert(portal.to_vec(), (statement.to_vec(), bound));
                 expect(ExpectKind::Bind, None, None, Vec::new());
                 Checked::Forward(Authorized(()))
             }
@@ -490,10 +511,7 @@ impl Gate {
         started: std::time::Instant,
     ) -> Checked {
         let portal_name = json!(String::from_utf8_lossy(portal));
-        let bound = self
-            .portals
-            .get(portal)
-            .map(|s| (s.clone(), self.prepared.get(s)));
+        let bound = self.portals.get(portal).cloned();
         let (decision, text, classified, statement) = match bound {
             Some((name, Some(p))) => {
                 let classified: Classified = Ok(p.statements.clone());
@@ -607,4 +625,105 @@ fn sentinel_parse(name: &str) -> Bytes {
     postgres_protocol::message::frontend::parse(name, SENTINEL_SQL, std::iter::empty(), &mut b)
         .expect("no NUL");
     b.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Policy;
+
+    const ITEMS: &str = r#"permit(principal, action == PgIam::Action::"select",
+        resource == PgIam::Table::"app.public.items");"#;
+
+    fn gate(policy: &str) -> (Gate, Arc<PolicyStore>) {
+        let store = Arc::new(PolicyStore::fixed(Policy::parse(policy).unwrap()));
+        let identity = crate::identity::Identity::for_principal("uid", "1000").unwrap();
+        let gate = Gate::new(
+            None,
+            store.clone(),
+            Principal::new("uid:1000", "app", "app", &identity),
+            Resolver::new(&["public".into()], "app"),
+            false,
+            SessionInfo {
+                session_id: None,
+                principal_name: "uid:1000".into(),
+                role: "app".into(),
+                database: "app".into(),
+                identity: Value::Null,
+            },
+        );
+        (gate, store)
+    }
+
+    fn forwarded(gate: &mut Gate, m: FrontendMessage<'_>) -> bool {
+        let mut expects = Vec::new();
+        let c = gate.check(&m, true, &mut expects);
+        assert_eq!(expects.len(), 1, "{m:?}");
+        assert_eq!(
+            expects[0].refused.is_some(),
+            matches!(c, Checked::Substitute(_)),
+            "a substitute always comes with the refusal that replaces its error"
+        );
+        matches!(c, Checked::Forward(_))
+    }
+
+    fn query(sql: &str) -> FrontendMessage<'_> {
+        FrontendMessage::Query {
+            sql: sql.as_bytes(),
+        }
+    }
+
+    #[test]
+    fn prepared_statements_share_one_namespace_and_portals_keep_their_plan() {
+        let (mut g, store) = gate(ITEMS);
+        assert!(forwarded(
+            &mut g,
+            query("PREPARE p AS SELECT * FROM items; EXECUTE p")
+        ));
+        assert!(forwarded(&mut g, query("EXECUTE p")));
+        assert!(!forwarded(&mut g, query("EXECUTE nope")));
+        // Protocol Parse of the unnamed statement, bound, then the name reused: the portal
+        // runs what was bound.
+        let parse = |sql: &'static str| FrontendMessage::Parse {
+            name: b"",
+            sql: sql.as_bytes(),
+            param_types: 0,
+        };
+        assert!(forwarded(&mut g, parse("SELECT * FROM items")));
+        assert!(forwarded(
+            &mut g,
+            FrontendMessage::Bind {
+                portal: b"c",
+                statement: b"",
+                params: 0
+            }
+        ));
+        assert!(!forwarded(&mut g, parse("SELECT * FROM secret")));
+        let execute = || FrontendMessage::Execute {
+            portal: b"c",
+            max_rows: 0,
+        };
+        assert!(forwarded(&mut g, execute()));
+        // Revoked: the next Execute of the same portal is refused.
+        store.replace(Policy::parse("").unwrap());
+        g.refresh_policy();
+        assert!(!forwarded(&mut g, execute()));
+        // SQL EXECUTE of the protocol's statement is checked against the policy now too.
+        assert!(!forwarded(&mut g, query("EXECUTE p")));
+    }
+
+    #[test]
+    fn a_prepared_statement_the_server_did_not_create_is_forgotten() {
+        let (mut g, _) = gate(ITEMS);
+        let mut expects = Vec::new();
+        let m = query("PREPARE q AS SELECT * FROM items");
+        assert!(matches!(
+            g.check(&m, true, &mut expects),
+            Checked::Forward(_)
+        ));
+        let (_, name, generation) = expects[0].creates[0].clone();
+        assert!(forwarded(&mut g, query("EXECUTE q")));
+        g.forget_prepared(&name, generation);
+        assert!(!forwarded(&mut g, query("EXECUTE q")));
+    }
 }
