@@ -183,6 +183,24 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// Allowed only if every one is: the first denial, or an allow naming every policy that
+    /// permitted some part. Stops at the first denial (later decisions are not made).
+    pub fn all(decisions: impl IntoIterator<Item = Decision>) -> Decision {
+        let mut policies = BTreeSet::new();
+        for d in decisions {
+            if !d.allowed {
+                return d;
+            }
+            policies.extend(d.policies);
+        }
+        Decision {
+            allowed: true,
+            policies: policies.into_iter().collect(),
+            denied: None,
+            reason: None,
+        }
+    }
+
     /// A refusal no policy can lift.
     pub fn refuse(what: impl Into<String>, reason: impl Into<String>) -> Decision {
         Decision {
@@ -381,20 +399,7 @@ impl Policy {
 
     /// Answers every ask; allowed only if all are.
     pub fn decide_all(&self, principal: &Principal, asks: &[Ask]) -> Decision {
-        let mut policies = BTreeSet::new();
-        for ask in asks {
-            let d = self.decide(principal, ask);
-            if !d.allowed {
-                return d;
-            }
-            policies.extend(d.policies);
-        }
-        Decision {
-            allowed: true,
-            policies: policies.into_iter().collect(),
-            denied: None,
-            reason: None,
-        }
+        Decision::all(asks.iter().map(|ask| self.decide(principal, ask)))
     }
 }
 
@@ -414,30 +419,17 @@ impl DecisionCache {
 
     /// [`Policy::decide_all`], remembering each ask's answer.
     pub fn decide_all(&mut self, policy: &Policy, principal: &Principal, asks: &[Ask]) -> Decision {
-        let mut policies = BTreeSet::new();
-        for ask in asks {
-            let d = match self.decisions.get(ask) {
-                Some(d) => d.clone(),
-                None => {
-                    let d = policy.decide(principal, ask);
-                    if self.decisions.len() >= Self::CAPACITY {
-                        self.decisions.clear();
-                    }
-                    self.decisions.insert(ask.clone(), d.clone());
-                    d
-                }
-            };
-            if !d.allowed {
-                return d;
+        Decision::all(asks.iter().map(|ask| {
+            if let Some(d) = self.decisions.get(ask) {
+                return d.clone();
             }
-            policies.extend(d.policies);
-        }
-        Decision {
-            allowed: true,
-            policies: policies.into_iter().collect(),
-            denied: None,
-            reason: None,
-        }
+            let d = policy.decide(principal, ask);
+            if self.decisions.len() >= Self::CAPACITY {
+                self.decisions.clear();
+            }
+            self.decisions.insert(ask.clone(), d.clone());
+            d
+        }))
     }
 }
 

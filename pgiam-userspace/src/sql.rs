@@ -168,34 +168,133 @@ pub fn classify(sql: &str, standard_conforming_strings: bool) -> Result<Vec<Stat
         .collect())
 }
 
-/// [`classify`], remembered by statement text (and the string rules it was split with). The
-/// classification is a pure function of those two, so a cached one is the one parsing would
-/// give: the cache never changes a decision, only its cost. Bounded: when full it starts over.
+type Cache =
+    std::sync::Mutex<std::collections::HashMap<(bool, Box<[u8]>), std::sync::Arc<[Statement]>>>;
+
+/// Cache capacity (entries each); when full a cache starts over.
+const CACHE_CAPACITY: usize = 8192;
+/// Longer texts are not remembered by their text (bulk INSERTs rarely repeat)...
+const MAX_CACHED_TEXT: usize = 16 * 1024;
+/// ...and not scanned for their shape beyond this.
+const MAX_SCANNED_TEXT: usize = 64 * 1024;
+
+/// Times a classification came from the cache by shape (for tests and the benchmark).
+pub static SHAPE_HITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn cache_get(cache: &Cache, key: &(bool, Box<[u8]>)) -> Option<std::sync::Arc<[Statement]>> {
+    cache.lock().expect("cache lock").get(key).cloned()
+}
+
+fn cache_put(cache: &Cache, key: (bool, Box<[u8]>), value: std::sync::Arc<[Statement]>) {
+    let mut c = cache.lock().expect("cache lock");
+    if c.len() >= CACHE_CAPACITY {
+        c.clear();
+    }
+    c.insert(key, value);
+}
+
+/// [`classify`], remembered. By statement text (and the string rules it was split with): the
+/// classification is a function of those two, so a cached one is the one parsing would give.
+/// And, for statements whose classification cannot depend on a constant's value, by *shape*:
+/// PostgreSQL's own scanner's tokens with every literal replaced by its kind (comments and
+/// whitespace dropped, keywords lower-cased), so
+/// `WHERE aid = 1` and `WHERE aid = 2` share one entry. Statements that read a constant
+/// (set_config's setting name, COPY's file name, …) are never remembered by shape, so the
+/// cache never changes a decision, only its cost.
 pub fn classify_cached(
     sql: &str,
     standard_conforming_strings: bool,
 ) -> Result<std::sync::Arc<[Statement]>, SqlError> {
-    use std::collections::HashMap;
-    use std::sync::{Arc, Mutex, OnceLock};
-    type Cache = Mutex<HashMap<(bool, Box<str>), Arc<[Statement]>>>;
-    static CACHE: OnceLock<Cache> = OnceLock::new();
-    const CAPACITY: usize = 8192;
-    /// Longer texts are classified every time (bulk INSERTs with inline values rarely repeat).
-    const MAX_TEXT: usize = 16 * 1024;
-    let cache = CACHE.get_or_init(Default::default);
-    let key = (standard_conforming_strings, Box::<str>::from(sql));
-    if let Some(hit) = cache.lock().expect("cache lock").get(&key) {
-        return Ok(hit.clone());
+    use std::sync::OnceLock;
+    static BY_TEXT: OnceLock<Cache> = OnceLock::new();
+    static BY_SHAPE: OnceLock<Cache> = OnceLock::new();
+    let by_text = BY_TEXT.get_or_init(Default::default);
+    let by_shape = BY_SHAPE.get_or_init(Default::default);
+    let text_key = (sql.len() <= MAX_CACHED_TEXT).then(|| {
+        (
+            standard_conforming_strings,
+            Box::<[u8]>::from(sql.as_bytes()),
+        )
+    });
+    if let Some(hit) = text_key.as_ref().and_then(|k| cache_get(by_text, k)) {
+        return Ok(hit);
     }
-    let statements: Arc<[Statement]> = classify(sql, standard_conforming_strings)?.into();
-    if sql.len() <= MAX_TEXT {
-        let mut c = cache.lock().expect("cache lock");
-        if c.len() >= CAPACITY {
-            c.clear();
+    // The scanner pg_query exposes knows only standard_conforming_strings = on.
+    let shape_key = (standard_conforming_strings && sql.len() <= MAX_SCANNED_TEXT)
+        .then(|| shape(sql))
+        .flatten()
+        .map(|s| (true, s));
+    if let Some(hit) = shape_key.as_ref().and_then(|k| cache_get(by_shape, k)) {
+        SHAPE_HITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return Ok(hit);
+    }
+    let statements: std::sync::Arc<[Statement]> =
+        classify(sql, standard_conforming_strings)?.into();
+    if let Some(k) = shape_key {
+        if statements.iter().all(Statement::is_literal_insensitive) {
+            cache_put(by_shape, k, statements.clone());
         }
-        c.insert(key, statements.clone());
+    }
+    if let Some(k) = text_key {
+        cache_put(by_text, k, statements.clone());
     }
     Ok(statements)
+}
+
+/// The statement's tokens as PostgreSQL's scanner sees them, literals reduced to their kind,
+/// comments dropped, keywords lower-cased. `None` if it does not scan (the parser will say why).
+fn shape(sql: &str) -> Option<Box<[u8]>> {
+    use pg_query::protobuf::Token;
+    let tokens = pg_query::scan_tokens(sql).ok()?;
+    let mut out = Vec::with_capacity(sql.len());
+    for t in &tokens {
+        let kind = Token::try_from(t.token);
+        if matches!(kind, Ok(Token::SqlComment | Token::CComment)) {
+            continue;
+        }
+        let literal = matches!(
+            kind,
+            Ok(Token::Sconst
+                | Token::Usconst
+                | Token::Iconst
+                | Token::Fconst
+                | Token::Bconst
+                | Token::Xconst)
+        );
+        let text = sql.as_bytes().get(t.start as usize..t.end as usize)?;
+        if literal {
+            out.push(0xff);
+            out.extend_from_slice(&t.token.to_le_bytes());
+        } else if t.keyword_kind != pg_query::protobuf::KeywordKind::NoKeyword as i32 {
+            // A keyword is never quoted, and its case does not matter.
+            out.extend(text.iter().map(u8::to_ascii_lowercase));
+            out.push(0);
+        } else {
+            out.extend_from_slice(text);
+            out.push(0);
+        }
+    }
+    Some(out.into())
+}
+
+impl Statement {
+    /// Changing any constant in the statement cannot change this classification: plain DML
+    /// that calls no function reading a constant as a name (set_config) and sets nothing.
+    fn is_literal_insensitive(&self) -> bool {
+        matches!(
+            self.command,
+            "select" | "insert" | "update" | "delete" | "merge"
+        ) && !self.role_change
+            && !self.do_block
+            && !self.copy_program
+            && !self.server_files
+            && !self.temp
+            && self.parameters.is_empty()
+            && !self
+                .functions
+                .iter()
+                .any(|f| f.name.eq_ignore_ascii_case("set_config"))
+    }
 }
 
 fn classify_statement(stmt: &Value) -> Statement {
@@ -850,6 +949,43 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_shape_cache_shares_literal_variants_and_never_a_decision() {
+        use std::sync::atomic::Ordering;
+        let hits = || SHAPE_HITS.load(Ordering::Relaxed);
+        let a = classify_cached("SELECT v FROM shape_t WHERE id = 1 AND n = 'x'", true).unwrap();
+        let before = hits();
+        let b = classify_cached(
+            "select v  FROM shape_t WHERE id = 42 AND n = 'y' /* c */",
+            true,
+        )
+        .unwrap();
+        assert!(hits() > before, "a literal-only difference is a cache hit");
+        assert_eq!(a, b);
+        // A constant that decides the classification is never shared by shape.
+        let safe = classify_cached(
+            "SELECT set_config('work_mem', '1MB', false) FROM shape_u",
+            true,
+        )
+        .unwrap();
+        assert!(!safe[0].role_change);
+        let role =
+            classify_cached("SELECT set_config('role', '1MB', false) FROM shape_u", true).unwrap();
+        assert!(role[0].role_change);
+        assert!(!classify_cached("COPY shape_v TO STDOUT", true).unwrap()[0].server_files);
+        assert!(classify_cached("COPY shape_v TO '/tmp/x'", true).unwrap()[0].server_files);
+        // Identifiers are not literals.
+        let c = classify_cached("SELECT v FROM shape_t2 WHERE id = 1 AND n = 'x'", true).unwrap();
+        assert_eq!(c[0].relations.iter().next().unwrap().name.name, "shape_t2");
+        let q = classify_cached(r#"SELECT v FROM "shape_T" WHERE id = 1"#, true).unwrap();
+        assert_eq!(q[0].relations.iter().next().unwrap().name.name, "shape_T");
+        // With standard_conforming_strings off the split differs: never served by shape.
+        let off = classify_cached(r"SELECT 'a\'; DELETE FROM shape_t; --'", false).unwrap();
+        assert_eq!(off.len(), 1);
+        let on = classify_cached(r"SELECT 'a\'; DELETE FROM shape_t; --'", true).unwrap();
+        assert_eq!(on.len(), 2);
     }
 
     #[test]

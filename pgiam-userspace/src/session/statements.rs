@@ -178,53 +178,54 @@ impl Gate {
             .decide_all(&self.policy, &self.principal, asks)
     }
 
-    /// Decides a list of statements (a Query's, or one prepared statement's).
+    /// Decides a list of statements (a Query's, or one prepared statement's): allowed only if
+    /// every one is.
     fn decide_statements(&mut self, statements: &[Statement]) -> Decision {
-        let mut all = std::collections::BTreeSet::new();
         // PREPAREs earlier in the same query string, which an EXECUTE after them runs.
         let mut earlier: HashMap<&str, Arc<[Statement]>> = HashMap::new();
+        let mut decisions = Vec::with_capacity(statements.len());
         for s in statements {
-            if let Some(d) = crate::policy::fixed_refusal(s, self.gateway) {
-                return d;
-            }
-            let mut asks = self.resolver.asks(s);
-            if let Some(name) = &s.executes {
-                let known = earlier
-                    .get(name.as_str())
-                    .cloned()
-                    .or_else(|| Some(self.prepared.get(name.as_bytes())?.statements.clone()));
-                match known {
-                    Some(inner) => {
-                        for i in inner.iter() {
-                            if let Some(d) = crate::policy::fixed_refusal(i, self.gateway) {
-                                return d;
-                            }
-                            asks.extend(self.resolver.asks(i));
-                        }
-                    }
-                    None => {
-                        return Decision::refuse(
-                            format!("execute {name}"),
-                            "no prepared statement of that name is known to pgiam",
-                        )
-                    }
-                }
+            let d = self.decide_statement(s, &earlier);
+            let denied = !d.allowed;
+            decisions.push(d);
+            if denied {
+                break;
             }
             if let Some(name) = &s.prepares {
                 earlier.insert(name, Arc::from(vec![s.clone()]));
             }
-            let d = self.decide(&asks);
-            if !d.allowed {
-                return d;
+        }
+        Decision::all(decisions)
+    }
+
+    fn decide_statement(
+        &mut self,
+        s: &Statement,
+        earlier: &HashMap<&str, Arc<[Statement]>>,
+    ) -> Decision {
+        if let Some(d) = crate::policy::fixed_refusal(s, self.gateway) {
+            return d;
+        }
+        let mut asks = self.resolver.asks(s);
+        if let Some(name) = &s.executes {
+            let known = earlier
+                .get(name.as_str())
+                .cloned()
+                .or_else(|| Some(self.prepared.get(name.as_bytes())?.statements.clone()));
+            let Some(inner) = known else {
+                return Decision::refuse(
+                    format!("execute {name}"),
+                    "no prepared statement of that name is known to pgiam",
+                );
+            };
+            for i in inner.iter() {
+                if let Some(d) = crate::policy::fixed_refusal(i, self.gateway) {
+                    return d;
+                }
+                asks.extend(self.resolver.asks(i));
             }
-            all.extend(d.policies);
         }
-        Decision {
-            allowed: true,
-            policies: all.into_iter().collect(),
-            denied: None,
-            reason: None,
-        }
+        self.decide(&asks)
     }
 
     /// Effects on pgiam's view of the session of statements that will run.
