@@ -809,7 +809,7 @@ fn frame_client_messages(
 struct ReadSize(usize);
 
 impl ReadSize {
-    const MIN: usize = 2 * 1024;
+    const MIN: usize = 512;
     const MAX: usize = 256 * 1024;
 
     /// Makes room for the next read, giving back an empty buffer far larger than needed.
