@@ -218,6 +218,8 @@ pub struct PolicyStore {
     path: std::path::PathBuf,
     generation: std::sync::atomic::AtomicU64,
     current: std::sync::RwLock<std::sync::Arc<Policy>>,
+    /// Tells idle sessions that the policy changed, so they can check they may still connect.
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl PolicyStore {
@@ -226,6 +228,7 @@ impl PolicyStore {
             path: path.to_owned(),
             generation: 0.into(),
             current: std::sync::RwLock::new(Policy::load(path)?.into()),
+            changed: tokio::sync::watch::channel(0).0,
         })
     }
 
@@ -235,14 +238,22 @@ impl PolicyStore {
             path: std::path::PathBuf::new(),
             generation: 0.into(),
             current: std::sync::RwLock::new(policy.into()),
+            changed: tokio::sync::watch::channel(0).0,
         }
     }
 
     /// Replaces the policy in force (as a reload does).
     pub fn replace(&self, policy: Policy) {
         *self.current.write().expect("policy lock") = policy.into();
-        self.generation
+        let g = self
+            .generation
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.changed.send_replace(g + 1);
+    }
+
+    /// Resolves each time the policy is replaced.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     pub fn generation(&self) -> u64 {

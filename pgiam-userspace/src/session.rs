@@ -172,7 +172,7 @@ pub async fn run(shared: Arc<Shared>, stream: BoxStream, identity: IdentitySourc
 /// A session ready to relay.
 struct Session {
     upstream: BoxStream,
-    _cancel_key: crate::cancel::Registration,
+    cancel_key: crate::cancel::Registration,
     summary: String,
     /// The id of the session's allow record, which its end record refers to.
     audit_id: Option<String>,
@@ -181,6 +181,7 @@ struct Session {
     /// The server's standard_conforming_strings at login.
     standard_conforming_strings: bool,
     started: std::time::Instant,
+    database: String,
 }
 
 /// Negotiation, startup checks, mapping and upstream login. `Ok(None)` for a connection that
@@ -373,7 +374,7 @@ async fn establish(
     info!(peer = %client.peer, tls = client.tls, "session established: {summary}");
     Ok(Some(Session {
         upstream: established.stream,
-        _cancel_key: cancel_key,
+        cancel_key,
         summary,
         gate: statements::Gate::new(
             shared.audit.clone(),
@@ -390,6 +391,7 @@ async fn establish(
             },
         ),
         standard_conforming_strings: established.standard_conforming_strings,
+        database: checked.database.clone(),
         audit_id,
         started: std::time::Instant::now(),
     }))
@@ -521,6 +523,13 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
     let (unprepared_tx, mut unprepared_rx) =
         tokio::sync::mpsc::unbounded_channel::<(Vec<u8>, u64)>();
     let audit = shared.audit.clone();
+    let mut policy_changed = shared.policies.subscribe();
+    let database = session.database.clone();
+    let session_ids = (
+        session.audit_id.clone(),
+        session.cancel_key.process_id,
+        session.cancel_key.secret_key,
+    );
 
     let to_server = async {
         let mut client_size = ReadSize::default();
@@ -573,7 +582,19 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
                 }
                 client_size.prepare(&mut cbuf);
                 let free = cbuf.capacity() - cbuf.len();
-                let read = client_rd.read_buf(&mut cbuf).await;
+                // Waiting for the client is also waiting for the policy to change: a session
+                // whose access is revoked ends now, not at its next statement.
+                let read = loop {
+                    tokio::select! {
+                        r = client_rd.read_buf(&mut cbuf) => break r,
+                        Ok(()) = policy_changed.changed() => {
+                            let d = gate.may_connect();
+                            if !d.allowed {
+                                return Err(revoke(shared, &session_ids, &database, d).await);
+                            }
+                        }
+                    }
+                };
                 if let Ok(n) = read {
                     client_size.observe(n, free);
                 }
@@ -728,6 +749,45 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
         });
     }
     info!(peer = %peer, "session ended: {}", session.summary);
+}
+
+/// A session the new policy no longer lets connect: its running statement is cancelled, the
+/// revocation recorded, and the error for the client returned.
+async fn revoke(
+    shared: &Shared,
+    (session_id, process_id, secret_key): &(Option<String>, i32, i32),
+    database: &str,
+    decision: crate::policy::Decision,
+) -> PgError {
+    if let Some(target) = shared.cancels.lookup(*process_id, *secret_key) {
+        if let Err(e) = target
+            .upstream
+            .cancel(target.process_id, target.secret_key, target.address)
+            .await
+        {
+            warn!("revoked session: its running statement could not be cancelled: {e}");
+        }
+    }
+    let mut error = PgError::fatal(
+        "57P01",
+        format!("pgiam: terminating connection: access to database {database} was revoked"),
+    );
+    if let Some(audit) = &shared.audit {
+        let id = audit.next_id();
+        let record = crate::audit_fields! {
+            "id" => id,
+            "kind" => "session_revoked",
+            "session" => session_id,
+            "denied" => decision.denied,
+            "policies" => decision.policies,
+        };
+        if let Err(e) = audit.record(record).await {
+            warn!("audit record for a revocation was not written: {e}");
+        }
+        error = error.with_audit_id(&id);
+    }
+    info!(database, "session ended: access revoked by the policy");
+    error
 }
 
 /// Writes a framed run of client messages: as one write when all were authorized as they are,

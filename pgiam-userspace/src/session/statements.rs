@@ -166,6 +166,14 @@ impl Gate {
         }
     }
 
+    /// May the session still connect under the policy in force? (Checked when the policy is
+    /// replaced: a session whose access was revoked ends, idle or not.)
+    pub fn may_connect(&mut self) -> Decision {
+        self.refresh_policy();
+        let ask = Ask::on_database(crate::policy::Action::Connect, "connect");
+        self.decide(&[ask])
+    }
+
     /// A prepared statement the server did not create after all.
     pub fn forget_prepared(&mut self, name: &[u8], generation: u64) {
         if self.prepared.get(name).map(|p| p.generation) == Some(generation) {

@@ -265,3 +265,69 @@ async fn every_executed_statement_survives_kill_9_in_the_audit_file() {
         );
     }
 }
+
+/// A policy reload that takes away `connect` ends the principal's sessions at once: an idle one
+/// and one in the middle of a long statement (which is cancelled). New sessions are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_connect_ends_live_sessions() {
+    let env = env_with(&format!(
+        "{READ_ITEMS}\npermit(principal, action == PgIam::Action::\"execute\", resource);"
+    ));
+    let idle = tokio_client(&env.tcp_dsn("")).await;
+    assert!(idle.simple_query("SELECT 1").await.is_ok());
+    let busy = tokio_client(&env.tcp_dsn("")).await;
+    let sleeping = tokio::spawn(async move { busy.simple_query("SELECT pg_sleep(60)").await });
+    let backends = || {
+        env.pg
+            .psql(&format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = '{ROLE}'"
+            ))
+            .unwrap()
+    };
+    // Both sessions have their backend (the sleeper is running).
+    for _ in 0..250 {
+        if backends() == "2" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(backends(), "2");
+
+    std::fs::write(
+        env.dir.path().join("policy.cedar"),
+        "permit(principal, action == PgIam::Action::\"select\", resource);",
+    )
+    .unwrap();
+    kill(Pid::from_raw(env.pgiam.pid()), Signal::SIGHUP).unwrap();
+
+    // The long statement ends with the session, well before its 60 s (a liveness bound, not
+    // a measurement).
+    let r = tokio::time::timeout(Duration::from_secs(30), sleeping)
+        .await
+        .expect("the busy session was ended")
+        .unwrap();
+    assert!(r.is_err(), "the running statement did not complete");
+    let e = idle.simple_query("SELECT 1").await.unwrap_err();
+    assert!(idle.is_closed(), "{e}");
+    for _ in 0..250 {
+        if backends() == "0" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(backends(), "0", "no backend of a revoked session is left");
+    let out = psql(&env.tcp_dsn(""), "SELECT 1");
+    assert!(
+        stderr(&out).contains("permission denied: connect"),
+        "{}",
+        stderr(&out)
+    );
+    let records = env.audit_records();
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r["kind"] == "session_revoked")
+            .count(),
+        2
+    );
+}
