@@ -538,6 +538,13 @@ impl Principal {
 /// (names resolve against the pinned search_path; in gateway mode, the session stays the
 /// mapped role).
 pub fn fixed_refusal(s: &Statement, gateway: bool) -> Option<Decision> {
+    if s.unsafe_encoding {
+        return Some(Decision::refuse(
+            "set client_encoding",
+            "client encodings whose characters can contain ASCII bytes (SJIS, BIG5, GBK, UHC, \
+             GB18030, JOHAB) split statements differently on the server",
+        ));
+    }
     if s.parameters.contains("search_path") {
         return Some(Decision::refuse(
             "set search_path",

@@ -342,6 +342,13 @@ async fn establish(
         .login(login_role, credentials, &params, origin.destination)
         .await
         .map_err(upstream_failed)?;
+    // A role or database default can choose the encoding too; pgiam reads statements as the
+    // server will only in encodings whose characters never contain ASCII bytes.
+    if let Some(e) = established.client_encoding.as_deref() {
+        if crate::sql::is_unsafe_encoding(e) {
+            return Err(startup::unsafe_encoding(e).into());
+        }
+    }
     if gateway {
         shared
             .upstream
@@ -695,10 +702,14 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
                     responses::Event::StandardConformingStrings(on) => {
                         standard_conforming_strings.store(on, Ordering::Relaxed)
                     }
+                    responses::Event::UnsafeClientEncoding(value) => {
+                        warn!(peer = %peer, "server switched client_encoding to {value}: ending the session");
+                        failed = true;
+                    }
                 }
             }
             if failed {
-                break "invalid data from the server";
+                break "invalid data from the server, or an encoding pgiam cannot read";
             }
         };
         if responses.at_boundary() && sbuf.is_empty() {

@@ -90,6 +90,10 @@ pub struct Statement {
     /// Names a temporary relation (CREATE TEMP …, pg_temp.x): from then on unqualified names
     /// may resolve to pg_temp.
     pub temp: bool,
+    /// Sets client_encoding to an encoding whose multibyte characters can contain ASCII bytes
+    /// (or to a value that is not a constant): the server would then split strings, and so
+    /// statements, differently from pgiam.
+    pub unsafe_encoding: bool,
     /// A DO block, or a function that runs SQL given as text (query_to_xml, dblink, …).
     pub do_block: bool,
     pub copy_program: bool,
@@ -142,6 +146,46 @@ const DYNAMIC_SQL_FUNCTIONS: &[&str] = &[
     "dblink_open",
     "dblink_send_query",
 ];
+
+/// Client-only encodings whose multibyte characters can end in an ASCII byte such as `\`
+/// (normalized: lower case, no `_` or `-`).
+const UNSAFE_ENCODINGS: &[&str] = &[
+    "sjis",
+    "shiftjis",
+    "mskanji",
+    "shiftjis2004",
+    "big5",
+    "gbk",
+    "cp936",
+    "uhc",
+    "gb18030",
+    "johab",
+    "win932",
+    "win936",
+    "win949",
+    "win950",
+];
+
+/// Is `value` (a client_encoding setting) one of [`UNSAFE_ENCODINGS`]? PostgreSQL compares
+/// encoding names ignoring case and punctuation.
+pub fn is_unsafe_encoding(value: &str) -> bool {
+    let norm: String = value
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    UNSAFE_ENCODINGS.contains(&norm.as_str())
+}
+
+/// The string constant of an argument node, if it is one.
+fn string_constant(arg: &Value) -> Option<&str> {
+    let a = arg.get("node").unwrap_or(arg);
+    a.get("AConst")?
+        .get("val")?
+        .get("Sval")?
+        .get("sval")?
+        .as_str()
+}
 
 /// Settings that change who the session acts as.
 const ROLE_SETTINGS: &[&str] = &["role", "session_authorization"];
@@ -289,6 +333,7 @@ impl Statement {
             && !self.copy_program
             && !self.server_files
             && !self.temp
+            && !self.unsafe_encoding
             && self.parameters.is_empty()
             && !self
                 .functions
@@ -541,6 +586,14 @@ impl Walker<'_> {
                 if ROLE_SETTINGS.contains(&name.as_str()) {
                     self.out.role_change = true;
                 }
+                if name == "client_encoding" {
+                    let args = body.get("args").and_then(Value::as_array);
+                    for a in args.into_iter().flatten() {
+                        if string_constant(a).is_none_or(is_unsafe_encoding) {
+                            self.out.unsafe_encoding = true;
+                        }
+                    }
+                }
                 if !name.is_empty() {
                     self.out.parameters.insert(name);
                 }
@@ -647,16 +700,16 @@ impl Walker<'_> {
                 .get("args")
                 .and_then(Value::as_array)
                 .and_then(|a| a.first());
-            let constant = first.and_then(|a| {
-                let a = a.get("node").unwrap_or(a);
-                a.get("AConst")?
-                    .get("val")?
-                    .get("Sval")?
-                    .get("sval")?
-                    .as_str()
-            });
+            let args = m.get("args").and_then(Value::as_array);
+            let constant = first.and_then(string_constant);
             match constant.map(str::to_ascii_lowercase) {
                 Some(setting) if !ROLE_SETTINGS.contains(&setting.as_str()) => {
+                    if setting == "client_encoding" {
+                        let value = args.and_then(|a| a.get(1)).and_then(string_constant);
+                        if value.is_none_or(is_unsafe_encoding) {
+                            self.out.unsafe_encoding = true;
+                        }
+                    }
                     self.out.parameters.insert(setting);
                 }
                 _ => self.out.role_change = true,
@@ -986,6 +1039,29 @@ mod tests {
         assert_eq!(off.len(), 1);
         let on = classify_cached(r"SELECT 'a\'; DELETE FROM shape_t; --'", true).unwrap();
         assert_eq!(on.len(), 2);
+    }
+
+    #[test]
+    fn client_encodings_that_split_strings_differently_are_noticed() {
+        for sql in [
+            "SET client_encoding = 'SJIS'",
+            "SET client_encoding TO 'Shift_JIS'",
+            "SET NAMES 'big5'",
+            "SET LOCAL client_encoding = gbk",
+            "SELECT set_config('client_encoding', 'GB18030', false)",
+            "SELECT set_config('client_encoding', lower('SJIS'), false)",
+        ] {
+            assert!(one(sql).unsafe_encoding, "{sql}");
+        }
+        for sql in [
+            "SET client_encoding = 'UTF8'",
+            "SET client_encoding = 'LATIN1'",
+            "SET client_encoding TO DEFAULT",
+            "RESET client_encoding",
+            "SELECT set_config('client_encoding', 'EUC_JP', false)",
+        ] {
+            assert!(!one(sql).unsafe_encoding, "{sql}");
+        }
     }
 
     #[test]

@@ -73,6 +73,8 @@ pub struct Established {
     pub status: TransactionStatus,
     /// The server's standard_conforming_strings at login (on unless it said otherwise).
     pub standard_conforming_strings: bool,
+    /// The client_encoding the server reported at login.
+    pub client_encoding: Option<String>,
 }
 
 impl Upstream {
@@ -185,6 +187,7 @@ impl Upstream {
         let mut key = None;
         let mut authenticated = false;
         let mut standard_conforming_strings = true;
+        let mut client_encoding = None;
         loop {
             let (tag, body) = read_message(&mut stream, &mut buf, self.max_message_size).await?;
             out.clear();
@@ -251,6 +254,9 @@ impl Upstream {
                     if name == b"standard_conforming_strings" {
                         standard_conforming_strings = value != b"off";
                     }
+                    if name == b"client_encoding" {
+                        client_encoding = Some(String::from_utf8_lossy(value).into_owned());
+                    }
                     append_frame(&mut greeting, tag, &body);
                 }
                 BackendMessage::NoticeResponse(_) => append_frame(&mut greeting, tag, &body),
@@ -272,6 +278,7 @@ impl Upstream {
                         secret_key,
                         status,
                         standard_conforming_strings,
+                        client_encoding,
                     });
                 }
                 BackendMessage::ErrorResponse(fields) => {

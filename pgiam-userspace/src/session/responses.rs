@@ -47,6 +47,9 @@ pub enum Event {
         generation: u64,
     },
     StandardConformingStrings(bool),
+    /// The server now reads the client's bytes in an encoding pgiam cannot split statements in
+    /// (a route pgiam did not see, such as a role default): the session must end.
+    UnsafeClientEncoding(String),
 }
 
 #[derive(Default)]
@@ -207,6 +210,13 @@ impl Responses {
                 if name == b"standard_conforming_strings" {
                     self.events
                         .push(Event::StandardConformingStrings(value != b"off"));
+                }
+                if name == b"client_encoding" {
+                    let value = String::from_utf8_lossy(value);
+                    if crate::sql::is_unsafe_encoding(&value) {
+                        self.events
+                            .push(Event::UnsafeClientEncoding(value.into_owned()));
+                    }
                 }
                 Ok(None)
             }

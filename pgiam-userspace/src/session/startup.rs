@@ -48,6 +48,17 @@ fn pinned_search_path() -> PgError {
     .with_hint("unqualified names are authorized against the search_path in pgiam's [policy]")
 }
 
+pub fn unsafe_encoding(value: &str) -> PgError {
+    PgError::fatal(
+        "22023",
+        format!("pgiam: client_encoding {value:?} is not supported"),
+    )
+    .with_hint(
+        "its multibyte characters can contain ASCII bytes, so statements would split \
+         differently on the server; use UTF8",
+    )
+}
+
 pub fn check(m: StartupMessage) -> Result<Checked, PgError> {
     let mut negotiation = (m.minor > 0).then(|| Negotiation {
         unrecognized: Vec::new(),
@@ -84,6 +95,9 @@ pub fn check(m: StartupMessage) -> Result<Checked, PgError> {
                 }
             }
             "search_path" => return Err(pinned_search_path()),
+            "client_encoding" if crate::sql::is_unsafe_encoding(&value) => {
+                return Err(unsafe_encoding(&value))
+            }
             n if IDENTITY_SETTINGS.contains(&n) => {
                 return Err(refuse_identity_change(&format!(
                     "startup parameter {name:?}"
@@ -182,6 +196,9 @@ pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, PgError> {
         if name == "search_path" {
             return Err(pinned_search_path());
         }
+        if name == "client_encoding" && crate::sql::is_unsafe_encoding(value) {
+            return Err(unsafe_encoding(value));
+        }
         settings.push((name, value.to_owned()));
     }
     Ok(settings)
@@ -277,6 +294,21 @@ mod tests {
             assert_eq!(err.code, "42501", "{params:?} -> {err:?}");
         }
         assert!(check(startup(&[("user", "u"), ("replication", "off")])).is_ok());
+    }
+
+    #[test]
+    fn client_encodings_that_hide_ascii_bytes_are_refused() {
+        for params in [
+            &[("user", "u"), ("client_encoding", "SJIS")][..],
+            &[("user", "u"), ("options", "-c client_encoding=big5")][..],
+        ] {
+            assert_eq!(
+                check(startup(params)).unwrap_err().code,
+                "22023",
+                "{params:?}"
+            );
+        }
+        assert!(check(startup(&[("user", "u"), ("client_encoding", "UTF8")])).is_ok());
     }
 
     #[test]

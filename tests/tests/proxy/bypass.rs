@@ -329,6 +329,26 @@ fn cases() -> Vec<Case> {
         ],
         Oracle::Canary,
     );
+    // In SJIS, 0x95 0x5C is one character: the backslash pgiam reads as escaping the quote is
+    // not one for the server, which then ends the string and runs the DELETE.
+    case(
+        "client_encoding SJIS hides a backslash",
+        None,
+        vec![
+            Q("SET client_encoding = 'SJIS'"),
+            Q("SELECT E'\u{3055}\\'; DELETE FROM canary; --'"),
+        ],
+        Oracle::Canary,
+    );
+    case(
+        "client_encoding via set_config",
+        None,
+        vec![
+            Q("SELECT set_config('client_encoding', 'SJIS', false)"),
+            Q("SELECT E'\u{3055}\\'; DELETE FROM canary; --'"),
+        ],
+        Oracle::Canary,
+    );
     case(
         "sql prepare then execute",
         None,

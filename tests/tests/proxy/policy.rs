@@ -331,3 +331,19 @@ async fn revoking_connect_ends_live_sessions() {
         2
     );
 }
+
+/// A role default can choose the client encoding too: one whose characters can contain ASCII
+/// bytes (SJIS) would make the server split statements differently from pgiam, so such a
+/// session is refused before the client can send anything.
+#[test]
+fn a_role_default_client_encoding_pgiam_cannot_read_is_refused() {
+    let env = env_with(READ_ITEMS);
+    env.pg
+        .psql(&format!("ALTER ROLE {ROLE} SET client_encoding = 'SJIS'"))
+        .unwrap();
+    let mut raw = Raw::connect(env.tcp);
+    raw.startup();
+    let (code, message) = raw.expect_fatal();
+    assert_eq!(code, "22023", "{message}");
+    assert!(message.contains("client_encoding"), "{message}");
+}
