@@ -538,6 +538,15 @@ impl Principal {
 /// (names resolve against the pinned search_path; in gateway mode, the session stays the
 /// mapped role).
 pub fn fixed_refusal(s: &Statement, gateway: bool) -> Option<Decision> {
+    if s.parameters.contains("standard_conforming_strings") {
+        // The server reports a change once it has run it: statements pipelined behind the
+        // change would be split by pgiam with the old rules and by the server with the new.
+        return Some(Decision::refuse(
+            "set standard_conforming_strings",
+            "standard_conforming_strings is fixed for the session: pgiam splits statements \
+             with the value the session started with",
+        ));
+    }
     if s.unsafe_encoding {
         return Some(Decision::refuse(
             "set client_encoding",

@@ -194,13 +194,22 @@ async fn every_statement_is_audited_before_it_runs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn statements_split_as_the_server_splits_them_after_a_setting_change() {
+async fn statements_split_as_the_server_splits_them_with_the_sessions_string_rules() {
     let env = Env::start();
-    let client = tokio_client(&env.tcp_dsn("")).await;
-    client
-        .batch_execute("SET standard_conforming_strings = off")
-        .await
+    // The session starts with standard_conforming_strings off (a role default), which the
+    // server reports at login.
+    env.pg
+        .psql(&format!(
+            "ALTER ROLE {ROLE} SET standard_conforming_strings = off"
+        ))
         .unwrap();
+    let client = tokio_client(&env.tcp_dsn("")).await;
+    // Clients cannot change it mid-session (pipelined statements would split differently).
+    let e = client
+        .batch_execute("SET standard_conforming_strings = on")
+        .await
+        .unwrap_err();
+    assert_eq!(e.as_db_error().map(|d| d.code().code()), Some("42501"));
     // With the setting off, \' escapes the quote: one statement returning one string.
     let probe = r"SELECT 'a\'; SELECT 1; --'";
     let rows = client.simple_query(probe).await.unwrap();

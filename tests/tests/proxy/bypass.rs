@@ -59,6 +59,8 @@ enum Step {
     CopyIn(&'static str),
     /// Parse/Bind/Execute for each statement, then one Sync, in one write (hand-driven).
     Pipeline(&'static [&'static str]),
+    /// Simple Query messages in one write, without waiting between them (hand-driven).
+    Queries(&'static [&'static str]),
     /// A FunctionCall message for this function with these text arguments (hand-driven).
     FunctionCall(&'static str, &'static [&'static str]),
 }
@@ -339,6 +341,18 @@ fn cases() -> Vec<Case> {
             Q("SELECT E'\u{3055}\\'; DELETE FROM canary; --'"),
         ],
         Oracle::Canary,
+    );
+    // Under standard_conforming_strings = off, 'a\' , ' is one string and the subquery runs;
+    // under on it is two strings. The server reports the change once it has run it, when the
+    // statement pipelined behind it is already on its way.
+    case(
+        "standard_conforming_strings changed ahead of a pipelined statement",
+        None,
+        vec![Queries(&[
+            "SET standard_conforming_strings = off",
+            r"SELECT 'a\' , ' , (SELECT v FROM secret) --'",
+        ])],
+        Oracle::Leak(SECRET),
     );
     case(
         "client_encoding via set_config",
@@ -679,16 +693,28 @@ fn simple_text(messages: &[SimpleQueryMessage]) -> String {
 
 /// Runs a case's steps on one session; returns what came back and `current_user` afterwards.
 async fn attack(target: &Target<'_>, case: &Case) -> (String, Option<String>) {
-    let raw_only = case
-        .steps
-        .iter()
-        .all(|s| matches!(s, Step::Pipeline(_) | Step::FunctionCall(..)));
+    let raw_only = case.steps.iter().all(|s| {
+        matches!(
+            s,
+            Step::Pipeline(_) | Step::Queries(_) | Step::FunctionCall(..)
+        )
+    });
     if raw_only {
         let mut s = target.raw();
         let mut text = String::new();
         for step in &case.steps {
             match *step {
                 Step::Pipeline(statements) => s.write_all(&pipeline(statements)).unwrap(),
+                Step::Queries(queries) => {
+                    let all: Vec<u8> = queries
+                        .iter()
+                        .flat_map(|q| message(b'Q', &cstr(q)))
+                        .collect();
+                    s.write_all(&all).unwrap();
+                    for _ in 1..queries.len() {
+                        text.push_str(&until_ready(&mut s));
+                    }
+                }
                 Step::FunctionCall(signature, args) => {
                     let oid: u32 = target
                         .env
