@@ -525,10 +525,11 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
     // never land in the middle of a server message.
     let (fatal_tx, mut fatal_rx) = tokio::sync::oneshot::channel::<PgError>();
     // Requests forwarded, in order, for the direction that reads the answers; and back from
-    // it, prepared statements the server did not create after all.
-    let (expect_tx, mut expect_rx) = tokio::sync::mpsc::unbounded_channel();
-    let (unprepared_tx, mut unprepared_rx) =
-        tokio::sync::mpsc::unbounded_channel::<(Vec<u8>, u64)>();
+    // it, prepared statements the server did not create after all. Both directions run in this
+    // one task, so these locks are never contended; no guard is held across an await. (Not
+    // channels: an idle session would hold their preallocated blocks.)
+    let responses = std::sync::Mutex::new(responses::Responses::default());
+    let unprepared = std::sync::Mutex::new(Vec::<(Vec<u8>, u64)>::new());
     let audit = shared.audit.clone();
     let mut policy_changed = shared.policies.subscribe();
     let database = session.database.clone();
@@ -544,8 +545,14 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
         let mut expects = Vec::new();
         let result: Result<&'static str, PgError> = async {
             loop {
-                gate.refresh_policy();
-                while let Ok((name, generation)) = unprepared_rx.try_recv() {
+                // A new policy is checked before anything more is forwarded under it.
+                if gate.refresh_policy() {
+                    let d = gate.may_connect();
+                    if !d.allowed {
+                        return Err(revoke(shared, &session_ids, &database, d).await);
+                    }
+                }
+                for (name, generation) in std::mem::take(&mut *locked(&unprepared)) {
                     gate.forget_prepared(&name, generation);
                 }
                 // Forward what was complete and valid before a bad message, as a server would
@@ -566,9 +573,11 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
                             )
                             .with_detail(e.to_string())
                         })?;
-                    for e in expects.drain(..) {
-                        // The reading side outlives this one only to drain the server.
-                        let _ = expect_tx.send(e);
+                    {
+                        let mut r = locked(&responses);
+                        for e in expects.drain(..) {
+                            r.push(e);
+                        }
                     }
                     let chunk = cbuf.split_to(framed.len);
                     write_checked(&mut server_wr, &chunk, &mut checked)
@@ -595,9 +604,11 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
                     tokio::select! {
                         r = client_rd.read_buf(&mut cbuf) => break r,
                         Ok(()) = policy_changed.changed() => {
-                            let d = gate.may_connect();
-                            if !d.allowed {
-                                return Err(revoke(shared, &session_ids, &database, d).await);
+                            if gate.refresh_policy() {
+                                let d = gate.may_connect();
+                                if !d.allowed {
+                                    return Err(revoke(shared, &session_ids, &database, d).await);
+                                }
                             }
                         }
                     }
@@ -637,7 +648,6 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
     let to_client = async {
         let mut sbuf = BytesMut::new();
         let mut size = ReadSize::default();
-        let mut responses = responses::Responses::default();
         let end = loop {
             size.prepare(&mut sbuf);
             let free = sbuf.capacity() - sbuf.len();
@@ -646,36 +656,47 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
                 Ok(n) => size.observe(n, free),
                 Err(_) => break "server read failed",
             }
-            while let Ok(e) = expect_rx.try_recv() {
-                responses.push(e);
-            }
-            let (mut start, mut pos) = (0, 0);
+            // What to write: runs of the server's bytes, with pgiam's errors in place of the
+            // sentinels'. Decided under the lock, written after it.
+            let mut replaced: Vec<(std::ops::Range<usize>, Bytes)> = Vec::new();
+            let mut pos = 0;
             let mut failed = false;
-            loop {
-                match responses.step(&sbuf[pos..]) {
-                    Ok(responses::Step::Pass(n)) => pos += n,
-                    Ok(responses::Step::Replace { len, with }) => {
-                        if client_wr.write_all(&sbuf[start..pos]).await.is_err()
-                            || client_wr.write_all(&with).await.is_err()
-                        {
-                            return "client write failed";
+            let events = {
+                let mut r = locked(&responses);
+                loop {
+                    match r.step(&sbuf[pos..]) {
+                        Ok(responses::Step::Pass(n)) => pos += n,
+                        Ok(responses::Step::Replace { len, with }) => {
+                            replaced.push((pos..pos + len, with));
+                            pos += len;
                         }
-                        pos += len;
-                        start = pos;
-                    }
-                    Ok(responses::Step::NeedMore) => break,
-                    Err(e) => {
-                        warn!(peer = %peer, "invalid data from the server: {e}");
-                        failed = true;
-                        break;
+                        Ok(responses::Step::NeedMore) => break,
+                        Err(e) => {
+                            warn!(peer = %peer, "invalid data from the server: {e}");
+                            failed = true;
+                            break;
+                        }
                     }
                 }
+                std::mem::take(&mut r.events)
+            };
+            let mut start = 0;
+            for (range, with) in replaced {
+                if client_wr
+                    .write_all(&sbuf[start..range.start])
+                    .await
+                    .is_err()
+                    || client_wr.write_all(&with).await.is_err()
+                {
+                    return "client write failed";
+                }
+                start = range.end;
             }
             if client_wr.write_all(&sbuf[start..pos]).await.is_err() {
                 return "client write failed";
             }
             let _ = sbuf.split_to(pos);
-            for event in responses.events.drain(..) {
+            for event in events {
                 match event {
                     responses::Event::Completed {
                         record,
@@ -697,7 +718,7 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
                         }
                     }
                     responses::Event::NotPrepared { name, generation } => {
-                        let _ = unprepared_tx.send((name, generation));
+                        locked(&unprepared).push((name, generation));
                     }
                     responses::Event::StandardConformingStrings(on) => {
                         standard_conforming_strings.store(on, Ordering::Relaxed)
@@ -712,7 +733,7 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
                 break "invalid data from the server, or an encoding pgiam cannot read";
             }
         };
-        if responses.at_boundary() && sbuf.is_empty() {
+        if locked(&responses).at_boundary() && sbuf.is_empty() {
             if let Ok(e) = fatal_rx.try_recv() {
                 let mut b = BytesMut::new();
                 e.encode(&mut b);
@@ -760,6 +781,12 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
         });
     }
     info!(peer = %peer, "session ended: {}", session.summary);
+}
+
+/// The lock's contents, even if a panic poisoned it (the data is a queue, always consistent
+/// between operations).
+fn locked<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A session the new policy no longer lets connect: its running statement is cancelled, the

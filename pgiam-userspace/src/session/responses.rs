@@ -55,6 +55,9 @@ pub enum Event {
 #[derive(Default)]
 pub struct Responses {
     expects: VecDeque<Expect>,
+    /// An extended-protocol message failed and its Sync has not been forwarded yet: the server
+    /// ignores every message until that Sync, so none of them will be answered.
+    skipping: bool,
     /// Bytes of the message being streamed that are still to come.
     remaining: usize,
     /// Progress of the Query (or FunctionCall) at the front.
@@ -67,6 +70,15 @@ pub struct Responses {
 
 impl Responses {
     pub fn push(&mut self, e: Expect) {
+        if self.skipping {
+            if e.kind != ExpectKind::Sync {
+                // The queue is empty while skipping: this is the front, answered by nothing.
+                self.expects.push_front(e);
+                self.complete(None, None, None);
+                return;
+            }
+            self.skipping = false;
+        }
         self.expects.push_back(e);
     }
 
@@ -185,9 +197,12 @@ impl Responses {
                     _ => {
                         self.complete(reported.as_deref(), None, None);
                         // The server skips the rest of the pipeline up to Sync.
-                        while self.front_kind().is_some_and(ExpectKind::is_extended) {
+                        // The server ignores everything up to the next Sync, simple Query and
+                        // FunctionCall included.
+                        while self.front_kind().is_some_and(|k| k != ExpectKind::Sync) {
                             self.complete(None, None, None);
                         }
+                        self.skipping = self.expects.is_empty();
                     }
                 }
                 Ok(replacement)
@@ -340,6 +355,34 @@ mod tests {
             );
             assert!(r.expects.is_empty());
         }
+    }
+
+    #[test]
+    fn after_an_extended_error_everything_until_sync_is_skipped_even_if_it_arrives_later() {
+        let mut r = Responses::default();
+        r.push(expect(ExpectKind::Parse, "p", false));
+        let mut server = error("42P01");
+        run(&mut r, &server, 1000);
+        // Sent by the client after the server's error was read: ignored by the server too.
+        r.push(expect(ExpectKind::Query, "q", false));
+        r.push(expect(ExpectKind::Execute, "x", false));
+        r.push(expect(ExpectKind::Sync, "", false));
+        r.push(expect(ExpectKind::Query, "after", false));
+        server.clear();
+        wire::ready_for_query(wire::TransactionStatus::Idle, &mut server);
+        wire::command_complete(b"SELECT 1", &mut server);
+        wire::ready_for_query(wire::TransactionStatus::Idle, &mut server);
+        run(&mut r, &server, 1000);
+        assert_eq!(
+            completions(&r),
+            [
+                ("p".into(), Some("42P01".into()), None),
+                ("q".into(), None, None),
+                ("x".into(), None, None),
+                ("after".into(), Some("00000".into()), Some(1)),
+            ]
+        );
+        assert!(r.expects.is_empty());
     }
 
     #[test]

@@ -156,20 +156,22 @@ impl Gate {
         }
     }
 
-    /// Takes up a reloaded policy; decisions cached under the old one are dropped.
-    pub fn refresh_policy(&mut self) {
+    /// Takes up a reloaded policy; decisions cached under the old one are dropped. Returns
+    /// whether the policy changed.
+    pub fn refresh_policy(&mut self) -> bool {
         let g = self.policies.generation();
-        if g != self.policy_generation {
-            self.policy_generation = g;
-            self.policy = self.policies.current();
-            self.decisions.clear();
+        if g == self.policy_generation {
+            return false;
         }
+        self.policy_generation = g;
+        self.policy = self.policies.current();
+        self.decisions.clear();
+        true
     }
 
-    /// May the session still connect under the policy in force? (Checked when the policy is
-    /// replaced: a session whose access was revoked ends, idle or not.)
+    /// May the session still connect under the policy in force? (Checked whenever the policy
+    /// is replaced: a session whose access was revoked ends, idle or not.)
     pub fn may_connect(&mut self) -> Decision {
-        self.refresh_policy();
         let ask = Ask::on_database(crate::policy::Action::Connect, "connect");
         self.decide(&[ask])
     }

@@ -307,8 +307,15 @@ async fn revoking_connect_ends_live_sessions() {
         .expect("the busy session was ended")
         .unwrap();
     assert!(r.is_err(), "the running statement did not complete");
+    // The idle session was told why (or is already gone).
     let e = idle.simple_query("SELECT 1").await.unwrap_err();
-    assert!(idle.is_closed(), "{e}");
+    match e.as_db_error() {
+        Some(d) => {
+            assert_eq!(d.code().code(), "57P01", "{d:?}");
+            assert!(d.message().contains("revoked"), "{d:?}");
+        }
+        None => assert!(idle.is_closed(), "{e}"),
+    }
     for _ in 0..250 {
         if backends() == "0" {
             break;
