@@ -135,7 +135,10 @@ pub async fn run(shared: Arc<Shared>, stream: BoxStream, identity: IdentitySourc
         peer,
     };
     let timeout = shared.config.limits.startup_timeout();
-    let outcome = tokio::time::timeout(timeout, establish(&shared, &mut client, identity)).await;
+    // Boxed: the handshake's state (TLS, SCRAM, the upstream connect) is large and lives only
+    // until the session is established; inline, it would size every idle session's task.
+    let outcome =
+        tokio::time::timeout(timeout, Box::pin(establish(&shared, &mut client, identity))).await;
     let refusal = match outcome {
         Ok(Ok(Some(session))) => return relay(&shared, client, session).await,
         Ok(Ok(None)) => return,
@@ -549,7 +552,7 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
                 if gate.refresh_policy() {
                     let d = gate.may_connect();
                     if !d.allowed {
-                        return Err(revoke(shared, &session_ids, &database, d).await);
+                        return Err(Box::pin(revoke(shared, &session_ids, &database, d)).await);
                     }
                 }
                 for (name, generation) in std::mem::take(&mut *locked(&unprepared)) {
@@ -607,7 +610,7 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
                             if gate.refresh_policy() {
                                 let d = gate.may_connect();
                                 if !d.allowed {
-                                    return Err(revoke(shared, &session_ids, &database, d).await);
+                                    return Err(Box::pin(revoke(shared, &session_ids, &database, d)).await);
                                 }
                             }
                         }

@@ -353,7 +353,7 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
         extra_conf: vec![
             // PgBouncer keeps its server connections after the idle clients leave, while
             // pgiam's idle sessions have backends of their own.
-            format!("max_connections = {}", 2 * opts.idle + 300),
+            format!("max_connections = {}", 4 * opts.idle + 300),
             "shared_buffers = '256MB'".into(),
             "synchronous_commit = off".into(),
         ],
@@ -367,7 +367,7 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
 
     let dir = tempfile::Builder::new().prefix("pgiam-bench-").tempdir()?;
     let pw = write_file(dir.path(), "bench.password", &password, 0o600);
-    let bouncer = PgBouncer::start(pg.port, "bench", &password, opts.idle + 32)?;
+    let bouncer = PgBouncer::start(pg.port, "bench", &password, 2 * opts.idle + 32)?;
     let root = TestCgroup::new("pgiam-bench");
     let mut variants = vec![start_variant(
         Target::Pgiam,
@@ -495,40 +495,55 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
         .as_ref()
         .map(|p| p.pid() as u32)
         .unwrap_or(0);
-    let per_session = |pid: u32, mut cmd: Command, dsn: &str| -> anyhow::Result<(u64, u64)> {
-        let before = rss_kib(pid);
-        let mut holder = cmd
-            .arg("hold-connections")
-            .arg(opts.idle.to_string())
-            .arg(dsn)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()?;
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(holder.stdout.as_mut().expect("piped")),
-            &mut line,
-        )?;
-        // Let allocators settle before reading.
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        let during = rss_kib(pid);
-        drop(holder.stdin.take());
-        holder.wait()?;
-        if line.trim() != "ready" {
-            bail!("holding {} sessions failed: {line}", opts.idle);
-        }
-        Ok((before, during))
-    };
+    // Two batches of N sessions, the first still held while the second opens: the second
+    // batch's growth is the marginal cost of a session, not of refilling a heap that earlier
+    // workloads left with free space (the first batch's growth depends on that history).
+    let per_session =
+        |pid: u32, make: &dyn Fn() -> Command, dsn: &str| -> anyhow::Result<(u64, u64)> {
+            let hold = || -> anyhow::Result<std::process::Child> {
+                let mut holder = make()
+                    .arg("hold-connections")
+                    .arg(opts.idle.to_string())
+                    .arg(dsn)
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .spawn()?;
+                let mut line = String::new();
+                std::io::BufRead::read_line(
+                    &mut std::io::BufReader::new(holder.stdout.as_mut().expect("piped")),
+                    &mut line,
+                )?;
+                if line.trim() != "ready" {
+                    bail!("holding {} sessions failed: {line}", opts.idle);
+                }
+                // Let allocators settle before reading.
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                Ok(holder)
+            };
+            let mut first = hold()?;
+            let before = rss_kib(pid);
+            let mut second = hold()?;
+            let during = rss_kib(pid);
+            for h in [&mut second, &mut first] {
+                drop(h.stdin.take());
+                h.wait()?;
+            }
+            Ok((before, during))
+        };
     let xtask = std::env::current_exe()?;
     let (pb0, pb1) = per_session(
         bouncer.child.id(),
-        Command::new(&xtask),
+        &|| Command::new(&xtask),
         &format!("{bouncer_dsn} password={password}"),
     )?;
-    let (pi0, pi1) = per_session(pgiam_pid, variants[0].app.command(&xtask), &intercepted_dsn)?;
+    let (pi0, pi1) = per_session(
+        pgiam_pid,
+        &|| variants[0].app.command(&xtask),
+        &intercepted_dsn,
+    )?;
     let per = |a: u64, b: u64| (b.saturating_sub(a) as f64) * 1024.0 / opts.idle as f64;
     println!(
-        "\n{} idle sessions: pgiam {pi0} -> {pi1} KiB resident ({:.0} bytes per session); \
+        "\n{} idle sessions (a second batch, the first still open): pgiam {pi0} -> {pi1} KiB resident ({:.0} bytes per session); \
          pgbouncer {pb0} -> {pb1} KiB ({:.0} bytes per session)",
         opts.idle,
         per(pi0, pi1),
