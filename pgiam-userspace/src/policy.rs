@@ -224,18 +224,17 @@ pub struct PolicyStore {
 
 impl PolicyStore {
     pub fn load(path: &Path) -> Result<PolicyStore, PolicyError> {
-        Ok(PolicyStore {
-            path: path.to_owned(),
-            generation: 0.into(),
-            current: std::sync::RwLock::new(Policy::load(path)?.into()),
-            changed: tokio::sync::watch::channel(0).0,
-        })
+        Ok(PolicyStore::with(path.to_owned(), Policy::load(path)?))
     }
 
     /// A store holding `policy`, not backed by a file (reload fails).
     pub fn fixed(policy: Policy) -> PolicyStore {
+        PolicyStore::with(std::path::PathBuf::new(), policy)
+    }
+
+    fn with(path: std::path::PathBuf, policy: Policy) -> PolicyStore {
         PolicyStore {
-            path: std::path::PathBuf::new(),
+            path,
             generation: 0.into(),
             current: std::sync::RwLock::new(policy.into()),
             changed: tokio::sync::watch::channel(0).0,

@@ -184,7 +184,6 @@ struct Session {
     /// The server's standard_conforming_strings at login.
     standard_conforming_strings: bool,
     started: std::time::Instant,
-    database: String,
 }
 
 /// Negotiation, startup checks, mapping and upstream login. `Ok(None)` for a connection that
@@ -401,7 +400,6 @@ async fn establish(
             },
         ),
         standard_conforming_strings: established.standard_conforming_strings,
-        database: checked.database.clone(),
         audit_id,
         started: std::time::Instant::now(),
     }))
@@ -535,7 +533,6 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
     let unprepared = std::sync::Mutex::new(Vec::<(Vec<u8>, u64)>::new());
     let audit = shared.audit.clone();
     let mut policy_changed = shared.policies.subscribe();
-    let database = session.database.clone();
     let session_ids = (
         session.audit_id.clone(),
         session.cancel_key.process_id,
@@ -552,6 +549,7 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
                 if gate.refresh_policy() {
                     let d = gate.may_connect();
                     if !d.allowed {
+                        let database = gate.database().to_owned();
                         return Err(Box::pin(revoke(shared, &session_ids, &database, d)).await);
                     }
                 }
@@ -602,19 +600,11 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
                 client_size.prepare(&mut cbuf);
                 let free = cbuf.capacity() - cbuf.len();
                 // Waiting for the client is also waiting for the policy to change: a session
-                // whose access is revoked ends now, not at its next statement.
-                let read = loop {
-                    tokio::select! {
-                        r = client_rd.read_buf(&mut cbuf) => break r,
-                        Ok(()) = policy_changed.changed() => {
-                            if gate.refresh_policy() {
-                                let d = gate.may_connect();
-                                if !d.allowed {
-                                    return Err(Box::pin(revoke(shared, &session_ids, &database, d)).await);
-                                }
-                            }
-                        }
-                    }
+                // whose access is revoked ends now (at the top of the loop), not at its next
+                // statement.
+                let read = tokio::select! {
+                    r = client_rd.read_buf(&mut cbuf) => r,
+                    Ok(()) = policy_changed.changed() => continue,
                 };
                 if let Ok(n) = read {
                     client_size.observe(n, free);

@@ -212,8 +212,7 @@ pub fn classify(sql: &str, standard_conforming_strings: bool) -> Result<Vec<Stat
         .collect())
 }
 
-type Cache =
-    std::sync::Mutex<std::collections::HashMap<(bool, Box<[u8]>), std::sync::Arc<[Statement]>>>;
+type Cache = std::sync::Mutex<std::collections::HashMap<Box<[u8]>, std::sync::Arc<[Statement]>>>;
 
 /// Cache capacity (entries each); when full a cache starts over.
 const CACHE_CAPACITY: usize = 8192;
@@ -225,11 +224,12 @@ const MAX_SCANNED_TEXT: usize = 64 * 1024;
 /// Times a classification came from the cache by shape (for tests and the benchmark).
 pub static SHAPE_HITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-fn cache_get(cache: &Cache, key: &(bool, Box<[u8]>)) -> Option<std::sync::Arc<[Statement]>> {
+/// Looked up by borrowed key: a hit costs no allocation.
+fn cache_get(cache: &Cache, key: &[u8]) -> Option<std::sync::Arc<[Statement]>> {
     cache.lock().expect("cache lock").get(key).cloned()
 }
 
-fn cache_put(cache: &Cache, key: (bool, Box<[u8]>), value: std::sync::Arc<[Statement]>) {
+fn cache_put(cache: &Cache, key: Box<[u8]>, value: std::sync::Arc<[Statement]>) {
     let mut c = cache.lock().expect("cache lock");
     if c.len() >= CACHE_CAPACITY {
         c.clear();
@@ -250,25 +250,22 @@ pub fn classify_cached(
     standard_conforming_strings: bool,
 ) -> Result<std::sync::Arc<[Statement]>, SqlError> {
     use std::sync::OnceLock;
-    static BY_TEXT: OnceLock<Cache> = OnceLock::new();
+    // By text: one cache per value of standard_conforming_strings.
+    static BY_TEXT: [OnceLock<Cache>; 2] = [OnceLock::new(), OnceLock::new()];
     static BY_SHAPE: OnceLock<Cache> = OnceLock::new();
-    let by_text = BY_TEXT.get_or_init(Default::default);
+    let by_text = BY_TEXT[usize::from(standard_conforming_strings)].get_or_init(Default::default);
     let by_shape = BY_SHAPE.get_or_init(Default::default);
-    let text_key = (sql.len() <= MAX_CACHED_TEXT).then(|| {
-        (
-            standard_conforming_strings,
-            Box::<[u8]>::from(sql.as_bytes()),
-        )
-    });
-    if let Some(hit) = text_key.as_ref().and_then(|k| cache_get(by_text, k)) {
-        return Ok(hit);
+    let text_cached = sql.len() <= MAX_CACHED_TEXT;
+    if text_cached {
+        if let Some(hit) = cache_get(by_text, sql.as_bytes()) {
+            return Ok(hit);
+        }
     }
     // The scanner pg_query exposes knows only standard_conforming_strings = on.
     let shape_key = (standard_conforming_strings && sql.len() <= MAX_SCANNED_TEXT)
         .then(|| shape(sql))
-        .flatten()
-        .map(|s| (true, s));
-    if let Some(hit) = shape_key.as_ref().and_then(|k| cache_get(by_shape, k)) {
+        .flatten();
+    if let Some(hit) = shape_key.as_deref().and_then(|k| cache_get(by_shape, k)) {
         SHAPE_HITS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         return Ok(hit);
     }
@@ -279,8 +276,8 @@ pub fn classify_cached(
             cache_put(by_shape, k, statements.clone());
         }
     }
-    if let Some(k) = text_key {
-        cache_put(by_text, k, statements.clone());
+    if text_cached {
+        cache_put(by_text, sql.as_bytes().into(), statements.clone());
     }
     Ok(statements)
 }

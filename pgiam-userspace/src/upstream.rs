@@ -282,12 +282,8 @@ impl Upstream {
                     });
                 }
                 BackendMessage::ErrorResponse(fields) => {
-                    let mut frame = BytesMut::new();
-                    append_frame(&mut frame, tag, &body);
-                    return Err(UpstreamError::Server {
-                        message: fields.get_str(b'M').unwrap_or("?").to_owned(),
-                        frame: frame.freeze(),
-                    });
+                    let message = fields.get_str(b'M').unwrap_or("?").to_owned();
+                    return Err(server_error(tag, &body, message));
                 }
                 BackendMessage::NegotiateProtocolVersion { .. } => {
                     // pgiam asks for 3.0 with no protocol options: nothing to negotiate down.
@@ -323,15 +319,9 @@ impl Upstream {
                     append_frame(&mut established.greeting, tag, &body)
                 }
                 BackendMessage::ErrorResponse(fields) => {
-                    let mut frame = BytesMut::new();
-                    append_frame(&mut frame, tag, &body);
-                    failed = Some(UpstreamError::Server {
-                        message: format!(
-                            "SET ROLE {role}: {}",
-                            fields.get_str(b'M').unwrap_or("?")
-                        ),
-                        frame: frame.freeze(),
-                    });
+                    let message =
+                        format!("SET ROLE {role}: {}", fields.get_str(b'M').unwrap_or("?"));
+                    failed = Some(server_error(tag, &body, message));
                 }
                 BackendMessage::ReadyForQuery(status) => {
                     if !buf.is_empty() {
@@ -362,6 +352,16 @@ impl Upstream {
         let mut sink = [0u8; 64];
         while stream.read(&mut sink).await? > 0 {}
         Ok(())
+    }
+}
+
+/// The server's own ErrorResponse, kept whole to pass on to the client.
+fn server_error(tag: u8, body: &[u8], message: String) -> UpstreamError {
+    let mut frame = BytesMut::new();
+    append_frame(&mut frame, tag, body);
+    UpstreamError::Server {
+        message,
+        frame: frame.freeze(),
     }
 }
 

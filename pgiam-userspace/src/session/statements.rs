@@ -84,19 +84,18 @@ impl ExpectKind {
     }
 }
 
+/// A statement's text and classification, shared by a prepared statement and its portals.
+#[derive(Debug, Clone)]
+struct Plan {
+    sql: Arc<str>,
+    statements: Arc<[Statement]>,
+}
+
 /// A prepared statement the server may hold.
 #[derive(Debug)]
 struct Prepared {
-    sql: Arc<str>,
-    statements: Arc<[Statement]>,
+    plan: Plan,
     generation: u64,
-}
-
-/// A portal's statement.
-#[derive(Debug, Clone)]
-struct Bound {
-    sql: Arc<str>,
-    statements: Arc<[Statement]>,
 }
 
 /// Who the session is, for its records.
@@ -121,7 +120,7 @@ pub struct Gate {
     prepared: HashMap<Vec<u8>, Prepared>,
     /// Portal → the statement it was bound to, as it was at Bind (a portal keeps its plan
     /// when the statement's name is reused); `None`: bound to a statement pgiam did not know.
-    portals: HashMap<Vec<u8>, (Vec<u8>, Option<Bound>)>,
+    portals: HashMap<Vec<u8>, (Vec<u8>, Option<Plan>)>,
     next_generation: u64,
     /// Decision records for the messages checked since the last [`Gate::take_records`].
     records: Vec<Map<String, Value>>,
@@ -176,6 +175,10 @@ impl Gate {
         self.decide(&[ask])
     }
 
+    pub fn database(&self) -> &str {
+        &self.info.database
+    }
+
     /// A prepared statement the server did not create after all.
     pub fn forget_prepared(&mut self, name: &[u8], generation: u64) {
         if self.prepared.get(name).map(|p| p.generation) == Some(generation) {
@@ -221,7 +224,7 @@ impl Gate {
             let known = earlier
                 .get(name.as_str())
                 .cloned()
-                .or_else(|| Some(self.prepared.get(name.as_bytes())?.statements.clone()));
+                .or_else(|| Some(self.prepared.get(name.as_bytes())?.plan.statements.clone()));
             let Some(inner) = known else {
                 return Decision::refuse(
                     format!("execute {name}"),
@@ -238,11 +241,36 @@ impl Gate {
         self.decide(&asks)
     }
 
+    /// Adds a prepared statement the server is about to create; `index` is its statement's
+    /// place in a Query. A named statement that exists is not replaced: the server refuses to
+    /// create it again (42P05) and keeps the old one. The unnamed one is always replaced.
+    fn prepare(
+        &mut self,
+        name: &[u8],
+        plan: impl FnOnce() -> Plan,
+        index: usize,
+        creates: &mut Vec<(usize, Vec<u8>, u64)>,
+    ) {
+        if !name.is_empty() && self.prepared.contains_key(name) {
+            return;
+        }
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        self.prepared.insert(
+            name.to_vec(),
+            Prepared {
+                plan: plan(),
+                generation,
+            },
+        );
+        creates.push((index, name.to_vec(), generation));
+    }
+
     /// Effects on pgiam's view of the session of statements that will run.
     fn apply_effects(
         &mut self,
         statements: &[Statement],
-        text: &Arc<str>,
+        text: &str,
         creates: &mut Vec<(usize, Vec<u8>, u64)>,
     ) {
         for (i, s) in statements.iter().enumerate() {
@@ -250,18 +278,11 @@ impl Gate {
                 self.resolver.temp = true;
             }
             if let Some(name) = &s.prepares {
-                if !self.prepared.contains_key(name.as_bytes()) {
-                    let g = self.generation();
-                    self.prepared.insert(
-                        name.as_bytes().to_vec(),
-                        Prepared {
-                            sql: text.clone(),
-                            statements: Arc::from(vec![s.clone()]),
-                            generation: g,
-                        },
-                    );
-                    creates.push((i, name.as_bytes().to_vec(), g));
-                }
+                let plan = || Plan {
+                    sql: text.into(),
+                    statements: Arc::from(vec![s.clone()]),
+                };
+                self.prepare(name.as_bytes(), plan, i, creates);
             }
             match s.deallocates.as_deref() {
                 Some("") => self.prepared.retain(|n, _| n.is_empty()),
@@ -276,11 +297,6 @@ impl Gate {
                 self.portals.clear();
             }
         }
-    }
-
-    fn generation(&mut self) -> u64 {
-        self.next_generation += 1;
-        self.next_generation
     }
 
     fn classify(sql: &[u8], scs: bool) -> Classified {
@@ -397,7 +413,6 @@ impl Gate {
                 }
                 let mut creates = Vec::new();
                 if let Ok(list) = &classified {
-                    let text: Arc<str> = text.into();
                     self.apply_effects(list, &text, &mut creates);
                 }
                 expect(ExpectKind::Query, id, None, creates);
@@ -428,20 +443,11 @@ impl Gate {
                 }
                 let mut creates = Vec::new();
                 if let Ok(list) = classified {
-                    // A named statement that exists is not replaced: the server refuses the
-                    // Parse (42P05) and keeps the old one.
-                    if name.is_empty() || !self.prepared.contains_key(name) {
-                        let g = self.generation();
-                        self.prepared.insert(
-                            name.to_vec(),
-                            Prepared {
-                                sql: text.into(),
-                                statements: list,
-                                generation: g,
-                            },
-                        );
-                        creates.push((0, name.to_vec(), g));
-                    }
+                    let plan = || Plan {
+                        sql: text.into(),
+                        statements: list,
+                    };
+                    self.prepare(name, plan, 0, &mut creates);
                 }
                 expect(ExpectKind::Parse, id, None, creates);
                 Checked::Forward(Authorized(()))
@@ -449,10 +455,7 @@ impl Gate {
             FrontendMessage::Bind {
                 portal, statement, ..
             } => {
-                let bound = self.prepared.get(statement).map(|p| Bound {
-                    sql: p.sql.clone(),
-                    statements: p.statements.clone(),
-                });
+                let bound = self.prepared.get(statement).map(|p| p.plan.clone());
                 self.portals
                     .insert(portal.to_vec(), (statement.to_vec(), bound));
                 expect(ExpectKind::Bind, None, None, Vec::new());
