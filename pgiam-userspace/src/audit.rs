@@ -47,6 +47,15 @@ struct Pending {
     ack: Option<oneshot::Sender<Result<(), AuditError>>>,
 }
 
+/// A record on its way to the disk.
+pub struct Written(oneshot::Receiver<Result<(), AuditError>>);
+
+impl Written {
+    pub async fn wait(self) -> Result<(), AuditError> {
+        self.0.await.map_err(|_| AuditError::Stopped)?
+    }
+}
+
 /// A handle to the audit writer; cheap to clone.
 #[derive(Clone)]
 pub struct AuditLog {
@@ -95,14 +104,19 @@ impl AuditLog {
 
     /// Appends a record and waits until it is written (and synced, with `always`).
     pub async fn record(&self, fields: Map<String, Value>) -> Result<(), AuditError> {
+        self.record_acked(fields).wait().await
+    }
+
+    /// Appends a record now; the returned handle reports when it is written (and synced, with
+    /// `always`), and with it every record appended before it.
+    pub fn record_acked(&self, fields: Map<String, Value>) -> Written {
         let (ack, done) = oneshot::channel();
-        self.tx
-            .send(Pending {
-                fields,
-                ack: Some(ack),
-            })
-            .map_err(|_| AuditError::Stopped)?;
-        done.await.map_err(|_| AuditError::Stopped)?
+        // Without a writer the message, and the sender in it, is dropped: `wait` says so.
+        let _ = self.tx.send(Pending {
+            fields,
+            ack: Some(ack),
+        });
+        Written(done)
     }
 
     /// Appends a record without waiting (completions: nothing depends on them being on disk

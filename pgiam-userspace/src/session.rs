@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 use crate::cancel::{CancelRegistry, Target};
 use crate::config::Config;
 use crate::identity::{Identity, IdentityError};
+use crate::sql::Effect;
 use crate::stream::{BoxStream, Rewind};
 use crate::tls::ALPN_POSTGRESQL;
 use crate::upstream::{Upstream, UpstreamError};
@@ -531,6 +532,9 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
     // channels: an idle session would hold their preallocated blocks.)
     let responses = std::sync::Mutex::new(responses::Responses::default());
     let unprepared = std::sync::Mutex::new(Vec::<(Vec<u8>, u64)>::new());
+    // Decision records of statements forwarded before their records were on disk (statements
+    // that change nothing): no answer reaches the client before they are.
+    let in_flight = std::sync::Mutex::new(Vec::<crate::audit::Written>::new());
     let audit = shared.audit.clone();
     let mut policy_changed = shared.policies.subscribe();
     let session_ids = (
@@ -563,17 +567,30 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
                     checked.push((range, gate.check(message, scs, &mut expects)));
                 });
                 if framed.len > 0 {
-                    // On the audit log before the server sees it; without the log, not at all.
-                    let records = gate.take_records();
-                    statements::Gate::commit(audit.as_ref(), records)
-                        .await
-                        .map_err(|e| {
-                            PgError::fatal(
-                                "58030",
-                                "pgiam: the audit log is unavailable; the statement was not forwarded",
-                            )
-                            .with_detail(e.to_string())
-                        })?;
+                    // A statement that can change something is on the audit log before the
+                    // server sees it; without the log, it is not forwarded at all. One that
+                    // changes nothing (a read, or a row change inside an open transaction
+                    // block, which commits only with a COMMIT that waits) runs while its
+                    // record is synced: the answer waits for the record instead.
+                    let batch = gate.take_records();
+                    let overlap = match batch.effect {
+                        Effect::None => true,
+                        Effect::Transactional => locked(&responses).idle_in_block(),
+                        Effect::Immediate => false,
+                    };
+                    if let Some(written) = statements::Gate::submit(audit.as_ref(), batch.records) {
+                        if overlap {
+                            locked(&in_flight).push(written);
+                        } else {
+                            written.wait().await.map_err(|e| {
+                                PgError::fatal(
+                                    "58030",
+                                    "pgiam: the audit log is unavailable; the statement was not forwarded",
+                                )
+                                .with_detail(e.to_string())
+                            })?;
+                        }
+                    }
                     {
                         let mut r = locked(&responses);
                         for e in expects.drain(..) {
@@ -648,6 +665,26 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
                 Ok(0) => break "server closed",
                 Ok(n) => size.observe(n, free),
                 Err(_) => break "server read failed",
+            }
+            // Whatever this answers was forwarded, its record handed to the writer, before it
+            // was read: nothing of it is written to the client before that record is on disk.
+            let waiting = std::mem::take(&mut *locked(&in_flight));
+            for written in waiting {
+                if let Err(e) = written.wait().await {
+                    warn!(peer = %peer, "{e}: the answer is withheld and the session ends");
+                    if locked(&responses).at_boundary() {
+                        let mut b = BytesMut::new();
+                        PgError::fatal(
+                            "58030",
+                            "pgiam: the audit log is unavailable; the statement's result was withheld",
+                        )
+                        .with_detail(e.to_string())
+                        .encode(&mut b);
+                        let _ = client_wr.write_all(&b).await;
+                    }
+                    let _ = client_wr.shutdown().await;
+                    return "audit log unavailable";
+                }
             }
             // What to write: runs of the server's bytes, with pgiam's errors in place of the
             // sentinels'. Decided under the lock, written after it.

@@ -99,6 +99,27 @@ pub struct Statement {
     pub copy_program: bool,
     /// COPY to or from a server file, or a server file function.
     pub server_files: bool,
+    /// What running it can change: decides whether its audit record must be on disk before
+    /// the server sees it, or only before the client sees the answer.
+    #[serde(skip)]
+    pub effect: Effect,
+}
+
+/// What running a statement can change in the database, ordered from least to most.
+///
+/// Only what the statement's own text shows is known: a view, a row-level security policy, a
+/// column default or a trigger can call functions the statement does not name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Effect {
+    /// Nothing: it reads tables (no locking clause) and calls no function, or it is SHOW or
+    /// BEGIN. What it can do is answer the client.
+    None,
+    /// Rows of tables, and no function called: inside a transaction block that is undone
+    /// unless the block commits.
+    Transactional,
+    /// Anything else, or not known.
+    #[default]
+    Immediate,
 }
 
 /// Functions that read or write the server's files.
@@ -358,7 +379,63 @@ fn classify_statement(stmt: &Value) -> Statement {
         scopes: Vec::new(),
     };
     w.visit_node(node, body, default);
+    out.effect = effect_of(&out, body);
     out
+}
+
+fn effect_of(s: &Statement, body: &Value) -> Effect {
+    let plain = s.functions.is_empty()
+        && s.executes.is_none()
+        && s.prepares.is_none()
+        && s.deallocates.is_none()
+        && !s.role_change
+        && s.parameters.is_empty()
+        && !s.temp
+        && !s.unsafe_encoding
+        && !s.do_block
+        && !s.copy_program
+        && !s.server_files;
+    let accesses = |allowed: &[Access]| s.relations.iter().all(|r| allowed.contains(&r.access));
+    match s.node.as_str() {
+        _ if !plain => Effect::Immediate,
+        // FOR UPDATE/SHARE writes row locks.
+        "SelectStmt"
+            if s.command == "select"
+                && accesses(&[Access::Select])
+                && !has_key(body, "locking_clause") =>
+        {
+            Effect::None
+        }
+        "VariableShowStmt" => Effect::None,
+        // BEGIN and START TRANSACTION (TransactionStmtKind 1 and 2); COMMIT, ROLLBACK and the
+        // savepoint commands end or change what a block will commit.
+        "TransactionStmt" if matches!(body.get("kind").and_then(Value::as_i64), Some(1 | 2)) => {
+            Effect::None
+        }
+        "InsertStmt" | "UpdateStmt" | "DeleteStmt"
+            if accesses(&[
+                Access::Select,
+                Access::Insert,
+                Access::Update,
+                Access::Delete,
+            ]) =>
+        {
+            Effect::Transactional
+        }
+        _ => Effect::Immediate,
+    }
+}
+
+/// Whether `key` appears with a non-empty value anywhere in a parse tree.
+fn has_key(v: &Value, key: &str) -> bool {
+    match v {
+        Value::Object(m) => m.iter().any(|(k, v)| {
+            (k == key && !(v.is_null() || v.as_array().is_some_and(Vec::is_empty)))
+                || has_key(v, key)
+        }),
+        Value::Array(a) => a.iter().any(|v| has_key(v, key)),
+        _ => false,
+    }
 }
 
 const DML: &[&str] = &["InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"];
@@ -1086,5 +1163,61 @@ mod tests {
         }
         assert_eq!(rels("lock table t"), [r("t", Lock)]);
         assert_eq!(rels("grant select on t to public"), [r("t", Ddl)]);
+    }
+
+    #[test]
+    fn effects() {
+        use Effect::*;
+        for (sql, effect) in [
+            ("SELECT abalance FROM pgbench_accounts WHERE aid = $1", None),
+            ("select 1", None),
+            (
+                "SELECT * FROM a JOIN b USING (id) WHERE a.x IN (SELECT y FROM c)",
+                None,
+            ),
+            ("show work_mem", None),
+            ("begin", None),
+            ("start transaction isolation level serializable", None),
+            (
+                "UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2",
+                Transactional,
+            ),
+            ("INSERT INTO h (a) VALUES (1) RETURNING a", Transactional),
+            (
+                "DELETE FROM t WHERE id IN (SELECT id FROM u)",
+                Transactional,
+            ),
+            // Functions are opaque; row locks are writes; so is anything else.
+            ("select count(*) from t", Immediate),
+            ("select nextval('s')", Immediate),
+            ("select * from t for update", Immediate),
+            (
+                "select * from t where id in (select id from u for share)",
+                Immediate,
+            ),
+            (
+                "with d as (delete from t returning *) select * from d",
+                Immediate,
+            ),
+            ("select 1 into t2", Immediate),
+            ("insert into t values (now())", Immediate),
+            ("commit", Immediate),
+            ("rollback", Immediate),
+            ("savepoint s", Immediate),
+            ("set work_mem = '1MB'", Immediate),
+            (
+                "merge into t using u on t.a = u.a when matched then delete",
+                Immediate,
+            ),
+            ("truncate t", Immediate),
+            ("copy t from stdin", Immediate),
+            ("explain select 1", Immediate),
+            ("prepare p as select 1", Immediate),
+            ("execute p", Immediate),
+            ("declare c cursor for select 1", Immediate),
+            ("create table t(a int)", Immediate),
+        ] {
+            assert_eq!(one(sql).effect, effect, "{sql}");
+        }
     }
 }

@@ -65,6 +65,8 @@ pub struct Responses {
     rows: u64,
     tag: Option<String>,
     error: Option<String>,
+    /// The last ReadyForQuery said a transaction block is open (or failed).
+    in_block: bool,
     pub events: Vec<Event>,
 }
 
@@ -85,6 +87,13 @@ impl Responses {
     /// Between messages: a message pgiam writes itself cannot land inside one of the server's.
     pub fn at_boundary(&self) -> bool {
         self.remaining == 0
+    }
+
+    /// Everything forwarded has been answered, and the server's last word was that a
+    /// transaction block is open: what is forwarded now runs inside it, and its changes are
+    /// undone unless the block commits.
+    pub fn idle_in_block(&self) -> bool {
+        self.expects.is_empty() && self.remaining == 0 && !self.skipping && self.in_block
     }
 
     pub fn step(&mut self, buf: &[u8]) -> Result<Step, WireError> {
@@ -235,7 +244,8 @@ impl Responses {
                 }
                 Ok(None)
             }
-            BackendMessage::ReadyForQuery(_) => {
+            BackendMessage::ReadyForQuery(status) => {
+                self.in_block = status != wire::TransactionStatus::Idle;
                 // Ends a Query, a FunctionCall or a Sync (and anything before it, which the
                 // server skipped).
                 while let Some(kind) = self.front_kind() {

@@ -15,9 +15,9 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use serde_json::{json, Map, Value};
 
-use crate::audit::{AuditError, AuditLog};
+use crate::audit::{AuditLog, Written};
 use crate::policy::{Ask, Decision, DecisionCache, PolicyStore, Principal, Resolver};
-use crate::sql::{self, Statement};
+use crate::sql::{self, Effect, Statement};
 use crate::wire::{FrontendMessage, PgError, Target};
 
 /// Node types whose text may hold a password or a credential.
@@ -124,6 +124,17 @@ pub struct Gate {
     next_generation: u64,
     /// Decision records for the messages checked since the last [`Gate::take_records`].
     records: Vec<Map<String, Value>>,
+    /// The most any message checked since then can change when it runs.
+    effect: Effect,
+}
+
+/// Decision records to write before (or while) the messages they decide are forwarded.
+pub struct Records {
+    pub records: Vec<Map<String, Value>>,
+    /// The most the forwarded messages can change in the database: with [`Effect::None`] the
+    /// records need only be on disk before the client sees an answer, not before the server
+    /// sees the messages.
+    pub effect: Effect,
 }
 
 /// A statement's classification, or why there is none.
@@ -152,6 +163,7 @@ impl Gate {
             portals: HashMap::new(),
             next_generation: 0,
             records: Vec::new(),
+            effect: Effect::None,
         }
     }
 
@@ -414,6 +426,7 @@ impl Gate {
                 let mut creates = Vec::new();
                 if let Ok(list) = &classified {
                     self.apply_effects(list, &text, &mut creates);
+                    self.effect = self.effect.max(effect(list));
                 }
                 expect(ExpectKind::Query, id, None, creates);
                 Checked::Forward(Authorized(()))
@@ -443,6 +456,7 @@ impl Gate {
                 }
                 let mut creates = Vec::new();
                 if let Ok(list) = classified {
+                    self.effect = self.effect.max(effect(&list));
                     let plan = || Plan {
                         sql: text.into(),
                         statements: list,
@@ -509,6 +523,7 @@ impl Gate {
                     expect(ExpectKind::FunctionCall, id, Some(e), Vec::new());
                     return Checked::Substitute(sentinel_query());
                 }
+                self.effect = Effect::Immediate;
                 expect(ExpectKind::FunctionCall, id, None, Vec::new());
                 Checked::Forward(Authorized(()))
             }
@@ -571,8 +586,13 @@ impl Gate {
         );
         let mut creates = Vec::new();
         if decision.allowed {
-            if let (Ok(list), Some(text)) = (&classified, &text) {
-                self.apply_effects(list, text, &mut creates);
+            match (&classified, &text) {
+                (Ok(list), Some(text)) => {
+                    self.apply_effects(list, text, &mut creates);
+                    self.effect = self.effect.max(effect(list));
+                }
+                // A cursor's query is not known here.
+                _ => self.effect = Effect::Immediate,
             }
         }
         let refused = (!decision.allowed).then(|| refusal("42501", &decision, id.as_deref()));
@@ -592,26 +612,40 @@ impl Gate {
         }
     }
 
-    /// The decision records of the messages checked so far, to commit before forwarding.
-    pub fn take_records(&mut self) -> Vec<Map<String, Value>> {
-        std::mem::take(&mut self.records)
+    /// The decision records of the messages checked so far, and what those messages can
+    /// change.
+    pub fn take_records(&mut self) -> Records {
+        Records {
+            records: std::mem::take(&mut self.records),
+            effect: std::mem::replace(&mut self.effect, Effect::None),
+        }
     }
 
-    /// Writes `records` and returns once all are written (and synced, with durability
-    /// `always`). One wait covers the batch: the writer keeps order and acknowledges the last
-    /// record only once everything before it is written too.
-    pub async fn commit(
+    /// Hands `records` to the audit writer; the receiver reports once all are written (and
+    /// synced, with durability `always`). One acknowledgement covers the batch: the writer
+    /// keeps order and acknowledges the last record only once everything before it is written
+    /// too. `None`: nothing to wait for.
+    pub fn submit(
         audit: Option<&AuditLog>,
         mut records: Vec<Map<String, Value>>,
-    ) -> Result<(), AuditError> {
+    ) -> Option<Written> {
         let (Some(audit), Some(last)) = (audit, records.pop()) else {
-            return Ok(());
+            return None;
         };
         for r in records {
             audit.record_later(r);
         }
-        audit.record(last).await
+        Some(audit.record_acked(last))
     }
+}
+
+/// The effect of the statements one message runs.
+fn effect(statements: &[Statement]) -> Effect {
+    statements
+        .iter()
+        .map(|s| s.effect)
+        .max()
+        .unwrap_or(Effect::None)
 }
 
 /// The error a client sees for a refused statement: the action and resource, and the audit

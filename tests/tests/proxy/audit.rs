@@ -233,3 +233,101 @@ async fn statements_split_as_the_server_splits_them_with_the_sessions_string_rul
         "pgiam split it like the server: {record}"
     );
 }
+
+/// A tmpfs of its own, so that a test can fill it; unmounted when dropped (after the pgiam
+/// writing to it: declare it first).
+struct TinyFs {
+    dir: tempfile::TempDir,
+}
+
+impl TinyFs {
+    fn mount(kib: u32) -> TinyFs {
+        let dir = tempfile::Builder::new()
+            .prefix("pgiam-tinyfs-")
+            .tempdir()
+            .unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={kib}k,mode=0755")])
+            .arg("pgiam-test")
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "mount a tmpfs on {}",
+            dir.path().display()
+        );
+        TinyFs { dir }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Fills it: from now on a write that needs another block fails with ENOSPC.
+    fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.path("filler")).unwrap();
+        while f.write_all(&[0u8; 4096]).is_ok() {}
+    }
+}
+
+impl Drop for TinyFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// A read runs while its decision record is being synced, but its answer waits for the
+/// record: when the record cannot be written, the client gets an error and no rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_answer_reaches_the_client_before_its_record_is_on_disk() {
+    let fs = TinyFs::mount(256);
+    let audit = fs.path("audit.jsonl");
+    let env = Env::with(Setup {
+        audit_path: Some(audit.display().to_string()),
+        ..Setup::default()
+    });
+    env.pg
+        .psql_db(
+            DB,
+            &format!(
+                "CREATE TABLE secret (v text); INSERT INTO secret VALUES ('top-secret'); \
+                 GRANT ALL ON secret TO {ROLE}"
+            ),
+        )
+        .unwrap();
+    let client = tokio_client(&env.tcp_dsn("")).await;
+    // A plain read: pgiam forwards it without waiting for the sync.
+    let read = client.prepare("SELECT v FROM secret").await.unwrap();
+    assert_eq!(client.query(&read, &[]).await.unwrap().len(), 1);
+    fs.fill();
+    let mut answered = 1;
+    let err = loop {
+        match client.query(&read, &[]).await {
+            Ok(rows) => {
+                assert_eq!(rows.len(), 1);
+                answered += 1;
+                assert!(answered < 2000, "the full audit log never failed a read");
+            }
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(
+        err.as_db_error().map(|e| e.code().code()),
+        Some("58030"),
+        "{err}"
+    );
+    // Every answer the client got has its record on disk (whole lines only: the failed
+    // write may have left a torn one).
+    let text = std::fs::read(&audit).unwrap();
+    let executes = String::from_utf8_lossy(&text)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["protocol"] == "execute" && r["sql"] == "SELECT v FROM secret")
+        .count();
+    assert!(
+        executes >= answered,
+        "{answered} answers, {executes} records"
+    );
+}

@@ -217,8 +217,8 @@ fn pgbench_through_every_route_under_a_policy_that_allows_just_it() {
     );
 }
 
-/// `kill -9` during a write load with durability `always`: every statement the database
-/// executed has its decision record in the audit file.
+/// `kill -9` during a load with durability `always`: every statement the database executed,
+/// and every statement the client got an answer to, has its decision record in the audit file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_executed_statement_survives_kill_9_in_the_audit_file() {
     // The fixture's [audit] takes the default durability, which is `always`.
@@ -229,8 +229,11 @@ async fn every_executed_statement_survives_kill_9_in_the_audit_file() {
             &format!("CREATE TABLE load (marker text); GRANT ALL ON load TO {ROLE}"),
         )
         .unwrap();
+    // Autocommit writers (each statement waits for its record before it is forwarded), writers
+    // in transaction blocks (the INSERT runs while its record syncs; the COMMIT waits), and
+    // readers (they run while their records sync; the answer waits).
     let mut writers = Vec::new();
-    for w in 0..4 {
+    for w in 0..2 {
         let dsn = env.tcp_dsn("");
         writers.push(tokio::spawn(async move {
             let client = tokio_client(&dsn).await;
@@ -243,25 +246,77 @@ async fn every_executed_statement_survives_kill_9_in_the_audit_file() {
             unreachable!()
         }));
     }
+    for w in 0..2 {
+        let dsn = env.tcp_dsn("");
+        writers.push(tokio::spawn(async move {
+            let client = tokio_client(&dsn).await;
+            for n in 0.. {
+                let insert = format!("INSERT INTO load VALUES ('b{w}-n{n}-end')");
+                for sql in ["BEGIN", &insert, "COMMIT"] {
+                    if client.simple_query(sql).await.is_err() {
+                        return n;
+                    }
+                }
+            }
+            unreachable!()
+        }));
+    }
+    let mut readers = Vec::new();
+    for w in 0..2 {
+        let dsn = env.tcp_dsn("");
+        readers.push(tokio::spawn(async move {
+            let client = tokio_client(&dsn).await;
+            let mut answered = Vec::new();
+            for n in 0.. {
+                let marker = format!("r{w}-n{n}-end");
+                match client.simple_query(&format!("SELECT '{marker}'")).await {
+                    Ok(_) => answered.push(marker),
+                    Err(_) => return answered,
+                }
+            }
+            unreachable!()
+        }));
+    }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     kill(Pid::from_raw(env.pgiam.pid()), Signal::SIGKILL).unwrap();
     let mut sent = 0;
     for w in writers {
         sent += w.await.unwrap();
     }
-    assert!(sent > 20, "the load ran ({sent} statements)");
+    assert!(sent > 20, "the load ran ({sent} transactions)");
+    let mut answered = Vec::new();
+    for r in readers {
+        answered.extend(r.await.unwrap());
+    }
+    assert!(answered.len() > 20, "the reads ran ({})", answered.len());
     env.pgiam.stop();
     let executed = env
         .pg
         .psql_db(DB, "SELECT string_agg(marker, ' ') FROM load")
         .unwrap();
-    let audit = std::fs::read_to_string(env.audit_path()).unwrap();
+    // The statements with a decision record (a torn last line, if any, is not one).
+    let audit: std::collections::HashSet<String> = std::fs::read_to_string(env.audit_path())
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|r| Some(r["sql"].as_str()?.to_owned()))
+        .collect();
     let markers: Vec<&str> = executed.split_whitespace().collect();
     assert!(markers.len() > 20, "{} rows", markers.len());
+    assert!(
+        markers.iter().any(|m| m.starts_with('b')),
+        "transaction blocks committed"
+    );
     for m in markers {
         assert!(
-            audit.contains(&format!("'{m}'")),
+            audit.contains(&format!("INSERT INTO load VALUES ('{m}')")),
             "{m} was executed but has no decision record"
+        );
+    }
+    for m in answered {
+        assert!(
+            audit.contains(&format!("SELECT '{m}'")),
+            "{m} was answered but has no decision record"
         );
     }
 }
