@@ -15,6 +15,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::{Arc, Weak};
 
 use cedar_policy::{
     Authorizer, Context, Entities, Entity, EntityId, EntityTypeName, EntityUid, PolicyId,
@@ -531,6 +532,44 @@ impl Principal {
             database: database.to_owned(),
         }
     }
+
+    /// The principal for these facts, shared by every open session with the same ones: a
+    /// pool of connections from one service holds one entity, not one each.
+    pub fn shared(name: &str, role: &str, database: &str, identity: &Identity) -> Arc<Principal> {
+        type Key = (String, String, String, u32, u32, [Option<String>; 6]);
+        /// Live principals, and the map's size after the last sweep of dead entries.
+        type Live = (HashMap<Key, Weak<Principal>>, usize);
+        static LIVE: std::sync::LazyLock<std::sync::Mutex<Live>> =
+            std::sync::LazyLock::new(Default::default);
+        let key: Key = (
+            name.to_owned(),
+            role.to_owned(),
+            database.to_owned(),
+            identity.uid,
+            identity.gid,
+            [
+                identity.user.clone(),
+                identity.group.clone(),
+                identity.unit.clone(),
+                identity.container.clone(),
+                identity.cgroup.clone(),
+                identity.exe.as_ref().map(|e| e.display().to_string()),
+            ],
+        );
+        let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = live.0.get(&key).and_then(Weak::upgrade) {
+            return p;
+        }
+        let p = Arc::new(Principal::new(name, role, database, identity));
+        let (map, pruned_at) = &mut *live;
+        map.insert(key, Arc::downgrade(&p));
+        // Entries of ended sessions go once the map has doubled since the last sweep.
+        if map.len() > 2 * *pruned_at + 64 {
+            map.retain(|_, w| w.strong_count() > 0);
+            *pruned_at = map.len();
+        }
+        p
+    }
 }
 
 /// Refusals that no policy lifts: they would undo what pgiam guarantees about the session
@@ -718,6 +757,28 @@ mod tests {
         let mut id = Identity::from_kernel_facts(Source::UnixPeerCred, 1000, 1000, None);
         id.unit = Some("billing.service".into());
         Principal::new("unit:billing.service", "billing", "app", &id)
+    }
+
+    #[test]
+    fn sessions_with_the_same_facts_share_one_principal() {
+        let mut id = Identity::from_kernel_facts(Source::UnixPeerCred, 4242, 4242, None);
+        id.unit = Some("pool.service".into());
+        let a = Principal::shared("unit:pool.service", "pool", "app", &id);
+        let b = Principal::shared("unit:pool.service", "pool", "app", &id);
+        assert!(Arc::ptr_eq(&a, &b));
+        // Any fact a policy can read makes another principal.
+        let mut other = id.clone();
+        other.exe = Some("/usr/bin/other".into());
+        let c = Principal::shared("unit:pool.service", "pool", "app", &other);
+        assert!(!Arc::ptr_eq(&a, &c));
+        assert!(!Arc::ptr_eq(
+            &a,
+            &Principal::shared("unit:pool.service", "pool", "db2", &id)
+        ));
+        assert_eq!(
+            a.entity,
+            Principal::new("unit:pool.service", "pool", "app", &id).entity
+        );
     }
 
     const POLICY: &str = r#"

@@ -281,7 +281,8 @@ mod tests {
         Expect {
             kind,
             record: (!record.is_empty()).then(|| record.to_owned()),
-            refused: refused.then(|| PgError::error("42501", "pgiam: permission denied: x")),
+            refused: refused
+                .then(|| Box::new(PgError::error("42501", "pgiam: permission denied: x"))),
             creates: Vec::new(),
             started: std::time::Instant::now(),
         }

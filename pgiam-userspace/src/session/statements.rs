@@ -55,7 +55,8 @@ pub struct Expect {
     /// The decision record this response completes.
     pub record: Option<String>,
     /// The statement was refused: the server's error for the sentinel is replaced by this.
-    pub refused: Option<PgError>,
+    /// (Boxed: rare, and a queue of these is what an idle session keeps.)
+    pub refused: Option<Box<PgError>>,
     /// Prepared statements this request creates: (index of the statement in a Query, name,
     /// generation). They are forgotten if the statement fails.
     pub creates: Vec<(usize, Vec<u8>, u64)>,
@@ -104,7 +105,9 @@ pub struct SessionInfo {
     pub principal_name: String,
     pub role: String,
     pub database: String,
-    pub identity: Value,
+    /// Kept as facts and written out per record: an idle session holds a few hundred bytes,
+    /// not the JSON tree.
+    pub identity: crate::identity::Identity,
 }
 
 pub struct Gate {
@@ -113,7 +116,7 @@ pub struct Gate {
     policy_generation: u64,
     policy: Arc<crate::policy::Policy>,
     decisions: DecisionCache,
-    principal: Principal,
+    principal: Arc<Principal>,
     resolver: Resolver,
     gateway: bool,
     info: SessionInfo,
@@ -144,7 +147,7 @@ impl Gate {
     pub fn new(
         audit: Option<AuditLog>,
         policies: Arc<PolicyStore>,
-        principal: Principal,
+        principal: Arc<Principal>,
         resolver: Resolver,
         gateway: bool,
         info: SessionInfo,
@@ -338,7 +341,7 @@ impl Gate {
             "principal" => self.info.principal_name,
             "role" => self.info.role,
             "database" => self.info.database,
-            "identity" => self.info.identity,
+            "identity" => self.info.identity.to_json(),
             "protocol" => protocol,
             "decision" => if decision.allowed { "allow" } else { "deny" },
             "policies" => decision.policies,
@@ -407,7 +410,7 @@ impl Gate {
             expects.push(Expect {
                 kind,
                 record,
-                refused,
+                refused: refused.map(Box::new),
                 creates,
                 started,
             })
@@ -595,7 +598,8 @@ impl Gate {
                 _ => self.effect = Effect::Immediate,
             }
         }
-        let refused = (!decision.allowed).then(|| refusal("42501", &decision, id.as_deref()));
+        let refused =
+            (!decision.allowed).then(|| Box::new(refusal("42501", &decision, id.as_deref())));
         let substitute = refused.is_some();
         expects.push(Expect {
             kind: ExpectKind::Execute,
@@ -689,7 +693,7 @@ mod tests {
         let gate = Gate::new(
             None,
             store.clone(),
-            Principal::new("uid:1000", "app", "app", &identity),
+            Principal::shared("uid:1000", "app", "app", &identity),
             Resolver::new(&["public".into()], "app"),
             false,
             SessionInfo {
@@ -697,7 +701,7 @@ mod tests {
                 principal_name: "uid:1000".into(),
                 role: "app".into(),
                 database: "app".into(),
-                identity: Value::Null,
+                identity: identity.clone(),
             },
         );
         (gate, store)
