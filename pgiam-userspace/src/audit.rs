@@ -25,7 +25,8 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum Durability {
-    /// Synced to disk before the decision takes effect.
+    /// Synced to disk before the decision has an effect: before a statement that can change
+    /// something is forwarded, before the answer to one that cannot reaches the client.
     #[default]
     Always,
     /// Written in order, synced by the operating system when it chooses.
