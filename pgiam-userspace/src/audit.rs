@@ -9,8 +9,11 @@
 //!
 //! One writer thread owns the file. Records arrive over a channel; the writer takes every
 //! record waiting, writes them in one go and, with durability `always`, syncs before it
-//! acknowledges any of them (group commit). A caller that needs its record on disk before it
-//! proceeds awaits the acknowledgement; if the write fails, the caller fails closed.
+//! acknowledges any of them (group commit), through the write-ahead [`ring`] next to the log. A
+//! caller that needs its record on disk before it proceeds awaits the acknowledgement; if the
+//! write fails, the caller fails closed.
+
+mod ring;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -68,6 +71,14 @@ pub struct AuditLog {
 impl AuditLog {
     /// Opens (or continues) the log at `path` and starts its writer thread.
     pub fn open(path: &Path, durability: Durability) -> Result<AuditLog, AuditError> {
+        Self::open_with_ring(path, durability, ring::DEFAULT_SIZE)
+    }
+
+    fn open_with_ring(
+        path: &Path,
+        durability: Durability,
+        ring_size: u64,
+    ) -> Result<AuditLog, AuditError> {
         let open_err = |e: std::io::Error| AuditError::Open {
             path: path.to_owned(),
             message: e.to_string(),
@@ -81,14 +92,35 @@ impl AuditLog {
             .append(true)
             .open(path)
             .map_err(open_err)?;
-        let prev = last_hash(&mut file).map_err(|message| AuditError::Open {
-            path: path.to_owned(),
-            message,
-        })?;
+        // A device such as /dev/full (tests) gets no ring beside it.
+        let regular = file.metadata().map_err(open_err)?.file_type().is_file();
+        let ring_path = ring::path_for(path);
+        let prev =
+            recover(&mut file, regular.then_some(ring_path.as_path())).map_err(|message| {
+                AuditError::Open {
+                    path: path.to_owned(),
+                    message,
+                }
+            })?;
+        let ring = match durability {
+            Durability::Always if regular => match ring::Ring::open(&ring_path, ring_size) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    // Durability is the same without it; each sync costs more.
+                    tracing::warn!(
+                        "audit: no write-ahead ring at {} ({e}): every sync commits the log itself",
+                        ring_path.display()
+                    );
+                    let _ = std::fs::remove_file(&ring_path);
+                    None
+                }
+            },
+            _ => None,
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         std::thread::Builder::new()
             .name("pgiam-audit".into())
-            .spawn(move || writer(file, prev, durability, rx))
+            .spawn(move || writer(file, prev, durability, ring, rx))
             .map_err(open_err)?;
         Ok(AuditLog {
             tx,
@@ -128,26 +160,78 @@ impl AuditLog {
     }
 }
 
-/// The hash of the file's last line, or the genesis value for an empty file.
-fn last_hash(file: &mut File) -> Result<String, String> {
-    let len = file.seek(SeekFrom::End(0)).map_err(|e| e.to_string())?;
-    if len == 0 {
-        return Ok(GENESIS.to_owned());
+const NOT_A_RECORD: &str = "the last line is not a pgiam audit record; refusing to append";
+
+/// Brings the log up to date from its ring (records lost with the page cache, a torn last
+/// line) and returns the hash of its last line, or the genesis value for an empty log.
+fn recover(file: &mut File, ring: Option<&Path>) -> Result<String, String> {
+    let io = |e: std::io::Error| e.to_string();
+    let len = file.seek(SeekFrom::End(0)).map_err(io)?;
+    // The tail from the start of the last complete line: read backwards until it is whole
+    // (a line holds a statement's text, which can be long). An empty file is not read: a
+    // device such as /dev/full would never stop.
+    let mut window = 64 * 1024u64;
+    let (tail_start, tail) = loop {
+        if len == 0 {
+            break (0, Vec::new());
+        }
+        let start = len.saturating_sub(window);
+        file.seek(SeekFrom::Start(start)).map_err(io)?;
+        let mut tail = Vec::new();
+        file.read_to_end(&mut tail).map_err(io)?;
+        let whole = start == 0 || {
+            let end = tail.iter().rposition(|b| *b == b'\n');
+            end.is_some_and(|end| tail[..end].contains(&b'\n'))
+        };
+        if whole {
+            break (start, tail);
+        }
+        window *= 4;
+    };
+    // `complete`: up to and including the last newline; `torn`: what follows it.
+    let complete = tail.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    let torn = &tail[complete..];
+    let prev = if complete == 0 {
+        GENESIS.to_owned()
+    } else {
+        let lines = &tail[..complete - 1];
+        let last = lines.rsplit(|b| *b == b'\n').next().unwrap_or_default();
+        std::str::from_utf8(last)
+            .ok()
+            .and_then(split_hash)
+            .map(|(_, h)| h.to_owned())
+            .ok_or(NOT_A_RECORD)?
+    };
+    let found = match ring {
+        Some(ring) => ring::continuation(ring, &prev).map_err(io)?,
+        None => Vec::new(),
+    };
+    if !torn.is_empty() {
+        // A torn line is the start of the record that follows, or not ours to touch.
+        if !found
+            .first()
+            .is_some_and(|(line, _)| line.as_bytes().starts_with(torn))
+        {
+            return Err(NOT_A_RECORD.into());
+        }
+        file.set_len(tail_start + complete as u64).map_err(io)?;
     }
-    // Lines are short; reading the last 64 KiB finds the last one.
-    let start = len.saturating_sub(64 * 1024);
-    file.seek(SeekFrom::Start(start))
-        .map_err(|e| e.to_string())?;
-    let mut tail = String::new();
-    file.read_to_string(&mut tail).map_err(|e| e.to_string())?;
-    let last = tail
-        .trim_end_matches('\n')
-        .rsplit('\n')
-        .next()
-        .unwrap_or_default();
-    split_hash(last)
-        .map(|(_, h)| h.to_owned())
-        .ok_or_else(|| "the last line is not a pgiam audit record; refusing to append".into())
+    let Some((_, last)) = found.last() else {
+        return Ok(prev);
+    };
+    let last = last.clone();
+    let mut text = String::new();
+    for (line, _) in &found {
+        text.push_str(line);
+        text.push('\n');
+    }
+    file.write_all(text.as_bytes()).map_err(io)?;
+    file.sync_data().map_err(io)?;
+    tracing::warn!(
+        "audit: {} record(s) the log had lost were recovered from its write-ahead ring",
+        found.len()
+    );
+    Ok(last)
 }
 
 fn sha256_hex(data: &[u8]) -> String {
@@ -185,6 +269,7 @@ fn writer(
     mut file: File,
     mut prev: String,
     durability: Durability,
+    mut ring: Option<ring::Ring>,
     mut rx: mpsc::UnboundedReceiver<Pending>,
 ) {
     let mut batch = Vec::new();
@@ -214,10 +299,17 @@ fn writer(
                 // Only a record someone waits for needs the sync; records nobody waits for
                 // (completions, session ends) ride along with the next one that does, in order.
                 let waited_for = batch.iter().any(|p| p.ack.is_some());
-                let written = file.write_all(&buf).and_then(|_| match durability {
-                    Durability::Always if waited_for => file.sync_data(),
-                    _ => Ok(()),
-                });
+                let written = file
+                    .write_all(&buf)
+                    .and_then(|_| match (durability, &mut ring) {
+                        // Everything goes to the ring, in order, so that it can rebuild the log's
+                        // tail; only a batch someone waits for is synced.
+                        (Durability::Always, Some(ring)) => {
+                            ring.append(&buf, waited_for, || file.sync_data())
+                        }
+                        (Durability::Always, None) if waited_for => file.sync_data(),
+                        _ => Ok(()),
+                    });
                 match written {
                     Ok(()) => {
                         prev = next;
@@ -366,6 +458,88 @@ mod tests {
             .record(crate::audit_fields! {"kind" => "y"})
             .await
             .is_err());
+    }
+
+    async fn write_n(path: &Path, ring_size: u64, n: usize) {
+        let log = AuditLog::open_with_ring(path, Durability::Always, ring_size).unwrap();
+        for i in 0..n {
+            log.record(
+                crate::audit_fields! {"kind" => "test", "n" => i, "pad" => "x".repeat(i % 7 * 10)},
+            )
+            .await
+            .unwrap();
+        }
+    }
+
+    fn lines(path: &Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// What a power failure can leave: the log's last records gone with the page cache, the
+    /// one before them torn. They come back from the ring, and the chain goes on.
+    #[tokio::test]
+    async fn a_lost_tail_is_recovered_from_the_ring() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        write_n(&path, 64 * 1024, 6).await;
+        let all = lines(&path);
+        let torn = &all[3][..all[3].len() / 2];
+        std::fs::write(&path, format!("{}\n{}\n{}\n{torn}", all[0], all[1], all[2])).unwrap();
+        write_n(&path, 64 * 1024, 2).await;
+        assert_eq!(verify(&path).unwrap(), Verified::Intact { records: 8 });
+        assert_eq!(lines(&path)[..6], all[..]);
+    }
+
+    /// Records from before the ring wrapped are durable in the log; the ones after are found
+    /// past the wrap, and stale entries the wrap half overwrote are never followed.
+    #[tokio::test]
+    async fn the_ring_wraps_and_still_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        write_n(&path, 2048, 40).await;
+        let all = lines(&path);
+        std::fs::write(&path, all[..38].join("\n") + "\n").unwrap();
+        write_n(&path, 2048, 1).await;
+        assert_eq!(verify(&path).unwrap(), Verified::Intact { records: 41 });
+        assert_eq!(lines(&path)[..40], all[..]);
+    }
+
+    #[tokio::test]
+    async fn a_log_lost_whole_is_rebuilt_from_the_ring() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        write_n(&path, 64 * 1024, 4).await;
+        let all = lines(&path);
+        std::fs::write(&path, "").unwrap();
+        write_n(&path, 64 * 1024, 1).await;
+        assert_eq!(verify(&path).unwrap(), Verified::Intact { records: 5 });
+        assert_eq!(lines(&path)[..4], all[..]);
+    }
+
+    #[tokio::test]
+    async fn a_torn_line_that_is_not_the_next_record_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        write_n(&path, 64 * 1024, 3).await;
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str("{\"forged\":");
+        std::fs::write(&path, &text).unwrap();
+        let Err(err) = AuditLog::open_with_ring(&path, Durability::Always, 64 * 1024) else {
+            panic!("must refuse")
+        };
+        assert!(
+            err.to_string().contains("not a pgiam audit record"),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            text,
+            "left as it was"
+        );
     }
 
     #[test]
