@@ -47,7 +47,9 @@ pub enum AuditError {
 }
 
 struct Pending {
-    fields: Map<String, Value>,
+    /// The record as serialized by its caller, without the closing brace: the writer only
+    /// adds the chain, so the group commit's critical section stays short.
+    open: String,
     ack: Option<oneshot::Sender<Result<(), AuditError>>>,
 }
 
@@ -146,7 +148,7 @@ impl AuditLog {
         let (ack, done) = oneshot::channel();
         // Without a writer the message, and the sender in it, is dropped: `wait` says so.
         let _ = self.tx.send(Pending {
-            fields,
+            open: open_record(fields),
             ack: Some(ack),
         });
         Written(done)
@@ -156,7 +158,10 @@ impl AuditLog {
     /// first, and the writer keeps their order). With `always` it reaches the disk with the next
     /// record that is waited for: on its own it costs a write, not a sync.
     pub fn record_later(&self, fields: Map<String, Value>) {
-        let _ = self.tx.send(Pending { fields, ack: None });
+        let _ = self.tx.send(Pending {
+            open: open_record(fields),
+            ack: None,
+        });
     }
 }
 
@@ -236,7 +241,13 @@ fn recover(file: &mut File, ring: Option<&Path>) -> Result<String, String> {
 
 fn sha256_hex(data: &[u8]) -> String {
     let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
-    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(64);
+    for b in d.as_ref() {
+        out.push(HEX[usize::from(b >> 4)] as char);
+        out.push(HEX[usize::from(b & 0xf)] as char);
+    }
+    out
 }
 
 /// Splits a line into the part that is hashed and its `hash` value.
@@ -250,19 +261,35 @@ fn split_hash(line: &str) -> Option<(&str, &str)> {
     (hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit())).then_some((body, hash))
 }
 
-/// Serializes one record onto the chain: returns the line (without newline) and its hash.
-fn seal(mut fields: Map<String, Value>, prev: &str) -> (String, String) {
+/// Serializes a record's fields and its timestamp, left open (no closing brace) for the chain.
+fn open_record(mut fields: Map<String, Value>) -> String {
     let ts = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
     fields.insert("ts".into(), Value::String(ts));
-    fields.insert("prev".into(), Value::String(prev.to_owned()));
+    fields.remove("prev");
     fields.remove("hash");
-    let body = serde_json::to_string(&Value::Object(fields)).expect("JSON values serialize");
-    // `body` ends with '}': the hash is spliced in as the last field.
-    let open = &body[..body.len() - 1];
-    let hash = sha256_hex(open.as_bytes());
-    (format!("{open},\"hash\":\"{hash}\"}}"), hash)
+    let mut body = serde_json::to_string(&Value::Object(fields)).expect("JSON values serialize");
+    body.pop(); // the closing brace
+    body
+}
+
+/// Appends one record onto the chain after `prev` (`prev`, then the hash of everything
+/// before it, as the last fields) and a newline to `out`; returns the record's hash.
+fn seal(open: &str, prev: &str, out: &mut Vec<u8>) -> String {
+    let start = out.len();
+    out.extend_from_slice(open.as_bytes());
+    if open.len() > 1 {
+        out.push(b',');
+    }
+    out.extend_from_slice(b"\"prev\":\"");
+    out.extend_from_slice(prev.as_bytes());
+    out.push(b'"');
+    let hash = sha256_hex(&out[start..]);
+    out.extend_from_slice(b",\"hash\":\"");
+    out.extend_from_slice(hash.as_bytes());
+    out.extend_from_slice(b"\"}\n");
+    hash
 }
 
 fn writer(
@@ -290,11 +317,8 @@ fn writer(
             None => {
                 buf.clear();
                 let mut next = prev.clone();
-                for p in batch.iter_mut() {
-                    let (line, hash) = seal(std::mem::take(&mut p.fields), &next);
-                    buf.extend_from_slice(line.as_bytes());
-                    buf.push(b'\n');
-                    next = hash;
+                for p in &batch {
+                    next = seal(&p.open, &next, &mut buf);
                 }
                 // Only a record someone waits for needs the sync; records nobody waits for
                 // (completions, session ends) ride along with the next one that does, in order.
