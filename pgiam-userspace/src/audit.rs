@@ -172,14 +172,15 @@ const NOT_A_RECORD: &str = "the last line is not a pgiam audit record; refusing 
 fn recover(file: &mut File, ring: Option<&Path>) -> Result<String, String> {
     let io = |e: std::io::Error| e.to_string();
     let len = file.seek(SeekFrom::End(0)).map_err(io)?;
+    if len == 0 {
+        // A new chain: an empty log is a rotated (or new) one, and what the ring holds belongs
+        // to the log before it. (Not read either: a device such as /dev/full never ends.)
+        return Ok(GENESIS.to_owned());
+    }
     // The tail from the start of the last complete line: read backwards until it is whole
-    // (a line holds a statement's text, which can be long). An empty file is not read: a
-    // device such as /dev/full would never stop.
+    // (a line holds a statement's text, which can be long).
     let mut window = 64 * 1024u64;
     let (tail_start, tail) = loop {
-        if len == 0 {
-            break (0, Vec::new());
-        }
         let start = len.saturating_sub(window);
         file.seek(SeekFrom::Start(start)).map_err(io)?;
         let mut tail = Vec::new();
@@ -532,16 +533,17 @@ mod tests {
         assert_eq!(lines(&path)[..40], all[..]);
     }
 
+    /// Rotation (the log moved away or truncated): the new log starts a new chain, and the
+    /// ring's records, which belong to the old one, stay out of it.
     #[tokio::test]
-    async fn a_log_lost_whole_is_rebuilt_from_the_ring() {
+    async fn an_empty_log_starts_a_new_chain() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         write_n(&path, 64 * 1024, 4).await;
-        let all = lines(&path);
-        std::fs::write(&path, "").unwrap();
+        std::fs::rename(&path, dir.path().join("audit.jsonl.1")).unwrap();
         write_n(&path, 64 * 1024, 1).await;
-        assert_eq!(verify(&path).unwrap(), Verified::Intact { records: 5 });
-        assert_eq!(lines(&path)[..4], all[..]);
+        assert_eq!(verify(&path).unwrap(), Verified::Intact { records: 1 });
+        assert_eq!(lines(&path).len(), 1);
     }
 
     #[tokio::test]

@@ -12,6 +12,7 @@
 //! torn last line) are recovered from the ring by following the hash chain from the log's last
 //! complete line. Each ring line is checked against its own hash and only the line whose
 //! `prev` is the hash wanted is taken, so a stale or half-overwritten entry is never followed.
+//! An empty log is not recovered into: it is a rotated one, and starts a new chain.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
