@@ -357,6 +357,34 @@ fn writer(
     }
 }
 
+/// A line that matches its own hash: the hash, and the one it says comes before it.
+struct Sealed {
+    hash: String,
+    prev: String,
+}
+
+impl Sealed {
+    /// Checks one line (without its newline) on its own; the reason if it is not a record.
+    fn check(line: &[u8]) -> Result<Sealed, &'static str> {
+        let line = std::str::from_utf8(line).map_err(|_| "not UTF-8")?;
+        let (body, hash) = split_hash(line).ok_or("no hash field at the end of the line")?;
+        if sha256_hex(body.as_bytes()) != hash {
+            return Err("the line does not match its hash (edited)");
+        }
+        let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(line) else {
+            return Err("not a JSON object");
+        };
+        let prev = fields
+            .get("prev")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        Ok(Sealed {
+            hash: hash.to_owned(),
+            prev: prev.to_owned(),
+        })
+    }
+}
+
 /// The outcome of checking a file.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verified {
@@ -378,22 +406,14 @@ pub fn verify(path: &Path) -> std::io::Result<Verified> {
                 reason: reason.to_owned(),
             })
         };
-        let Ok(line) = std::str::from_utf8(&line) else {
-            return broken("not UTF-8");
+        let sealed = match Sealed::check(&line) {
+            Ok(sealed) => sealed,
+            Err(reason) => return broken(reason),
         };
-        let Some((body, hash)) = split_hash(line) else {
-            return broken("no hash field at the end of the line");
-        };
-        if sha256_hex(body.as_bytes()) != hash {
-            return broken("the line does not match its hash (edited)");
-        }
-        let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(line) else {
-            return broken("not a JSON object");
-        };
-        if fields.get("prev").and_then(Value::as_str) != Some(prev.as_str()) {
+        if sealed.prev != prev {
             return broken("prev does not match the previous line's hash (lines removed, inserted or reordered)");
         }
-        prev = hash.to_owned();
+        prev = sealed.hash;
         records += 1;
     }
     Ok(Verified::Intact { records })

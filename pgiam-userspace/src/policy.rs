@@ -512,17 +512,9 @@ impl Principal {
             "gid".into(),
             RestrictedExpression::new_long(identity.gid.into()),
         );
-        let exe = identity.exe.as_ref().map(|e| e.display().to_string());
-        for (k, v) in [
-            ("user", identity.user.as_deref()),
-            ("group", identity.group.as_deref()),
-            ("unit", identity.unit.as_deref()),
-            ("container", identity.container.as_deref()),
-            ("cgroup", identity.cgroup.as_deref()),
-            ("exe", exe.as_deref()),
-        ] {
+        for (k, v) in optional_facts(identity) {
             if let Some(v) = v {
-                attrs.insert(k.into(), RestrictedExpression::new_string(v.to_owned()));
+                attrs.insert(k.into(), RestrictedExpression::new_string(v));
             }
         }
         let entity = Entity::new(uid("Principal", name), attrs, HashSet::new())
@@ -547,14 +539,7 @@ impl Principal {
             database.to_owned(),
             identity.uid,
             identity.gid,
-            [
-                identity.user.clone(),
-                identity.group.clone(),
-                identity.unit.clone(),
-                identity.container.clone(),
-                identity.cgroup.clone(),
-                identity.exe.as_ref().map(|e| e.display().to_string()),
-            ],
+            optional_facts(identity).map(|(_, v)| v),
         );
         let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = live.0.get(&key).and_then(Weak::upgrade) {
@@ -570,6 +555,22 @@ impl Principal {
         }
         p
     }
+}
+
+/// The identity's optional string attributes, by name: every fact besides uid and gid a policy
+/// can read (and so everything two sessions must share to share a principal).
+fn optional_facts(identity: &Identity) -> [(&'static str, Option<String>); 6] {
+    [
+        ("user", identity.user.clone()),
+        ("group", identity.group.clone()),
+        ("unit", identity.unit.clone()),
+        ("container", identity.container.clone()),
+        ("cgroup", identity.cgroup.clone()),
+        (
+            "exe",
+            identity.exe.as_ref().map(|e| e.display().to_string()),
+        ),
+    ]
 }
 
 /// Refusals that no policy lifts: they would undo what pgiam guarantees about the session

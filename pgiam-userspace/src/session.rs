@@ -660,7 +660,9 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
     let mut to_client = std::pin::pin!(async {
         let mut sbuf = BytesMut::new();
         let mut size = ReadSize::default();
-        let end = loop {
+        // Why an answer was held back for good: the audit record it waited for failed.
+        let mut withheld: Option<PgError> = None;
+        let end = 'relay: loop {
             size.prepare(&mut sbuf);
             let free = sbuf.capacity() - sbuf.len();
             match server_rd.read_buf(&mut sbuf).await {
@@ -674,18 +676,14 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
             for written in waiting {
                 if let Err(e) = written.wait().await {
                     warn!(peer = %peer, "{e}: the answer is withheld and the session ends");
-                    if locked(&responses).at_boundary() {
-                        let mut b = BytesMut::new();
+                    withheld = Some(
                         PgError::fatal(
                             "58030",
                             "pgiam: the audit log is unavailable; the statement's result was withheld",
                         )
-                        .with_detail(e.to_string())
-                        .encode(&mut b);
-                        let _ = client_wr.write_all(&b).await;
-                    }
-                    let _ = client_wr.shutdown().await;
-                    return "audit log unavailable";
+                        .with_detail(e.to_string()),
+                    );
+                    break 'relay "audit log unavailable";
                 }
             }
             // What to write: runs of the server's bytes, with pgiam's errors in place of the
@@ -765,12 +763,13 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
                 break "invalid data from the server, or an encoding pgiam cannot read";
             }
         };
-        if locked(&responses).at_boundary() && sbuf.is_empty() {
-            if let Ok(e) = fatal_rx.try_recv() {
-                let mut b = BytesMut::new();
-                e.encode(&mut b);
-                let _ = client_wr.write_all(&b).await;
-            }
+        // The last word, written only between two of the server's messages: why the answer
+        // was withheld, or the error that ended the other direction once the server is drained.
+        let last_word = withheld.or_else(|| sbuf.is_empty().then(|| fatal_rx.try_recv().ok())?);
+        if let Some(e) = last_word.filter(|_| locked(&responses).at_boundary()) {
+            let mut b = BytesMut::new();
+            e.encode(&mut b);
+            let _ = client_wr.write_all(&b).await;
         }
         let _ = client_wr.shutdown().await;
         end

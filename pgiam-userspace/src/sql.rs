@@ -340,19 +340,25 @@ fn shape(sql: &str) -> Option<Box<[u8]>> {
 }
 
 impl Statement {
-    /// Changing any constant in the statement cannot change this classification: plain DML
-    /// that calls no function reading a constant as a name (set_config) and sets nothing.
-    fn is_literal_insensitive(&self) -> bool {
-        matches!(
-            self.command,
-            "select" | "insert" | "update" | "delete" | "merge"
-        ) && !self.role_change
+    /// Touches nothing beyond its relations' rows and functions: no setting, role, temporary
+    /// relation, server program or file, no SQL run from text.
+    fn stays_with_rows(&self) -> bool {
+        !self.role_change
             && !self.do_block
             && !self.copy_program
             && !self.server_files
             && !self.temp
             && !self.unsafe_encoding
             && self.parameters.is_empty()
+    }
+
+    /// Changing any constant in the statement cannot change this classification: plain DML
+    /// that calls no function reading a constant as a name (set_config) and sets nothing.
+    fn is_literal_insensitive(&self) -> bool {
+        matches!(
+            self.command,
+            "select" | "insert" | "update" | "delete" | "merge"
+        ) && self.stays_with_rows()
             && !self
                 .functions
                 .iter()
@@ -384,17 +390,11 @@ fn classify_statement(stmt: &Value) -> Statement {
 }
 
 fn effect_of(s: &Statement, body: &Value) -> Effect {
-    let plain = s.functions.is_empty()
+    let plain = s.stays_with_rows()
+        && s.functions.is_empty()
         && s.executes.is_none()
         && s.prepares.is_none()
-        && s.deallocates.is_none()
-        && !s.role_change
-        && s.parameters.is_empty()
-        && !s.temp
-        && !s.unsafe_encoding
-        && !s.do_block
-        && !s.copy_program
-        && !s.server_files;
+        && s.deallocates.is_none();
     let accesses = |allowed: &[Access]| s.relations.iter().all(|r| allowed.contains(&r.access));
     match s.node.as_str() {
         _ if !plain => Effect::Immediate,

@@ -20,9 +20,7 @@ use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use serde_json::Value;
-
-use super::{sha256_hex, split_hash};
+use super::Sealed;
 
 /// Large enough that the log is synced once per tens of thousands of records.
 pub const DEFAULT_SIZE: u64 = 32 << 20;
@@ -106,22 +104,12 @@ pub fn continuation(path: &Path, prev: &str) -> io::Result<Vec<(String, String)>
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
+    // Stale and half-overwritten entries fail the check and are skipped.
     let mut next: HashMap<String, (String, String)> = HashMap::new();
     for piece in data.split(|b| *b == b'\n') {
-        let Ok(line) = std::str::from_utf8(piece) else {
-            continue;
-        };
-        let Some((body, hash)) = split_hash(line) else {
-            continue;
-        };
-        if sha256_hex(body.as_bytes()) != hash {
-            continue;
-        }
-        let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(line) else {
-            continue;
-        };
-        if let Some(p) = fields.get("prev").and_then(Value::as_str) {
-            next.insert(p.to_owned(), (line.to_owned(), hash.to_owned()));
+        if let Ok(sealed) = Sealed::check(piece) {
+            let line = String::from_utf8_lossy(piece).into_owned();
+            next.insert(sealed.prev, (line, sealed.hash));
         }
     }
     let mut out = Vec::new();

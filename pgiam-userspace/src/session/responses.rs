@@ -205,7 +205,6 @@ impl Responses {
                     }
                     _ => {
                         self.complete(reported.as_deref(), None, None);
-                        // The server skips the rest of the pipeline up to Sync.
                         // The server ignores everything up to the next Sync, simple Query and
                         // FunctionCall included.
                         while self.front_kind().is_some_and(|k| k != ExpectKind::Sync) {
