@@ -21,7 +21,8 @@ pub struct Target {
 
 struct Entry {
     secret: i32,
-    target: Target,
+    /// `None` until the session's upstream connection exists (it opens at the first message).
+    target: Option<Target>,
 }
 
 #[derive(Default)]
@@ -36,6 +37,20 @@ pub struct Registration {
     pub secret_key: i32,
 }
 
+impl Registration {
+    /// The session's backend now exists: a cancel with this key reaches it.
+    pub fn connect(&self, target: Target) {
+        let mut sessions = self
+            .registry
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = sessions.get_mut(&self.process_id) {
+            entry.target = Some(target);
+        }
+    }
+}
+
 impl Drop for Registration {
     fn drop(&mut self) {
         self.registry
@@ -47,7 +62,7 @@ impl Drop for Registration {
 }
 
 impl CancelRegistry {
-    pub fn register(self: &Arc<Self>, target: Target) -> Registration {
+    pub fn register(self: &Arc<Self>, target: Option<Target>) -> Registration {
         let mut rng = rand::thread_rng();
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         // Positive, like a real pid: some clients print or parse it.
@@ -72,13 +87,18 @@ impl CancelRegistry {
         }
     }
 
-    /// The backend to cancel, if `(process_id, secret_key)` is a live session's key.
+    /// The backend to cancel, if `(process_id, secret_key)` is a live session's key and the
+    /// session has a backend.
     pub fn lookup(&self, process_id: i32, secret_key: i32) -> Option<Target> {
         let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         let entry = sessions.get(&process_id)?;
         // Compare without an early exit, so timing does not reveal how much of a guess matched.
         let diff = (entry.secret ^ secret_key).count_ones();
-        (diff == 0).then(|| entry.target.clone())
+        if diff == 0 {
+            entry.target.clone()
+        } else {
+            None
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -110,7 +130,12 @@ mod tests {
     #[test]
     fn keys_match_only_exactly_and_only_while_live() {
         let registry = Arc::new(CancelRegistry::default());
-        let reg = registry.register(Target {
+        let reg = registry.register(None);
+        assert!(
+            registry.lookup(reg.process_id, reg.secret_key).is_none(),
+            "no backend yet: nothing to cancel"
+        );
+        reg.connect(Target {
             upstream: upstream(),
             process_id: 4242,
             secret_key: 99,

@@ -284,6 +284,21 @@ pub struct Upstream {
     pub mode: UpstreamMode,
     /// The login role in `gateway` mode; its credentials are under `[roles.NAME]`.
     pub gateway_role: Option<String>,
+    /// When a session's own server connection opens.
+    #[serde(default)]
+    pub connect: UpstreamConnect,
+}
+
+/// `deferred`: at the session's first message, once a login with the same role, parameters
+/// and server has shown pgiam what the server greets it with (until then, at login). Idle
+/// clients (a pool's spare connections) then hold no backend. `at-login`: always at login, so
+/// a login the server would refuse is refused at once.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamConnect {
+    #[default]
+    Deferred,
+    AtLogin,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -545,6 +560,7 @@ mod tests {
         assert_eq!(c.upstream.tls, UpstreamTls::Disable);
         assert_eq!(c.listen.unix_mode, 0o666);
         assert_eq!(c.limits.max_message_size, 64 << 20);
+        assert_eq!(c.upstream.connect, UpstreamConnect::Deferred);
     }
 
     #[test]

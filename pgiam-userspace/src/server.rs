@@ -33,6 +33,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         policies = policies.current().len(),
         "policy loaded"
     );
+    raise_fd_limit();
     let tls =
         crate::tls::client_acceptor(&config.client_tls, &config.state_dir).context("client TLS")?;
     let upstream = Arc::new(Upstream::new(&config).context("upstream TLS")?);
@@ -273,4 +274,18 @@ async fn accept_unix(listener: UnixListener, shared: Arc<Shared>) {
 /// Where the unix socket of a libpq-style `host=DIR port=PORT` lives.
 pub fn libpq_socket_path(dir: &Path, port: u16) -> PathBuf {
     dir.join(format!(".s.PGSQL.{port}"))
+}
+
+/// Every client costs two descriptors (its socket and, once it speaks, the server's); the soft
+/// limit is often 1024 while the hard one allows far more. (The systemd unit raises both.)
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(from = soft, to = hard, "open file limit raised"),
+            Err(e) => tracing::warn!("open file limit stays {soft}: {e}"),
+        },
+        Ok((soft, _)) => info!(limit = soft, "open file limit"),
+        Err(e) => tracing::warn!("cannot read the open file limit: {e}"),
+    }
 }

@@ -12,15 +12,16 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{debug, info, warn};
 
-use crate::cancel::{CancelRegistry, Target};
+use crate::cancel::CancelRegistry;
 use crate::config::Config;
 use crate::identity::{Identity, IdentityError};
 use crate::sql::Effect;
 use crate::stream::{BoxStream, Rewind};
 use crate::tls::ALPN_POSTGRESQL;
-use crate::upstream::{Upstream, UpstreamError};
+use crate::upstream::Upstream;
 use crate::wire::{self, FrontendMessage, PgError, StartupPacket, WireError};
 
+mod login;
 mod responses;
 pub mod startup;
 mod statements;
@@ -141,7 +142,19 @@ pub async fn run(shared: Arc<Shared>, stream: BoxStream, identity: IdentitySourc
     let outcome =
         tokio::time::timeout(timeout, Box::pin(establish(&shared, &mut client, identity))).await;
     let refusal = match outcome {
-        Ok(Ok(Some(session))) => return relay(&shared, client, session).await,
+        Ok(Ok(Some((mut session, link)))) => {
+            let upstream = match link {
+                login::Link::Open(stream) => stream,
+                login::Link::Deferred(deferred) => {
+                    match first_message(&shared, &mut client, &mut session, *deferred).await {
+                        Ok(stream) => stream,
+                        Err(ended_by) => return session.finish(&shared, &client.peer, ended_by),
+                    }
+                }
+            };
+            // Boxed: an idle session waiting above does not carry the relay's room.
+            return Box::pin(relay(&shared, client, session, upstream)).await;
+        }
         Ok(Ok(None)) => return,
         Ok(Err(refusal)) => refusal,
         Err(_) => Refusal::Client(PgError::fatal(
@@ -152,32 +165,128 @@ pub async fn run(shared: Arc<Shared>, stream: BoxStream, identity: IdentitySourc
             ),
         )),
     };
-    let frame = match refusal {
-        Refusal::Silent(why) => {
-            debug!(peer = %client.peer, "connection closed: {why}");
-            return;
+    if let Some(frame) = refusal.frame(&client.peer) {
+        last_word(&mut client, &frame).await;
+    }
+}
+
+impl Refusal {
+    /// What to tell the client, if anything; logged either way.
+    fn frame(self, peer: &str) -> Option<Bytes> {
+        match self {
+            Refusal::Silent(why) => {
+                debug!(peer = %peer, "connection closed: {why}");
+                None
+            }
+            Refusal::Client(e) => {
+                info!(peer = %peer, code = e.code, "connection refused: {}", e.message);
+                let mut b = BytesMut::new();
+                e.encode(&mut b);
+                Some(b.freeze())
+            }
+            Refusal::ServerFrame(frame) => Some(frame),
         }
-        Refusal::Client(e) => {
-            info!(peer = %client.peer, code = e.code, "connection refused: {}", e.message);
-            let mut b = BytesMut::new();
-            e.encode(&mut b);
-            b.freeze()
-        }
-        Refusal::ServerFrame(frame) => frame,
-    };
-    // Best effort, bounded: a client that does not read its error must not hold the task.
+    }
+}
+
+/// Writes a final error and closes. Best effort, bounded: a client that does not read its
+/// error must not hold the task.
+async fn last_word(client: &mut Client, frame: &[u8]) {
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        client.write(&frame).await?;
+        client.write(frame).await?;
         client.stream.shutdown().await
     })
     .await;
 }
 
-/// A session ready to relay.
+/// A deferred session waits here, holding no server connection, until the client first sends
+/// something; then it logs in. Access revoked while it waits ends it as it would a busy one.
+/// `Err`: the session ended before it needed a server (why, for its end record).
+async fn first_message(
+    shared: &Arc<Shared>,
+    client: &mut Client,
+    session: &mut Session,
+    deferred: login::Deferred,
+) -> Result<BoxStream, String> {
+    let mut policy_changed = shared.policies.subscribe();
+    // Room for the first few bytes only (a Terminate is five): a waiting client holds no read
+    // buffer; the relay sizes it once the client is talking.
+    if client.buf.is_empty() {
+        client.buf = BytesMut::with_capacity(8);
+    }
+    loop {
+        if session.gate.refresh_policy() {
+            let d = session.gate.may_connect();
+            if !d.allowed {
+                let database = session.gate.database().to_owned();
+                let e = Box::pin(revoke(shared, &session.ids(), &database, d)).await;
+                let why = e.message.clone();
+                if let Some(frame) = Refusal::Client(e).frame(&client.peer) {
+                    last_word(client, &frame).await;
+                }
+                return Err(why);
+            }
+        }
+        tokio::select! {
+            r = client.stream.read_buf(&mut client.buf) => match r {
+                Ok(0) => return Err("client closed".into()),
+                Ok(_) => break,
+                Err(e) => return Err(format!("client read: {e}")),
+            },
+            Ok(()) = policy_changed.changed() => continue,
+        }
+    }
+    // A pool closing a spare connection: no reason to log in just to log out.
+    if client.buf[..] == wire::TERMINATE[..] {
+        return Err(CLIENT_TERMINATED.into());
+    }
+    let timeout = shared.config.limits.startup_timeout();
+    let connected = tokio::time::timeout(
+        timeout,
+        Box::pin(login::connect(shared, &deferred.key, &client.peer)),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(Refusal::Client(PgError::fatal(
+            "08006",
+            format!(
+                "pgiam: no connection to the database within {}s",
+                timeout.as_secs()
+            ),
+        )))
+    });
+    let established = match connected {
+        Ok(e) => e,
+        Err(refusal) => {
+            let why = match &refusal {
+                Refusal::Client(e) => e.message.clone(),
+                Refusal::ServerFrame(_) => "the server refused the login".into(),
+                Refusal::Silent(why) => why.clone(),
+            };
+            if let Some(frame) = refusal.frame(&client.peer) {
+                last_word(client, &frame).await;
+            }
+            return Err(why);
+        }
+    };
+    session
+        .cancel_key
+        .connect(login::cancel_target(shared, &deferred.key, &established));
+    session.standard_conforming_strings = established.parameters.standard_conforming_strings();
+    let news = login::news(&established, &deferred.told);
+    if !news.is_empty() {
+        client
+            .write(&news)
+            .await
+            .map_err(|e| format!("client write: {e}"))?;
+    }
+    info!(peer = %client.peer, backend_pid = established.process_id, "connected upstream at the first message");
+    Ok(established.stream)
+}
+
+/// A session past login.
 struct Session {
-    upstream: BoxStream,
     cancel_key: crate::cancel::Registration,
-    summary: String,
     /// The id of the session's allow record, which its end record refers to.
     audit_id: Option<String>,
     /// Authorizes and records each statement before it is forwarded. (Boxed: moved out of
@@ -188,13 +297,13 @@ struct Session {
     started: std::time::Instant,
 }
 
-/// Negotiation, startup checks, mapping and upstream login. `Ok(None)` for a connection that
-/// only carried a CancelRequest.
+/// Negotiation, startup checks, mapping and upstream login (or what stands in for it until the
+/// first message). `Ok(None)` for a connection that only carried a CancelRequest.
 async fn establish(
     shared: &Arc<Shared>,
     client: &mut Client,
     identity: IdentitySource,
-) -> Result<Option<Session>, Refusal> {
+) -> Result<Option<(Session, login::Link)>, Refusal> {
     let startup = loop {
         client.fill().await?;
         if !client.tls && client.buf.first() == Some(&wire::TLS_HANDSHAKE_RECORD) {
@@ -328,65 +437,57 @@ async fn establish(
         (Some(g), true) => g,
         _ => &mapping.role,
     };
-    let credentials = &config.roles[login_role];
     let mut params = checked.forwarded.clone();
     params.push(("search_path".into(), config.policy.search_path_setting()));
-    let upstream_failed = |e: UpstreamError| {
-        warn!(peer = %client.peer, role = %mapping.role, "upstream login failed: {e}");
-        match e {
-            UpstreamError::Server { frame, .. } => Refusal::ServerFrame(frame),
-            other => Refusal::Client(
-                PgError::fatal("08006", "pgiam: cannot open a connection to the database")
-                    .with_detail(other.to_string()),
-            ),
+    let key = crate::upstream::LoginKey {
+        role: login_role.clone(),
+        params,
+        target: origin.destination,
+        assume: gateway.then(|| mapping.role.clone()),
+    };
+    let remembered = match config.upstream.connect {
+        crate::config::UpstreamConnect::Deferred => shared.upstream.remembered(&key),
+        crate::config::UpstreamConnect::AtLogin => None,
+    };
+    let key = Arc::new(key);
+    let cancel_key = shared.cancels.register(None);
+    let mut hello = BytesMut::with_capacity(512);
+    wire::authentication_ok(&mut hello);
+    let (link, parameters_scs, status) = match remembered {
+        Some((key, told)) => {
+            told.encode_news(None, &mut hello);
+            let scs = told.standard_conforming_strings();
+            let link = login::Link::Deferred(Box::new(login::Deferred { key, told }));
+            (link, scs, wire::TransactionStatus::Idle)
+        }
+        None => {
+            let established = login::connect(shared, &key, &client.peer).await?;
+            cancel_key.connect(login::cancel_target(shared, &key, &established));
+            established.parameters.encode_news(None, &mut hello);
+            hello.extend_from_slice(&established.notices);
+            info!(peer = %client.peer, backend_pid = established.process_id, "connected upstream at login");
+            let scs = established.parameters.standard_conforming_strings();
+            (
+                login::Link::Open(established.stream),
+                scs,
+                established.status,
+            )
         }
     };
-    let mut established = shared
-        .upstream
-        .login(login_role, credentials, &params, origin.destination)
-        .await
-        .map_err(upstream_failed)?;
-    // A role or database default can choose the encoding too; pgiam reads statements as the
-    // server will only in encodings whose characters never contain ASCII bytes.
-    if let Some(e) = established.client_encoding.as_deref() {
-        if crate::sql::is_unsafe_encoding(e) {
-            return Err(startup::unsafe_encoding(e).into());
-        }
-    }
-    if gateway {
-        shared
-            .upstream
-            .assume_role(&mut established, &mapping.role)
-            .await
-            .map_err(upstream_failed)?;
-    }
-
-    let cancel_key = shared.cancels.register(Target {
-        upstream: shared.upstream.clone(),
-        process_id: established.process_id,
-        secret_key: established.secret_key,
-        address: origin.destination,
-    });
-    let mut hello = BytesMut::with_capacity(established.greeting.len() + 64);
-    wire::authentication_ok(&mut hello);
-    hello.extend_from_slice(&established.greeting);
     wire::backend_key_data(cancel_key.process_id, cancel_key.secret_key, &mut hello);
-    wire::ready_for_query(established.status, &mut hello);
+    wire::ready_for_query(status, &mut hello);
     client.write(&hello).await?;
 
     let summary = format!(
-        "{identity} principal={} database={} role={} upstream={} backend_pid={}",
+        "{identity} principal={} database={} role={} upstream={}",
         mapping.principal,
         checked.database,
         mapping.role,
         shared.upstream.describe(origin.destination),
-        established.process_id
     );
     info!(peer = %client.peer, tls = client.tls, "session established: {summary}");
-    Ok(Some(Session {
-        upstream: established.stream,
+    let session = Session {
         cancel_key,
-        summary,
         gate: Box::new(statements::Gate::new(
             shared.audit.clone(),
             shared.policies.clone(),
@@ -401,10 +502,11 @@ async fn establish(
                 identity: identity.clone(),
             },
         )),
-        standard_conforming_strings: established.standard_conforming_strings,
+        standard_conforming_strings: parameters_scs,
         audit_id,
         started: std::time::Instant::now(),
-    }))
+    };
+    Ok(Some((session, link)))
 }
 
 /// Records a refusal and points the client at the record.
@@ -510,7 +612,7 @@ const CLIENT_TERMINATED: &str = "client terminated";
 /// Moves bytes both ways until either side ends. Client messages are framed, validated and
 /// authorized before they are forwarded; server messages stream through, matched to the
 /// requests they answer.
-async fn relay(shared: &Shared, client: Client, session: Session) {
+async fn relay(shared: &Shared, client: Client, mut session: Session, upstream: BoxStream) {
     let max = shared.config.limits.max_message_size;
     let Client {
         stream,
@@ -519,36 +621,33 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
         ..
     } = client;
     let (mut client_rd, mut client_wr) = tokio::io::split(stream);
-    let (mut server_rd, mut server_wr) = tokio::io::split(session.upstream);
-    let mut gate = session.gate;
-    // What the server says about standard_conforming_strings, for classifying what follows.
-    let standard_conforming_strings = AtomicBool::new(session.standard_conforming_strings);
-    // The client-to-server direction never writes to the client: a fatal error it finds is
-    // handed to the other direction, which writes it once the server has gone quiet, so it can
-    // never land in the middle of a server message.
-    let (fatal_tx, mut fatal_rx) = tokio::sync::oneshot::channel::<PgError>();
-    // Requests forwarded, in order, for the direction that reads the answers; and back from
-    // it, prepared statements the server did not create after all. Both directions run in this
-    // one task, so these locks are never contended; no guard is held across an await. (Not
-    // channels: an idle session would hold their preallocated blocks.)
-    let responses = std::sync::Mutex::new(responses::Responses::default());
-    let unprepared = std::sync::Mutex::new(Vec::<(Vec<u8>, u64)>::new());
-    // Decision records of statements forwarded before their records were on disk (statements
-    // that change nothing): no answer reaches the client before they are.
-    let in_flight = std::sync::Mutex::new(Vec::<crate::audit::Written>::new());
-    let audit = shared.audit.clone();
-    let mut policy_changed = shared.policies.subscribe();
-    let session_ids = (
-        session.audit_id.clone(),
-        session.cancel_key.process_id,
-        session.cancel_key.secret_key,
-    );
+    let (mut server_rd, mut server_wr) = tokio::io::split(upstream);
+    let session_ids = session.ids();
+    let ended_by = {
+        let gate = &mut session.gate;
+        // What the server says about standard_conforming_strings, for classifying what follows.
+        let standard_conforming_strings = AtomicBool::new(session.standard_conforming_strings);
+        // The client-to-server direction never writes to the client: a fatal error it finds is
+        // handed to the other direction, which writes it once the server has gone quiet, so it can
+        // never land in the middle of a server message.
+        let (fatal_tx, mut fatal_rx) = tokio::sync::oneshot::channel::<PgError>();
+        // Requests forwarded, in order, for the direction that reads the answers; and back from
+        // it, prepared statements the server did not create after all. Both directions run in this
+        // one task, so these locks are never contended; no guard is held across an await. (Not
+        // channels: an idle session would hold their preallocated blocks.)
+        let responses = std::sync::Mutex::new(responses::Responses::default());
+        let unprepared = std::sync::Mutex::new(Vec::<(Vec<u8>, u64)>::new());
+        // Decision records of statements forwarded before their records were on disk (statements
+        // that change nothing): no answer reaches the client before they are.
+        let in_flight = std::sync::Mutex::new(Vec::<crate::audit::Written>::new());
+        let audit = shared.audit.clone();
+        let mut policy_changed = shared.policies.subscribe();
 
-    let mut to_server = std::pin::pin!(async {
-        let mut client_size = ReadSize::default();
-        let mut checked = Vec::new();
-        let mut expects = Vec::new();
-        let result: Result<&'static str, PgError> = async {
+        let mut to_server = std::pin::pin!(async {
+            let mut client_size = ReadSize::default();
+            let mut checked = Vec::new();
+            let mut expects = Vec::new();
+            let result: Result<&'static str, PgError> = async {
             loop {
                 // A new policy is checked before anything more is forwarded under it.
                 if gate.refresh_policy() {
@@ -644,173 +743,196 @@ async fn relay(shared: &Shared, client: Client, session: Session) {
             }
         }
         .await;
-        // Whatever ended this direction, the server is told the session is over.
-        if result != Ok(CLIENT_TERMINATED) {
-            let mut t = BytesMut::new();
-            postgres_protocol::message::frontend::terminate(&mut t);
-            let _ = server_wr.write_all(&t).await;
-        }
-        let _ = server_wr.shutdown().await;
-        if let Err(e) = &result {
-            let _ = fatal_tx.send(e.clone());
-        }
-        result
-    });
-
-    let mut to_client = std::pin::pin!(async {
-        let mut sbuf = BytesMut::new();
-        let mut size = ReadSize::default();
-        // Why an answer was held back for good: the audit record it waited for failed.
-        let mut withheld: Option<PgError> = None;
-        let end = 'relay: loop {
-            size.prepare(&mut sbuf);
-            let free = sbuf.capacity() - sbuf.len();
-            match server_rd.read_buf(&mut sbuf).await {
-                Ok(0) => break "server closed",
-                Ok(n) => size.observe(n, free),
-                Err(_) => break "server read failed",
+            // Whatever ended this direction, the server is told the session is over.
+            if result != Ok(CLIENT_TERMINATED) {
+                let mut t = BytesMut::new();
+                postgres_protocol::message::frontend::terminate(&mut t);
+                let _ = server_wr.write_all(&t).await;
             }
-            // Whatever this answers was forwarded, its record handed to the writer, before it
-            // was read: nothing of it is written to the client before that record is on disk.
-            let waiting = std::mem::take(&mut *locked(&in_flight));
-            for written in waiting {
-                if let Err(e) = written.wait().await {
-                    warn!(peer = %peer, "{e}: the answer is withheld and the session ends");
-                    withheld = Some(
+            let _ = server_wr.shutdown().await;
+            if let Err(e) = &result {
+                let _ = fatal_tx.send(e.clone());
+            }
+            result
+        });
+
+        let mut to_client = std::pin::pin!(async {
+            let mut sbuf = BytesMut::new();
+            let mut size = ReadSize::default();
+            // Why an answer was held back for good: the audit record it waited for failed.
+            let mut withheld: Option<PgError> = None;
+            let end = 'relay: loop {
+                size.prepare(&mut sbuf);
+                let free = sbuf.capacity() - sbuf.len();
+                match server_rd.read_buf(&mut sbuf).await {
+                    Ok(0) => break "server closed",
+                    Ok(n) => size.observe(n, free),
+                    Err(_) => break "server read failed",
+                }
+                // Whatever this answers was forwarded, its record handed to the writer, before it
+                // was read: nothing of it is written to the client before that record is on disk.
+                let waiting = std::mem::take(&mut *locked(&in_flight));
+                for written in waiting {
+                    if let Err(e) = written.wait().await {
+                        warn!(peer = %peer, "{e}: the answer is withheld and the session ends");
+                        withheld = Some(
                         PgError::fatal(
                             "58030",
                             "pgiam: the audit log is unavailable; the statement's result was withheld",
                         )
                         .with_detail(e.to_string()),
                     );
-                    break 'relay "audit log unavailable";
-                }
-            }
-            // What to write: runs of the server's bytes, with pgiam's errors in place of the
-            // sentinels'. Decided under the lock, written after it.
-            let mut replaced: Vec<(std::ops::Range<usize>, Bytes)> = Vec::new();
-            let mut pos = 0;
-            let mut failed = false;
-            let events = {
-                let mut r = locked(&responses);
-                loop {
-                    match r.step(&sbuf[pos..]) {
-                        Ok(responses::Step::Pass(n)) => pos += n,
-                        Ok(responses::Step::Replace { len, with }) => {
-                            replaced.push((pos..pos + len, with));
-                            pos += len;
-                        }
-                        Ok(responses::Step::NeedMore) => break,
-                        Err(e) => {
-                            warn!(peer = %peer, "invalid data from the server: {e}");
-                            failed = true;
-                            break;
-                        }
+                        break 'relay "audit log unavailable";
                     }
                 }
-                std::mem::take(&mut r.events)
-            };
-            let mut start = 0;
-            for (range, with) in replaced {
-                if client_wr
-                    .write_all(&sbuf[start..range.start])
-                    .await
-                    .is_err()
-                    || client_wr.write_all(&with).await.is_err()
-                {
+                // What to write: runs of the server's bytes, with pgiam's errors in place of the
+                // sentinels'. Decided under the lock, written after it.
+                let mut replaced: Vec<(std::ops::Range<usize>, Bytes)> = Vec::new();
+                let mut pos = 0;
+                let mut failed = false;
+                let events = {
+                    let mut r = locked(&responses);
+                    loop {
+                        match r.step(&sbuf[pos..]) {
+                            Ok(responses::Step::Pass(n)) => pos += n,
+                            Ok(responses::Step::Replace { len, with }) => {
+                                replaced.push((pos..pos + len, with));
+                                pos += len;
+                            }
+                            Ok(responses::Step::NeedMore) => break,
+                            Err(e) => {
+                                warn!(peer = %peer, "invalid data from the server: {e}");
+                                failed = true;
+                                break;
+                            }
+                        }
+                    }
+                    std::mem::take(&mut r.events)
+                };
+                let mut start = 0;
+                for (range, with) in replaced {
+                    if client_wr
+                        .write_all(&sbuf[start..range.start])
+                        .await
+                        .is_err()
+                        || client_wr.write_all(&with).await.is_err()
+                    {
+                        return "client write failed";
+                    }
+                    start = range.end;
+                }
+                if client_wr.write_all(&sbuf[start..pos]).await.is_err() {
                     return "client write failed";
                 }
-                start = range.end;
-            }
-            if client_wr.write_all(&sbuf[start..pos]).await.is_err() {
-                return "client write failed";
-            }
-            let _ = sbuf.split_to(pos);
-            for event in events {
-                match event {
-                    responses::Event::Completed {
-                        record,
-                        sqlstate,
-                        rows,
-                        tag,
-                        micros,
-                    } => {
-                        if let Some(audit) = &audit {
-                            audit.record_later(crate::audit_fields! {
-                                "id" => audit.next_id(),
-                                "kind" => "completion",
-                                "statement" => record,
-                                "sqlstate" => sqlstate.as_deref().unwrap_or("skipped"),
-                                "rows" => rows,
-                                "tag" => tag,
-                                "duration_us" => micros,
-                            });
+                let _ = sbuf.split_to(pos);
+                for event in events {
+                    match event {
+                        responses::Event::Completed {
+                            record,
+                            sqlstate,
+                            rows,
+                            tag,
+                            micros,
+                        } => {
+                            if let Some(audit) = &audit {
+                                audit.record_later(crate::audit_fields! {
+                                    "id" => audit.next_id(),
+                                    "kind" => "completion",
+                                    "statement" => record,
+                                    "sqlstate" => sqlstate.as_deref().unwrap_or("skipped"),
+                                    "rows" => rows,
+                                    "tag" => tag,
+                                    "duration_us" => micros,
+                                });
+                            }
+                        }
+                        responses::Event::NotPrepared { name, generation } => {
+                            locked(&unprepared).push((name, generation));
+                        }
+                        responses::Event::StandardConformingStrings(on) => {
+                            standard_conforming_strings.store(on, Ordering::Relaxed)
+                        }
+                        responses::Event::UnsafeClientEncoding(value) => {
+                            warn!(peer = %peer, "server switched client_encoding to {value}: ending the session");
+                            failed = true;
                         }
                     }
-                    responses::Event::NotPrepared { name, generation } => {
-                        locked(&unprepared).push((name, generation));
-                    }
-                    responses::Event::StandardConformingStrings(on) => {
-                        standard_conforming_strings.store(on, Ordering::Relaxed)
-                    }
-                    responses::Event::UnsafeClientEncoding(value) => {
-                        warn!(peer = %peer, "server switched client_encoding to {value}: ending the session");
-                        failed = true;
+                }
+                if failed {
+                    break "invalid data from the server, or an encoding pgiam cannot read";
+                }
+            };
+            // The last word, written only between two of the server's messages: why the answer
+            // was withheld, or the error that ended the other direction once the server is drained.
+            let last_word =
+                withheld.or_else(|| sbuf.is_empty().then(|| fatal_rx.try_recv().ok())?);
+            if let Some(e) = last_word.filter(|_| locked(&responses).at_boundary()) {
+                let mut b = BytesMut::new();
+                e.encode(&mut b);
+                let _ = client_wr.write_all(&b).await;
+            }
+            let _ = client_wr.shutdown().await;
+            end
+        });
+
+        let mut server_side_done = false;
+        let mut ended_by = String::new();
+        loop {
+            tokio::select! {
+                r = &mut to_server, if !server_side_done => {
+                    server_side_done = true;
+                    match r {
+                        Ok(why) => {
+                            debug!(peer = %peer, "{why}");
+                            ended_by = why.to_owned();
+                        }
+                        Err(e) => {
+                            warn!(peer = %peer, code = e.code, "closing session: {}", e.message);
+                            ended_by = e.message.clone();
+                        }
                     }
                 }
-            }
-            if failed {
-                break "invalid data from the server, or an encoding pgiam cannot read";
-            }
-        };
-        // The last word, written only between two of the server's messages: why the answer
-        // was withheld, or the error that ended the other direction once the server is drained.
-        let last_word = withheld.or_else(|| sbuf.is_empty().then(|| fatal_rx.try_recv().ok())?);
-        if let Some(e) = last_word.filter(|_| locked(&responses).at_boundary()) {
-            let mut b = BytesMut::new();
-            e.encode(&mut b);
-            let _ = client_wr.write_all(&b).await;
-        }
-        let _ = client_wr.shutdown().await;
-        end
-    });
-
-    let mut server_side_done = false;
-    let mut ended_by = String::new();
-    loop {
-        tokio::select! {
-            r = &mut to_server, if !server_side_done => {
-                server_side_done = true;
-                match r {
-                    Ok(why) => {
-                        debug!(peer = %peer, "{why}");
+                why = &mut to_client => {
+                    debug!(peer = %peer, "{why}");
+                    if ended_by.is_empty() {
                         ended_by = why.to_owned();
                     }
-                    Err(e) => {
-                        warn!(peer = %peer, code = e.code, "closing session: {}", e.message);
-                        ended_by = e.message.clone();
-                    }
+                    break;
                 }
-            }
-            why = &mut to_client => {
-                debug!(peer = %peer, "{why}");
-                if ended_by.is_empty() {
-                    ended_by = why.to_owned();
-                }
-                break;
             }
         }
+        ended_by
+    };
+    session.finish(shared, &peer, ended_by);
+}
+
+impl Session {
+    fn ids(&self) -> (Option<String>, i32, i32) {
+        (
+            self.audit_id.clone(),
+            self.cancel_key.process_id,
+            self.cancel_key.secret_key,
+        )
     }
-    if let (Some(audit), Some(session_id)) = (&shared.audit, &session.audit_id) {
-        audit.record_later(crate::audit_fields! {
-            "id" => audit.next_id(),
-            "kind" => "session_end",
-            "session" => session_id,
-            "duration_ms" => session.started.elapsed().as_millis() as u64,
-            "ended_by" => ended_by,
-        });
+
+    /// The session's end record and log line.
+    fn finish(self, shared: &Shared, peer: &str, ended_by: String) {
+        if let (Some(audit), Some(session_id)) = (&shared.audit, &self.audit_id) {
+            audit.record_later(crate::audit_fields! {
+                "id" => audit.next_id(),
+                "kind" => "session_end",
+                "session" => session_id,
+                "duration_ms" => self.started.elapsed().as_millis() as u64,
+                "ended_by" => ended_by,
+            });
+        }
+        let who = self.gate.info();
+        info!(
+            peer = %peer,
+            "session ended: {} principal={} database={} role={}",
+            who.identity, who.principal_name, who.database, who.role
+        );
     }
-    info!(peer = %peer, "session ended: {}", session.summary);
 }
 
 /// The lock's contents, even if a panic poisoned it (the data is a queue, always consistent

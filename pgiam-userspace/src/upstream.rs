@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
@@ -61,21 +62,75 @@ pub struct Upstream {
     max_message_size: usize,
     /// SO_MARK for pgiam's own sockets, so interception never sends them back to pgiam.
     mark: Option<u32>,
+    greetings: Greetings,
 }
 
 /// A logged-in upstream connection, ready for queries.
 pub struct Established {
     pub stream: BoxStream,
-    /// The server's ParameterStatus and NoticeResponse frames from login, to replay to the client.
-    pub greeting: BytesMut,
+    /// What the server reported at login (ParameterStatus), in its order, latest value per name.
+    pub parameters: Parameters,
+    /// The server's NoticeResponse frames from login, to pass on to the client.
+    pub notices: BytesMut,
     pub process_id: i32,
     pub secret_key: i32,
     pub status: TransactionStatus,
-    /// The server's standard_conforming_strings at login (on unless it said otherwise).
-    pub standard_conforming_strings: bool,
-    /// The client_encoding the server reported at login.
-    pub client_encoding: Option<String>,
 }
+
+/// A login's ParameterStatus reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Parameters(Vec<(String, String)>);
+
+impl Parameters {
+    pub fn set(&mut self, name: &[u8], value: &[u8]) {
+        let name = String::from_utf8_lossy(name);
+        let value = String::from_utf8_lossy(value).into_owned();
+        match self.0.iter_mut().find(|(n, _)| *n == name) {
+            Some(entry) => entry.1 = value,
+            None => self.0.push((name.into_owned(), value)),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// On unless the server said otherwise.
+    pub fn standard_conforming_strings(&self) -> bool {
+        self.get("standard_conforming_strings") != Some("off")
+    }
+
+    /// ParameterStatus messages for every report here that `told` does not already hold.
+    pub fn encode_news(&self, told: Option<&Parameters>, out: &mut BytesMut) {
+        for (name, value) in &self.0 {
+            if told.and_then(|t| t.get(name)) != Some(value.as_str()) {
+                wire::parameter_status(name.as_bytes(), value.as_bytes(), out);
+            }
+        }
+    }
+}
+
+/// Everything that decides what a login's greeting says: who logs in, with which startup
+/// parameters, to which server, assuming which role.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LoginKey {
+    pub role: String,
+    pub params: Vec<(String, String)>,
+    pub target: Option<SocketAddr>,
+    pub assume: Option<String>,
+}
+
+/// What the last login with a key was told, so the next one can be answered before its own
+/// connection exists. Bounded: a fleet of distinct keys (an application_name per connection)
+/// just starts over, and those logins connect at once. Keys are shared with the sessions
+/// waiting to log in with them.
+#[derive(Default)]
+struct Greetings(std::sync::Mutex<std::collections::HashMap<Arc<LoginKey>, Arc<Parameters>>>);
+
+const GREETINGS_KEPT: usize = 1024;
 
 impl Upstream {
     pub fn new(config: &Config) -> Result<Upstream, TlsError> {
@@ -84,7 +139,26 @@ impl Upstream {
             config: config.upstream.clone(),
             max_message_size: config.limits.max_message_size,
             mark: config.interception.as_ref().map(|i| i.mark),
+            greetings: Greetings::default(),
         })
+    }
+
+    /// What the last login with this key was told, if pgiam has seen one (with the key as
+    /// pgiam keeps it).
+    pub fn remembered(&self, key: &LoginKey) -> Option<(Arc<LoginKey>, Arc<Parameters>)> {
+        let g = self.greetings.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.get_key_value(key).map(|(k, p)| (k.clone(), p.clone()))
+    }
+
+    pub fn remember(&self, key: &Arc<LoginKey>, parameters: &Parameters) {
+        let mut g = self.greetings.0.lock().unwrap_or_else(|e| e.into_inner());
+        if g.get(key).is_some_and(|p| **p == *parameters) {
+            return;
+        }
+        if g.len() >= GREETINGS_KEPT {
+            g.clear();
+        }
+        g.insert(key.clone(), Arc::new(parameters.clone()));
     }
 
     pub fn describe(&self, target: Option<SocketAddr>) -> String {
@@ -183,11 +257,10 @@ impl Upstream {
 
         let mut buf = BytesMut::with_capacity(4096);
         let mut scram: Option<ScramSha256> = None;
-        let mut greeting = BytesMut::new();
+        let mut parameters = Parameters::default();
+        let mut notices = BytesMut::new();
         let mut key = None;
         let mut authenticated = false;
-        let mut standard_conforming_strings = true;
-        let mut client_encoding = None;
         loop {
             let (tag, body) = read_message(&mut stream, &mut buf, self.max_message_size).await?;
             out.clear();
@@ -251,15 +324,9 @@ impl Upstream {
                     Authentication::Sspi => return Err(UpstreamError::UnsupportedAuth("SSPI")),
                 },
                 BackendMessage::ParameterStatus { name, value } if authenticated => {
-                    if name == b"standard_conforming_strings" {
-                        standard_conforming_strings = value != b"off";
-                    }
-                    if name == b"client_encoding" {
-                        client_encoding = Some(String::from_utf8_lossy(value).into_owned());
-                    }
-                    append_frame(&mut greeting, tag, &body);
+                    parameters.set(name, value)
                 }
-                BackendMessage::NoticeResponse(_) => append_frame(&mut greeting, tag, &body),
+                BackendMessage::NoticeResponse(_) => append_frame(&mut notices, tag, &body),
                 BackendMessage::BackendKeyData {
                     process_id,
                     secret_key,
@@ -273,12 +340,11 @@ impl Upstream {
                     }
                     return Ok(Established {
                         stream,
-                        greeting,
+                        parameters,
+                        notices,
                         process_id,
                         secret_key,
                         status,
-                        standard_conforming_strings,
-                        client_encoding,
                     });
                 }
                 BackendMessage::ErrorResponse(fields) => {
@@ -298,7 +364,7 @@ impl Upstream {
     }
 
     /// Gateway mode: the session becomes `role` (SET ROLE) before the client sees it. The
-    /// server's reports on the change (is_superuser, …) join the greeting.
+    /// server's reports on the change (is_superuser, …) join the login's parameters.
     pub async fn assume_role(
         &self,
         established: &mut Established,
@@ -315,8 +381,11 @@ impl Upstream {
                 read_message(&mut established.stream, &mut buf, self.max_message_size).await?;
             match wire::decode_backend(tag, &body)? {
                 BackendMessage::CommandComplete { .. } => {}
-                BackendMessage::ParameterStatus { .. } | BackendMessage::NoticeResponse(_) => {
-                    append_frame(&mut established.greeting, tag, &body)
+                BackendMessage::ParameterStatus { name, value } => {
+                    established.parameters.set(name, value)
+                }
+                BackendMessage::NoticeResponse(_) => {
+                    append_frame(&mut established.notices, tag, &body)
                 }
                 BackendMessage::ErrorResponse(fields) => {
                     let message =
@@ -400,5 +469,52 @@ pub async fn read_message<S: AsyncRead + Unpin>(
         if stream.read_buf(buf).await? == 0 {
             return Err(UpstreamError::Closed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reports(frames: &[u8]) -> Vec<(String, String)> {
+        let mut buf = BytesMut::from(frames);
+        let mut out = Vec::new();
+        while let Some((tag, body)) = wire::next_message(&mut buf, 1 << 20).unwrap() {
+            match wire::decode_backend(tag, &body).unwrap() {
+                BackendMessage::ParameterStatus { name, value } => out.push((
+                    String::from_utf8_lossy(name).into_owned(),
+                    String::from_utf8_lossy(value).into_owned(),
+                )),
+                _ => panic!("not a ParameterStatus"),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_later_login_reports_only_what_the_client_was_not_told() {
+        let mut told = Parameters::default();
+        told.set(b"DateStyle", b"ISO, MDY");
+        told.set(b"standard_conforming_strings", b"on");
+        let mut all = BytesMut::new();
+        told.encode_news(None, &mut all);
+        assert_eq!(reports(&all).len(), 2);
+
+        let mut now = told.clone();
+        now.set(b"DateStyle", b"SQL, DMY");
+        now.set(b"is_superuser", b"off");
+        now.set(b"standard_conforming_strings", b"on");
+        let mut news = BytesMut::new();
+        now.encode_news(Some(&told), &mut news);
+        assert_eq!(
+            reports(&news),
+            [
+                ("DateStyle".to_owned(), "SQL, DMY".to_owned()),
+                ("is_superuser".to_owned(), "off".to_owned())
+            ]
+        );
+        assert!(now.standard_conforming_strings());
+        now.set(b"standard_conforming_strings", b"off");
+        assert!(!now.standard_conforming_strings());
     }
 }

@@ -922,6 +922,9 @@ impl std::fmt::Display for PgError {
     }
 }
 
+/// A Terminate message, whole.
+pub const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
+
 pub fn authentication_ok(buf: &mut BytesMut) {
     write_message(buf, b'R', |b| b.put_i32(0));
 }

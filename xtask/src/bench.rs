@@ -68,8 +68,11 @@ impl Target {
 }
 
 struct Options {
-    /// Idle sessions held open for the memory measurement.
+    /// Idle clients (logged in, nothing sent since) held open for the memory measurement.
     idle: usize,
+    /// Sessions held open after a round trip (each holds a server connection, behind pgiam as
+    /// behind PgBouncer in session mode).
+    held: usize,
     duration: u32,
     rounds: usize,
     scale: u32,
@@ -82,7 +85,8 @@ struct Options {
 
 fn parse_options(args: &[String]) -> anyhow::Result<Options> {
     let mut o = Options {
-        idle: 250,
+        idle: 10_000,
+        held: 250,
         duration: 10,
         rounds: 3,
         scale: 10,
@@ -95,7 +99,8 @@ fn parse_options(args: &[String]) -> anyhow::Result<Options> {
         let mut value = || it.next().context(format!("{a} needs a value"));
         match a.as_str() {
             "--short" => {
-                o.idle = 100;
+                o.idle = 1000;
+                o.held = 100;
                 o.duration = 1;
                 o.scale = 1;
                 o.all_variants = false;
@@ -105,6 +110,7 @@ fn parse_options(args: &[String]) -> anyhow::Result<Options> {
             "--rounds" => o.rounds = value()?.parse()?,
             "--scale" => o.scale = value()?.parse()?,
             "--idle" => o.idle = value()?.parse()?,
+            "--held" => o.held = value()?.parse()?,
             "--workloads" => {
                 let wanted = value()?;
                 o.workloads = WORKLOADS
@@ -116,7 +122,7 @@ fn parse_options(args: &[String]) -> anyhow::Result<Options> {
                 }
             }
             other => bail!(
-                "unknown option {other}; options: --short, --duration SECS, --rounds N, --scale N, --idle N, --workloads NAME[,NAME]"
+                "unknown option {other}; options: --short, --duration SECS, --rounds N, --scale N, --idle N, --held N, --workloads NAME[,NAME]"
             ),
         }
     }
@@ -155,7 +161,7 @@ impl PgBouncer {
             "[databases]\napp = host=127.0.0.1 port={pg_port} dbname=app\n\
              [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
              auth_type = scram-sha-256\nauth_file = {dir}/userlist.txt\npool_mode = session\n\
-             max_client_conn = 20000\ndefault_pool_size = {pool_size}\nlogfile = {dir}/pgbouncer.log\n\
+             max_client_conn = 100000\ndefault_pool_size = {pool_size}\nlogfile = {dir}/pgbouncer.log\n\
              ignore_startup_parameters = extra_float_digits\n",
             dir = dir.path().display()
         );
@@ -351,9 +357,9 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
     eprintln!("bench: PostgreSQL (pgbench scale {})", opts.scale);
     let pg = PgCluster::start(PgOptions {
         extra_conf: vec![
-            // PgBouncer keeps its server connections after the idle clients leave, while
-            // pgiam's idle sessions have backends of their own.
-            format!("max_connections = {}", 4 * opts.idle + 300),
+            // Two batches of held sessions, each with a backend behind PgBouncer and behind
+            // pgiam, and PgBouncer keeps its server connections after its clients leave.
+            format!("max_connections = {}", 4 * opts.held + 300),
             "shared_buffers = '256MB'".into(),
             "synchronous_commit = off".into(),
         ],
@@ -367,7 +373,8 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
 
     let dir = tempfile::Builder::new().prefix("pgiam-bench-").tempdir()?;
     let pw = write_file(dir.path(), "bench.password", &password, 0o600);
-    let bouncer = PgBouncer::start(pg.port, "bench", &password, 2 * opts.idle + 32)?;
+    raise_fd_limit(opts.idle + 2 * opts.held + 1024)?;
+    let bouncer = PgBouncer::start(pg.port, "bench", &password, 2 * opts.held + 32)?;
     let root = TestCgroup::new("pgiam-bench");
     let mut variants = vec![start_variant(
         Target::Pgiam,
@@ -489,66 +496,97 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
             lat(Target::Pgiam).unwrap_or(0.0),
         );
     }
-    // Memory per idle session: resident set before and while N sessions are held open.
+    // Memory per session: resident set before and while sessions are held open.
     let pgiam_pid = variants[0]
         .pgiam
         .as_ref()
         .map(|p| p.pid() as u32)
         .unwrap_or(0);
-    // Two batches of N sessions, the first still held while the second opens: the second
-    // batch's growth is the marginal cost of a session, not of refilling a heap that earlier
-    // workloads left with free space (the first batch's growth depends on that history).
-    let per_session =
-        |pid: u32, make: &dyn Fn() -> Command, dsn: &str| -> anyhow::Result<(u64, u64)> {
-            let hold = || -> anyhow::Result<std::process::Child> {
-                let mut holder = make()
-                    .arg("hold-connections")
-                    .arg(opts.idle.to_string())
-                    .arg(dsn)
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::piped())
-                    .spawn()?;
-                let mut line = String::new();
-                std::io::BufRead::read_line(
-                    &mut std::io::BufReader::new(holder.stdout.as_mut().expect("piped")),
-                    &mut line,
-                )?;
-                if line.trim() != "ready" {
-                    bail!("holding {} sessions failed: {line}", opts.idle);
-                }
-                // Let allocators settle before reading.
-                std::thread::sleep(std::time::Duration::from_millis(500));
-                Ok(holder)
-            };
-            let mut first = hold()?;
-            let before = rss_kib(pid);
-            let mut second = hold()?;
-            let during = rss_kib(pid);
-            for h in [&mut second, &mut first] {
-                drop(h.stdin.take());
-                h.wait()?;
-            }
-            Ok((before, during))
-        };
+    let hold = |make: &dyn Fn() -> Command,
+                dsn: &str,
+                n: usize,
+                then: &str|
+     -> anyhow::Result<std::process::Child> {
+        let mut holder = make()
+            .arg("hold-connections")
+            .arg(n.to_string())
+            .arg(then)
+            .arg(dsn)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(holder.stdout.as_mut().expect("piped")),
+            &mut line,
+        )?;
+        if line.trim() != "ready" {
+            bail!("holding {n} sessions failed: {line}");
+        }
+        // Let allocators settle before reading.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        Ok(holder)
+    };
+    let release = |holders: Vec<std::process::Child>| -> anyhow::Result<()> {
+        for mut h in holders.into_iter().rev() {
+            drop(h.stdin.take());
+            h.wait()?;
+        }
+        Ok(())
+    };
+    // Idle clients: logged in, nothing sent since (a pool's spare connections). Behind both,
+    // they hold no server connection.
+    let idle_clients = |pid: u32, make: &dyn Fn() -> Command, dsn: &str| {
+        let before = rss_kib(pid);
+        let holder = hold(make, dsn, opts.idle, "login")?;
+        let during = rss_kib(pid);
+        release(vec![holder])?;
+        anyhow::Ok((before, during))
+    };
+    // Sessions after a round trip. Two batches, the first still held while the second opens:
+    // the second batch's growth is the marginal cost of a session, not of refilling a heap
+    // that earlier workloads left with free space.
+    let held_sessions = |pid: u32, make: &dyn Fn() -> Command, dsn: &str| {
+        let first = hold(make, dsn, opts.held, "query")?;
+        let before = rss_kib(pid);
+        let second = hold(make, dsn, opts.held, "query")?;
+        let during = rss_kib(pid);
+        release(vec![first, second])?;
+        anyhow::Ok((before, during))
+    };
     let xtask = std::env::current_exe()?;
-    let (pb0, pb1) = per_session(
-        bouncer.child.id(),
-        &|| Command::new(&xtask),
-        &format!("{bouncer_dsn} password={password}"),
-    )?;
-    let (pi0, pi1) = per_session(
-        pgiam_pid,
-        &|| variants[0].app.command(&xtask),
-        &intercepted_dsn,
-    )?;
-    let per = |a: u64, b: u64| (b.saturating_sub(a) as f64) * 1024.0 / opts.idle as f64;
-    println!(
-        "\n{} idle sessions (a second batch, the first still open): pgiam {pi0} -> {pi1} KiB resident ({:.0} bytes per session); \
-         pgbouncer {pb0} -> {pb1} KiB ({:.0} bytes per session)",
-        opts.idle,
-        per(pi0, pi1),
-        per(pb0, pb1)
-    );
+    let bouncer_login = format!("{bouncer_dsn} password={password}");
+    let direct_cmd = || Command::new(&xtask);
+    let app_cmd = || variants[0].app.command(&xtask);
+    let per = |(a, b): (u64, u64), n: usize| (b.saturating_sub(a) as f64) * 1024.0 / n as f64;
+    // Held sessions first: the idle batch, released, leaves free heap that would hide their
+    // growth.
+    for (what, n, measure) in [
+        (
+            "sessions after a round trip (a second batch, the first still open)",
+            opts.held,
+            &held_sessions
+                as &dyn Fn(u32, &dyn Fn() -> Command, &str) -> anyhow::Result<(u64, u64)>,
+        ),
+        (
+            "idle clients (logged in, nothing sent)",
+            opts.idle,
+            &idle_clients,
+        ),
+    ] {
+        let b = measure(bouncer.child.id(), &direct_cmd, &bouncer_login)?;
+        let p = measure(pgiam_pid, &app_cmd, &intercepted_dsn)?;
+        println!(
+            "\n{n} {what}: pgiam {} -> {} KiB resident ({:.0} bytes per session); \
+             pgbouncer {} -> {} KiB ({:.0} bytes per session)",
+            p.0,
+            p.1,
+            per(p, n),
+            b.0,
+            b.1,
+            per(b, n)
+        );
+    }
     drop(variants);
     drop(root);
     drop(bouncer);
@@ -561,27 +599,44 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `hold-connections N DSN`: opens N sessions, prints "ready", and holds them until stdin closes.
+/// `hold-connections N login|query DSN`: opens N sessions (with `query`, each does a round
+/// trip, as an application's pool would when it validates a connection), prints "ready", and
+/// holds them until stdin closes.
 pub fn hold_connections(args: &[String]) -> anyhow::Result<()> {
-    let [n, dsn] = args else {
-        bail!("usage: hold-connections N DSN");
+    let [n, then, dsn] = args else {
+        bail!("usage: hold-connections N login|query DSN");
     };
     let n: usize = n.parse()?;
+    let query = match then.as_str() {
+        "login" => false,
+        "query" => true,
+        other => bail!("hold-connections: {other:?} is neither login nor query"),
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let mut clients = Vec::with_capacity(n);
-        for _ in 0..n {
-            let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
-                .await
-                .with_context(|| format!("session {} of {n}", clients.len() + 1))?;
-            tokio::spawn(conn);
-            clients.push(client);
+        // A few logins at a time: 10,000 one by one would take minutes.
+        let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
+        let mut opening = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let permit = permits.clone().acquire_owned().await?;
+            let dsn = dsn.clone();
+            opening.spawn(async move {
+                let _permit = permit;
+                let (client, conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+                    .await
+                    .with_context(|| format!("session {} of {n}", i + 1))?;
+                tokio::spawn(conn);
+                if query {
+                    client.simple_query("select 1").await?;
+                }
+                anyhow::Ok(client)
+            });
         }
-        // Every session did a round trip, as an application's pool would.
-        for c in &clients {
-            c.simple_query("select 1").await?;
+        let mut clients = Vec::with_capacity(n);
+        while let Some(c) = opening.join_next().await {
+            clients.push(c??);
         }
         println!("ready");
         tokio::task::spawn_blocking(|| {
@@ -589,6 +644,19 @@ pub fn hold_connections(args: &[String]) -> anyhow::Result<()> {
             let _ = std::io::stdin().read_line(&mut sink);
         })
         .await?;
+        drop(clients);
         Ok(())
     })
+}
+
+/// Every client, PgBouncer and pgiam need a descriptor per connection; they inherit this limit.
+fn raise_fd_limit(needed: usize) -> anyhow::Result<()> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    let want = (needed as u64).max(soft);
+    if want > soft {
+        setrlimit(Resource::RLIMIT_NOFILE, want, hard.max(want))
+            .with_context(|| format!("raising the open file limit to {want} (ulimit -n)"))?;
+    }
+    Ok(())
 }

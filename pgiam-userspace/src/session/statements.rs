@@ -194,6 +194,10 @@ impl Gate {
         &self.info.database
     }
 
+    pub fn info(&self) -> &SessionInfo {
+        &self.info
+    }
+
     /// A prepared statement the server did not create after all.
     pub fn forget_prepared(&mut self, name: &[u8], generation: u64) {
         if self.prepared.get(name).map(|p| p.generation) == Some(generation) {

@@ -7,6 +7,7 @@ mod audit;
 mod bypass;
 mod cancel;
 mod clients;
+mod deferred;
 mod malformed;
 mod policy;
 mod refusals;

@@ -321,8 +321,9 @@ async fn every_executed_statement_survives_kill_9_in_the_audit_file() {
     }
 }
 
-/// A policy reload that takes away `connect` ends the principal's sessions at once: an idle one
-/// and one in the middle of a long statement (which is cancelled). New sessions are refused.
+/// A policy reload that takes away `connect` ends the principal's sessions at once: an idle one,
+/// one that has not sent anything (no backend yet), and one in the middle of a long statement
+/// (which is cancelled). New sessions are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_connect_ends_live_sessions() {
     let env = env_with(&format!(
@@ -346,6 +347,9 @@ async fn revoking_connect_ends_live_sessions() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    assert_eq!(backends(), "2");
+    // A third session that has not sent anything yet (it holds no backend).
+    let waiting = tokio_client(&env.tcp_dsn("")).await;
     assert_eq!(backends(), "2");
 
     std::fs::write(
@@ -371,6 +375,12 @@ async fn revoking_connect_ends_live_sessions() {
         }
         None => assert!(idle.is_closed(), "{e}"),
     }
+    // So was the one that never needed a backend.
+    let e = waiting.simple_query("SELECT 1").await.unwrap_err();
+    match e.as_db_error() {
+        Some(d) => assert_eq!(d.code().code(), "57P01", "{d:?}"),
+        None => assert!(waiting.is_closed(), "{e}"),
+    }
     for _ in 0..250 {
         if backends() == "0" {
             break;
@@ -390,7 +400,7 @@ async fn revoking_connect_ends_live_sessions() {
             .iter()
             .filter(|r| r["kind"] == "session_revoked")
             .count(),
-        2
+        3
     );
 }
 

@@ -1,0 +1,92 @@
+//! A session's own server connection: opened at login, or deferred to the session's first
+//! message when pgiam already knows what the server greets such a login with.
+//!
+//! Deferring is what lets a pool's spare connections cost the database nothing: the client is
+//! answered from the greeting the last login with the same key received, and the server
+//! connection opens when the client first has something to say. Anything the real login
+//! reports differently (a role default changed since) reaches the client as ParameterStatus
+//! before the first answer, which the protocol allows at any time.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tracing::warn;
+
+use super::{startup, Refusal, Shared};
+use crate::cancel::Target;
+use crate::stream::BoxStream;
+use crate::upstream::{Established, LoginKey, Parameters, UpstreamError};
+use crate::wire::PgError;
+
+/// How the session reaches its server.
+pub enum Link {
+    Open(BoxStream),
+    Deferred(Box<Deferred>),
+}
+
+/// A login not yet made, and what the client was told about it.
+pub struct Deferred {
+    pub key: Arc<LoginKey>,
+    pub told: Arc<Parameters>,
+}
+
+/// Logs in as the key says: the role's credentials, the server's encoding checked, the
+/// mapped role assumed in gateway mode. A successful login's greeting is remembered for the
+/// next one with the same key.
+pub async fn connect(
+    shared: &Shared,
+    key: &Arc<LoginKey>,
+    peer: &str,
+) -> Result<Established, Refusal> {
+    let failed = |e: UpstreamError| {
+        warn!(peer = %peer, role = %key.role, "upstream login failed: {e}");
+        match e {
+            UpstreamError::Server { frame, .. } => Refusal::ServerFrame(frame),
+            other => Refusal::Client(
+                PgError::fatal("08006", "pgiam: cannot open a connection to the database")
+                    .with_detail(other.to_string()),
+            ),
+        }
+    };
+    let credentials = &shared.config.roles[&key.role];
+    let mut established = shared
+        .upstream
+        .login(&key.role, credentials, &key.params, key.target)
+        .await
+        .map_err(failed)?;
+    // A role or database default can choose the encoding too; pgiam reads statements as the
+    // server will only in encodings whose characters never contain ASCII bytes.
+    if let Some(e) = established.parameters.get("client_encoding") {
+        if crate::sql::is_unsafe_encoding(e) {
+            return Err(startup::unsafe_encoding(e).into());
+        }
+    }
+    if let Some(role) = &key.assume {
+        shared
+            .upstream
+            .assume_role(&mut established, role)
+            .await
+            .map_err(failed)?;
+    }
+    shared.upstream.remember(key, &established.parameters);
+    Ok(established)
+}
+
+/// The cancel target for a backend of this login.
+pub fn cancel_target(shared: &Shared, key: &LoginKey, established: &Established) -> Target {
+    Target {
+        upstream: shared.upstream.clone(),
+        process_id: established.process_id,
+        secret_key: established.secret_key,
+        address: key.target,
+    }
+}
+
+/// What the client must hear about a login that happened after it was greeted: reports that
+/// differ from what it was told, and the server's login notices.
+pub fn news(established: &Established, told: &Parameters) -> BytesMut {
+    let mut out = BytesMut::new();
+    established.parameters.encode_news(Some(told), &mut out);
+    out.extend_from_slice(&established.notices);
+    out
+}
