@@ -137,22 +137,34 @@ pub async fn run(shared: Arc<Shared>, stream: BoxStream, identity: IdentitySourc
         peer,
     };
     let timeout = shared.config.limits.startup_timeout();
-    // Boxed: the handshake's state (TLS, SCRAM, the upstream connect) is large and lives only
-    // until the session is established; inline, it would size every idle session's task.
-    let outcome =
-        tokio::time::timeout(timeout, Box::pin(establish(&shared, &mut client, identity))).await;
+    // Every stage but the wait for a deferred session's first message is boxed: the task is
+    // sized by its largest inline stage, and a client that has not spoken yet holds only that
+    // wait (a timer alone is hundreds of bytes).
+    let outcome = Box::pin(tokio::time::timeout(
+        timeout,
+        establish(&shared, &mut client, identity),
+    ))
+    .await;
     let refusal = match outcome {
         Ok(Ok(Some((mut session, link)))) => {
             let upstream = match link {
                 login::Link::Open(stream) => stream,
                 login::Link::Deferred(deferred) => {
-                    match first_message(&shared, &mut client, &mut session, *deferred).await {
+                    let woke = first_message(&shared, &mut client, &mut session).await;
+                    let opened = Box::pin(open_deferred(
+                        &shared,
+                        &mut client,
+                        &mut session,
+                        *deferred,
+                        woke,
+                    ))
+                    .await;
+                    match opened {
                         Ok(stream) => stream,
                         Err(ended_by) => return session.finish(&shared, &client.peer, ended_by),
                     }
                 }
             };
-            // Boxed: an idle session waiting above does not carry the relay's room.
             return Box::pin(relay(&shared, client, session, upstream)).await;
         }
         Ok(Ok(None)) => return,
@@ -166,7 +178,7 @@ pub async fn run(shared: Arc<Shared>, stream: BoxStream, identity: IdentitySourc
         )),
     };
     if let Some(frame) = refusal.frame(&client.peer) {
-        last_word(&mut client, &frame).await;
+        Box::pin(last_word(&mut client, &frame)).await;
     }
 }
 
@@ -199,15 +211,19 @@ async fn last_word(client: &mut Client, frame: &[u8]) {
     .await;
 }
 
+/// What ended a deferred session's wait.
+enum Woke {
+    /// The client sent something.
+    Spoke,
+    /// The client left (why).
+    Left(String),
+    /// The policy no longer lets the session connect.
+    Revoked(crate::policy::Decision),
+}
+
 /// A deferred session waits here, holding no server connection, until the client first sends
-/// something; then it logs in. Access revoked while it waits ends it as it would a busy one.
-/// `Err`: the session ended before it needed a server (why, for its end record).
-async fn first_message(
-    shared: &Arc<Shared>,
-    client: &mut Client,
-    session: &mut Session,
-    deferred: login::Deferred,
-) -> Result<BoxStream, String> {
+/// something or the policy takes its access away.
+async fn first_message(shared: &Shared, client: &mut Client, session: &mut Session) -> Woke {
     let mut policy_changed = shared.policies.subscribe();
     // Room for the first few bytes only (a Terminate is five): a waiting client holds no read
     // buffer; the relay sizes it once the client is talking.
@@ -218,22 +234,41 @@ async fn first_message(
         if session.gate.refresh_policy() {
             let d = session.gate.may_connect();
             if !d.allowed {
-                let database = session.gate.database().to_owned();
-                let e = Box::pin(revoke(shared, &session.ids(), &database, d)).await;
-                let why = e.message.clone();
-                if let Some(frame) = Refusal::Client(e).frame(&client.peer) {
-                    last_word(client, &frame).await;
-                }
-                return Err(why);
+                return Woke::Revoked(d);
             }
         }
         tokio::select! {
-            r = client.stream.read_buf(&mut client.buf) => match r {
-                Ok(0) => return Err("client closed".into()),
-                Ok(_) => break,
-                Err(e) => return Err(format!("client read: {e}")),
+            r = client.stream.read_buf(&mut client.buf) => return match r {
+                Ok(0) => Woke::Left("client closed".into()),
+                Ok(_) => Woke::Spoke,
+                Err(e) => Woke::Left(format!("client read: {e}")),
             },
             Ok(()) = policy_changed.changed() => continue,
+        }
+    }
+}
+
+/// Opens a deferred session's server connection once the client has spoken, or ends the
+/// session (`Err`: why, for its end record). Access revoked while it waited ends it as it
+/// would a busy one.
+async fn open_deferred(
+    shared: &Arc<Shared>,
+    client: &mut Client,
+    session: &mut Session,
+    deferred: login::Deferred,
+    woke: Woke,
+) -> Result<BoxStream, String> {
+    match woke {
+        Woke::Spoke => {}
+        Woke::Left(why) => return Err(why),
+        Woke::Revoked(d) => {
+            let database = session.gate.database().to_owned();
+            let e = revoke(shared, &session.ids(), &database, d).await;
+            let why = e.message.clone();
+            if let Some(frame) = Refusal::Client(e).frame(&client.peer) {
+                last_word(client, &frame).await;
+            }
+            return Err(why);
         }
     }
     // A pool closing a spare connection: no reason to log in just to log out.
@@ -241,20 +276,18 @@ async fn first_message(
         return Err(CLIENT_TERMINATED.into());
     }
     let timeout = shared.config.limits.startup_timeout();
-    let connected = tokio::time::timeout(
-        timeout,
-        Box::pin(login::connect(shared, &deferred.key, &client.peer)),
-    )
-    .await
-    .unwrap_or_else(|_| {
-        Err(Refusal::Client(PgError::fatal(
-            "08006",
-            format!(
-                "pgiam: no connection to the database within {}s",
-                timeout.as_secs()
-            ),
-        )))
-    });
+    let connected =
+        tokio::time::timeout(timeout, login::connect(shared, &deferred.key, &client.peer))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Refusal::Client(PgError::fatal(
+                    "08006",
+                    format!(
+                        "pgiam: no connection to the database within {}s",
+                        timeout.as_secs()
+                    ),
+                )))
+            });
     let established = match connected {
         Ok(e) => e,
         Err(refusal) => {
