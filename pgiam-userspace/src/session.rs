@@ -322,10 +322,11 @@ struct Session {
     cancel_key: crate::cancel::Registration,
     /// The id of the session's allow record, which its end record refers to.
     audit_id: Option<String>,
-    /// Authorizes and records each statement before it is forwarded. (Boxed: moved out of
-    /// the session into the relay, inline it would take its room twice in the task.)
+    /// Authorizes and records each statement before it is forwarded. (Boxed: the session
+    /// sits inline in the task of a client that has not spoken yet.)
     gate: Box<statements::Gate>,
-    /// The server's standard_conforming_strings at login.
+    /// The server's standard_conforming_strings at login (a deferred session's, once its
+    /// login has happened).
     standard_conforming_strings: bool,
     started: std::time::Instant,
 }
