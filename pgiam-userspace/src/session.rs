@@ -276,18 +276,20 @@ async fn open_deferred(
         return Err(CLIENT_TERMINATED.into());
     }
     let timeout = shared.config.limits.startup_timeout();
-    let connected =
-        tokio::time::timeout(timeout, login::connect(shared, &deferred.key, &client.peer))
-            .await
-            .unwrap_or_else(|_| {
-                Err(Refusal::Client(PgError::fatal(
-                    "08006",
-                    format!(
-                        "pgiam: no connection to the database within {}s",
-                        timeout.as_secs()
-                    ),
-                )))
-            });
+    let connected = tokio::time::timeout(
+        timeout,
+        login::connect(shared, &deferred.key, &client.peer, &session.cancel_key),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(Refusal::Client(PgError::fatal(
+            "08006",
+            format!(
+                "pgiam: no connection to the database within {}s",
+                timeout.as_secs()
+            ),
+        )))
+    });
     let established = match connected {
         Ok(e) => e,
         Err(refusal) => {
@@ -302,9 +304,6 @@ async fn open_deferred(
             return Err(why);
         }
     };
-    session
-        .cancel_key
-        .connect(login::cancel_target(shared, &deferred.key, &established));
     session.standard_conforming_strings = established.parameters.standard_conforming_strings();
     let news = login::news(&established, &deferred.told);
     if !news.is_empty() {
@@ -313,7 +312,6 @@ async fn open_deferred(
             .await
             .map_err(|e| format!("client write: {e}"))?;
     }
-    info!(peer = %client.peer, backend_pid = established.process_id, "connected upstream at the first message");
     Ok(established.stream)
 }
 
@@ -487,7 +485,7 @@ async fn establish(
     let cancel_key = shared.cancels.register(None);
     let mut hello = BytesMut::with_capacity(512);
     wire::authentication_ok(&mut hello);
-    let (link, parameters_scs, status) = match remembered {
+    let (link, scs_at_login, status) = match remembered {
         Some((key, told)) => {
             told.encode_news(None, &mut hello);
             let scs = told.standard_conforming_strings();
@@ -495,11 +493,9 @@ async fn establish(
             (link, scs, wire::TransactionStatus::Idle)
         }
         None => {
-            let established = login::connect(shared, &key, &client.peer).await?;
-            cancel_key.connect(login::cancel_target(shared, &key, &established));
+            let established = login::connect(shared, &key, &client.peer, &cancel_key).await?;
             established.parameters.encode_news(None, &mut hello);
             hello.extend_from_slice(&established.notices);
-            info!(peer = %client.peer, backend_pid = established.process_id, "connected upstream at login");
             let scs = established.parameters.standard_conforming_strings();
             (
                 login::Link::Open(established.stream),
@@ -536,7 +532,7 @@ async fn establish(
                 identity: identity.clone(),
             },
         )),
-        standard_conforming_strings: parameters_scs,
+        standard_conforming_strings: scs_at_login,
         audit_id,
         started: std::time::Instant::now(),
     };

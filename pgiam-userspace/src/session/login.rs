@@ -10,10 +10,10 @@
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::{startup, Refusal, Shared};
-use crate::cancel::Target;
+use crate::cancel::{Registration, Target};
 use crate::stream::BoxStream;
 use crate::upstream::{Established, LoginKey, Parameters, UpstreamError};
 use crate::wire::PgError;
@@ -32,11 +32,12 @@ pub struct Deferred {
 
 /// Logs in as the key says: the role's credentials, the server's encoding checked, the
 /// mapped role assumed in gateway mode. A successful login's greeting is remembered for the
-/// next one with the same key.
+/// next one with the same key, and the session's cancel key then reaches its backend.
 pub async fn connect(
     shared: &Shared,
     key: &Arc<LoginKey>,
     peer: &str,
+    cancel_key: &Registration,
 ) -> Result<Established, Refusal> {
     let failed = |e: UpstreamError| {
         warn!(peer = %peer, role = %key.role, "upstream login failed: {e}");
@@ -69,17 +70,14 @@ pub async fn connect(
             .map_err(failed)?;
     }
     shared.upstream.remember(key, &established.parameters);
-    Ok(established)
-}
-
-/// The cancel target for a backend of this login.
-pub fn cancel_target(shared: &Shared, key: &LoginKey, established: &Established) -> Target {
-    Target {
+    cancel_key.connect(Target {
         upstream: shared.upstream.clone(),
         process_id: established.process_id,
         secret_key: established.secret_key,
         address: key.target,
-    }
+    });
+    info!(peer = %peer, backend_pid = established.process_id, "connected upstream");
+    Ok(established)
 }
 
 /// What the client must hear about a login that happened after it was greeted: reports that
