@@ -18,10 +18,12 @@ mod ring;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
-use serde_json::{Map, Value};
-use tokio::sync::{mpsc, oneshot};
+use serde_json::Value;
+use tokio::sync::oneshot;
 
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -46,10 +48,60 @@ pub enum AuditError {
     Stopped,
 }
 
+/// An audit record as it is written: a JSON object whose fields are serialized as they are
+/// added, in that order (no tree of values built first: a statement's record costs one pass).
+pub struct Record(Vec<u8>);
+
+impl Default for Record {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Record {
+    pub fn new() -> Record {
+        let mut json = Vec::with_capacity(512);
+        json.push(b'{');
+        Record(json)
+    }
+
+    /// Appends a field. `name` is a plain field name of pgiam's own, written as it is; the
+    /// writer adds `ts`, `prev` and `hash`.
+    pub fn add(&mut self, name: &str, value: &(impl serde::Serialize + ?Sized)) {
+        debug_assert!(name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
+        debug_assert!(!["ts", "prev", "hash"].contains(&name));
+        self.push(name, value);
+    }
+
+    fn push(&mut self, name: &str, value: &(impl serde::Serialize + ?Sized)) {
+        let mark = self.0.len();
+        if mark > 1 {
+            self.0.push(b',');
+        }
+        self.0.push(b'"');
+        self.0.extend_from_slice(name.as_bytes());
+        self.0.extend_from_slice(b"\":");
+        if serde_json::to_writer(&mut self.0, value).is_err() {
+            // Only maps with keys that are not strings fail, and pgiam writes none; a value
+            // that did would leave half a field.
+            self.0.truncate(mark);
+        }
+    }
+
+    /// The record with its timestamp, left open (no closing brace) for the chain.
+    fn open(mut self) -> Vec<u8> {
+        let ts = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        self.push("ts", &ts);
+        self.0
+    }
+}
+
 struct Pending {
     /// The record as serialized by its caller, without the closing brace: the writer only
     /// adds the chain, so the group commit's critical section stays short.
-    open: String,
+    open: Vec<u8>,
     ack: Option<oneshot::Sender<Result<(), AuditError>>>,
 }
 
@@ -65,7 +117,7 @@ impl Written {
 /// A handle to the audit writer; cheap to clone.
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: mpsc::UnboundedSender<Pending>,
+    tx: mpsc::Sender<Pending>,
     run_id: String,
     seq: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
@@ -119,7 +171,7 @@ impl AuditLog {
             },
             _ => None,
         };
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("pgiam-audit".into())
             .spawn(move || writer(file, prev, durability, ring, rx))
@@ -138,28 +190,28 @@ impl AuditLog {
     }
 
     /// Appends a record and waits until it is written (and synced, with `always`).
-    pub async fn record(&self, fields: Map<String, Value>) -> Result<(), AuditError> {
-        self.record_acked(fields).wait().await
+    pub async fn record(&self, record: Record) -> Result<(), AuditError> {
+        self.record_acked(record).wait().await
     }
 
     /// Appends a record now; the returned handle reports when it is written (and synced, with
     /// `always`), and with it every record appended before it.
-    pub fn record_acked(&self, fields: Map<String, Value>) -> Written {
+    pub fn record_acked(&self, record: Record) -> Written {
         let (ack, done) = oneshot::channel();
         // Without a writer the message, and the sender in it, is dropped: `wait` says so.
         let _ = self.tx.send(Pending {
-            open: open_record(fields),
+            open: record.open(),
             ack: Some(ack),
         });
         Written(done)
     }
 
     /// Appends a record without waiting (completions: nothing depends on them being on disk
-    /// first, and the writer keeps their order). With `always` it reaches the disk with the next
-    /// record that is waited for: on its own it costs a write, not a sync.
-    pub fn record_later(&self, fields: Map<String, Value>) {
+    /// first, and the writer keeps their order). It is written with the next record that is
+    /// waited for (and synced with it, with `always`), or after [`LINGER`] at the latest.
+    pub fn record_later(&self, record: Record) {
         let _ = self.tx.send(Pending {
-            open: open_record(fields),
+            open: record.open(),
             ack: None,
         });
     }
@@ -262,24 +314,11 @@ fn split_hash(line: &str) -> Option<(&str, &str)> {
     (hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit())).then_some((body, hash))
 }
 
-/// Serializes a record's fields and its timestamp, left open (no closing brace) for the chain.
-fn open_record(mut fields: Map<String, Value>) -> String {
-    let ts = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
-    fields.insert("ts".into(), Value::String(ts));
-    fields.remove("prev");
-    fields.remove("hash");
-    let mut body = serde_json::to_string(&Value::Object(fields)).expect("JSON values serialize");
-    body.pop(); // the closing brace
-    body
-}
-
 /// Appends one record onto the chain after `prev` (`prev`, then the hash of everything
 /// before it, as the last fields) and a newline to `out`; returns the record's hash.
-fn seal(open: &str, prev: &str, out: &mut Vec<u8>) -> String {
+fn seal(open: &[u8], prev: &str, out: &mut Vec<u8>) -> String {
     let start = out.len();
-    out.extend_from_slice(open.as_bytes());
+    out.extend_from_slice(open);
     if open.len() > 1 {
         out.push(b',');
     }
@@ -293,26 +332,54 @@ fn seal(open: &str, prev: &str, out: &mut Vec<u8>) -> String {
     hash
 }
 
+/// How long a record nobody waits for (a completion, a session's end) may stay in memory
+/// before it is written. Held back until a record that is waited for comes, it is written (and
+/// synced) with it: under load it costs neither a write of its own nor a wake-up of the writer.
+const LINGER: Duration = Duration::from_millis(2);
+
+/// Records written in one go at most.
+const MAX_BATCH: usize = 1024;
+
 fn writer(
     mut file: File,
     mut prev: String,
     durability: Durability,
     mut ring: Option<ring::Ring>,
-    mut rx: mpsc::UnboundedReceiver<Pending>,
+    rx: mpsc::Receiver<Pending>,
 ) {
     let mut batch = Vec::new();
     let mut buf = Vec::with_capacity(64 * 1024);
     // Once a write fails the file's tail is unknown: every later record fails too, and the
     // callers fail closed.
     let mut broken: Option<AuditError> = None;
-    while let Some(first) = rx.blocking_recv() {
-        batch.push(first);
-        while let Ok(more) = rx.try_recv() {
+    // Until which the records in `batch`, none of them waited for, may wait.
+    let mut deadline: Option<Instant> = None;
+    loop {
+        let next = match deadline {
+            None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+            Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
+        };
+        let received = match next {
+            Ok(first) => {
+                batch.push(first);
+                true
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) if batch.is_empty() => return,
+            Err(_) => false,
+        };
+        while batch.len() < MAX_BATCH {
+            let Ok(more) = rx.try_recv() else { break };
             batch.push(more);
-            if batch.len() >= 1024 {
-                break;
+        }
+        let waited_for = batch.iter().any(|p| p.ack.is_some());
+        if !waited_for && received && batch.len() < MAX_BATCH {
+            let now = Instant::now();
+            let d = *deadline.get_or_insert(now + LINGER);
+            if now < d {
+                continue;
             }
         }
+        deadline = None;
         let result = match &broken {
             Some(e) => Err(e.clone()),
             None => {
@@ -321,9 +388,6 @@ fn writer(
                 for p in &batch {
                     next = seal(&p.open, &next, &mut buf);
                 }
-                // Only a record someone waits for needs the sync; records nobody waits for
-                // (completions, session ends) ride along with the next one that does, in order.
-                let waited_for = batch.iter().any(|p| p.ack.is_some());
                 let written = file
                     .write_all(&buf)
                     .and_then(|_| match (durability, &mut ring) {
@@ -419,13 +483,13 @@ pub fn verify(path: &Path) -> std::io::Result<Verified> {
     Ok(Verified::Intact { records })
 }
 
-/// Builds a record's fields from `(name, value)` pairs.
+/// Builds a [`Record`] from `name => value` pairs (any `Serialize` value).
 #[macro_export]
 macro_rules! audit_fields {
     ($($k:expr => $v:expr),* $(,)?) => {{
-        let mut m = serde_json::Map::new();
-        $( m.insert($k.to_string(), serde_json::json!($v)); )*
-        m
+        let mut r = $crate::audit::Record::new();
+        $( r.add($k, &$v); )*
+        r
     }};
 }
 
@@ -488,6 +552,37 @@ mod tests {
             verify(&path).unwrap(),
             Verified::Broken { line: 1, .. }
         ));
+    }
+
+    /// A record nobody waits for is not kept back for long: it is in the file soon after,
+    /// with no other record to carry it, and a record waited for takes it along at once.
+    #[tokio::test]
+    async fn records_nobody_waits_for_are_written_soon_and_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path, Durability::Always).unwrap();
+        log.record_later(crate::audit_fields! {"kind" => "later", "n" => 1});
+        let mut waited = std::time::Duration::ZERO;
+        while std::fs::read_to_string(&path).unwrap().lines().count() < 1 {
+            assert!(waited < std::time::Duration::from_secs(10), "never written");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            waited += std::time::Duration::from_millis(5);
+        }
+        log.record_later(crate::audit_fields! {"kind" => "later", "n" => 2});
+        log.record(crate::audit_fields! {"kind" => "waited", "n" => 3})
+            .await
+            .unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let ns: Vec<u64> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["n"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(ns, [1, 2, 3]);
+        assert_eq!(verify(&path).unwrap(), Verified::Intact { records: 3 });
     }
 
     #[tokio::test]

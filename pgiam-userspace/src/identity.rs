@@ -200,22 +200,30 @@ impl fmt::Display for Identity {
     }
 }
 
-impl Identity {
-    /// The identity as an audit record field.
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "source": self.source.to_string(),
-            "uid": self.uid,
-            "gid": self.gid,
-            "pid": self.pid,
-            "user": self.user,
-            "group": self.group,
-            "cgroup": self.cgroup,
-            "unit": self.unit,
-            "container": self.container,
-            "exe": self.exe.as_ref().map(|e| e.display().to_string()),
-            "comm": self.comm,
-        })
+/// The identity as an audit record field.
+impl serde::Serialize for Identity {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        /// A value written as its `Display` text, without a `String` in between.
+        struct Shown<T>(T);
+        impl<T: fmt::Display> serde::Serialize for Shown<T> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(&self.0)
+            }
+        }
+        let mut m = s.serialize_map(Some(11))?;
+        m.serialize_entry("source", &Shown(&self.source))?;
+        m.serialize_entry("uid", &self.uid)?;
+        m.serialize_entry("gid", &self.gid)?;
+        m.serialize_entry("pid", &self.pid)?;
+        m.serialize_entry("user", &self.user)?;
+        m.serialize_entry("group", &self.group)?;
+        m.serialize_entry("cgroup", &self.cgroup)?;
+        m.serialize_entry("unit", &self.unit)?;
+        m.serialize_entry("container", &self.container)?;
+        m.serialize_entry("exe", &self.exe.as_deref().map(|e| Shown(e.display())))?;
+        m.serialize_entry("comm", &self.comm)?;
+        m.end()
     }
 }
 

@@ -445,7 +445,7 @@ async fn establish(
                 "id" => id,
                 "kind" => "session",
                 "decision" => "allow",
-                "identity" => identity.to_json(),
+                "identity" => identity,
                 "principal" => mapping.principal,
                 "database" => checked.database,
                 "role" => mapping.role,
@@ -557,7 +557,7 @@ async fn audited_refusal(
         "decision" => "deny",
         "code" => error.code,
         "reason" => error.message,
-        "identity" => identity.to_json(),
+        "identity" => identity,
         "database" => database,
         "peer" => peer,
     };

@@ -13,9 +13,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
-use crate::audit::{AuditLog, Written};
+use crate::audit::{AuditLog, Record, Written};
 use crate::policy::{Ask, Decision, DecisionCache, PolicyStore, Principal, Resolver};
 use crate::sql::{self, Effect, Statement};
 use crate::wire::{FrontendMessage, PgError, Target};
@@ -126,14 +126,14 @@ pub struct Gate {
     portals: HashMap<Vec<u8>, (Vec<u8>, Option<Plan>)>,
     next_generation: u64,
     /// Decision records for the messages checked since the last [`Gate::take_records`].
-    records: Vec<Map<String, Value>>,
+    records: Vec<Record>,
     /// The most any message checked since then can change when it runs.
     effect: Effect,
 }
 
 /// Decision records to write before (or while) the messages they decide are forwarded.
 pub struct Records {
-    pub records: Vec<Map<String, Value>>,
+    pub records: Vec<Record>,
     /// The most the forwarded messages can change in the database: with [`Effect::None`] the
     /// records need only be on disk before the client sees an answer, not before the server
     /// sees the messages.
@@ -345,43 +345,40 @@ impl Gate {
             "principal" => self.info.principal_name,
             "role" => self.info.role,
             "database" => self.info.database,
-            "identity" => self.info.identity.to_json(),
+            "identity" => self.info.identity,
             "protocol" => protocol,
             "decision" => if decision.allowed { "allow" } else { "deny" },
             "policies" => decision.policies,
         };
         if let Some(d) = &decision.denied {
-            r.insert("denied".into(), json!(d));
+            r.add("denied", d);
         }
         if let Some(reason) = &decision.reason {
-            r.insert("reason".into(), json!(reason));
+            r.add("reason", reason);
         }
         for (k, v) in extra {
-            r.insert((*k).to_owned(), v.clone());
+            r.add(k, v);
         }
         match statements {
             Ok(list) => {
                 if let Some(text) = text {
                     let secret = list.iter().any(|s| SECRET_NODES.contains(&s.node.as_str()));
-                    let stored = if secret {
-                        pg_query::normalize(text).unwrap_or_else(|_| "<redacted>".into())
+                    if secret {
+                        let normalized = pg_query::normalize(text);
+                        r.add("sql", normalized.as_deref().unwrap_or("<redacted>"));
                     } else {
-                        text.to_owned()
-                    };
-                    r.insert("sql".into(), json!(stored));
+                        r.add("sql", text);
+                    }
                 }
-                r.insert("statements".into(), json!(list));
+                r.add("statements", &**list);
             }
             Err(e) => {
                 // A statement that does not parse can still carry a password: its text is not
                 // stored.
                 if let Some(text) = text {
-                    r.insert(
-                        "sql".into(),
-                        json!(format!("<unparsed, {} bytes>", text.len())),
-                    );
+                    r.add("sql", &format!("<unparsed, {} bytes>", text.len()));
                 }
-                r.insert("error".into(), json!(e.to_string()));
+                r.add("error", &e.to_string());
             }
         }
         self.records.push(r);
@@ -633,10 +630,7 @@ impl Gate {
     /// synced, with durability `always`). One acknowledgement covers the batch: the writer
     /// keeps order and acknowledges the last record only once everything before it is written
     /// too. `None`: nothing to wait for.
-    pub fn submit(
-        audit: Option<&AuditLog>,
-        mut records: Vec<Map<String, Value>>,
-    ) -> Option<Written> {
+    pub fn submit(audit: Option<&AuditLog>, mut records: Vec<Record>) -> Option<Written> {
         let (Some(audit), Some(last)) = (audit, records.pop()) else {
             return None;
         };
