@@ -275,6 +275,15 @@ async fn open_deferred(
     if client.buf[..] == wire::TERMINATE[..] {
         return Err(CLIENT_TERMINATED.into());
     }
+    // Bytes no client message starts with cost the database no login either.
+    if let Err(e) = wire::check_frontend_start(&client.buf, shared.config.limits.max_message_size) {
+        let e = protocol_violation(e);
+        let why = e.message.clone();
+        if let Some(frame) = Refusal::Client(e).frame(&client.peer) {
+            last_word(client, &frame).await;
+        }
+        return Err(why);
+    }
     let timeout = shared.config.limits.startup_timeout();
     let connected = tokio::time::timeout(
         timeout,

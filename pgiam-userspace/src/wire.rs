@@ -363,6 +363,18 @@ fn target(b: u8, what: &'static str) -> Result<Target, WireError> {
     }
 }
 
+/// The message types [`decode_frontend`] knows.
+const FRONTEND_TAGS: &[u8] = b"QPBDCESHXcdfFp";
+
+/// Checks what a client sent first after its login, as far as it goes (a few bytes may be all
+/// there is): an error for a message type or a length no frontend message has.
+pub fn check_frontend_start(buf: &[u8], max_message_size: usize) -> Result<(), WireError> {
+    match buf.first() {
+        Some(tag) if !FRONTEND_TAGS.contains(tag) => Err(WireError::UnknownFrontendTag(*tag)),
+        _ => peek_header(buf, max_message_size).map(|_| ()),
+    }
+}
+
 /// Decodes and validates a frontend message body.
 pub fn decode_frontend(tag: u8, mut body: &[u8]) -> Result<FrontendMessage<'_>, WireError> {
     let b = &mut body;
@@ -969,6 +981,30 @@ pub fn negotiate_protocol_version(newest_minor: i32, unrecognized: &[&str], buf:
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_first_bytes_after_login_are_checked_against_every_frontend_type() {
+        for tag in 0..=u8::MAX {
+            let known = !matches!(
+                decode_frontend(tag, &[]),
+                Err(WireError::UnknownFrontendTag(_))
+            );
+            let checked = check_frontend_start(&[tag, 0, 0, 0, 4], 1 << 20);
+            assert_eq!(checked.is_ok(), known, "message type {tag}");
+        }
+        assert!(
+            check_frontend_start(b"Q", 1 << 20).is_ok(),
+            "too short to tell"
+        );
+        assert!(matches!(
+            check_frontend_start(&[b'Q', 0, 0, 0, 3], 1 << 20),
+            Err(WireError::BadLength(3))
+        ));
+        assert!(matches!(
+            check_frontend_start(&[b'Q', 0x7f, 0, 0, 0], 1 << 20),
+            Err(WireError::TooLarge { .. })
+        ));
+    }
+
     use super::*;
     use postgres_protocol::message::frontend;
 

@@ -176,3 +176,55 @@ async fn a_deferred_login_the_server_refuses_fails_the_first_statement() {
         "the statement was never decided, let alone forwarded"
     );
 }
+
+/// A client whose first bytes after a remembered login begin no message (an unknown type, an
+/// impossible length) gets a protocol violation at once, and the database never sees a login
+/// for it.
+#[test]
+fn garbage_before_the_first_statement_costs_the_database_no_login() {
+    let env = Env::start();
+    let mut first = Raw::connect(env.tcp);
+    first.startup();
+    first.until_ready();
+    first.send(&query_bytes("SELECT 1"));
+    first.until_ready();
+    first.send(&[b'X', 0, 0, 0, 4]);
+    wait_for_backends(&env, "0");
+    let before = role_logins(&env);
+
+    for garbage in [&[b'?', 0, 0, 0, 4][..], &[b'Q', 0, 0, 0, 1][..]] {
+        let mut client = Raw::connect(env.tcp);
+        client.startup();
+        client.until_ready();
+        client.send(garbage);
+        let (tag, body) = client
+            .read()
+            .expect("an error before the connection closes");
+        assert_eq!(tag, b'E', "{garbage:?}");
+        assert!(
+            body.windows(7).any(|w| w == b"C08P01\0"),
+            "{garbage:?}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        assert!(
+            client.read().is_none(),
+            "{garbage:?}: the connection is closed"
+        );
+    }
+    let records = env.audit_records_until(|r| {
+        r.iter()
+            .filter(|r| {
+                r["kind"] == "session_end"
+                    && r["ended_by"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("message type") || e.contains("length"))
+            })
+            .count()
+            >= 2
+    });
+    assert_eq!(
+        records.iter().filter(|r| r["kind"] == "statement").count(),
+        1
+    );
+    assert_eq!(role_logins(&env), before, "no backend login for either");
+}
