@@ -100,7 +100,7 @@ impl Record {
 
 struct Pending {
     /// The record as serialized by its caller, without the closing brace: the writer only
-    /// adds the chain, so the group commit's critical section stays short.
+    /// adds the chain, so the group commit's critical section stays short. Empty for a flush.
     open: Vec<u8>,
     ack: Option<oneshot::Sender<Result<(), AuditError>>>,
 }
@@ -201,6 +201,17 @@ impl AuditLog {
         // Without a writer the message, and the sender in it, is dropped: `wait` says so.
         let _ = self.tx.send(Pending {
             open: record.open(),
+            ack: Some(ack),
+        });
+        Written(done)
+    }
+
+    /// Writes (and syncs, with `always`) every record appended so far, lingering ones too;
+    /// for a shutdown, which must not lose the last completions.
+    pub fn flush(&self) -> Written {
+        let (ack, done) = oneshot::channel();
+        let _ = self.tx.send(Pending {
+            open: Vec::new(),
             ack: Some(ack),
         });
         Written(done)
@@ -385,7 +396,8 @@ fn writer(
             None => {
                 buf.clear();
                 let mut next = prev.clone();
-                for p in &batch {
+                // An empty entry is a flush: it writes no line of its own.
+                for p in batch.iter().filter(|p| !p.open.is_empty()) {
                     next = seal(&p.open, &next, &mut buf);
                 }
                 let written = file
@@ -583,6 +595,22 @@ mod tests {
             .collect();
         assert_eq!(ns, [1, 2, 3]);
         assert_eq!(verify(&path).unwrap(), Verified::Intact { records: 3 });
+    }
+
+    /// A flush (at shutdown) writes the records still held back, and no line of its own.
+    #[tokio::test]
+    async fn a_flush_writes_what_is_held_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path, Durability::Always).unwrap();
+        log.record_later(crate::audit_fields! {"kind" => "completion", "n" => 1});
+        log.flush().wait().await.unwrap();
+        assert_eq!(verify(&path).unwrap(), Verified::Intact { records: 1 });
+        log.flush().wait().await.unwrap();
+        log.record(crate::audit_fields! {"kind" => "waited", "n" => 2})
+            .await
+            .unwrap();
+        assert_eq!(verify(&path).unwrap(), Verified::Intact { records: 2 });
     }
 
     #[tokio::test]

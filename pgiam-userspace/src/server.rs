@@ -119,6 +119,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(i) = &interception {
         i.lock().unwrap_or_else(|e| e.into_inner()).shutdown();
     }
+    if let Some(audit) = &shared.audit {
+        // Completions and session ends wait in the writer for a moment; they are written now.
+        match tokio::time::timeout(std::time::Duration::from_secs(5), audit.flush().wait()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!("audit: the last records were not written: {e}"),
+            Err(_) => tracing::error!("audit: the last records were not written within 5 s"),
+        }
+    }
     Ok(())
 }
 

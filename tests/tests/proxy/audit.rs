@@ -331,3 +331,25 @@ async fn no_answer_reaches_the_client_before_its_record_is_on_disk() {
         "{answered} answers, {executes} records"
     );
 }
+
+/// A shutdown writes what the audit writer still held: the completion of the last statement
+/// answered before SIGTERM (written with the next record waited for, or a moment later) is in
+/// the file once pgiam has exited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_writes_the_records_the_writer_still_held() {
+    let mut env = Env::start();
+    let client = tokio_client(&env.tcp_dsn("")).await;
+    client.simple_query("SELECT 42").await.unwrap();
+    env.pgiam.stop();
+    let records = env.audit_records();
+    let statement = records
+        .iter()
+        .find(|r| r["kind"] == "statement" && r["sql"] == "SELECT 42")
+        .expect("the decision record");
+    assert!(
+        records
+            .iter()
+            .any(|r| r["kind"] == "completion" && r["statement"] == statement["id"]),
+        "no completion for {statement}"
+    );
+}
