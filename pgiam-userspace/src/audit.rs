@@ -197,21 +197,20 @@ impl AuditLog {
     /// Appends a record now; the returned handle reports when it is written (and synced, with
     /// `always`), and with it every record appended before it.
     pub fn record_acked(&self, record: Record) -> Written {
-        let (ack, done) = oneshot::channel();
-        // Without a writer the message, and the sender in it, is dropped: `wait` says so.
-        let _ = self.tx.send(Pending {
-            open: record.open(),
-            ack: Some(ack),
-        });
-        Written(done)
+        self.send_acked(record.open())
     }
 
     /// Writes (and syncs, with `always`) every record appended so far, lingering ones too;
     /// for a shutdown, which must not lose the last completions.
     pub fn flush(&self) -> Written {
+        self.send_acked(Vec::new())
+    }
+
+    fn send_acked(&self, open: Vec<u8>) -> Written {
         let (ack, done) = oneshot::channel();
+        // Without a writer the message, and the sender in it, is dropped: `wait` says so.
         let _ = self.tx.send(Pending {
-            open: Vec::new(),
+            open,
             ack: Some(ack),
         });
         Written(done)

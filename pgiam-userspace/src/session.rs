@@ -264,11 +264,7 @@ async fn open_deferred(
         Woke::Revoked(d) => {
             let database = session.gate.database().to_owned();
             let e = revoke(shared, &session.ids(), &database, d).await;
-            let why = e.message.clone();
-            if let Some(frame) = Refusal::Client(e).frame(&client.peer) {
-                last_word(client, &frame).await;
-            }
-            return Err(why);
+            return Err(end_with(client, Refusal::Client(e)).await);
         }
     }
     // A pool closing a spare connection: no reason to log in just to log out.
@@ -277,12 +273,7 @@ async fn open_deferred(
     }
     // Bytes no client message starts with cost the database no login either.
     if let Err(e) = wire::check_frontend_start(&client.buf, shared.config.limits.max_message_size) {
-        let e = protocol_violation(e);
-        let why = e.message.clone();
-        if let Some(frame) = Refusal::Client(e).frame(&client.peer) {
-            last_word(client, &frame).await;
-        }
-        return Err(why);
+        return Err(end_with(client, Refusal::Client(protocol_violation(e))).await);
     }
     let timeout = shared.config.limits.startup_timeout();
     let connected = tokio::time::timeout(
@@ -301,17 +292,7 @@ async fn open_deferred(
     });
     let established = match connected {
         Ok(e) => e,
-        Err(refusal) => {
-            let why = match &refusal {
-                Refusal::Client(e) => e.message.clone(),
-                Refusal::ServerFrame(_) => "the server refused the login".into(),
-                Refusal::Silent(why) => why.clone(),
-            };
-            if let Some(frame) = refusal.frame(&client.peer) {
-                last_word(client, &frame).await;
-            }
-            return Err(why);
-        }
+        Err(refusal) => return Err(end_with(client, refusal).await),
     };
     session.standard_conforming_strings = established.parameters.standard_conforming_strings();
     let news = login::news(&established, &deferred.told);
@@ -322,6 +303,20 @@ async fn open_deferred(
             .map_err(|e| format!("client write: {e}"))?;
     }
     Ok(established.stream)
+}
+
+/// Ends a session that is past login but has no relay: tells the client (if the refusal says
+/// anything) and returns why, for the session's end record.
+async fn end_with(client: &mut Client, refusal: Refusal) -> String {
+    let why = match &refusal {
+        Refusal::Client(e) => e.message.clone(),
+        Refusal::ServerFrame(_) => "the server refused the login".into(),
+        Refusal::Silent(why) => why.clone(),
+    };
+    if let Some(frame) = refusal.frame(&client.peer) {
+        last_word(client, &frame).await;
+    }
+    why
 }
 
 /// A session past login.

@@ -981,6 +981,9 @@ pub fn negotiate_protocol_version(newest_minor: i32, unrecognized: &[&str], buf:
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use postgres_protocol::message::frontend;
+
     #[test]
     fn the_first_bytes_after_login_are_checked_against_every_frontend_type() {
         for tag in 0..=u8::MAX {
@@ -1004,9 +1007,6 @@ mod tests {
             Err(WireError::TooLarge { .. })
         ));
     }
-
-    use super::*;
-    use postgres_protocol::message::frontend;
 
     fn startup(params: &[(&str, &str)]) -> BytesMut {
         let mut buf = BytesMut::new();
