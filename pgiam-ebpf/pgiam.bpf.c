@@ -77,8 +77,12 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pgiam_accepted SEC(".maps");
 
-/* Both ends of every intercepted connection, for the sk_msg fast path. aya's SockHash wants a
- * 4-byte value. */
+/*
+ * Both ends of every intercepted connection, for the sk_msg fast path. aya's SockHash wants a
+ * 4-byte value. A socket leaves on its own: close() unlinks it first thing (sock_map_close),
+ * and TCP's move to CLOSE does too (sock_map_unhash: a reset, a timeout). An entry is a socket
+ * its owner still holds and may still read: delivering into it is what TCP would do.
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
 	__uint(max_entries, 65536);
@@ -86,17 +90,6 @@ struct {
 	__type(value, __u32);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } pgiam_socks SEC(".maps");
-
-/* Keys present in pgiam_socks. sk_msg cannot look a SOCKHASH up itself (that takes a socket
- * reference it may not release), and bpf_msg_redirect_hash drops the message when the other
- * end is missing; this map lets sk_msg fall back to TCP instead. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, struct pgiam_sock_key);
-	__type(value, __u8);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} pgiam_joined SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -354,12 +347,6 @@ int pgiam_sockops(struct bpf_sock_ops *skops)
 		bpf_map_update_elem(&pgiam_accepted, &cookie, o, BPF_ANY);
 		bpf_map_delete_elem(&pgiam_peers, &peer);
 		break;
-	case BPF_SOCK_OPS_STATE_CB:
-		if (skops->args[1] == BPF_TCP_CLOSE) {
-			sockops_key(skops, &key);
-			bpf_map_delete_elem(&pgiam_joined, &key);
-		}
-		return SYS_PROCEED;
 	default:
 		return SYS_PROCEED;
 	}
@@ -368,24 +355,43 @@ int pgiam_sockops(struct bpf_sock_ops *skops)
 	 * a socket's reader takes redirected data before its TCP receive queue, so a socket that
 	 * joined with bytes already queued could see them out of order.
 	 */
-	if ((cfg->flags & PGIAM_F_FAST_PATH) &&
-	    !bpf_sock_hash_update(skops, &pgiam_socks, &key, BPF_NOEXIST)) {
-		__u8 one = 1;
-
-		bpf_map_update_elem(&pgiam_joined, &key, &one, BPF_ANY);
-		bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
-	}
+	if (cfg->flags & PGIAM_F_FAST_PATH)
+		bpf_sock_hash_update(skops, &pgiam_socks, &key, BPF_NOEXIST);
 	return SYS_PROCEED;
 }
 
+/*
+ * The fast path never fails a send that TCP would take, and never takes one TCP would fail.
+ *
+ * - Only an ESTABLISHED sender is redirected. In CLOSE_WAIT the other end has sent its FIN (it
+ *   half-closed, or closed and is gone); after the sender's own shutdown(SHUT_WR) TCP answers
+ *   EPIPE, which tcp_bpf_sendmsg does not check on a redirect. Either way TCP decides.
+ *   Switching keeps the byte order: it is one-way (a sender never returns to ESTABLISHED, a
+ *   socket never rejoins the SOCKHASH), a redirect is queued on the reader's psock before
+ *   send() returns, and bytes that arrive later by TCP join that queue behind it (the
+ *   stream_verdict program below).
+ * - The other end's presence is decided by bpf_msg_redirect_hash itself, under RCU, so there
+ *   is no gap between a check and the redirect. When it finds no socket it returns SK_DROP and
+ *   leaves msg->sk_redir NULL; returning that SK_DROP would fail the send with EACCES
+ *   (tcp_bpf_send_verdict), but an SK_PASS with no sk_redir is a plain TCP send
+ *   (sk_psock_map_verd), which is what the sender would have seen without pgiam: its peer has
+ *   closed, so the first write is taken and the reset that answers it fails the next.
+ *
+ * Left to the kernel: a peer whose close() drops its psock between the helper's lookup and
+ * tcp_bpf_sendmsg_redir() makes that one send fail with EPIPE (tcp_bpf.c, "if (!psock)
+ * return -EPIPE"); no program can see that window.
+ */
 SEC("sk_msg")
 int pgiam_sk_msg(struct sk_msg_md *msg)
 {
 	struct pgiam_config *cfg = config();
 	struct pgiam_sock_key peer = {};
+	struct bpf_sock *sk = msg->sk;
 	__u32 l6[4], r6[4];
 
 	if (!cfg || !(cfg->flags & PGIAM_F_FAST_PATH))
+		return SK_PASS;
+	if (!sk || sk->state != BPF_TCP_ESTABLISHED)
 		return SK_PASS;
 	ctx_ip6(l6, msg->local_ip6);
 	ctx_ip6(r6, msg->remote_ip6);
@@ -396,10 +402,12 @@ int pgiam_sk_msg(struct sk_msg_md *msg)
 	peer.remote_port = CTX_U32(msg->local_port);
 	/* The other end never joined (pgiam outside the attached cgroup, the fast path switched
 	 * on mid-connection) or has closed: plain TCP. */
-	if (!bpf_map_lookup_elem(&pgiam_joined, &peer))
+	if (bpf_msg_redirect_hash(msg, &pgiam_socks, &peer, BPF_F_INGRESS) != SK_PASS) {
+		count(PGIAM_STAT_FALLBACK);
 		return SK_PASS;
+	}
 	count(PGIAM_STAT_REDIRECT);
-	return bpf_msg_redirect_hash(msg, &pgiam_socks, &peer, BPF_F_INGRESS);
+	return SK_PASS;
 }
 
 SEC("sk_skb/stream_verdict")

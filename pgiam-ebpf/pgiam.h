@@ -23,6 +23,7 @@
 #define PGIAM_STAT_ESTABLISHED  1 /* intercepted connection established, record published */
 #define PGIAM_STAT_GETPEERNAME  2 /* getpeername() answered with the original destination */
 #define PGIAM_STAT_REDIRECT     3 /* sk_msg messages redirected socket to socket */
+#define PGIAM_STAT_FALLBACK     4 /* sk_msg messages sent by TCP: other end not in SOCKHASH */
 #define PGIAM_STAT_MAX          8
 
 /* The single entry of the pgiam_config array, written by user space. */

@@ -14,6 +14,8 @@ pub const STAT_CONNECT: u32 = 0;
 pub const STAT_ESTABLISHED: u32 = 1;
 pub const STAT_GETPEERNAME: u32 = 2;
 pub const STAT_REDIRECT: u32 = 3;
+/// sk_msg messages sent by TCP because the other end is not in the SOCKHASH (it has closed).
+pub const STAT_FALLBACK: u32 = 4;
 pub const STAT_MAX: u32 = 8;
 
 /// `struct pgiam_config`: the single entry of the `pgiam_config` array.
@@ -97,6 +99,19 @@ mod tests {
     use std::mem::{offset_of, size_of};
     use std::process::Command;
 
+    /// The header's constants, in the order of `values` in the test below.
+    const CONSTANTS: [&str; 9] = [
+        "PGIAM_F_ENABLED",
+        "PGIAM_F_FAST_PATH",
+        "PGIAM_F_BOUND_DEV",
+        "PGIAM_STAT_CONNECT",
+        "PGIAM_STAT_ESTABLISHED",
+        "PGIAM_STAT_GETPEERNAME",
+        "PGIAM_STAT_REDIRECT",
+        "PGIAM_STAT_FALLBACK",
+        "PGIAM_STAT_MAX",
+    ];
+
     /// Compiles a host program that prints the header's sizes and offsets, and compares.
     #[test]
     fn layouts_match_the_c_header() {
@@ -148,6 +163,11 @@ mod tests {
                 c += &format!("printf(\"{s}.{f} %zu\\n\", offsetof(struct {s}, {f}));\n");
             }
         }
+        // The flag bits and counter indexes too: a stat or flag the two sides number differently
+        // reads or sets the wrong one silently.
+        for k in CONSTANTS {
+            c += &format!("printf(\"{k} %u\\n\", (unsigned) {k});\n");
+        }
         c += "return 0; }\n";
         std::fs::write(&probe, c).unwrap();
         let exe = dir.join("probe");
@@ -169,7 +189,7 @@ mod tests {
                 (k.to_owned(), v.parse().unwrap())
             })
             .collect();
-        let rust_side: Vec<(&str, usize)> = vec![
+        let mut rust_side: Vec<(&str, usize)> = vec![
             ("pgiam_config", size_of::<Config>()),
             ("pgiam_config.proxy_ip4", offset_of!(Config, proxy_ip4)),
             ("pgiam_config.proxy_port4", offset_of!(Config, proxy_port4)),
@@ -210,6 +230,18 @@ mod tests {
                 offset_of!(SockKey, remote_port),
             ),
         ];
+        let values = [
+            F_ENABLED,
+            F_FAST_PATH,
+            F_BOUND_DEV,
+            STAT_CONNECT,
+            STAT_ESTABLISHED,
+            STAT_GETPEERNAME,
+            STAT_REDIRECT,
+            STAT_FALLBACK,
+            STAT_MAX,
+        ];
+        rust_side.extend(CONSTANTS.iter().zip(values).map(|(k, v)| (*k, v as usize)));
         assert_eq!(rust_side.len(), c_side.len(), "every C field is checked");
         for (name, rust) in rust_side {
             assert_eq!(Some(&rust), c_side.get(name), "{name}");

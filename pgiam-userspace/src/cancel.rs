@@ -1,6 +1,11 @@
-//! pgiam's own cancel keys. Clients never see a backend's real key: each session gets a random
-//! (process id, secret) pair from pgiam, and a CancelRequest is forwarded only when both match a
-//! live session.
+//! pgiam's own cancel keys. Clients never see a backend's real secret: each session gets a
+//! random secret from pgiam, beside its backend's real process id (which clients use for
+//! `pg_terminate_backend`, `pg_stat_activity` and NOTIFY senders), and a CancelRequest is
+//! forwarded only when both match a live session. A session whose backend does not exist yet
+//! (`connect = "deferred"`) is given a made-up process id, as a pooler gives.
+//!
+//! Keys are the pair: two servers behind one pgiam (intercepted destinations) can have
+//! backends with the same process id, never with the same pgiam secret.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,14 +25,13 @@ pub struct Target {
 }
 
 struct Entry {
-    secret: i32,
     /// `None` until the session's upstream connection exists (it opens at the first message).
     target: Option<Target>,
 }
 
 #[derive(Default)]
 pub struct CancelRegistry {
-    sessions: Mutex<HashMap<i32, Entry>>,
+    sessions: Mutex<HashMap<(i32, i32), Entry>>,
 }
 
 /// A session's key; dropping it makes the key stale.
@@ -45,7 +49,7 @@ impl Registration {
             .sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if let Some(entry) = sessions.get_mut(&self.process_id) {
+        if let Some(entry) = sessions.get_mut(&(self.process_id, self.secret_key)) {
             entry.target = Some(target);
         }
     }
@@ -57,29 +61,25 @@ impl Drop for Registration {
             .sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.process_id);
+            .remove(&(self.process_id, self.secret_key));
     }
 }
 
 impl CancelRegistry {
-    pub fn register(self: &Arc<Self>, target: Option<Target>) -> Registration {
+    /// A key for a session: with its backend's real process id, or (no backend yet) a
+    /// made-up one.
+    pub fn register(self: &Arc<Self>, backend_pid: Option<i32>) -> Registration {
         let mut rng = rand::thread_rng();
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        // Positive, like a real pid: some clients print or parse it.
-        let process_id = loop {
-            let candidate = rng.gen_range(1..i32::MAX);
+        let (process_id, secret_key) = loop {
+            // Positive, like a real pid: some clients print or parse it.
+            let pid = backend_pid.unwrap_or_else(|| rng.gen_range(1..i32::MAX));
+            let candidate = (pid, rng.gen());
             if !sessions.contains_key(&candidate) {
                 break candidate;
             }
         };
-        let secret_key = rng.gen();
-        sessions.insert(
-            process_id,
-            Entry {
-                secret: secret_key,
-                target,
-            },
-        );
+        sessions.insert((process_id, secret_key), Entry { target: None });
         Registration {
             registry: self.clone(),
             process_id,
@@ -88,17 +88,11 @@ impl CancelRegistry {
     }
 
     /// The backend to cancel, if `(process_id, secret_key)` is a live session's key and the
-    /// session has a backend.
+    /// session has a backend. (A hash lookup of the whole pair: no comparison of a stored
+    /// secret that could stop early at the first wrong bit.)
     pub fn lookup(&self, process_id: i32, secret_key: i32) -> Option<Target> {
         let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = sessions.get(&process_id)?;
-        // Compare without an early exit, so timing does not reveal how much of a guess matched.
-        let diff = (entry.secret ^ secret_key).count_ones();
-        if diff == 0 {
-            entry.target.clone()
-        } else {
-            None
-        }
+        sessions.get(&(process_id, secret_key))?.target.clone()
     }
 
     pub fn len(&self) -> usize {
@@ -131,6 +125,7 @@ mod tests {
     fn keys_match_only_exactly_and_only_while_live() {
         let registry = Arc::new(CancelRegistry::default());
         let reg = registry.register(None);
+        assert!(reg.process_id > 0);
         assert!(
             registry.lookup(reg.process_id, reg.secret_key).is_none(),
             "no backend yet: nothing to cancel"
@@ -146,7 +141,10 @@ mod tests {
         assert!(registry
             .lookup(reg.process_id, reg.secret_key ^ 1)
             .is_none());
-        assert!(registry.lookup(4242, 99).is_none() || reg.process_id == 4242);
+        assert!(
+            registry.lookup(4242, 99).is_none() || reg.process_id == 4242,
+            "the backend's own secret is not pgiam's key"
+        );
         let (pid, key) = (reg.process_id, reg.secret_key);
         drop(reg);
         assert!(
@@ -154,5 +152,26 @@ mod tests {
             "a stale key cancels nothing"
         );
         assert!(registry.is_empty());
+    }
+
+    #[test]
+    fn a_real_backend_pid_is_kept_and_two_servers_may_share_one() {
+        let registry = Arc::new(CancelRegistry::default());
+        let a = registry.register(Some(777));
+        let b = registry.register(Some(777));
+        assert_eq!((a.process_id, b.process_id), (777, 777));
+        assert_ne!(a.secret_key, b.secret_key);
+        for (reg, backend) in [(&a, 1), (&b, 2)] {
+            reg.connect(Target {
+                upstream: upstream(),
+                process_id: 777,
+                secret_key: backend,
+                address: None,
+            });
+        }
+        assert_eq!(registry.lookup(777, a.secret_key).unwrap().secret_key, 1);
+        assert_eq!(registry.lookup(777, b.secret_key).unwrap().secret_key, 2);
+        drop(a);
+        assert_eq!(registry.lookup(777, b.secret_key).unwrap().secret_key, 2);
     }
 }

@@ -56,8 +56,10 @@ pub struct PolicyConfig {
     /// Cedar policy file, validated against pgiam's schema (`pgiam policy schema`). Reloaded
     /// on SIGHUP; a file that does not validate is refused and the policy in force stays.
     pub file: PathBuf,
-    /// The search_path every session gets (clients cannot change it): unqualified names are
-    /// authorized against these schemas. `$user` means the session's role.
+    /// The search_path a session starts with unless its client chooses one at startup (it is
+    /// sent as a startup parameter, so a role's or database's default never applies; RESET
+    /// returns to it). `$user` means the session's role. Unqualified names are authorized
+    /// against these schemas and every schema a search_path the session sets later names.
     #[serde(default = "default_search_path")]
     pub search_path: Vec<String>,
 }
@@ -252,11 +254,14 @@ impl Limits {
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case", tag = "mode", deny_unknown_fields)]
 pub enum ClientTls {
-    /// A self-signed certificate pgiam creates in `state_dir` on first start, so that
-    /// `sslmode=require` clients work out of the box.
+    /// A CA pgiam creates in `state_dir` on first start (`client-ca.crt`), issuing each client
+    /// a certificate for the name it dialled: `sslmode=require` works out of the box, and
+    /// `verify-full` once clients trust that CA.
     #[default]
     Generate,
-    /// An operator-provided certificate chain and key (PEM).
+    /// The same with the operator's CA (PEM certificate and key).
+    Ca { cert: PathBuf, key: PathBuf },
+    /// An operator-provided certificate chain and key (PEM), shown to every client.
     Files { cert: PathBuf, key: PathBuf },
     /// SSLRequest is answered 'N'; direct-SSL connections are closed.
     Disabled,
@@ -289,15 +294,17 @@ pub struct Upstream {
     pub connect: UpstreamConnect,
 }
 
-/// `deferred`: at the session's first message, once a login with the same role, parameters
-/// and server has shown pgiam what the server greets it with (until then, at login). Idle
-/// clients (a pool's spare connections) then hold no backend. `at-login`: always at login, so
-/// a login the server would refuse is refused at once.
+/// `at-login` (the default): every session's backend opens with its login, so the client is
+/// told its backend's real pid (what `pg_terminate_backend`, `pg_stat_activity` and NOTIFY
+/// senders name) and a login the server would refuse is refused at once. `deferred`: at the
+/// session's first message, once a login with the same role, parameters and server has shown
+/// pgiam what the server greets it with (until then, at login). Idle clients (a pool's spare
+/// connections) then hold no backend, and are told a pid pgiam makes up, as a pooler's are.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum UpstreamConnect {
-    #[default]
     Deferred,
+    #[default]
     AtLogin,
 }
 
@@ -560,7 +567,7 @@ mod tests {
         assert_eq!(c.upstream.tls, UpstreamTls::Disable);
         assert_eq!(c.listen.unix_mode, 0o666);
         assert_eq!(c.limits.max_message_size, 64 << 20);
-        assert_eq!(c.upstream.connect, UpstreamConnect::Deferred);
+        assert_eq!(c.upstream.connect, UpstreamConnect::AtLogin);
     }
 
     #[test]

@@ -239,13 +239,21 @@ fn policy_command(command: PolicyCommand) -> anyhow::Result<()> {
             let gateway = config
                 .as_ref()
                 .is_some_and(|c| c.upstream.mode == pgiam::config::UpstreamMode::Gateway);
-            let resolver = Resolver::new(&search_path, &role);
+            let mut resolver = Resolver::new(&search_path, &role);
             let statements = pgiam::sql::classify(&sql, true)?;
             let decision = statements
                 .iter()
                 .find_map(|s| pgiam::policy::fixed_refusal(s, gateway))
                 .unwrap_or_else(|| {
-                    let asks: Vec<_> = statements.iter().flat_map(|s| resolver.asks(s)).collect();
+                    // As in a session: a search_path set by one statement is searched from
+                    // that statement on.
+                    let mut asks = Vec::new();
+                    for s in &statements {
+                        if let Err(d) = resolver.widen_for(s) {
+                            return d;
+                        }
+                        asks.extend(resolver.asks(s));
+                    }
                     policy.decide_all(&who, &asks)
                 });
             let connect = policy.decide(

@@ -7,10 +7,11 @@
 //! PROGRAM, server files, SET). It is allowed only if every request is; the first denial names
 //! the action and resource, and which policies decided it.
 //!
-//! Names resolve as PostgreSQL would against the search_path pgiam pins: a schema-qualified name
-//! is itself; an unqualified one is authorized against every schema it could resolve to
-//! (`pg_catalog` first for functions and `pg_*` relations, `pg_temp` once the session created a
-//! temporary table, then the pinned path), so shadowing a name never widens access.
+//! Names resolve as PostgreSQL would: a schema-qualified name is itself; an unqualified one is
+//! authorized against every schema it could resolve to (`pg_catalog` for functions and `pg_*`
+//! relations, `pg_temp` once the session created a temporary table or named it, and every
+//! schema any search_path the session asked for names, see [`Resolver`]), so shadowing a name
+//! or changing the search_path never widens access.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
@@ -24,7 +25,7 @@ use cedar_policy::{
 use serde::Serialize;
 
 use crate::identity::Identity;
-use crate::sql::{Access, QualifiedName, Statement};
+use crate::sql::{Access, ClientEncoding, QualifiedName, SettingValue, Statement};
 
 /// The schema every policy is validated against.
 pub const SCHEMA: &str = r#"
@@ -573,30 +574,139 @@ fn optional_facts(identity: &Identity) -> [(&'static str, Option<String>); 6] {
     ]
 }
 
-/// Refusals that no policy lifts: they would undo what pgiam guarantees about the session
-/// (names resolve against the pinned search_path; in gateway mode, the session stays the
-/// mapped role).
+/// What a session's statements are read with, beyond the statement itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionSettings {
+    /// standard_conforming_strings as the server last reported it: the value statements are
+    /// split with.
+    pub standard_conforming_strings: bool,
+    /// Its value at login, which RESET returns to.
+    pub standard_conforming_strings_at_login: bool,
+    /// The first client encoding other than UTF8 the session asked for, started with or was
+    /// reported: from then on the server may read a statement in an encoding other than the
+    /// one pgiam read it in.
+    pub non_utf8_encoding: Option<ClientEncoding>,
+    /// set_config() values from bound parameters are decided later, at Bind (a Parse).
+    pub parameters_at_bind: bool,
+}
+
+impl Default for SessionSettings {
+    /// A session that started with standard_conforming_strings on and speaks UTF-8.
+    fn default() -> Self {
+        SessionSettings {
+            standard_conforming_strings: true,
+            standard_conforming_strings_at_login: true,
+            non_utf8_encoding: None,
+            parameters_at_bind: false,
+        }
+    }
+}
+
+/// [`fixed_refusal_in`] for a session with [`SessionSettings::default`].
 pub fn fixed_refusal(s: &Statement, gateway: bool) -> Option<Decision> {
-    if s.parameters.contains("standard_conforming_strings") {
+    fixed_refusal_in(s, gateway, &SessionSettings::default())
+}
+
+fn on_off(v: bool) -> &'static str {
+    if v {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+/// Refusals that no policy lifts: they would undo what pgiam guarantees about the session
+/// (statements split and names read as the server splits and reads them; names are
+/// authorized against every schema the session's search_path can name; in gateway mode, the
+/// session stays the mapped role).
+pub fn fixed_refusal_in(
+    s: &Statement,
+    gateway: bool,
+    session: &SessionSettings,
+) -> Option<Decision> {
+    if s.search_path_unknown {
+        // Names after it would be authorized against schemas pgiam cannot know.
+        return Some(Decision::refuse(
+            "set search_path",
+            "pgiam authorizes names against every schema a session's search_path names, so \
+             the value must be a constant in the statement (not a parameter or an \
+             expression), a list PostgreSQL reads as pgiam does, and set_config()'s setting \
+             name a constant",
+        ));
+    }
+    let scs = session.standard_conforming_strings;
+    let later =
+        |v: &SettingValue| matches!(v, SettingValue::Parameter(_)) && session.parameters_at_bind;
+    let keeps_scs = |v: &SettingValue| match v {
+        SettingValue::Value(v) | SettingValue::Stored(v) => crate::sql::parse_bool(v) == Some(scs),
+        SettingValue::IfThisSetting(v) => crate::sql::parse_bool(v) != Some(!scs),
+        SettingValue::Default => scs == session.standard_conforming_strings_at_login,
+        SettingValue::Current => true,
+        v => later(v),
+    };
+    if !s.standard_conforming_strings.iter().all(keeps_scs) {
         // The server reports a change once it has run it: statements pipelined behind the
         // change would be split by pgiam with the old rules and by the server with the new.
         return Some(Decision::refuse(
             "set standard_conforming_strings",
-            "standard_conforming_strings is fixed for the session: pgiam splits statements \
-             with the value the session started with",
+            format!(
+                "standard_conforming_strings is fixed for the session at {}: pgiam splits \
+                 statements with that value, so it may only be set to it (as a constant, or a \
+                 parameter bound in the extended protocol)",
+                on_off(scs)
+            ),
         ));
     }
-    if s.unsafe_encoding {
-        return Some(Decision::refuse(
-            "set client_encoding",
-            "client encodings whose characters can contain ASCII bytes (SJIS, BIG5, GBK, UHC, \
-             GB18030, JOHAB) split statements differently on the server",
-        ));
+    for v in &s.client_encoding {
+        let named = match v {
+            SettingValue::Value(n) | SettingValue::Stored(n) => {
+                ClientEncoding::from_name(n).ok_or(n)
+            }
+            SettingValue::IfThisSetting(n) => match ClientEncoding::from_name(n) {
+                Some(e) => Ok(e),
+                // Not an encoding: the server would reject it as one.
+                None => continue,
+            },
+            SettingValue::Default | SettingValue::Current => continue,
+            v if later(v) => continue,
+            _ => {
+                return Some(Decision::refuse(
+                    "set client_encoding",
+                    "pgiam reads statements in the client's encoding, so a client_encoding \
+                     value must be a constant in the statement, or a parameter bound in the \
+                     extended protocol",
+                ))
+            }
+        };
+        match named {
+            Err(name) => {
+                return Some(Decision::refuse(
+                    "set client_encoding",
+                    format!("{name:?} is not an encoding name pgiam knows"),
+                ))
+            }
+            Ok(e) if !e.is_ascii_safe() => {
+                return Some(Decision::refuse(
+                    "set client_encoding",
+                    "client encodings whose characters can contain ASCII bytes (SJIS, BIG5, \
+                     GBK, UHC, GB18030, JOHAB) split statements differently on the server",
+                ))
+            }
+            Ok(_) => {}
+        }
     }
-    if s.parameters.contains("search_path") {
+    if let (Some(e), Some(name)) = (session.non_utf8_encoding, s.non_ascii_name()) {
+        // The server reads the name in the encoding in force when it gets the statement,
+        // which a SET ahead of it (or a rolled back one) may have changed from the one
+        // pgiam read it in: the same bytes can be another name.
         return Some(Decision::refuse(
-            "set search_path",
-            "search_path is pinned by pgiam: names are authorized against it",
+            format!("name {name:?}"),
+            format!(
+                "the session has used client_encoding {}: pgiam cannot be sure which \
+                 encoding the server reads a statement in, so names it authorizes must be \
+                 ASCII (string literals and comments may hold anything)",
+                e.name()
+            ),
         ));
     }
     let escape = s.role_change
@@ -612,30 +722,234 @@ pub fn fixed_refusal(s: &Statement, gateway: bool) -> Option<Decision> {
     None
 }
 
-/// How unqualified names resolve in a session.
+/// Relations in pg_catalog of every PostgreSQL from 12 on (sorted): catalogs and system views
+/// that no supported server lacks. Only names listed here are taken to resolve to pg_catalog
+/// alone; a relation a newer server added (or an older one lacks) is still authorized in every
+/// schema of the path as well, since on a server without it the path would be searched.
+const CATALOG_RELATIONS: &[&str] = &[
+    "pg_aggregate",
+    "pg_am",
+    "pg_amop",
+    "pg_amproc",
+    "pg_attrdef",
+    "pg_attribute",
+    "pg_auth_members",
+    "pg_authid",
+    "pg_available_extension_versions",
+    "pg_available_extensions",
+    "pg_cast",
+    "pg_class",
+    "pg_collation",
+    "pg_constraint",
+    "pg_conversion",
+    "pg_cursors",
+    "pg_database",
+    "pg_db_role_setting",
+    "pg_default_acl",
+    "pg_depend",
+    "pg_description",
+    "pg_enum",
+    "pg_event_trigger",
+    "pg_extension",
+    "pg_foreign_data_wrapper",
+    "pg_foreign_server",
+    "pg_foreign_table",
+    "pg_group",
+    "pg_index",
+    "pg_indexes",
+    "pg_inherits",
+    "pg_init_privs",
+    "pg_language",
+    "pg_largeobject",
+    "pg_largeobject_metadata",
+    "pg_locks",
+    "pg_matviews",
+    "pg_namespace",
+    "pg_opclass",
+    "pg_operator",
+    "pg_opfamily",
+    "pg_partitioned_table",
+    "pg_policies",
+    "pg_policy",
+    "pg_prepared_statements",
+    "pg_prepared_xacts",
+    "pg_proc",
+    "pg_publication",
+    "pg_publication_rel",
+    "pg_publication_tables",
+    "pg_range",
+    "pg_replication_origin",
+    "pg_replication_slots",
+    "pg_rewrite",
+    "pg_roles",
+    "pg_rules",
+    "pg_seclabel",
+    "pg_seclabels",
+    "pg_sequence",
+    "pg_sequences",
+    "pg_settings",
+    "pg_shadow",
+    "pg_shdepend",
+    "pg_shdescription",
+    "pg_shseclabel",
+    "pg_stat_activity",
+    "pg_stat_all_indexes",
+    "pg_stat_all_tables",
+    "pg_stat_database",
+    "pg_stat_ssl",
+    "pg_stat_user_indexes",
+    "pg_stat_user_tables",
+    "pg_statio_user_tables",
+    "pg_statistic",
+    "pg_statistic_ext",
+    "pg_statistic_ext_data",
+    "pg_stats",
+    "pg_subscription",
+    "pg_subscription_rel",
+    "pg_tables",
+    "pg_tablespace",
+    "pg_timezone_abbrevs",
+    "pg_timezone_names",
+    "pg_transform",
+    "pg_trigger",
+    "pg_ts_config",
+    "pg_ts_config_map",
+    "pg_ts_dict",
+    "pg_ts_parser",
+    "pg_ts_template",
+    "pg_type",
+    "pg_user",
+    "pg_user_mapping",
+    "pg_user_mappings",
+    "pg_views",
+];
+
+/// How unqualified names resolve in a session, as far as pgiam can know them without asking
+/// the server.
+///
+/// PostgreSQL searches the schemas of the session's current search_path, and clients may
+/// change it (at startup, SET, SET LOCAL, RESET, set_config(), a function's SET clause).
+/// Rather than follow which value is in force (SET LOCAL ends with its transaction, a rolled
+/// back SET is undone, RESET goes back to the startup value, a function's SET clause lasts as
+/// long as the call), pgiam keeps every schema that any search_path the session asked for
+/// names, a set that only grows, and authorizes an unqualified name against all of them: the
+/// order of the path no longer matters, since a name allowed in one schema but forbidden in
+/// another is refused.
 #[derive(Debug, Clone)]
 pub struct Resolver {
-    /// The pinned search_path, `$user` already replaced by the session's role.
-    pub search_path: Vec<String>,
-    /// The session created a temporary relation, so `pg_temp` is searched first.
+    /// The session's role, for `$user`.
+    role: String,
+    /// Every schema named, `$user` replaced by the role, in the order first named. pg_temp is
+    /// kept apart (`temp`).
+    schemas: Vec<String>,
+    /// pg_temp may be searched: the session created a temporary relation or named pg_temp in
+    /// a search_path.
     pub temp: bool,
+    /// The client chose the search_path at startup: that is a `set` of it, asked with every
+    /// statement (`context.command == "startup"`) so that a policy can refuse it.
+    pub chosen_at_startup: bool,
+    /// A search_path named `$user`, which PostgreSQL reads as the *current* role.
+    user_named: bool,
+    /// A role change was allowed (a policy permitted `set_role`): the current role, and so
+    /// `$user`, may no longer be `role`.
+    role_may_differ: bool,
 }
 
 impl Resolver {
+    /// The most schemas a session's search_paths may name: each is one more request per
+    /// unqualified name. A statement that would name more is refused.
+    pub const MAX_SCHEMAS: usize = 256;
+
+    /// A session starting with `search_path` (schema names; `$user`: the session's role,
+    /// `pg_temp`: the session's temporary schema).
     pub fn new(search_path: &[String], role: &str) -> Resolver {
-        Resolver {
-            search_path: search_path
-                .iter()
-                .map(|s| {
-                    if s == "$user" {
-                        role.to_owned()
-                    } else {
-                        s.clone()
-                    }
-                })
-                .collect(),
+        let mut r = Resolver {
+            role: role.to_owned(),
+            schemas: Vec::new(),
             temp: false,
+            chosen_at_startup: false,
+            user_named: false,
+            role_may_differ: false,
+        };
+        for name in search_path {
+            r.add(name);
         }
+        r
+    }
+
+    /// Every schema an unqualified name may be authorized against (pg_temp and pg_catalog
+    /// aside).
+    pub fn schemas(&self) -> &[String] {
+        &self.schemas
+    }
+
+    /// Adds one name of a search_path.
+    fn add(&mut self, name: &str) {
+        let name = match name {
+            // No schema has an empty name.
+            "" => return,
+            "pg_temp" => {
+                self.temp = true;
+                return;
+            }
+            "$user" => {
+                self.user_named = true;
+                self.role.as_str()
+            }
+            other => other,
+        };
+        if !self.schemas.iter().any(|s| s == name) {
+            self.schemas.push(name.to_owned());
+        }
+    }
+
+    /// Would [`Resolver::widen_for`] change anything (or refuse)?
+    pub fn would_widen(&self, statement: &Statement) -> bool {
+        (statement.role_change && !self.role_may_differ)
+            || statement
+                .search_path
+                .iter()
+                .any(|name| match name.as_str() {
+                    "" => false,
+                    "pg_temp" => !self.temp,
+                    "$user" => true,
+                    n => !self.schemas.iter().any(|s| s == n),
+                })
+    }
+
+    /// Searches, from now on, every schema `statement` asks search_path to name: before the
+    /// statement itself (and anything after it) is decided, so a SET pipelined ahead of a
+    /// statement has widened the set by the time that statement is decided. A statement
+    /// whose value pgiam cannot read is [`fixed_refusal`]'s to refuse.
+    pub fn widen_for(&mut self, statement: &Statement) -> Result<(), Decision> {
+        let names_user = statement.search_path.contains("$user");
+        if (statement.role_change && (self.user_named || names_user))
+            || (names_user && self.role_may_differ)
+        {
+            return Err(Decision::refuse(
+                "set search_path with $user and a role change",
+                "$user in a search_path means the session's current role, and pgiam \
+                 authorizes it as the mapped one: a session cannot both name $user in its \
+                 search_path and change its role",
+            ));
+        }
+        if statement.role_change {
+            self.role_may_differ = true;
+        }
+        for name in &statement.search_path {
+            self.add(name);
+        }
+        if self.schemas.len() > Self::MAX_SCHEMAS {
+            return Err(Decision::refuse(
+                "set search_path",
+                format!(
+                    "a session's search_paths may name at most {} schemas in all; start a new \
+                     session",
+                    Self::MAX_SCHEMAS
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Every schema `name` could be found in, as PostgreSQL searches.
@@ -643,31 +957,35 @@ impl Resolver {
         if let Some(s) = &name.schema {
             return vec![s.clone()];
         }
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(self.schemas.len() + 2);
         if self.temp {
             out.push("pg_temp".to_owned());
         }
         // pg_catalog is searched before the path unless the path names it; every relation in
-        // it is called pg_*.
-        if name.name.starts_with("pg_") {
+        // it is called pg_* (the server refuses to create others there).
+        let catalog_first = !self.schemas.iter().any(|s| s == "pg_catalog");
+        if name.name.starts_with("pg_") && catalog_first {
             out.push("pg_catalog".to_owned());
+            // A relation every PostgreSQL has in pg_catalog is found there before the path
+            // is searched: the path cannot reach one of that name (pg_dump's `FROM pg_settings`
+            // then needs no permit on a public.pg_settings that never exists).
+            if CATALOG_RELATIONS.binary_search(&name.name.as_str()).is_ok() {
+                return out;
+            }
         }
-        out.extend(self.search_path.iter().cloned());
-        out.dedup();
+        out.extend(self.schemas.iter().cloned());
         out
     }
 
+    /// Functions: pg_catalog always, then the path (never pg_temp: PostgreSQL does not look
+    /// functions up there unqualified).
     fn function_schemas(&self, name: &QualifiedName) -> Vec<String> {
         if let Some(s) = &name.schema {
             return vec![s.clone()];
         }
-        let mut out = vec!["pg_catalog".to_owned()];
-        out.extend(
-            self.search_path
-                .iter()
-                .filter(|s| *s != "pg_catalog")
-                .cloned(),
-        );
+        let mut out = Vec::with_capacity(self.schemas.len() + 1);
+        out.push("pg_catalog".to_owned());
+        out.extend(self.schemas.iter().filter(|s| *s != "pg_catalog").cloned());
         out
     }
 
@@ -720,8 +1038,14 @@ impl Resolver {
                 );
             }
         }
+        // pg_dump's one-row pg_settings shape reads a constant setting only from the
+        // catalog's view: a pg_settings found anywhere else could hold any row.
+        let settings_elsewhere = statement.setting_from_pg_settings
+            && statement.relations.iter().any(|r| {
+                r.name.name == "pg_settings" && self.relation_schemas(&r.name) != ["pg_catalog"]
+            });
         let flags = [
-            (statement.role_change, Action::SetRole),
+            (statement.role_change || settings_elsewhere, Action::SetRole),
             (statement.do_block, Action::Do),
             (statement.copy_program, Action::CopyProgram),
             (statement.server_files, Action::ServerFiles),
@@ -743,6 +1067,12 @@ impl Resolver {
             asks.push(Ask {
                 parameter: Some(p.clone()),
                 ..Ask::on_database(Action::Set, command)
+            });
+        }
+        if self.chosen_at_startup {
+            asks.push(Ask {
+                parameter: Some("search_path".into()),
+                ..Ask::on_database(Action::Set, "startup")
             });
         }
         asks
@@ -841,6 +1171,362 @@ mod tests {
         r.temp = true;
         assert_eq!(r.relation_schemas(&q), ["pg_temp", "billing", "public"]);
         assert_eq!(r.function_schemas(&q), ["pg_catalog", "billing", "public"]);
+    }
+
+    fn widen(r: &mut Resolver, sql: &str) -> Result<(), Decision> {
+        for s in crate::sql::classify(sql, true).unwrap() {
+            if let Some(d) = fixed_refusal(&s, false) {
+                return Err(d);
+            }
+            r.widen_for(&s)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn pg_dumps_pg_settings_row_is_a_setting_only_from_the_catalogs_view() {
+        let sql = "SELECT set_config(name, 'view', false) FROM pg_settings \
+                   WHERE name = 'restrict_nonsystem_relation_kind'";
+        let s = crate::sql::classify(sql, true).unwrap().remove(0);
+        let set_role = |r: &Resolver| r.asks(&s).iter().any(|a| a.action == Action::SetRole);
+        let mut r = Resolver::new(&["public".into()], "u");
+        assert!(!set_role(&r), "the catalog's view: the setting named");
+        // A temporary pg_settings, or a path that puts pg_catalog after another schema,
+        // could hold any row: then it is what a setting that is not a constant is.
+        r.temp = true;
+        assert!(set_role(&r));
+        let r = Resolver::new(&["public".into(), "pg_catalog".into()], "u");
+        assert!(set_role(&r));
+    }
+
+    #[test]
+    fn a_relation_every_server_has_in_pg_catalog_is_found_only_there() {
+        assert!(
+            CATALOG_RELATIONS.windows(2).all(|w| w[0] < w[1]),
+            "sorted, no repeats"
+        );
+        let name = |n: &str| QualifiedName {
+            schema: None,
+            name: n.into(),
+        };
+        let mut r = Resolver::new(&["public".into(), "app".into()], "u");
+        assert_eq!(r.relation_schemas(&name("pg_settings")), ["pg_catalog"]);
+        // A pg_* name not in every server's catalog may be found on the path.
+        assert_eq!(
+            r.relation_schemas(&name("pg_stat_io")),
+            ["pg_catalog", "public", "app"]
+        );
+        // A temporary relation shadows the catalog; a path that names pg_catalog puts it in
+        // its place, after the schemas before it.
+        r.temp = true;
+        assert_eq!(
+            r.relation_schemas(&name("pg_settings")),
+            ["pg_temp", "pg_catalog"]
+        );
+        let r = Resolver::new(&["public".into(), "pg_catalog".into()], "u");
+        assert_eq!(
+            r.relation_schemas(&name("pg_settings")),
+            ["public", "pg_catalog"]
+        );
+    }
+
+    #[test]
+    fn every_schema_any_search_path_named_is_searched_and_the_set_only_grows() {
+        let mut r = Resolver::new(&["public".into()], "billing");
+        let t = QualifiedName {
+            schema: None,
+            name: "t".into(),
+        };
+        for sql in [
+            r#"SET search_path = other, "$user", public"#,
+            "RESET search_path",
+            "SET search_path TO DEFAULT",
+            "SELECT set_config('search_path', 'PG_TEMP, Public', true)",
+            "SET LOCAL search_path = ''",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET search_path = fn_path AS 'select 1'",
+        ] {
+            widen(&mut r, sql).unwrap();
+        }
+        assert_eq!(
+            r.relation_schemas(&t),
+            ["pg_temp", "public", "billing", "other", "fn_path"]
+        );
+        // Functions are never looked up in pg_temp unqualified.
+        assert_eq!(
+            r.function_schemas(&t),
+            ["pg_catalog", "public", "billing", "other", "fn_path"]
+        );
+        let pg_class = QualifiedName {
+            schema: None,
+            name: "pg_class".into(),
+        };
+        assert_eq!(
+            r.relation_schemas(&pg_class)[..2],
+            ["pg_temp", "pg_catalog"]
+        );
+        // Named pg_catalog is searched for every relation, where it stands in the set.
+        widen(&mut r, "SET search_path = pg_catalog").unwrap();
+        assert_eq!(
+            r.relation_schemas(&pg_class),
+            [
+                "pg_temp",
+                "public",
+                "billing",
+                "other",
+                "fn_path",
+                "pg_catalog"
+            ]
+        );
+        assert!(r.relation_schemas(&t).contains(&"pg_catalog".to_owned()));
+        assert_eq!(
+            r.function_schemas(&t),
+            ["pg_catalog", "public", "billing", "other", "fn_path"]
+        );
+        // A qualified name is only itself.
+        let q = QualifiedName {
+            schema: Some("x".into()),
+            name: "t".into(),
+        };
+        assert_eq!(r.relation_schemas(&q), ["x"]);
+    }
+
+    #[test]
+    fn a_name_forbidden_in_any_schema_a_search_path_named_is_refused() {
+        let policy = Policy::parse(&format!(
+            "{POLICY}\n@id(\"settings\") permit(principal, action == PgIam::Action::\"set\", resource);"
+        ))
+        .unwrap();
+        let mut r = Resolver::new(&["public".into()], "billing");
+        let decide = |r: &Resolver, sql: &str| {
+            let asks: Vec<Ask> = crate::sql::classify(sql, true)
+                .unwrap()
+                .iter()
+                .flat_map(|s| r.asks(s))
+                .collect();
+            policy.decide_all(&principal(), &asks)
+        };
+        assert!(decide(&r, "SELECT * FROM accounts").allowed);
+        widen(&mut r, "SET search_path = other").unwrap();
+        let d = decide(&r, "SELECT * FROM accounts");
+        assert!(!d.allowed);
+        assert_eq!(d.denied.as_deref(), Some("select on table other.accounts"));
+        // Qualified, the allowed table is still allowed.
+        assert!(decide(&r, "SELECT * FROM public.accounts").allowed);
+        // A policy can refuse the change itself.
+        let no_set = Policy::parse(&format!(
+            "{POLICY}\nforbid(principal, action == PgIam::Action::\"set\", resource) \
+             when {{ context has parameter && context.parameter == \"search_path\" }};"
+        ))
+        .unwrap();
+        let s = &crate::sql::classify("SET search_path = public", true).unwrap()[0];
+        assert!(!no_set.decide_all(&principal(), &r.asks(s)).allowed);
+        // So can it a choice made at startup: asked with every statement.
+        let mut chosen = Resolver::new(&["public".into()], "billing");
+        chosen.chosen_at_startup = true;
+        let s = &crate::sql::classify("SELECT * FROM accounts", true).unwrap()[0];
+        assert!(policy.decide_all(&principal(), &chosen.asks(s)).allowed);
+        let d = no_set.decide_all(&principal(), &chosen.asks(s));
+        assert_eq!(d.denied.as_deref(), Some("set on database app"));
+    }
+
+    #[test]
+    fn dollar_user_and_a_role_change_never_meet() {
+        // $user named, then a role change; a role change, then $user named; both at once.
+        let mut r = Resolver::new(&["$user".into(), "public".into()], "billing");
+        assert_eq!(r.schemas(), ["billing", "public"]);
+        assert!(widen(&mut r, "SET ROLE admin").is_err());
+        let mut r = Resolver::new(&["public".into()], "billing");
+        widen(&mut r, "SET ROLE admin").unwrap();
+        assert!(widen(&mut r, r#"SET search_path = "$user""#).is_err());
+        assert!(widen(&mut r, "SELECT set_config('search_path', '$user', false)").is_err());
+        widen(&mut r, "SET search_path = other").unwrap();
+        let mut r = Resolver::new(&["public".into()], "billing");
+        assert!(widen(&mut r, r#"SET ROLE admin; SET search_path = "$user""#).is_err());
+        let s = &crate::sql::classify(r#"SET search_path = "$user""#, true).unwrap()[0];
+        assert!(Resolver::new(&[], "b").would_widen(s));
+    }
+
+    #[test]
+    fn search_paths_pgiam_cannot_read_or_bound_are_refused_by_any_policy() {
+        let mut r = Resolver::new(&["public".into()], "billing");
+        for sql in [
+            "SELECT set_config('search_path', $1, false)",
+            "SELECT set_config('search_path', lower('X'), false)",
+            "SELECT set_config(lower('SEARCH_PATH'), lower('x'), false)",
+        ] {
+            let d = widen(&mut r, sql).unwrap_err();
+            assert_eq!(d.denied.as_deref(), Some("set search_path"), "{sql}");
+            assert!(d.policies.is_empty());
+        }
+        assert_eq!(r.schemas(), ["public"]);
+        // pg_dump's first statement names nothing.
+        widen(
+            &mut r,
+            "SELECT pg_catalog.set_config('search_path', '', false)",
+        )
+        .unwrap();
+        assert_eq!(r.schemas(), ["public"]);
+        let many: Vec<String> = (0..Resolver::MAX_SCHEMAS)
+            .map(|i| format!("s{i}"))
+            .collect();
+        let d = widen(&mut r, &format!("SET search_path = {}", many.join(", "))).unwrap_err();
+        assert!(d.reason.unwrap().contains("at most"));
+    }
+
+    fn refused_in(sql: &str, session: &SessionSettings) -> Option<String> {
+        crate::sql::classify(sql, session.standard_conforming_strings)
+            .unwrap()
+            .iter()
+            .find_map(|s| fixed_refusal_in(s, false, session))
+            .map(|d| format!("{}: {}", d.denied.unwrap(), d.reason.unwrap()))
+    }
+
+    #[test]
+    fn standard_conforming_strings_may_be_set_to_the_value_in_force_only() {
+        for at in [true, false] {
+            let session = SessionSettings {
+                standard_conforming_strings: at,
+                standard_conforming_strings_at_login: at,
+                ..SessionSettings::default()
+            };
+            let same = if at { "on" } else { "off" };
+            let other = if at { "off" } else { "on" };
+            for sql in [
+                format!("SET standard_conforming_strings = {same}"),
+                format!(
+                    "SET LOCAL standard_conforming_strings TO '{}'",
+                    same.to_uppercase()
+                ),
+                format!("SET standard_conforming_strings = {}", u8::from(at)),
+                format!(
+                    "SET standard_conforming_strings = {}",
+                    if at { "yes" } else { "no" }
+                ),
+                format!(
+                    "SET standard_conforming_strings = {}",
+                    if at { "t" } else { "f" }
+                ),
+                format!("SELECT set_config('standard_conforming_strings', '{same}', false)"),
+                "RESET standard_conforming_strings".into(),
+                "SET standard_conforming_strings TO DEFAULT".into(),
+                "RESET ALL".into(),
+                "SELECT set_config('standard_conforming_strings', NULL, false)".into(),
+                format!("ALTER ROLE r SET standard_conforming_strings = {same}"),
+                format!(
+                    "CREATE FUNCTION f() RETURNS int LANGUAGE sql \
+                     SET standard_conforming_strings = {same} AS 'select 1'"
+                ),
+                // Not a boolean, so not standard_conforming_strings if the setting is it.
+                "SELECT set_config(name, 'view, foreign-table', false) FROM pg_settings".into(),
+            ] {
+                assert_eq!(refused_in(&sql, &session), None, "{sql} (at {same})");
+            }
+            for sql in [
+                format!("SET standard_conforming_strings = {other}"),
+                format!("SET LOCAL standard_conforming_strings = {other}"),
+                format!("SELECT set_config('standard_conforming_strings', '{other}', true)"),
+                format!("ALTER SYSTEM SET standard_conforming_strings = {same}"),
+                format!("SELECT set_config(name, '{other}', false) FROM pg_settings"),
+                "SET standard_conforming_strings = o".into(),
+                "SET standard_conforming_strings = 'maybe'".into(),
+                "SELECT set_config('standard_conforming_strings', lower('ON'), false)".into(),
+                // No Bind to read it at.
+                "SELECT set_config('standard_conforming_strings', $1, false)".into(),
+            ] {
+                let why = refused_in(&sql, &session).unwrap_or_else(|| panic!("{sql}"));
+                assert!(
+                    why.contains(&format!("fixed for the session at {same}")),
+                    "{sql}: {why}"
+                );
+            }
+        }
+        // A value changed by a route pgiam did not see: RESET would change it back.
+        let drifted = SessionSettings {
+            standard_conforming_strings: false,
+            standard_conforming_strings_at_login: true,
+            ..SessionSettings::default()
+        };
+        assert!(refused_in("RESET standard_conforming_strings", &drifted).is_some());
+        assert!(refused_in("SET standard_conforming_strings = off", &drifted).is_none());
+        // A Parse leaves a bound parameter to its Bind.
+        let parse = SessionSettings {
+            parameters_at_bind: true,
+            ..SessionSettings::default()
+        };
+        assert!(refused_in(
+            "SELECT set_config('standard_conforming_strings', $1, false)",
+            &parse
+        )
+        .is_none());
+    }
+
+    #[test]
+    fn client_encodings_must_be_ascii_safe_and_constant() {
+        let session = SessionSettings::default();
+        for sql in [
+            "SET client_encoding = 'UTF8'",
+            "SET client_encoding = 'LATIN1'",
+            "SET NAMES 'latin-9'",
+            "SET LOCAL client_encoding = euc_jp",
+            "SET client_encoding TO DEFAULT",
+            "RESET client_encoding",
+            "SELECT set_config('client_encoding', 'EUC_KR', false)",
+            "SELECT set_config('client_encoding', NULL, false)",
+            "ALTER ROLE r SET client_encoding = 'WIN1251'",
+            "SELECT set_config(name, 'view, foreign-table', false) FROM pg_settings",
+        ] {
+            assert_eq!(refused_in(sql, &session), None, "{sql}");
+        }
+        for (sql, why) in [
+            ("SET client_encoding = 'SJIS'", "can contain ASCII bytes"),
+            (
+                "SET client_encoding TO 'Shift_JIS'",
+                "can contain ASCII bytes",
+            ),
+            ("SET NAMES 'big5'", "can contain ASCII bytes"),
+            ("SET LOCAL client_encoding = gbk", "can contain ASCII bytes"),
+            (
+                "SELECT set_config('client_encoding', 'GB18030', false)",
+                "can contain ASCII bytes",
+            ),
+            (
+                "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET client_encoding = 'UHC' \
+                 AS 'select 1'",
+                "can contain ASCII bytes",
+            ),
+            (
+                "SELECT set_config(name, 'JOHAB', false) FROM pg_settings",
+                "can contain ASCII bytes",
+            ),
+            ("SET client_encoding = 'klingon'", "not an encoding name"),
+            (
+                "SELECT set_config('client_encoding', lower('SJIS'), false)",
+                "must be a constant",
+            ),
+            (
+                "SELECT set_config('client_encoding', $1, false)",
+                "must be a constant",
+            ),
+        ] {
+            let got = refused_in(sql, &session).unwrap_or_else(|| panic!("{sql}"));
+            assert!(got.contains(why), "{sql}: {got}");
+        }
+    }
+
+    #[test]
+    fn names_outside_ascii_are_refused_once_an_encoding_other_than_utf8_was_used() {
+        let sql = r#"SELECT * FROM "é" WHERE v = 'ü' -- ß"#;
+        assert_eq!(refused_in(sql, &SessionSettings::default()), None);
+        let latin1 = SessionSettings {
+            non_utf8_encoding: Some(ClientEncoding::Latin1),
+            ..SessionSettings::default()
+        };
+        let why = refused_in(sql, &latin1).unwrap();
+        assert!(why.contains("client_encoding LATIN1"), "{why}");
+        assert_eq!(
+            refused_in("SELECT * FROM t WHERE v = 'ü' -- ß", &latin1),
+            None
+        );
     }
 
     #[test]

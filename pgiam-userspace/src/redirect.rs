@@ -467,6 +467,7 @@ pub fn read_stats(bpffs_dir: &Path) -> Result<Vec<(&'static str, u64)>, Redirect
         (common::STAT_ESTABLISHED, "established"),
         (common::STAT_GETPEERNAME, "getpeername"),
         (common::STAT_REDIRECT, "redirect"),
+        (common::STAT_FALLBACK, "fallback"),
     ];
     names
         .into_iter()

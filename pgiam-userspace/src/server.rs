@@ -238,6 +238,12 @@ async fn accept_tcp(listener: TcpListener, shared: Arc<Shared>, interception: Sh
                 .unwrap_or_else(|e| e.into_inner())
                 .take_origin(cookie)
         });
+        // The address the client dialled, which a TLS certificate names when the client sends
+        // no server name: the database's, for an intercepted connection.
+        let dialled = Some(match &origin {
+            Some(origin) => redirect::original_destination(origin).ip(),
+            None => local.ip(),
+        });
         let identity = IdentitySource::Lookup(Box::new(move || match origin {
             Some(origin) => Ok(ClientOrigin {
                 identity: Identity::from_origin(&origin),
@@ -250,6 +256,7 @@ async fn accept_tcp(listener: TcpListener, shared: Arc<Shared>, interception: Sh
             Box::new(stream),
             identity,
             peer.to_string(),
+            dialled,
         ));
     }
 }
@@ -275,6 +282,7 @@ async fn accept_unix(listener: UnixListener, shared: Arc<Shared>) {
             Box::new(stream),
             identity,
             peer,
+            None,
         ));
     }
 }

@@ -30,7 +30,7 @@ mod statements;
 pub struct Shared {
     pub config: Arc<Config>,
     pub audit: Option<crate::audit::AuditLog>,
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub tls: Option<crate::tls::ClientAcceptor>,
     pub upstream: Arc<Upstream>,
     pub cancels: Arc<CancelRegistry>,
     pub policies: Arc<crate::policy::PolicyStore>,
@@ -106,6 +106,8 @@ struct Client {
     buf: BytesMut,
     tls: bool,
     peer: String,
+    /// The address the client dialled (TCP), for the certificate it is shown.
+    dialled: Option<std::net::IpAddr>,
 }
 
 impl Client {
@@ -129,12 +131,19 @@ impl Client {
 }
 
 /// Runs one client connection to completion.
-pub async fn run(shared: Arc<Shared>, stream: BoxStream, identity: IdentitySource, peer: String) {
+pub async fn run(
+    shared: Arc<Shared>,
+    stream: BoxStream,
+    identity: IdentitySource,
+    peer: String,
+    dialled: Option<std::net::IpAddr>,
+) {
     let mut client = Client {
         stream,
         buf: BytesMut::with_capacity(ReadSize::MIN),
         tls: false,
         peer,
+        dialled,
     };
     let timeout = shared.config.limits.startup_timeout();
     // Every stage but the wait for a deferred session's first message is boxed: the task is
@@ -167,7 +176,13 @@ pub async fn run(shared: Arc<Shared>, stream: BoxStream, identity: IdentitySourc
             };
             return Box::pin(relay(&shared, client, session, upstream)).await;
         }
-        Ok(Ok(None)) => return,
+        // A CancelRequest, handled. Closed as the server closes it: over TLS with a
+        // close_notify, which libpq ≥ 17 (cancel inside TLS) reads as the answer; an EOF
+        // without one is an error to it.
+        Ok(Ok(None)) => {
+            let _ = tokio::time::timeout(Duration::from_secs(2), client.stream.shutdown()).await;
+            return;
+        }
         Ok(Err(refusal)) => refusal,
         Err(_) => Refusal::Client(PgError::fatal(
             "08006",
@@ -276,25 +291,27 @@ async fn open_deferred(
         return Err(end_with(client, Refusal::Client(protocol_violation(e))).await);
     }
     let timeout = shared.config.limits.startup_timeout();
-    let connected = tokio::time::timeout(
-        timeout,
-        login::connect(shared, &deferred.key, &client.peer, &session.cancel_key),
-    )
-    .await
-    .unwrap_or_else(|_| {
-        Err(Refusal::Client(PgError::fatal(
-            "08006",
-            format!(
-                "pgiam: no connection to the database within {}s",
-                timeout.as_secs()
-            ),
-        )))
-    });
+    let connected =
+        tokio::time::timeout(timeout, login::connect(shared, &deferred.key, &client.peer))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Refusal::Client(PgError::fatal(
+                    "08006",
+                    format!(
+                        "pgiam: no connection to the database within {}s",
+                        timeout.as_secs()
+                    ),
+                )))
+            });
     let established = match connected {
         Ok(e) => e,
         Err(refusal) => return Err(end_with(client, refusal).await),
     };
+    login::reach(shared, &deferred.key, &session.cancel_key, &established);
     session.standard_conforming_strings = established.parameters.standard_conforming_strings();
+    session
+        .gate
+        .login_client_encoding(established.parameters.get("client_encoding"));
     let news = login::news(&established, &deferred.told);
     if !news.is_empty() {
         client
@@ -474,7 +491,10 @@ async fn establish(
         _ => &mapping.role,
     };
     let mut params = checked.forwarded.clone();
-    params.push(("search_path".into(), config.policy.search_path_setting()));
+    params.push((
+        "search_path".into(),
+        checked.search_path_setting(&config.policy),
+    ));
     let key = crate::upstream::LoginKey {
         role: login_role.clone(),
         params,
@@ -486,25 +506,36 @@ async fn establish(
         crate::config::UpstreamConnect::AtLogin => None,
     };
     let key = Arc::new(key);
-    let cancel_key = shared.cancels.register(None);
     let mut hello = BytesMut::with_capacity(512);
     wire::authentication_ok(&mut hello);
-    let (link, scs_at_login, status) = match remembered {
+    // The client is told its backend's real pid (pgiam's own secret beside it); a deferred
+    // session has no backend yet, and is told a pid pgiam makes up.
+    let encoding_at_login;
+    let (link, scs_at_login, status, cancel_key) = match remembered {
         Some((key, told)) => {
             told.encode_news(None, &mut hello);
             let scs = told.standard_conforming_strings();
+            encoding_at_login = told.get("client_encoding").map(str::to_owned);
             let link = login::Link::Deferred(Box::new(login::Deferred { key, told }));
-            (link, scs, wire::TransactionStatus::Idle)
+            let cancel_key = shared.cancels.register(None);
+            (link, scs, wire::TransactionStatus::Idle, cancel_key)
         }
         None => {
-            let established = login::connect(shared, &key, &client.peer, &cancel_key).await?;
+            let established = login::connect(shared, &key, &client.peer).await?;
+            let cancel_key = shared.cancels.register(Some(established.process_id));
+            login::reach(shared, &key, &cancel_key, &established);
             established.parameters.encode_news(None, &mut hello);
             hello.extend_from_slice(&established.notices);
             let scs = established.parameters.standard_conforming_strings();
+            encoding_at_login = established
+                .parameters
+                .get("client_encoding")
+                .map(str::to_owned);
             (
                 login::Link::Open(established.stream),
                 scs,
                 established.status,
+                cancel_key,
             )
         }
     };
@@ -520,13 +551,13 @@ async fn establish(
         shared.upstream.describe(origin.destination),
     );
     info!(peer = %client.peer, tls = client.tls, "session established: {summary}");
-    let session = Session {
+    let mut session = Session {
         cancel_key,
         gate: Box::new(statements::Gate::new(
             shared.audit.clone(),
             shared.policies.clone(),
             principal,
-            crate::policy::Resolver::new(&config.policy.search_path, &mapping.role),
+            checked.resolver(&config.policy, &mapping.role),
             gateway,
             statements::SessionInfo {
                 session_id: audit_id.clone(),
@@ -540,6 +571,9 @@ async fn establish(
         audit_id,
         started: std::time::Instant::now(),
     };
+    session
+        .gate
+        .login_client_encoding(encoding_at_login.as_deref());
     Ok(Some((session, link)))
 }
 
@@ -592,7 +626,7 @@ async fn request_tls(shared: &Shared, client: &mut Client) -> Result<(), Refusal
     client.write(b"S").await?;
     let plain = std::mem::replace(&mut client.stream, Box::new(tokio::io::empty()));
     let tls = acceptor
-        .accept(plain)
+        .accept(plain, client.dialled)
         .await
         .map_err(|e| Refusal::Silent(format!("TLS handshake failed: {e}")))?;
     client.stream = Box::new(tls);
@@ -611,7 +645,7 @@ async fn direct_tls(shared: &Shared, client: &mut Client) -> Result<(), Refusal>
     let prefix = client.buf.split().freeze();
     let plain = std::mem::replace(&mut client.stream, Box::new(tokio::io::empty()));
     let tls = acceptor
-        .accept(Rewind::new(prefix, plain))
+        .accept(Rewind::new(prefix, plain), client.dialled)
         .await
         .map_err(|e| Refusal::Silent(format!("direct TLS handshake failed: {e}")))?;
     if tls.get_ref().1.alpn_protocol() != Some(ALPN_POSTGRESQL) {
@@ -671,6 +705,8 @@ async fn relay(shared: &Shared, client: Client, mut session: Session, upstream: 
         // channels: an idle session would hold their preallocated blocks.)
         let responses = std::sync::Mutex::new(responses::Responses::default());
         let unprepared = std::sync::Mutex::new(Vec::<(Vec<u8>, u64)>::new());
+        // The client_encoding the server last reported, for the gate.
+        let reported_encoding = std::sync::Mutex::new(None::<String>);
         // Decision records of statements forwarded before their records were on disk (statements
         // that change nothing): no answer reaches the client before they are.
         let in_flight = std::sync::Mutex::new(Vec::<crate::audit::Written>::new());
@@ -694,11 +730,15 @@ async fn relay(shared: &Shared, client: Client, mut session: Session, upstream: 
                 for (name, generation) in std::mem::take(&mut *locked(&unprepared)) {
                     gate.forget_prepared(&name, generation);
                 }
+                if let Some(e) = locked(&reported_encoding).take() {
+                    gate.client_encoding_reported(&e);
+                }
                 // Forward what was complete and valid before a bad message, as a server would
                 // have executed it; nothing from the bad message on.
                 let scs = standard_conforming_strings.load(Ordering::Relaxed);
                 let framed = frame_client_messages(&cbuf, max, |message, range| {
-                    checked.push((range, gate.check(message, scs, &mut expects)));
+                    let frame = &cbuf[range.clone()];
+                    checked.push((range, gate.check(message, frame, scs, &mut expects)));
                 });
                 if framed.len > 0 {
                     // A statement that can change something is on the audit log before the
@@ -733,9 +773,14 @@ async fn relay(shared: &Shared, client: Client, mut session: Session, upstream: 
                         }
                     }
                     let chunk = cbuf.split_to(framed.len);
-                    write_checked(&mut server_wr, &chunk, &mut checked)
-                        .await
-                        .map_err(|e| PgError::fatal("08006", format!("pgiam: server write: {e}")))?;
+                    // Flushed: a TLS writer may keep the tail of what it accepted (the socket was
+                    // full) until it is flushed, and nothing else would push it out.
+                    async {
+                        write_checked(&mut server_wr, &chunk, &mut checked).await?;
+                        server_wr.flush().await
+                    }
+                    .await
+                    .map_err(|e| PgError::fatal("08006", format!("pgiam: server write: {e}")))?;
                 }
                 if let Some(e) = framed.error {
                     return Err(protocol_violation(e));
@@ -855,7 +900,12 @@ async fn relay(shared: &Shared, client: Client, mut session: Session, upstream: 
                     }
                     start = range.end;
                 }
-                if client_wr.write_all(&sbuf[start..pos]).await.is_err() {
+                // Flushed for the same reason as the other direction: a TLS writer that met a
+                // full socket keeps the tail of the answer until it is flushed, and the server
+                // has nothing more to say that would push it out.
+                if client_wr.write_all(&sbuf[start..pos]).await.is_err()
+                    || client_wr.flush().await.is_err()
+                {
                     return "client write failed";
                 }
                 let _ = sbuf.split_to(pos);
@@ -885,6 +935,9 @@ async fn relay(shared: &Shared, client: Client, mut session: Session, upstream: 
                         }
                         responses::Event::StandardConformingStrings(on) => {
                             standard_conforming_strings.store(on, Ordering::Relaxed)
+                        }
+                        responses::Event::ClientEncoding(value) => {
+                            *locked(&reported_encoding) = Some(value)
                         }
                         responses::Event::UnsafeClientEncoding(value) => {
                             warn!(peer = %peer, "server switched client_encoding to {value}: ending the session");

@@ -9,13 +9,22 @@
 
 use std::collections::BTreeSet;
 
+mod encoding;
+mod position;
+
+pub use encoding::ClientEncoding;
+
 use serde::Serialize;
 use serde_json::{Map, Value};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SqlError {
-    #[error("syntax error: {0}")]
-    Syntax(String),
+    #[error("syntax error: {message}")]
+    Syntax {
+        message: String,
+        /// Where the parser stopped: 1-based, in characters, as PostgreSQL reports it.
+        position: Option<u32>,
+    },
 }
 
 /// How a statement touches a relation.
@@ -87,13 +96,38 @@ pub struct Statement {
     pub role_change: bool,
     /// Settings changed by SET, RESET or set_config(), lower-cased.
     pub parameters: BTreeSet<String>,
+    /// Every schema named by a search_path value the statement sets anywhere in it (SET, SET
+    /// LOCAL, SET SCHEMA, set_config() with a constant, a function's SET clause, ALTER
+    /// ROLE/DATABASE/SYSTEM … SET), as the server will read the names; `$user` and `pg_temp`
+    /// as written. RESET, SET … TO DEFAULT and set_config(…, NULL, …) name none: they go back
+    /// to the value the session started with.
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
+    pub search_path: BTreeSet<String>,
+    /// Sets search_path to a value pgiam cannot read when it decides: not a constant (a bound
+    /// parameter, an expression), a list PostgreSQL would read differently or not at all, or a
+    /// set_config() whose setting name is not a constant.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub search_path_unknown: bool,
+    /// The setting set_config() changes is the `name` column of the one pg_settings row the
+    /// WHERE clause names (pg_dump 15.8+: `SELECT set_config(name, 'view, foreign-table',
+    /// false) FROM pg_settings WHERE name = 'restrict_nonsystem_relation_kind'`): read as that
+    /// constant, which holds only if `pg_settings` is the catalog's view (the policy checks how
+    /// the name resolves, and asks for `set_role` otherwise).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub setting_from_pg_settings: bool,
     /// Names a temporary relation (CREATE TEMP …, pg_temp.x): from then on unqualified names
     /// may resolve to pg_temp.
     pub temp: bool,
-    /// Sets client_encoding to an encoding whose multibyte characters can contain ASCII bytes
-    /// (or to a value that is not a constant): the server would then split strings, and so
-    /// statements, differently from pgiam.
-    pub unsafe_encoding: bool,
+    /// Every value the statement gives client_encoding anywhere in it (SET, SET LOCAL, SET
+    /// NAMES, RESET, RESET ALL, DISCARD ALL, set_config(), a function's SET clause, ALTER
+    /// ROLE/DATABASE/SYSTEM … SET), in order: the session follows which encodings its
+    /// statements may be read in.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub client_encoding: Vec<SettingValue>,
+    /// The same for standard_conforming_strings, which changes where strings, and so
+    /// statements, end: a session may only set it to the value it is fixed at.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub standard_conforming_strings: Vec<SettingValue>,
     /// A DO block, or a function that runs SQL given as text (query_to_xml, dblink, …).
     pub do_block: bool,
     pub copy_program: bool,
@@ -103,6 +137,54 @@ pub struct Statement {
     /// the server sees it, or only before the client sees the answer.
     #[serde(skip)]
     pub effect: Effect,
+}
+
+/// A value a statement gives a setting whose value decides how pgiam must read statements
+/// (client_encoding, standard_conforming_strings).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SettingValue {
+    /// This value, for the session (SET, SET LOCAL, set_config()), as the server reads it.
+    Value(String),
+    /// This value, kept for later rather than set for the session now: a function's SET
+    /// clause (in force during its calls), ALTER ROLE/DATABASE/SYSTEM … SET (later logins).
+    Stored(String),
+    /// Back to the value the session logged in with: RESET, SET … TO DEFAULT, RESET ALL,
+    /// DISCARD ALL, set_config(…, NULL, …).
+    Default,
+    /// The value in force (a function's SET … FROM CURRENT).
+    Current,
+    /// set_config()'s value is the statement's bound parameter `$n`: read at Bind.
+    Parameter(u32),
+    /// set_config() of a setting named by an expression: this value, if the setting is this
+    /// one (the server rejects it otherwise, if it is not a value of the setting).
+    IfThisSetting(String),
+    /// Anything pgiam cannot read when it decides: an expression, a parameter whose number
+    /// means something else (inside PREPARE or a function body), ALTER SYSTEM's
+    /// standard_conforming_strings (which a reload hands to other sessions).
+    Unknown,
+}
+
+/// Reads a boolean setting as PostgreSQL's `parse_bool` does: true/false/yes/no/on/off/1/0 or
+/// a prefix that is unique (`t`, `of`, not `o`), any case, nothing around it. `None`: the
+/// server rejects the value.
+pub fn parse_bool(value: &str) -> Option<bool> {
+    let prefix = |word: &str, min: usize| {
+        value.len() >= min
+            && value.len() <= word.len()
+            && word.as_bytes()[..value.len()].eq_ignore_ascii_case(value.as_bytes())
+    };
+    match value.as_bytes().first()?.to_ascii_lowercase() {
+        b't' if prefix("true", 1) => Some(true),
+        b'f' if prefix("false", 1) => Some(false),
+        b'y' if prefix("yes", 1) => Some(true),
+        b'n' if prefix("no", 1) => Some(false),
+        b'o' if prefix("on", 2) => Some(true),
+        b'o' if prefix("off", 2) => Some(false),
+        b'1' if value.len() == 1 => Some(true),
+        b'0' if value.len() == 1 => Some(false),
+        _ => None,
+    }
 }
 
 /// What running a statement can change in the database, ordered from least to most.
@@ -168,34 +250,40 @@ const DYNAMIC_SQL_FUNCTIONS: &[&str] = &[
     "dblink_send_query",
 ];
 
-/// Client-only encodings whose multibyte characters can end in an ASCII byte such as `\`
-/// (normalized: lower case, no `_` or `-`).
-const UNSAFE_ENCODINGS: &[&str] = &[
-    "sjis",
-    "shiftjis",
-    "mskanji",
-    "shiftjis2004",
-    "big5",
-    "gbk",
-    "cp936",
-    "uhc",
-    "gb18030",
-    "johab",
-    "win932",
-    "win936",
-    "win949",
-    "win950",
-];
-
-/// Is `value` (a client_encoding setting) one of [`UNSAFE_ENCODINGS`]? PostgreSQL compares
-/// encoding names ignoring case and punctuation.
+/// Does `value` (a client_encoding setting) name an encoding whose multibyte characters can
+/// contain ASCII bytes (SJIS, BIG5, GBK, UHC, GB18030, JOHAB, SHIFT_JIS_2004, or an alias)?
+/// PostgreSQL compares encoding names ignoring case and punctuation.
 pub fn is_unsafe_encoding(value: &str) -> bool {
-    let norm: String = value
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .map(|c| c.to_ascii_lowercase())
-        .collect();
-    UNSAFE_ENCODINGS.contains(&norm.as_str())
+    ClientEncoding::from_name(value).is_some_and(|e| !e.is_ascii_safe())
+}
+
+/// The number of a bare `$n` argument.
+fn param_ref(arg: &Value) -> Option<u32> {
+    let n = arg
+        .get("node")
+        .unwrap_or(arg)
+        .get("ParamRef")?
+        .get("number")?
+        .as_u64()?;
+    u32::try_from(n).ok()
+}
+
+/// The text of a constant argument of SET as the server's `flatten_set_variable_args` gives
+/// it to the setting: a string as it is, a number as written.
+fn set_argument_text(arg: &Value) -> Option<String> {
+    if let Some(s) = string_constant(arg) {
+        return Some(s.to_owned());
+    }
+    let val = arg.get("node").unwrap_or(arg).get("AConst")?.get("val")?;
+    if let Some(i) = val.get("Ival") {
+        return Some(
+            i.get("ival")
+                .and_then(Value::as_i64)
+                .unwrap_or(0)
+                .to_string(),
+        );
+    }
+    Some(val.get("Fval")?.get("fval")?.as_str()?.to_owned())
 }
 
 /// The string constant of an argument node, if it is one.
@@ -211,6 +299,109 @@ fn string_constant(arg: &Value) -> Option<&str> {
 /// Settings that change who the session acts as.
 const ROLE_SETTINGS: &[&str] = &["role", "session_authorization"];
 
+/// PostgreSQL's longest identifier, in bytes (NAMEDATALEN - 1).
+const MAX_IDENTIFIER: usize = 63;
+
+/// Cuts an identifier to [`MAX_IDENTIFIER`] bytes on a character boundary, as
+/// `truncate_identifier` does in a UTF-8 database.
+fn truncate_identifier(mut name: String) -> String {
+    if name.len() > MAX_IDENTIFIER {
+        let mut end = MAX_IDENTIFIER;
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        name.truncate(end);
+    }
+    name
+}
+
+/// Reads a search_path value (a startup parameter, `-c search_path=` in `options`,
+/// set_config()'s value) as the server's `SplitIdentifierString` does: names separated by
+/// commas, whitespace around them ignored, a double-quoted name kept as written (`""` inside
+/// it is one quote), an unquoted one lower-cased (ASCII, as in a UTF-8 database), each cut to
+/// 63 bytes. An empty value names nothing. `None`: the server rejects the value, or might read
+/// it differently from pgiam (a vertical tab is whitespace to PostgreSQL 16 and later only).
+pub fn parse_search_path(value: &str) -> Option<Vec<String>> {
+    if value.contains('\u{b}') {
+        return None;
+    }
+    // scanner_isspace
+    let space = |c: char| matches!(c, ' ' | '\t' | '\n' | '\r' | '\u{c}');
+    let mut names = Vec::new();
+    let mut rest = value.trim_start_matches(space);
+    if rest.is_empty() {
+        return Some(names);
+    }
+    loop {
+        let name = if let Some(quoted) = rest.strip_prefix('"') {
+            let mut name = String::new();
+            let mut chars = quoted.char_indices();
+            loop {
+                match chars.next() {
+                    None => return None,
+                    Some((i, '"')) if quoted[i + 1..].starts_with('"') => {
+                        name.push('"');
+                        chars.next();
+                    }
+                    Some((i, '"')) => {
+                        rest = &quoted[i + 1..];
+                        break;
+                    }
+                    Some((_, c)) => name.push(c),
+                }
+            }
+            name
+        } else {
+            let end = rest
+                .find(|c: char| c == ',' || space(c))
+                .unwrap_or(rest.len());
+            if end == 0 {
+                return None;
+            }
+            let name = rest[..end].to_ascii_lowercase();
+            rest = &rest[end..];
+            name
+        };
+        names.push(truncate_identifier(name));
+        rest = rest.trim_start_matches(space);
+        match rest.strip_prefix(',') {
+            Some(more) => rest = more.trim_start_matches(space),
+            None if rest.is_empty() => return Some(names),
+            None => return None,
+        }
+    }
+}
+
+/// The schema one argument of `SET search_path` names, as the server reads it: a string or
+/// an identifier is the name itself (the server quotes it as an identifier and reads it back);
+/// a number is its text, read as an unquoted name. `None`: anything else.
+fn set_argument_schema(arg: &Value) -> Option<String> {
+    if let Some(s) = string_constant(arg) {
+        return Some(truncate_identifier(s.to_owned()));
+    }
+    let val = arg.get("node").unwrap_or(arg).get("AConst")?.get("val")?;
+    let text = if let Some(i) = val.get("Ival") {
+        i.get("ival")
+            .and_then(Value::as_i64)
+            .unwrap_or(0)
+            .to_string()
+    } else {
+        val.get("Fval")?.get("fval")?.as_str()?.to_owned()
+    };
+    let mut names = parse_search_path(&text)?;
+    (names.len() == 1).then(|| names.remove(0))
+}
+
+/// Is this argument SQL NULL?
+fn null_constant(arg: &Value) -> bool {
+    arg.get("node")
+        .unwrap_or(arg)
+        .get("AConst")
+        .and_then(|c| c.get("isnull"))
+        .and_then(Value::as_bool)
+        == Some(true)
+}
+
 /// Splits and classifies a query string. `standard_conforming_strings` must be the server's
 /// current value: it changes where string literals end, and so where statements end.
 pub fn classify(sql: &str, standard_conforming_strings: bool) -> Result<Vec<Statement>, SqlError> {
@@ -219,7 +410,10 @@ pub fn classify(sql: &str, standard_conforming_strings: bool) -> Result<Vec<Stat
     } else {
         pg_query::ParserOptions::DISABLE_STANDARD_CONFORMING_STRINGS
     };
-    let parsed = pg_query::parse(sql, options).map_err(|e| SqlError::Syntax(e.to_string()))?;
+    let parsed = pg_query::parse(sql, options).map_err(|e| SqlError::Syntax {
+        message: e.to_string(),
+        position: position::syntax_error_position(sql, options),
+    })?;
     let tree = serde_json::to_value(&parsed.protobuf).expect("parse trees serialize");
     let stmts = tree
         .get("stmts")
@@ -307,6 +501,12 @@ pub fn classify_cached(
 /// comments dropped, keywords lower-cased. `None` if it does not scan (the parser will say why).
 fn shape(sql: &str) -> Option<Box<[u8]>> {
     use pg_query::protobuf::Token;
+    // Text that is only white space has no token, and pg_query 18.1 then builds a slice from
+    // the null pointer libpg_query returns (undefined behaviour; a panic in debug builds):
+    // pg_restore sends such statements. Any other byte is a token or a scan error.
+    if sql.bytes().all(|b| b" \t\n\r\x0b\x0c".contains(&b)) {
+        return None;
+    }
     let tokens = pg_query::scan_tokens(sql).ok()?;
     let mut out = Vec::with_capacity(sql.len());
     for t in &tokens {
@@ -348,8 +548,11 @@ impl Statement {
             && !self.copy_program
             && !self.server_files
             && !self.temp
-            && !self.unsafe_encoding
+            && self.client_encoding.is_empty()
+            && self.standard_conforming_strings.is_empty()
             && self.parameters.is_empty()
+            && self.search_path.is_empty()
+            && !self.search_path_unknown
     }
 
     /// Changing any constant in the statement cannot change this classification: plain DML
@@ -364,6 +567,84 @@ impl Statement {
                 .iter()
                 .any(|f| f.name.eq_ignore_ascii_case("set_config"))
     }
+}
+
+impl Statement {
+    /// The first name the statement's classification holds (a relation, schema, function,
+    /// setting, search_path schema or prepared statement) with a character outside ASCII:
+    /// where the client's encoding may not be the one pgiam read the text in, such a name
+    /// could be another name to the server.
+    pub fn non_ascii_name(&self) -> Option<&str> {
+        fn qualified(q: &QualifiedName) -> impl Iterator<Item = &str> {
+            q.schema.as_deref().into_iter().chain([q.name.as_str()])
+        }
+        self.relations
+            .iter()
+            .flat_map(|r| qualified(&r.name))
+            .chain(self.functions.iter().flat_map(qualified))
+            .chain(self.search_path.iter().map(String::as_str))
+            .chain(self.parameters.iter().map(String::as_str))
+            .chain(self.prepares.as_deref())
+            .chain(self.executes.as_deref())
+            .chain(self.deallocates.as_deref())
+            .find(|n| !n.is_ascii())
+    }
+
+    /// Some setting's value is a bound parameter, known only at Bind.
+    pub fn needs_bind(&self) -> bool {
+        self.client_encoding
+            .iter()
+            .chain(&self.standard_conforming_strings)
+            .any(|v| matches!(v, SettingValue::Parameter(_)))
+    }
+
+    /// The statement as bound: every [`SettingValue::Parameter`] replaced by the value
+    /// `parameter(n)` reads (`None`: SQL NULL, which set_config() takes as RESET), or the
+    /// reason it cannot be read.
+    pub fn bind(
+        &self,
+        mut parameter: impl FnMut(u32) -> Result<Option<String>, String>,
+    ) -> Result<Statement, String> {
+        let mut bound = self.clone();
+        for v in bound
+            .client_encoding
+            .iter_mut()
+            .chain(bound.standard_conforming_strings.iter_mut())
+        {
+            if let SettingValue::Parameter(n) = *v {
+                *v = match parameter(n)? {
+                    Some(text) => SettingValue::Value(text),
+                    None => SettingValue::Default,
+                };
+            }
+        }
+        Ok(bound)
+    }
+}
+
+/// Statements that take the Bind message's parameters as their own `$n`. In any other (a
+/// PREPARE's body, a function's) `$n` means something else.
+const BOUND_PARAMETER_STATEMENTS: &[&str] = &[
+    "SelectStmt",
+    "InsertStmt",
+    "UpdateStmt",
+    "DeleteStmt",
+    "MergeStmt",
+    "CallStmt",
+    "ExplainStmt",
+    "DeclareCursorStmt",
+    "CreateTableAsStmt",
+];
+
+/// Where a SET met in a statement takes effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SetContext {
+    /// The session: SET, SET LOCAL, RESET.
+    Session,
+    /// Stored for later: a function's SET clause, ALTER ROLE/DATABASE … SET.
+    Stored,
+    /// ALTER SYSTEM: every session whose value comes from the configuration, on reload.
+    System,
 }
 
 fn classify_statement(stmt: &Value) -> Statement {
@@ -383,10 +664,123 @@ fn classify_statement(stmt: &Value) -> Statement {
     let mut w = Walker {
         out: &mut out,
         scopes: Vec::new(),
+        set_context: SetContext::Session,
+        bound_parameters: true,
+        settings_row: pg_settings_row(node, body),
     };
     w.visit_node(node, body, default);
     out.effect = effect_of(&out, body);
     out
+}
+
+/// Is `v` empty as prost serializes an unset field (null, "", 0, false, [])?
+fn unset(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Bool(b) => !b,
+        Value::Number(n) => n.as_u64() == Some(0),
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(_) => false,
+    }
+}
+
+/// A column reference that is the bare column `name`.
+fn is_name_column(v: &Value) -> bool {
+    let fields = v
+        .get("node")
+        .unwrap_or(v)
+        .get("ColumnRef")
+        .and_then(|c| c.get("fields"))
+        .and_then(Value::as_array);
+    matches!(fields.map(Vec::as_slice), Some([f]) if string_of(f) == Some("name"))
+}
+
+/// The setting of `SELECT set_config(name, …, …) FROM [pg_catalog.]pg_settings WHERE name =
+/// 'setting'`, exactly that and nothing more (no other clause, target, relation or alias): the
+/// one row the server can return has `name` = the constant, so set_config changes that
+/// setting. Lower-cased, as settings are.
+fn pg_settings_row(node: &str, body: &Value) -> Option<String> {
+    if node != "SelectStmt" {
+        return None;
+    }
+    let m = body.as_object()?;
+    // SETOP_NONE and LIMIT_OPTION_DEFAULT, as this protobuf numbers them.
+    let expected = |k: &str, v: &Value| match k {
+        "target_list" | "from_clause" | "where_clause" => true,
+        "op" | "limit_option" => v.as_u64() == Some(1),
+        _ => unset(v),
+    };
+    if !m.iter().all(|(k, v)| expected(k, v)) {
+        return None;
+    }
+    let [target] = m.get("target_list")?.as_array()?.as_slice() else {
+        return None;
+    };
+    let target = target.get("node").unwrap_or(target).get("ResTarget")?;
+    if !target.get("name").is_none_or(unset) || !target.get("indirection").is_none_or(unset) {
+        return None;
+    }
+    let call = target.get("val")?;
+    let call = call
+        .get("node")
+        .unwrap_or(call)
+        .get("FuncCall")?
+        .as_object()?;
+    let funcname: Vec<&str> = call
+        .get("funcname")?
+        .as_array()?
+        .iter()
+        .filter_map(string_of)
+        .collect();
+    if !matches!(
+        funcname.as_slice(),
+        ["set_config"] | ["pg_catalog", "set_config"]
+    ) {
+        return None;
+    }
+    let plain_call = call.iter().all(|(k, v)| {
+        matches!(k.as_str(), "funcname" | "args" | "funcformat" | "location") || unset(v)
+    });
+    let args = call.get("args")?.as_array()?;
+    if !plain_call || args.len() != 3 || !is_name_column(&args[0]) {
+        return None;
+    }
+    let [from] = m.get("from_clause")?.as_array()?.as_slice() else {
+        return None;
+    };
+    let range = from
+        .get("node")
+        .unwrap_or(from)
+        .get("RangeVar")?
+        .as_object()?;
+    let schema = range
+        .get("schemaname")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if range.get("relname").and_then(Value::as_str) != Some("pg_settings")
+        || !matches!(schema, "" | "pg_catalog")
+        || !range.get("catalogname").is_none_or(unset)
+        || !range.get("alias").is_none_or(unset)
+    {
+        return None;
+    }
+    let filter = m.get("where_clause")?;
+    let filter = filter.get("node").unwrap_or(filter).get("AExpr")?;
+    // AEXPR_OP, the operator `=` unqualified, `name` on the left, a string on the right.
+    let op: Vec<&str> = filter
+        .get("name")?
+        .as_array()?
+        .iter()
+        .filter_map(string_of)
+        .collect();
+    if filter.get("kind")?.as_u64() != Some(1)
+        || op != ["="]
+        || !is_name_column(filter.get("lexpr")?)
+    {
+        return None;
+    }
+    Some(string_constant(filter.get("rexpr")?)?.to_ascii_lowercase())
 }
 
 fn effect_of(s: &Statement, body: &Value) -> Effect {
@@ -519,6 +913,12 @@ struct Walker<'a> {
     out: &'a mut Statement,
     /// CTE names visible at this point, innermost last.
     scopes: Vec<BTreeSet<String>>,
+    /// Where a SET at this point takes effect.
+    set_context: SetContext,
+    /// `$n` at this point is the Bind message's parameter n.
+    bound_parameters: bool,
+    /// The statement is the one-row pg_settings shape: the setting its `name` column holds.
+    settings_row: Option<String>,
 }
 
 impl Walker<'_> {
@@ -582,6 +982,11 @@ impl Walker<'_> {
                             self.target(child, "rel", Access::Create);
                             self.visit_except(child, &["rel"], access);
                         }
+                        // ALTER ROLE/DATABASE/SYSTEM … SET: a VariableSetStmt held as a bare
+                        // field, not as a Node (a role's default role or search_path).
+                        "setstmt" if child.is_object() => {
+                            self.visit_node("VariableSetStmt", child, access)
+                        }
                         _ => self.visit(child, access),
                     }
                 }
@@ -608,6 +1013,23 @@ impl Walker<'_> {
     }
 
     fn visit_node(&mut self, node: &str, body: &Value, access: Access) {
+        let outer = (self.set_context, self.bound_parameters);
+        match node {
+            "AlterSystemStmt" => self.set_context = SetContext::System,
+            "AlterRoleSetStmt"
+            | "AlterDatabaseSetStmt"
+            | "CreateFunctionStmt"
+            | "AlterFunctionStmt" => self.set_context = SetContext::Stored,
+            _ => {}
+        }
+        if node.ends_with("Stmt") && !BOUND_PARAMETER_STATEMENTS.contains(&node) {
+            self.bound_parameters = false;
+        }
+        self.visit_node_in_context(node, body, access);
+        (self.set_context, self.bound_parameters) = outer;
+    }
+
+    fn visit_node_in_context(&mut self, node: &str, body: &Value, access: Access) {
         // Statements with a WITH clause: its CTEs are in scope for the rest of the statement.
         let pushed = self.with_clause(body);
         match node {
@@ -660,11 +1082,40 @@ impl Walker<'_> {
                 if ROLE_SETTINGS.contains(&name.as_str()) {
                     self.out.role_change = true;
                 }
-                if name == "client_encoding" {
+                // VariableSetKind: VAR_SET_VALUE 1, VAR_SET_DEFAULT 2, VAR_SET_CURRENT 3,
+                // VAR_RESET 5, VAR_RESET_ALL 6.
+                let kind = body.get("kind").and_then(Value::as_i64).unwrap_or(0);
+                let followed = name == "client_encoding" || name == "standard_conforming_strings";
+                if followed || (name.is_empty() && kind == 6) {
+                    let values = match kind {
+                        2 | 5 | 6 => vec![SettingValue::Default],
+                        3 => vec![SettingValue::Current],
+                        1 => body
+                            .get("args")
+                            .and_then(Value::as_array)
+                            .into_iter()
+                            .flatten()
+                            .map(|a| self.set_value(&name, a))
+                            .collect(),
+                        _ => vec![SettingValue::Unknown],
+                    };
+                    if name != "standard_conforming_strings" {
+                        self.out.client_encoding.extend(values.iter().cloned());
+                    }
+                    if name != "client_encoding" {
+                        self.out.standard_conforming_strings.extend(values);
+                    }
+                }
+                if name == "search_path" {
+                    // RESET, SET … TO DEFAULT and FROM CURRENT have no arguments: they name
+                    // nothing new.
                     let args = body.get("args").and_then(Value::as_array);
                     for a in args.into_iter().flatten() {
-                        if string_constant(a).is_none_or(is_unsafe_encoding) {
-                            self.out.unsafe_encoding = true;
+                        match set_argument_schema(a) {
+                            Some(schema) => {
+                                self.out.search_path.insert(schema);
+                            }
+                            None => self.out.search_path_unknown = true,
                         }
                     }
                 }
@@ -678,6 +1129,11 @@ impl Walker<'_> {
             "DiscardStmt" => {
                 if body.get("target").and_then(Value::as_i64) == Some(1) {
                     self.out.role_change = true;
+                    // It runs RESET ALL.
+                    self.out.client_encoding.push(SettingValue::Default);
+                    self.out
+                        .standard_conforming_strings
+                        .push(SettingValue::Default);
                 }
             }
             "PrepareStmt" => {
@@ -750,6 +1206,33 @@ impl Walker<'_> {
         true
     }
 
+    /// A constant argument of `SET name`, where it takes effect.
+    fn set_value(&self, name: &str, arg: &Value) -> SettingValue {
+        match (set_argument_text(arg), self.set_context) {
+            (None, _) => SettingValue::Unknown,
+            (Some(_), SetContext::System) if name != "client_encoding" => SettingValue::Unknown,
+            (Some(v), SetContext::Session) => SettingValue::Value(v),
+            (Some(v), _) => SettingValue::Stored(v),
+        }
+    }
+
+    /// set_config()'s value argument.
+    fn set_config_value(&self, arg: Option<&Value>) -> SettingValue {
+        let Some(arg) = arg else {
+            return SettingValue::Unknown;
+        };
+        if null_constant(arg) {
+            return SettingValue::Default;
+        }
+        if let Some(v) = string_constant(arg) {
+            return SettingValue::Value(v.to_owned());
+        }
+        match param_ref(arg) {
+            Some(n) if self.bound_parameters => SettingValue::Parameter(n),
+            _ => SettingValue::Unknown,
+        }
+    }
+
     fn func_call(&mut self, m: &Map<String, Value>) {
         let parts: Vec<&str> = m
             .get("funcname")
@@ -775,18 +1258,69 @@ impl Walker<'_> {
                 .and_then(Value::as_array)
                 .and_then(|a| a.first());
             let args = m.get("args").and_then(Value::as_array);
-            let constant = first.and_then(string_constant);
-            match constant.map(str::to_ascii_lowercase) {
+            let constant = first.and_then(string_constant).map(str::to_ascii_lowercase);
+            // pg_dump's one-row pg_settings shape: the `name` column is that row's constant.
+            let constant = match (constant, &self.settings_row) {
+                (None, Some(setting)) if first.is_some_and(is_name_column) => {
+                    self.out.setting_from_pg_settings = true;
+                    Some(setting.clone())
+                }
+                (constant, _) => constant,
+            };
+            match constant {
                 Some(setting) if !ROLE_SETTINGS.contains(&setting.as_str()) => {
                     if setting == "client_encoding" {
-                        let value = args.and_then(|a| a.get(1)).and_then(string_constant);
-                        if value.is_none_or(is_unsafe_encoding) {
-                            self.out.unsafe_encoding = true;
+                        let v = self.set_config_value(args.and_then(|a| a.get(1)));
+                        self.out.client_encoding.push(v);
+                    }
+                    if setting == "standard_conforming_strings" {
+                        let v = self.set_config_value(args.and_then(|a| a.get(1)));
+                        self.out.standard_conforming_strings.push(v);
+                    }
+                    if setting == "search_path" {
+                        match args.and_then(|a| a.get(1)) {
+                            // NULL: back to the value the session started with.
+                            Some(v) if null_constant(v) => {}
+                            Some(v) => match string_constant(v).and_then(parse_search_path) {
+                                Some(names) => self.out.search_path.extend(names),
+                                None => self.out.search_path_unknown = true,
+                            },
+                            None => self.out.search_path_unknown = true,
                         }
                     }
                     self.out.parameters.insert(setting);
                 }
-                _ => self.out.role_change = true,
+                Some(_) => self.out.role_change = true,
+                // A setting that is not a constant might be role, or search_path (pg_dump:
+                // `SELECT set_config(name, 'view, foreign-table', false) FROM pg_settings
+                // WHERE name = …`). As search_path, a constant value is what the path becomes
+                // if the server accepts it (and nothing changes if it does not).
+                None => {
+                    self.out.role_change = true;
+                    // Or client_encoding, or standard_conforming_strings.
+                    let maybe = match self.set_config_value(args.and_then(|a| a.get(1))) {
+                        SettingValue::Value(v) => SettingValue::IfThisSetting(v),
+                        other => other,
+                    };
+                    self.out.client_encoding.push(maybe.clone());
+                    self.out.standard_conforming_strings.push(maybe);
+                    match args.and_then(|a| a.get(1)) {
+                        Some(v) if null_constant(v) => {}
+                        Some(v) => match string_constant(v) {
+                            Some(text) => match parse_search_path(text) {
+                                Some(names) => self.out.search_path.extend(names),
+                                // Rejected as a search_path, unless pgiam is unsure.
+                                None => {
+                                    if text.contains('\u{b}') {
+                                        self.out.search_path_unknown = true;
+                                    }
+                                }
+                            },
+                            None => self.out.search_path_unknown = true,
+                        },
+                        None => self.out.search_path_unknown = true,
+                    }
+                }
             }
         }
         self.out.functions.insert(QualifiedName {
@@ -954,8 +1488,17 @@ mod tests {
         ] {
             assert!(one(sql).role_change, "{sql}");
         }
+        // A role's default role applies at its next login: a role may set its own.
+        for sql in [
+            "ALTER ROLE current_user SET role = postgres",
+            "ALTER ROLE app IN DATABASE app SET ROLE TO postgres",
+            "ALTER USER app SET session_authorization = postgres",
+        ] {
+            assert!(one(sql).role_change, "{sql}");
+        }
         for sql in [
             "SET search_path = x",
+            "ALTER ROLE app SET work_mem = '1MB'",
             "SELECT set_config('work_mem', '4MB', false)",
             "DISCARD PLANS",
             "RESET ALL",
@@ -970,6 +1513,132 @@ mod tests {
             one("SET LOCAL work_mem = '1MB'").parameters,
             BTreeSet::from(["work_mem".to_owned()])
         );
+    }
+
+    #[test]
+    fn search_path_values_are_read_as_the_server_reads_them() {
+        let schemas = |sql: &str| {
+            let s = one(sql);
+            assert!(!s.search_path_unknown, "{sql}");
+            s.search_path.into_iter().collect::<Vec<_>>()
+        };
+        assert_eq!(schemas("SET search_path = other"), ["other"]);
+        // Each argument is one name, exactly: identifiers as the parser folded them, strings
+        // as written (the server quotes them), numbers as unquoted names.
+        assert_eq!(
+            schemas(r#"SET search_path TO "Other", Public, 'a, B', 1, "$user""#),
+            ["$user", "1", "Other", "a, B", "public"]
+        );
+        assert_eq!(schemas("SET SCHEMA 'Tenant'"), ["Tenant"]);
+        assert_eq!(schemas("set local search_path = x"), ["x"]);
+        assert_eq!(
+            schemas("SET SESSION search_path = x, pg_temp"),
+            ["pg_temp", "x"]
+        );
+        // set_config's value is a list, split and folded as the server does.
+        assert_eq!(
+            schemas(r#"SELECT set_config('Search_Path', ' "A b" ,  C,pg_temp , "x""y"', false)"#),
+            ["A b", "c", "pg_temp", "x\"y"]
+        );
+        assert_eq!(
+            schemas("SELECT pg_catalog.set_config('search_path', '', false)"),
+            Vec::<String>::new()
+        );
+        // Wherever a SET sits: a function's SET clause, a role's default, a prepared
+        // statement, a cursor.
+        assert_eq!(
+            schemas(
+                "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET search_path = fn_path \
+                 AS 'select 1'"
+            ),
+            ["fn_path"]
+        );
+        assert_eq!(
+            schemas("ALTER FUNCTION f() SET search_path = a, b"),
+            ["a", "b"]
+        );
+        assert_eq!(schemas("ALTER ROLE r SET search_path = c"), ["c"]);
+        assert_eq!(
+            schemas("ALTER ROLE r IN DATABASE d SET search_path = c2"),
+            ["c2"]
+        );
+        assert_eq!(schemas("ALTER DATABASE d SET search_path = c3"), ["c3"]);
+        assert_eq!(schemas("ALTER SYSTEM SET search_path = c4"), ["c4"]);
+        assert_eq!(
+            schemas("PREPARE p AS SELECT set_config('search_path', 'd', false)"),
+            ["d"]
+        );
+        assert_eq!(
+            schemas("DECLARE c CURSOR FOR SELECT set_config('search_path', 'e', true)"),
+            ["e"]
+        );
+        // Back to the starting value: nothing new.
+        for sql in [
+            "RESET search_path",
+            "SET search_path TO DEFAULT",
+            "RESET ALL",
+            "SELECT set_config('search_path', NULL, false)",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET search_path FROM CURRENT AS 'select 1'",
+        ] {
+            assert_eq!(schemas(sql), Vec::<String>::new(), "{sql}");
+        }
+        // Values pgiam cannot read when it decides.
+        for sql in [
+            "SELECT set_config('search_path', $1, false)",
+            "SELECT set_config('search_path', 'a' || 'b', false)",
+            "SELECT set_config('search_path', 'x'::text, false)",
+            "SELECT set_config('search_path', current_setting('x'), false)",
+            "SELECT set_config('search_path', '\"a', false)",
+            "SELECT set_config('search_path', 'a b', false)",
+            "SELECT set_config('search_path', 'a,', false)",
+            "SELECT set_config('search_path', E'a\\vb', false)",
+            "SELECT set_config('search_path')",
+            "SELECT set_config(lower('SEARCH_PATH'), lower('x'), false)",
+            "SELECT set_config(lower('SEARCH_PATH'), E'a\\vb', false)",
+            "SELECT set_config(setting_name => 'search_path', new_value => 'x', is_local => false)",
+        ] {
+            assert!(one(sql).search_path_unknown, "{sql}");
+        }
+        assert!(!one("SELECT set_config('role', 'x', false)").search_path_unknown);
+        // A setting name that is not a constant might be search_path: its constant value is
+        // what the path would become, if the server accepts it as one.
+        let s = one(
+            "SELECT set_config(name, 'view, foreign-table', false) FROM pg_settings \
+             WHERE name LIKE 'restrict%'",
+        );
+        assert!(s.role_change && !s.search_path_unknown);
+        assert_eq!(
+            s.search_path,
+            BTreeSet::from(["view".into(), "foreign-table".into()])
+        );
+        let s = one("SELECT set_config(lower('X'), '1 day', false)");
+        assert!(s.role_change && !s.search_path_unknown && s.search_path.is_empty());
+        assert!(!one("SELECT set_config('work_mem', $1, false)").search_path_unknown);
+    }
+
+    #[test]
+    fn search_path_lists_split_like_split_identifier_string() {
+        let p = |v: &str| parse_search_path(v);
+        assert_eq!(p(""), Some(vec![]));
+        assert_eq!(p("  "), Some(vec![]));
+        assert_eq!(p("a"), Some(vec!["a".into()]));
+        assert_eq!(
+            p("\t$User ,\n\"$user\",PUBLIC"),
+            Some(vec!["$user".into(), "$user".into(), "public".into()])
+        );
+        assert_eq!(p(r#""""#), Some(vec!["".into()]));
+        assert_eq!(p(r#""a,b""#), Some(vec!["a,b".into()]));
+        assert_eq!(p(r#""Ab""c""#), Some(vec![r#"Ab"c"#.into()]));
+        // An unquoted name runs to a comma or whitespace, quotes and all.
+        assert_eq!(p(r#"A"b""#), Some(vec![r#"a"b""#.into()]));
+        assert_eq!(p(&"x".repeat(70)), Some(vec!["x".repeat(63)]));
+        assert_eq!(
+            p(&format!("\"{}\"", "é".repeat(40))),
+            Some(vec!["é".repeat(31)])
+        );
+        for bad in [",", "a,", ",a", "a b", "\"a", "\"a\"b", "a,,b", "a\u{b}"] {
+            assert_eq!(p(bad), None, "{bad:?}");
+        }
     }
 
     #[test]
@@ -1016,7 +1685,7 @@ mod tests {
         );
         assert!(matches!(
             classify("SELEC 1", true),
-            Err(SqlError::Syntax(_))
+            Err(SqlError::Syntax { .. })
         ));
     }
 
@@ -1103,6 +1772,12 @@ mod tests {
         assert!(role[0].role_change);
         assert!(!classify_cached("COPY shape_v TO STDOUT", true).unwrap()[0].server_files);
         assert!(classify_cached("COPY shape_v TO '/tmp/x'", true).unwrap()[0].server_files);
+        let path = |v: &str| {
+            let sql = format!("SELECT set_config('search_path', '{v}', false), x FROM shape_w");
+            classify_cached(&sql, true).unwrap()[0].search_path.clone()
+        };
+        assert_eq!(path("a"), BTreeSet::from(["a".to_owned()]));
+        assert_eq!(path("b"), BTreeSet::from(["b".to_owned()]));
         // Identifiers are not literals.
         let c = classify_cached("SELECT v FROM shape_t2 WHERE id = 1 AND n = 'x'", true).unwrap();
         assert_eq!(c[0].relations.iter().next().unwrap().name.name, "shape_t2");
@@ -1116,26 +1791,217 @@ mod tests {
     }
 
     #[test]
-    fn client_encodings_that_split_strings_differently_are_noticed() {
+    fn pg_dumps_one_row_of_pg_settings_sets_that_setting() {
+        let s = one(
+            "SELECT set_config(name, 'view, foreign-table', false) FROM pg_settings \
+             WHERE name = 'restrict_nonsystem_relation_kind'",
+        );
+        assert!(!s.role_change && s.setting_from_pg_settings);
+        assert_eq!(
+            s.parameters,
+            BTreeSet::from(["restrict_nonsystem_relation_kind".to_owned()])
+        );
+        let s = one(
+            "SELECT pg_catalog.set_config(name, 'x', false) FROM pg_catalog.pg_settings \
+             WHERE name = 'Role'",
+        );
+        assert!(s.role_change, "the row named is role: a role change");
+        // Anything more or other than the exact shape might reach another row or setting.
         for sql in [
-            "SET client_encoding = 'SJIS'",
-            "SET client_encoding TO 'Shift_JIS'",
-            "SET NAMES 'big5'",
-            "SET LOCAL client_encoding = gbk",
-            "SELECT set_config('client_encoding', 'GB18030', false)",
+            "SELECT set_config(name, 'x', false) FROM pg_settings",
+            "SELECT set_config(name, 'x', false) FROM pg_settings WHERE name <> 'work_mem'",
+            "SELECT set_config(name, 'x', false) FROM pg_settings WHERE name = 'a' OR true",
+            "SELECT set_config(name, 'x', false) FROM pg_settings WHERE name = 'a' UNION SELECT 'b'",
+            "SELECT set_config(name, 'x', false) FROM pg_settings s WHERE name = 'a'",
+            "SELECT set_config(name, 'x', false) FROM app.pg_settings WHERE name = 'a'",
+            "SELECT set_config(name, 'x', false) FROM pg_settings, t WHERE name = 'a'",
+            "SELECT set_config(name, 'x', false) FROM pg_settings WHERE name = 'a' GROUP BY name",
+            "SELECT set_config(name, 'x', false) FROM pg_settings WHERE name OPERATOR(public.=) 'a'",
+            "SELECT set_config(lower(name), 'x', false) FROM pg_settings WHERE name = 'a'",
+            "SELECT set_config(name, 'x', false), 1 FROM pg_settings WHERE name = 'a'",
+            "WITH pg_settings AS (SELECT 'role' AS name) SELECT set_config(name, 'x', false) FROM pg_settings WHERE name = 'a'",
+        ] {
+            assert!(one(sql).role_change, "{sql}");
+        }
+    }
+
+    #[test]
+    fn text_of_white_space_alone_classifies_as_nothing() {
+        for sql in ["", " ", "\n\t\r\x0b\x0c "] {
+            assert!(shape(sql).is_none(), "{sql:?}");
+            assert!(classify_cached(sql, true).unwrap().is_empty(), "{sql:?}");
+        }
+        assert!(shape("-- only a comment").is_some());
+    }
+
+    #[test]
+    fn values_given_to_client_encoding_and_standard_conforming_strings_are_read() {
+        use SettingValue::*;
+        let v = |s: &str| Value(s.into());
+        let enc = |sql: &str| one(sql).client_encoding;
+        let scs = |sql: &str| one(sql).standard_conforming_strings;
+        assert_eq!(enc("SET client_encoding = 'SJIS'"), [v("SJIS")]);
+        assert_eq!(enc("SET client_encoding TO 'Shift_JIS'"), [v("Shift_JIS")]);
+        assert_eq!(enc("SET NAMES 'big5'"), [v("big5")]);
+        assert_eq!(enc("SET LOCAL client_encoding = gbk"), [v("gbk")]);
+        assert_eq!(enc("SET client_encoding = 8"), [v("8")]);
+        assert_eq!(enc("SET client_encoding TO DEFAULT"), [Default]);
+        assert_eq!(enc("SET NAMES"), [Default]);
+        assert_eq!(enc("RESET client_encoding"), [Default]);
+        assert_eq!(
+            enc("SELECT set_config('client_encoding', 'EUC_JP', false)"),
+            [v("EUC_JP")]
+        );
+        assert_eq!(
+            enc("SELECT pg_catalog.set_config('CLIENT_ENCODING', NULL, true)"),
+            [Default]
+        );
+        assert_eq!(
+            enc("SELECT set_config('client_encoding', $1, false)"),
+            [Parameter(1)]
+        );
+        assert_eq!(
+            enc("EXPLAIN ANALYZE SELECT set_config('client_encoding', $2, false)"),
+            [Parameter(2)]
+        );
+        // $1 in a PREPARE's body is EXECUTE's argument, not a bound parameter.
+        for sql in [
+            "PREPARE p(text) AS SELECT set_config('client_encoding', $1, false)",
             "SELECT set_config('client_encoding', lower('SJIS'), false)",
+            "SELECT set_config('client_encoding', $1::text, false)",
+            "SELECT set_config('client_encoding')",
         ] {
-            assert!(one(sql).unsafe_encoding, "{sql}");
+            assert_eq!(enc(sql), [Unknown], "{sql}");
+        }
+        // Kept for later.
+        assert_eq!(
+            enc(
+                "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET client_encoding = 'LATIN1' \
+                 AS 'select 1'"
+            ),
+            [Stored("LATIN1".into())]
+        );
+        assert_eq!(
+            enc("ALTER ROLE r SET client_encoding = 'LATIN2'"),
+            [Stored("LATIN2".into())]
+        );
+        assert_eq!(
+            enc("ALTER SYSTEM SET client_encoding = 'LATIN3'"),
+            [Stored("LATIN3".into())]
+        );
+        assert_eq!(
+            scs("ALTER SYSTEM SET standard_conforming_strings = on"),
+            [Unknown]
+        );
+        assert_eq!(
+            scs("ALTER DATABASE d SET standard_conforming_strings = on"),
+            [Stored("on".into())]
+        );
+        assert_eq!(
+            scs("CREATE FUNCTION f() RETURNS int LANGUAGE sql \
+                 SET standard_conforming_strings FROM CURRENT AS 'select 1'"),
+            [Current]
+        );
+        // standard_conforming_strings, every way.
+        assert_eq!(scs("SET standard_conforming_strings = on"), [v("on")]);
+        assert_eq!(scs("SET standard_conforming_strings TO true"), [v("true")]);
+        assert_eq!(scs("SET standard_conforming_strings = 1"), [v("1")]);
+        assert_eq!(
+            scs("SET LOCAL standard_conforming_strings = 'off'"),
+            [v("off")]
+        );
+        assert_eq!(scs("RESET standard_conforming_strings"), [Default]);
+        assert_eq!(scs("SET standard_conforming_strings TO DEFAULT"), [Default]);
+        assert_eq!(
+            scs("SELECT set_config('standard_conforming_strings', $1, false)"),
+            [Parameter(1)]
+        );
+        // RESET ALL and DISCARD ALL go back to the login values.
+        for sql in ["RESET ALL", "DISCARD ALL"] {
+            assert_eq!(enc(sql), [Default], "{sql}");
+            assert_eq!(scs(sql), [Default], "{sql}");
+        }
+        // A setting name that is not a constant could be either.
+        let s = one("SELECT set_config(name, 'off', false) FROM pg_settings");
+        assert_eq!(s.client_encoding, [IfThisSetting("off".into())]);
+        assert_eq!(s.standard_conforming_strings, [IfThisSetting("off".into())]);
+        let s = one("SET work_mem = '1MB'");
+        assert!(s.client_encoding.is_empty() && s.standard_conforming_strings.is_empty());
+        assert!(is_unsafe_encoding("Shift_JIS") && is_unsafe_encoding("windows-950"));
+        assert!(!is_unsafe_encoding("EUC_JP") && !is_unsafe_encoding("nonsense"));
+    }
+
+    #[test]
+    fn booleans_read_as_postgresql_reads_a_setting() {
+        for (text, value) in [
+            ("on", Some(true)),
+            ("ON", Some(true)),
+            ("of", Some(false)),
+            ("off", Some(false)),
+            ("o", None),
+            ("onn", None),
+            ("t", Some(true)),
+            ("TRU", Some(true)),
+            ("truee", None),
+            ("f", Some(false)),
+            ("y", Some(true)),
+            ("yes", Some(true)),
+            ("n", Some(false)),
+            ("no", Some(false)),
+            ("1", Some(true)),
+            ("0", Some(false)),
+            ("01", None),
+            (" on", None),
+            ("on ", None),
+            ("", None),
+        ] {
+            assert_eq!(parse_bool(text), value, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn names_outside_ascii_are_found_wherever_the_classification_holds_them() {
+        for sql in [
+            r#"SELECT * FROM "é""#,
+            r#"SELECT * FROM "ß".t"#,
+            "SELECT ü()",
+            "SELECT s\u{e9}.f()",
+            "SET search_path = 'schéma'",
+            "SELECT set_config('search_path', 'a, \"b\u{e9}\"', false)",
+            r#"SET "my.settïng" = 1"#,
+            r#"PREPARE "pé" AS SELECT 1"#,
+            r#"EXECUTE "pé""#,
+            r#"DEALLOCATE "pé""#,
+            r#"SELECT * FROM U&"\00e9""#,
+        ] {
+            assert!(one(sql).non_ascii_name().is_some(), "{sql}");
         }
         for sql in [
-            "SET client_encoding = 'UTF8'",
-            "SET client_encoding = 'LATIN1'",
-            "SET client_encoding TO DEFAULT",
-            "RESET client_encoding",
-            "SELECT set_config('client_encoding', 'EUC_JP', false)",
+            "SELECT 'é', \"t\".v FROM t -- é",
+            "SELECT /* ü */ 1",
+            "SELECT $é$x$é$",
+            r#"SELECT * FROM U&"\0074""#,
         ] {
-            assert!(!one(sql).unsafe_encoding, "{sql}");
+            assert_eq!(one(sql).non_ascii_name(), None, "{sql}");
         }
+    }
+
+    #[test]
+    fn bound_parameters_replace_the_values_they_stand_for() {
+        let s = one("SELECT set_config('client_encoding', $2, false), $1::int");
+        assert!(s.needs_bind());
+        let bound = s
+            .bind(|n| Ok((n == 2).then(|| "LATIN9".to_owned())))
+            .unwrap();
+        assert!(!bound.needs_bind());
+        assert_eq!(
+            bound.client_encoding,
+            [SettingValue::Value("LATIN9".into())]
+        );
+        let null = s.bind(|_| Ok(None)).unwrap();
+        assert_eq!(null.client_encoding, [SettingValue::Default]);
+        assert_eq!(s.bind(|_| Err("no".into())), Err("no".to_owned()));
+        assert!(!one("SELECT set_config('work_mem', $1, false)").needs_bind());
     }
 
     #[test]

@@ -1,5 +1,9 @@
 //! TLS on both sides: the certificate pgiam presents to clients, and how it checks the server.
 
+mod issuer;
+
+pub use issuer::Issuer;
+
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -64,15 +68,58 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
+/// How pgiam answers a client's TLS handshake.
+pub enum ClientAcceptor {
+    /// One certificate for every client (`mode = "files"`).
+    Fixed(tokio_rustls::TlsAcceptor),
+    /// A certificate for the name each client dialled, from a CA (`generate`, `ca`).
+    Issuing(Arc<Issuer>),
+}
+
+impl ClientAcceptor {
+    /// Completes a client's handshake. `dialled`: the address the client connected to (for an
+    /// intercepted one, the database's address it dialled), named by the certificate when the
+    /// client sends no server name.
+    pub async fn accept<IO>(
+        &self,
+        io: IO,
+        dialled: Option<std::net::IpAddr>,
+    ) -> std::io::Result<tokio_rustls::server::TlsStream<IO>>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        match self {
+            ClientAcceptor::Fixed(acceptor) => acceptor.accept(io).await,
+            ClientAcceptor::Issuing(issuer) => {
+                let start =
+                    tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io)
+                        .await?;
+                let sni = start.client_hello().server_name().map(str::to_owned);
+                let config = issuer
+                    .config_for(sni.as_deref(), dialled)
+                    .map_err(std::io::Error::other)?;
+                start.into_stream(config).await
+            }
+        }
+    }
+}
+
 /// The server-side TLS configuration for clients, or `None` when client TLS is disabled.
 pub fn client_acceptor(
     tls: &ClientTls,
     state_dir: &Path,
-) -> Result<Option<tokio_rustls::TlsAcceptor>, TlsError> {
+) -> Result<Option<ClientAcceptor>, TlsError> {
     let (cert_path, key_path) = match tls {
         ClientTls::Disabled => return Ok(None),
         ClientTls::Files { cert, key } => (cert.clone(), key.clone()),
-        ClientTls::Generate => ensure_generated(state_dir)?,
+        ClientTls::Generate => {
+            let issuer = Issuer::generated(state_dir)?;
+            return Ok(Some(ClientAcceptor::Issuing(Arc::new(issuer))));
+        }
+        ClientTls::Ca { cert, key } => {
+            let issuer = Issuer::load(cert, key)?;
+            return Ok(Some(ClientAcceptor::Issuing(Arc::new(issuer))));
+        }
     };
     let certs = load_certs(&cert_path)?;
     let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| pem_err("key", &key_path, e))?;
@@ -81,45 +128,30 @@ pub fn client_acceptor(
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
     config.alpn_protocols = vec![ALPN_POSTGRESQL.to_vec()];
-    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
+    Ok(Some(ClientAcceptor::Fixed(
+        tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+    )))
 }
 
-/// Creates a self-signed certificate for this host in `state_dir` unless one is there already.
-/// The key is written 0600 and never replaced, so clients that pinned it keep working.
-fn ensure_generated(state_dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
-    let cert_path = state_dir.join("client-tls.crt");
-    let key_path = state_dir.join("client-tls.key");
-    if cert_path.exists() && key_path.exists() {
-        return Ok((cert_path, key_path));
-    }
+/// Writes `contents` to `path` (in `dir`, created if missing) whole or not at all, with `mode`
+/// from the start.
+fn write_private(dir: &Path, path: &Path, contents: &str, mode: u32) -> Result<(), TlsError> {
     let write_err = |path: &Path| {
         let path = path.to_owned();
         move |source| TlsError::Write { path, source }
     };
-    std::fs::create_dir_all(state_dir).map_err(write_err(state_dir))?;
-    let host = nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_else(|| "localhost".into());
-    let names = vec![host, "localhost".into(), "127.0.0.1".into(), "::1".into()];
-    let generated = rcgen::generate_simple_self_signed(names)?;
-    let write = |path: &Path, contents: &str, mode: u32| {
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(write_err(&tmp))?;
-        f.write_all(contents.as_bytes()).map_err(write_err(&tmp))?;
-        f.sync_all().map_err(write_err(&tmp))?;
-        std::fs::rename(&tmp, path).map_err(write_err(path))
-    };
-    write(&key_path, &generated.key_pair.serialize_pem(), 0o600)?;
-    write(&cert_path, &generated.cert.pem(), 0o644)?;
-    tracing::info!(cert = %cert_path.display(), "generated a host-local TLS certificate for clients");
-    Ok((cert_path, key_path))
+    std::fs::create_dir_all(dir).map_err(write_err(dir))?;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(write_err(&tmp))?;
+    f.write_all(contents.as_bytes()).map_err(write_err(&tmp))?;
+    f.sync_all().map_err(write_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(write_err(path))
 }
 
 /// The client-side TLS configuration for the upstream, or `None` for `tls = "disable"`.
@@ -212,20 +244,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn generated_certificate_is_created_once_with_a_private_key() {
-        use std::os::unix::fs::PermissionsExt;
+    fn generate_mode_issues_from_a_ca_in_the_state_dir() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(client_acceptor(&ClientTls::Generate, dir.path())
-            .unwrap()
-            .is_some());
-        let key = dir.path().join("client-tls.key");
-        let first = std::fs::read(&key).unwrap();
-        assert_eq!(
-            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
-        client_acceptor(&ClientTls::Generate, dir.path()).unwrap();
-        assert_eq!(std::fs::read(&key).unwrap(), first, "the key is reused");
+        let acceptor = client_acceptor(&ClientTls::Generate, dir.path()).unwrap();
+        assert!(matches!(acceptor, Some(ClientAcceptor::Issuing(_))));
+        assert!(dir.path().join("client-ca.crt").exists());
     }
 
     #[test]

@@ -253,7 +253,9 @@ impl Upstream {
         let startup = std::iter::once(("user", role))
             .chain(params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         frontend::startup_message(startup, &mut out)?;
+        // Every write is flushed: over TLS, what a writer accepted may otherwise wait in it.
         stream.write_all(&out).await?;
+        stream.flush().await?;
 
         let mut buf = BytesMut::with_capacity(4096);
         let mut scram: Option<ScramSha256> = None;
@@ -359,6 +361,7 @@ impl Upstream {
             }
             if !out.is_empty() {
                 stream.write_all(&out).await?;
+                stream.flush().await?;
             }
         }
     }
@@ -374,6 +377,7 @@ impl Upstream {
         let sql = format!("SET ROLE \"{}\"", role.replace('"', "\"\""));
         frontend::query(&sql, &mut out)?;
         established.stream.write_all(&out).await?;
+        established.stream.flush().await?;
         let mut buf = BytesMut::new();
         let mut failed = None;
         loop {

@@ -864,6 +864,8 @@ pub struct PgError {
     pub message: String,
     pub detail: Option<String>,
     pub hint: Option<String>,
+    /// Where in the statement text the error is: 1-based, in characters (the `P` field).
+    pub position: Option<u32>,
 }
 
 impl PgError {
@@ -875,6 +877,7 @@ impl PgError {
             message: message.into(),
             detail: None,
             hint: None,
+            position: None,
         }
     }
 
@@ -885,6 +888,7 @@ impl PgError {
             message: message.into(),
             detail: None,
             hint: None,
+            position: None,
         }
     }
 
@@ -895,6 +899,11 @@ impl PgError {
 
     pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
         self.hint = Some(hint.into());
+        self
+    }
+
+    pub fn with_position(mut self, position: Option<u32>) -> Self {
+        self.position = position;
         self
     }
 
@@ -909,6 +918,7 @@ impl PgError {
     }
 
     pub fn encode(&self, buf: &mut BytesMut) {
+        let position = self.position.map(|p| p.to_string());
         write_message(buf, b'E', |b| {
             for (code, value) in [
                 (b'S', Some(self.severity.as_bytes())),
@@ -917,6 +927,7 @@ impl PgError {
                 (b'M', Some(self.message.as_bytes())),
                 (b'D', self.detail.as_deref().map(str::as_bytes)),
                 (b'H', self.hint.as_deref().map(str::as_bytes)),
+                (b'P', position.as_deref().map(str::as_bytes)),
             ] {
                 if let Some(value) = value {
                     b.put_u8(code);

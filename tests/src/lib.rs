@@ -350,6 +350,11 @@ impl TestCa {
         self.cert.pem()
     }
 
+    /// The CA's private key, for a test that hands pgiam this CA to issue from.
+    pub fn key_pem(&self) -> String {
+        self.key.serialize_pem()
+    }
+
     /// A server certificate for `names` (DNS names or IP addresses): `(cert_pem, key_pem)`.
     pub fn issue_server_cert(&self, names: &[&str]) -> (String, String) {
         let key = rcgen::KeyPair::generate().unwrap();
@@ -458,6 +463,8 @@ impl Drop for TestCgroup {
 /// A running pgiam, stopped (SIGTERM, then SIGKILL) and cleaned up on drop.
 pub struct Pgiam {
     pub child: Child,
+    /// The binary this instance runs: its CLI verbs run the same one.
+    pub bin: PathBuf,
     pub dir: PathBuf,
     pub log_path: PathBuf,
     pub config_path: PathBuf,
@@ -504,6 +511,7 @@ impl Pgiam {
             .with_context(|| format!("spawning {}", bin.display()))?;
         let mut pgiam = Pgiam {
             child,
+            bin,
             dir,
             log_path,
             config_path,
@@ -537,7 +545,7 @@ impl Pgiam {
 
     /// Runs `pgiam ARGS… --config <this config>` to completion.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(pgiam_bin())
+        Command::new(&self.bin)
             .args(args)
             .args(["--config", path(&self.config_path)])
             .output()

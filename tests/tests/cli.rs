@@ -135,8 +135,9 @@ fn policy_test_says_what_is_decided_and_why() {
         !ok && out.contains("delete on table public.accounts"),
         "{out}"
     );
+    // Changing search_path is a `set`, which this policy does not permit.
     let (ok, out) = test("unit:x.service", "SET search_path = evil");
-    assert!(!ok && out.contains("search_path is pinned"), "{out}");
+    assert!(!ok && out.contains("set on database app"), "{out}");
     let (ok, out) = pgiam(&["policy", "schema"]);
     assert!(ok && out.contains("namespace PgIam"), "{out}");
 }

@@ -269,9 +269,12 @@ fn start_variant(
         )
     };
     let policy = write_file(dir, "bench-policy.cedar", BENCH_POLICY, 0o644);
+    // `connect = "deferred"`: logins are answered without a server connection, as PgBouncer
+    // answers them, so idle clients and connection churn compare like with like (the default,
+    // `at-login`, opens a backend per client as direct PostgreSQL does).
     let config = format!(
         "state_dir = \"{dir}/state\"\n[listen]\ntcp = \"127.0.0.1:{port}\"\n\
-         [upstream]\nhost = \"127.0.0.1\"\nport = {pg_port}\n\
+         [upstream]\nhost = \"127.0.0.1\"\nport = {pg_port}\nconnect = \"deferred\"\n\
          [policy]\nfile = \"{policy}\"\n\
          [roles.bench]\npassword_file = \"{pw}\"\n\
          [[mapping]]\nprincipal = \"cgroup:{app}\"\ndatabase = \"app\"\nrole = \"bench\"\n\

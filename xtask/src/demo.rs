@@ -50,13 +50,16 @@ fn psql_in(
 }
 
 pub fn run_demo() -> anyhow::Result<()> {
-    section("building pgiam (release)");
+    // The debug build: the one `cargo xtask test` builds too, so the README's two commands
+    // build pgiam once. Everything below runs this binary and nothing else that a build may
+    // or may not have left behind.
+    section("building pgiam");
     run(
         Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
             .current_dir(workspace_root())
-            .args(["build", "--release", "--bin", "pgiam"]),
+            .args(["build", "--bin", "pgiam"]),
     )?;
-    let bin = workspace_root().join("target/release/pgiam");
+    let bin = workspace_root().join("target/debug/pgiam");
 
     section("starting a throwaway PostgreSQL");
     let pg = PgCluster::start(PgOptions::default())?;
@@ -159,9 +162,10 @@ durability = "always"
         proxy_cg.as_ref(),
     )?;
     let result = scenes(&pg, &pgiam, &dir, tcp_port, unix_port, &me, app_cg.as_ref());
+    let bin = pgiam.bin.clone();
     drop(pgiam);
     if intercept {
-        let out = Command::new(workspace_root().join("target/release/pgiam"))
+        let out = Command::new(&bin)
             .args(["uninstall-bpf", "--config"])
             .arg(dir.path().join("demo.toml"))
             .output()?;
@@ -288,7 +292,12 @@ fn scenes(
     section("the audit log: every decision, hash-chained");
     let audit = dir.path().join("audit.jsonl");
     print!("{}", std::fs::read_to_string(&audit).unwrap_or_default());
-    let out = pgiam_cli(&["audit", "verify", &audit.display().to_string()])?;
+    let out = Command::new(&pgiam.bin)
+        .args(["audit", "verify"])
+        .arg(&audit)
+        .output()?;
+    let out =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     print!("{out}");
     if !out.contains("hash chain intact") {
         bail!("the audit log does not verify");
@@ -309,13 +318,6 @@ permit(principal, action == PgIam::Action::"execute", resource);
 forbid(principal, action == PgIam::Action::"execute", resource)
   when { resource.name like "pg_read_*" || resource.name like "lo_*" };
 "#;
-
-fn pgiam_cli(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(workspace_root().join("target/release/pgiam"))
-        .args(args)
-        .output()?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
-}
 
 fn nix_user_name() -> String {
     nix::unistd::User::from_uid(nix::unistd::geteuid())

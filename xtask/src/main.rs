@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's own commands.
 //!
-//! - `install-deps`: the Debian packages pgiam's build, demo and tests need (only the missing ones)
+//! - `install-deps`: the Debian packages pgiam's build, demo and tests need (only the missing ones),
+//!   and the database drivers the tests run, pinned, in `target/drivers/`
 //! - `demo`: a throwaway PostgreSQL, pgiam in front of it, and real psql sessions through it
 //! - `test`: formatting, lints, and every test against real PostgreSQL clusters
 
@@ -14,7 +15,8 @@ mod demo;
 
 /// Debian packages: PostgreSQL and its clients for the tests and demo, PgBouncer for the
 /// benchmark, clang/llvm/libbpf for the eBPF programs and libclang (bindgen), python3 for the
-/// tests' small socket clients.
+/// tests' small socket clients; for the driver tests (tests/drivers/): python3-venv, Node.js,
+/// a JDK (single-file source programs) and pgJDBC (/usr/share/java/postgresql.jar).
 const PACKAGES: &[&str] = &[
     "postgresql",
     "postgresql-contrib",
@@ -26,7 +28,16 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "procps",
     "python3",
+    "python3-venv",
+    "nodejs",
+    "openjdk-17-jdk-headless",
+    "libpostgresql-jdbc-java",
 ];
+
+/// The drivers the tests run as applications would, pinned: into a Python venv at
+/// `target/drivers/venv` and an npm prefix at `target/drivers/node`.
+const PIP_DRIVERS: &[&str] = &["psycopg[binary]==3.3.9", "asyncpg==0.32.0"];
+const NPM_DRIVERS: &[&str] = &["pg@8.23.1"];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -84,6 +95,11 @@ fn is_installed(package: &str) -> bool {
 }
 
 fn install_deps() -> anyhow::Result<()> {
+    install_packages()?;
+    install_drivers()
+}
+
+fn install_packages() -> anyhow::Result<()> {
     if Command::new("apt-get").arg("--version").output().is_err() {
         eprintln!(
             "xtask: no apt-get here; make sure these are installed: {}",
@@ -91,11 +107,16 @@ fn install_deps() -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    let missing: Vec<&str> = PACKAGES
+    let mut missing: Vec<&str> = PACKAGES
         .iter()
         .copied()
         .filter(|p| !is_installed(p))
         .collect();
+    // Debian's nodejs comes without npm; NodeSource's (and others') bring their own, which
+    // Debian's npm package would conflict with: only when there is no npm at all.
+    if Command::new("npm").arg("--version").output().is_err() {
+        missing.push("npm");
+    }
     if missing.is_empty() {
         return Ok(());
     }
@@ -116,6 +137,60 @@ fn install_deps() -> anyhow::Result<()> {
     let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
     args.extend(&missing);
     apt(&args)
+}
+
+/// The pinned drivers in `target/drivers/`, unless its marker says exactly these are there.
+fn install_drivers() -> anyhow::Result<()> {
+    let dir = workspace_root().join("target/drivers");
+    let marker = dir.join("installed");
+    let pins = format!("{}\n{}\n", PIP_DRIVERS.join(" "), NPM_DRIVERS.join(" "));
+    let python = dir.join("venv/bin/python");
+    let pg_js = dir.join("node/node_modules/pg/package.json");
+    if std::fs::read_to_string(&marker).is_ok_and(|m| m == pins)
+        && python.exists()
+        && pg_js.exists()
+    {
+        return Ok(());
+    }
+    let _ = std::fs::remove_file(&marker);
+    std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+    eprintln!(
+        "xtask: installing {} {} into {}",
+        PIP_DRIVERS.join(" "),
+        NPM_DRIVERS.join(" "),
+        dir.display()
+    );
+    // The system's Python (Debian's, with python3-venv), not whichever a user's PATH prefers.
+    let system_python = if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    };
+    if !python.exists() {
+        // A venv whose interpreter is gone (Python upgraded) is made anew.
+        let _ = std::fs::remove_dir_all(dir.join("venv"));
+        run(Command::new(system_python)
+            .args(["-m", "venv"])
+            .arg(dir.join("venv")))
+        .context("python3 -m venv (Debian: apt-get install python3-venv)")?;
+    }
+    run(Command::new(dir.join("venv/bin/pip"))
+        .args([
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-input",
+        ])
+        .args(PIP_DRIVERS))
+    .context("pip install the Python drivers")?;
+    run(Command::new("npm")
+        .args(["install", "--prefix"])
+        .arg(dir.join("node"))
+        .args(["--save-exact", "--no-audit", "--no-fund", "--silent"])
+        .args(NPM_DRIVERS))
+    .context("npm install the Node.js driver")?;
+    std::fs::write(&marker, pins).with_context(|| format!("writing {}", marker.display()))?;
+    Ok(())
 }
 
 /// Compiles the eBPF object into target/bpf with the same function the build script uses.

@@ -32,12 +32,12 @@ pub struct Deferred {
 
 /// Logs in as the key says: the role's credentials, the server's encoding checked, the
 /// mapped role assumed in gateway mode. A successful login's greeting is remembered for the
-/// next one with the same key, and the session's cancel key then reaches its backend.
+/// next one with the same key. The session's cancel key is the caller's to point at the
+/// backend ([`reach`]): a session that logs in now gets its key from the backend's pid.
 pub async fn connect(
     shared: &Shared,
     key: &Arc<LoginKey>,
     peer: &str,
-    cancel_key: &Registration,
 ) -> Result<Established, Refusal> {
     let failed = |e: UpstreamError| {
         warn!(peer = %peer, role = %key.role, "upstream login failed: {e}");
@@ -70,14 +70,18 @@ pub async fn connect(
             .map_err(failed)?;
     }
     shared.upstream.remember(key, &established.parameters);
-    cancel_key.connect(Target {
-        upstream: shared.upstream.clone(),
-        process_id: established.process_id,
-        secret_key: established.secret_key,
-        address: key.target,
-    });
     info!(peer = %peer, backend_pid = established.process_id, "connected upstream");
     Ok(established)
+}
+
+/// Points the session's cancel key at its backend: a CancelRequest with the key now reaches it.
+pub fn reach(shared: &Shared, key: &LoginKey, cancel_key: &Registration, backend: &Established) {
+    cancel_key.connect(Target {
+        upstream: shared.upstream.clone(),
+        process_id: backend.process_id,
+        secret_key: backend.secret_key,
+        address: key.target,
+    });
 }
 
 /// What the client must hear about a login that happened after it was greeted: reports that

@@ -50,6 +50,8 @@ pub enum Event {
     /// The server now reads the client's bytes in an encoding pgiam cannot split statements in
     /// (a route pgiam did not see, such as a role default): the session must end.
     UnsafeClientEncoding(String),
+    /// The server now reads the client's bytes in this encoding (one pgiam can read).
+    ClientEncoding(String),
 }
 
 #[derive(Default)]
@@ -67,11 +69,24 @@ pub struct Responses {
     error: Option<String>,
     /// The last ReadyForQuery said a transaction block is open (or failed).
     in_block: bool,
+    /// The server is in copy-in mode and the client has not ended the copy yet: the Syncs it
+    /// sends until then are ignored by the server, so they are owed nothing.
+    copy_in: bool,
     pub events: Vec<Event>,
 }
 
 impl Responses {
     pub fn push(&mut self, e: Expect) {
+        if self.copy_in {
+            match e.kind {
+                ExpectKind::Sync => return,
+                ExpectKind::CopyEnd => {
+                    self.copy_in = false;
+                    return;
+                }
+                _ => {}
+            }
+        }
         if self.skipping {
             if e.kind != ExpectKind::Sync {
                 // The queue is empty while skipping: this is the front, answered by nothing.
@@ -129,8 +144,36 @@ impl Responses {
         }
     }
 
-    fn front_kind(&self) -> Option<ExpectKind> {
+    fn front_kind(&mut self) -> Option<ExpectKind> {
+        // A copy's end marker at the front is owed nothing: the copy it ended is answered.
+        while self
+            .expects
+            .front()
+            .is_some_and(|e| e.kind == ExpectKind::CopyEnd)
+        {
+            self.expects.pop_front();
+        }
         self.expects.front().map(|e| e.kind)
+    }
+
+    /// The request at the front started a COPY FROM STDIN (CopyInResponse): the Syncs the
+    /// client sent after it, up to the end of the copy, are ignored by the server and owed
+    /// nothing. If the copy has not ended yet, those still to come are dropped as they arrive.
+    fn enter_copy_in(&mut self) {
+        let mut i = 1;
+        while i < self.expects.len() {
+            match self.expects[i].kind {
+                ExpectKind::Sync => {
+                    self.expects.remove(i);
+                }
+                ExpectKind::CopyEnd => {
+                    self.expects.remove(i);
+                    return;
+                }
+                _ => i += 1,
+            }
+        }
+        self.copy_in = true;
     }
 
     /// Ends the request at the front. `sqlstate: None` for one the server skipped.
@@ -164,6 +207,7 @@ impl Responses {
             | (b'2', Some(ExpectKind::Bind))
             | (b'3', Some(ExpectKind::Close))
             | (b'T' | b'n', Some(ExpectKind::Describe)) => self.complete(Some("00000"), None, None),
+            (b'G', Some(ExpectKind::Query | ExpectKind::Execute)) => self.enter_copy_in(),
             (b'I', Some(ExpectKind::Query)) => self.done += 1,
             (b'I', Some(ExpectKind::Execute)) => self.complete(Some("00000"), Some(0), None),
             (b's', Some(ExpectKind::Execute)) => {
@@ -181,11 +225,11 @@ impl Responses {
                 let Some(front) = self.expects.front() else {
                     return Ok(None);
                 };
-                // The sentinel's own syntax error becomes pgiam's refusal; any other error
+                // The sentinel's own error becomes pgiam's refusal; any other error
                 // (25P02 in a failed transaction, a shutdown) is what the server would have
                 // said about the statement too.
                 let replacement = match &front.refused {
-                    Some(e) if code == "42601" => {
+                    Some(e) if code == super::statements::SENTINEL_SQLSTATE => {
                         let mut b = BytesMut::new();
                         e.encode(&mut b);
                         Some(b.freeze())
@@ -239,6 +283,8 @@ impl Responses {
                     if crate::sql::is_unsafe_encoding(&value) {
                         self.events
                             .push(Event::UnsafeClientEncoding(value.into_owned()));
+                    } else {
+                        self.events.push(Event::ClientEncoding(value.into_owned()));
                     }
                 }
                 Ok(None)
@@ -349,7 +395,12 @@ mod tests {
             wire::command_complete(b"INSERT 0 1", &mut head);
             let mut z = BytesMut::new();
             wire::ready_for_query(wire::TransactionStatus::Idle, &mut z);
-            let server = [&head[..], &error("42601"), &z].concat();
+            let server = [
+                &head[..],
+                &error(crate::session::statements::SENTINEL_SQLSTATE),
+                &z,
+            ]
+            .concat();
             let out = run(&mut r, &server, chunk);
             let mut refusal = BytesMut::new();
             PgError::error("42501", "pgiam: permission denied: x").encode(&mut refusal);
@@ -395,8 +446,66 @@ mod tests {
         assert!(r.expects.is_empty());
     }
 
+    /// tokio-postgres (and other drivers) send Bind, Execute, Sync for a COPY FROM STDIN, then
+    /// the data, CopyDone, Sync. The server ignores the first Sync (it arrives in copy-in
+    /// mode): one ReadyForQuery answers both. Owing one for each put every later answer one
+    /// request off, and a refusal's error then reached the client as the sentinel's own.
     #[test]
-    fn only_the_sentinels_syntax_error_is_rewritten() {
+    fn syncs_sent_during_a_copy_in_are_owed_nothing() {
+        let copy_in = |r: &mut Responses| {
+            r.push(expect(ExpectKind::Bind, "", false));
+            r.push(expect(ExpectKind::Execute, "copy", false));
+            r.push(expect(ExpectKind::Sync, "", false));
+        };
+        let copy_end = |r: &mut Responses| {
+            r.push(expect(ExpectKind::CopyEnd, "", false));
+            r.push(expect(ExpectKind::Sync, "", false));
+        };
+        let mut server = BytesMut::new();
+        server.extend_from_slice(b"2\0\0\0\x04");
+        server.extend_from_slice(b"G\0\0\0\x07\0\0\0");
+        wire::command_complete(b"COPY 3", &mut server);
+        wire::ready_for_query(wire::TransactionStatus::Idle, &mut server);
+        let mut refused = error(crate::session::statements::SENTINEL_SQLSTATE);
+        wire::ready_for_query(wire::TransactionStatus::Idle, &mut refused);
+
+        // The copy's end is queued before the server's CopyInResponse is read, and after it.
+        for end_first in [true, false] {
+            let mut r = Responses::default();
+            copy_in(&mut r);
+            let mut out = Vec::new();
+            if end_first {
+                copy_end(&mut r);
+                out = run(&mut r, &server, 3);
+            } else {
+                let split = 5 + 8;
+                out.extend(run(&mut r, &server[..split], 1000));
+                copy_end(&mut r);
+                out.extend(run(&mut r, &server[split..], 1000));
+            }
+            assert_eq!(out, server.to_vec());
+            assert!(
+                r.expects.is_empty(),
+                "end_first={end_first}: nothing more is owed"
+            );
+            r.push(expect(ExpectKind::Query, "q", true));
+            let out = run(&mut r, &refused, 1000);
+            assert!(
+                String::from_utf8_lossy(&out).contains("42501"),
+                "end_first={end_first}: pgiam's refusal, not the sentinel's error"
+            );
+            assert_eq!(
+                completions(&r),
+                [
+                    ("copy".into(), Some("00000".into()), Some(3)),
+                    ("q".into(), Some("42501".into()), Some(0)),
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn only_the_sentinels_own_error_is_rewritten() {
         let mut r = Responses::default();
         r.push(expect(ExpectKind::Query, "q", true));
         let mut server = error("25P02");
@@ -457,5 +566,21 @@ mod tests {
             assert!(r.at_boundary());
         }
         assert!(Responses::default().step(b"Z\0\0\0\x02").is_err());
+    }
+
+    #[test]
+    fn client_encodings_the_server_reports_are_told_to_the_session() {
+        let mut b = BytesMut::new();
+        wire::parameter_status(b"client_encoding", b"LATIN1", &mut b);
+        wire::parameter_status(b"client_encoding", b"SJIS", &mut b);
+        let mut r = Responses::default();
+        assert_eq!(run(&mut r, &b, b.len()), b.to_vec());
+        assert_eq!(
+            r.events,
+            [
+                Event::ClientEncoding("LATIN1".into()),
+                Event::UnsafeClientEncoding("SJIS".into())
+            ]
+        );
     }
 }

@@ -4,6 +4,11 @@
 //! the session's identity is refused outright, whichever of PostgreSQL's spellings it uses:
 //! a `role` or `session_authorization` parameter, the same inside `options` (`-c role=x`,
 //! `-crole=x`, `--role=x`, `--session-authorization=x`, any case), and replication.
+//!
+//! A search_path the client chooses (a `search_path` parameter or `-c search_path=` in
+//! `options`) is taken out of both and sent as the one `search_path` parameter in place of
+//! `[policy] search_path`, so the value the server starts with is the one pgiam authorizes
+//! names against (and what RESET returns to); a role's or database's default never applies.
 
 use crate::identity::Identity;
 use crate::wire::{PgError, StartupMessage};
@@ -15,6 +20,39 @@ pub struct Checked {
     /// Parameters for the server, `user` excluded; `options` rebuilt from what was parsed.
     pub forwarded: Vec<(String, String)>,
     pub negotiation: Option<Negotiation>,
+    /// The search_path the client chose at startup, as PostgreSQL would apply it (its last
+    /// `search_path` parameter, else the last `-c search_path=` in `options`), checked to be a
+    /// list pgiam reads as the server does: the value, and the schemas it names. Not in
+    /// `forwarded`: see [`Checked::search_path_setting`].
+    pub search_path: Option<(String, Vec<String>)>,
+}
+
+impl Checked {
+    /// The `search_path` parameter to log in with: the client's choice, else
+    /// `[policy] search_path`. Sent after `forwarded`, it is the value the session starts with.
+    pub fn search_path_setting(&self, policy: &crate::config::PolicyConfig) -> String {
+        match &self.search_path {
+            Some((value, _)) => value.clone(),
+            None => policy.search_path_setting(),
+        }
+    }
+
+    /// How the session's names resolve at first: against the search_path it logs in with
+    /// ([`Checked::search_path_setting`]), `$user` being `role`.
+    pub fn resolver(
+        &self,
+        policy: &crate::config::PolicyConfig,
+        role: &str,
+    ) -> crate::policy::Resolver {
+        match &self.search_path {
+            Some((_, names)) => {
+                let mut r = crate::policy::Resolver::new(names, role);
+                r.chosen_at_startup = true;
+                r
+            }
+            None => crate::policy::Resolver::new(&policy.search_path, role),
+        }
+    }
 }
 
 /// The client asked for a newer protocol minor or for protocol options: pgiam answers with
@@ -40,12 +78,26 @@ fn refuse_identity_change(how: &str) -> PgError {
     .with_hint("pgiam chooses the database role from the client's verified identity")
 }
 
-fn pinned_search_path() -> PgError {
-    PgError::fatal(
-        "42501",
-        "pgiam: search_path cannot be chosen at startup; pgiam pins it",
-    )
-    .with_hint("unqualified names are authorized against the search_path in pgiam's [policy]")
+/// A startup search_path pgiam accepts: one it reads as the server will, naming no more
+/// schemas than a session may.
+fn check_search_path(value: &str) -> Result<Vec<String>, PgError> {
+    let names = crate::sql::parse_search_path(value).ok_or_else(|| {
+        PgError::fatal(
+            "22023",
+            format!("pgiam: invalid value for parameter \"search_path\": {value:?}"),
+        )
+        .with_hint("a comma-separated list of schema names, double-quoted where needed")
+    })?;
+    if names.len() > crate::policy::Resolver::MAX_SCHEMAS {
+        return Err(PgError::fatal(
+            "22023",
+            format!(
+                "pgiam: search_path names more than {} schemas",
+                crate::policy::Resolver::MAX_SCHEMAS
+            ),
+        ));
+    }
+    Ok(names)
 }
 
 pub fn unsafe_encoding(value: &str) -> PgError {
@@ -75,6 +127,10 @@ pub fn check(m: StartupMessage) -> Result<Checked, PgError> {
         .to_owned();
     let mut database = None;
     let mut forwarded = Vec::with_capacity(m.params.len());
+    // PostgreSQL applies `options` first, then the other parameters in order: the last
+    // `search_path` parameter wins, else the last one in `options`.
+    let mut search_path_param = None;
+    let mut search_path_option = None;
     for (name, value) in m.params {
         let norm = normalize(&name);
         match norm.as_str() {
@@ -90,11 +146,24 @@ pub fn check(m: StartupMessage) -> Result<Checked, PgError> {
             }
             "options" => {
                 let settings = parse_options(&value)?;
+                let mut kept = Vec::with_capacity(settings.len());
+                for (name, value) in settings {
+                    if name == "search_path" {
+                        let names = check_search_path(&value)?;
+                        search_path_option = Some((value, names));
+                    } else {
+                        kept.push((name, value));
+                    }
+                }
+                let settings = kept;
                 if !settings.is_empty() {
                     forwarded.push(("options".to_owned(), encode_options(&settings)));
                 }
             }
-            "search_path" => return Err(pinned_search_path()),
+            "search_path" => {
+                let names = check_search_path(&value)?;
+                search_path_param = Some((value, names));
+            }
             "client_encoding" if crate::sql::is_unsafe_encoding(&value) => {
                 return Err(unsafe_encoding(&value))
             }
@@ -121,6 +190,7 @@ pub fn check(m: StartupMessage) -> Result<Checked, PgError> {
         database,
         forwarded,
         negotiation,
+        search_path: search_path_param.or(search_path_option),
     })
 }
 
@@ -194,7 +264,7 @@ pub fn parse_options(options: &str) -> Result<Vec<(String, String)>, PgError> {
             return Err(refuse_identity_change(&format!("options {setting:?}")));
         }
         if name == "search_path" {
-            return Err(pinned_search_path());
+            check_search_path(value)?;
         }
         if name == "client_encoding" && crate::sql::is_unsafe_encoding(value) {
             return Err(unsafe_encoding(value));
@@ -312,16 +382,67 @@ mod tests {
     }
 
     #[test]
-    fn search_path_is_pinned() {
+    fn a_search_path_chosen_at_startup_replaces_the_configured_one() {
+        let policy: crate::config::PolicyConfig =
+            toml::from_str("file = \"p.cedar\"\nsearch_path = [\"public\"]").unwrap();
+        let chosen = |params: &[(&str, &str)]| {
+            let mut p = vec![("user", "u")];
+            p.extend(params.iter().copied());
+            let c = check(startup(&p)).unwrap();
+            assert!(
+                c.forwarded.iter().all(|(k, v)| {
+                    normalize(k) != "search_path" && !v.to_ascii_lowercase().contains("search")
+                }),
+                "{:?}",
+                c.forwarded
+            );
+            let r = c.resolver(&policy, "app");
+            (
+                c.search_path_setting(&policy),
+                r.schemas().to_vec(),
+                r.chosen_at_startup,
+            )
+        };
+        assert_eq!(
+            chosen(&[]),
+            ("public".into(), vec!["public".to_owned()], false)
+        );
+        assert_eq!(
+            chosen(&[("search_path", r#"Tenant_A, "$user""#)]),
+            (
+                r#"Tenant_A, "$user""#.into(),
+                vec!["tenant_a".to_owned(), "app".to_owned()],
+                true
+            )
+        );
+        assert_eq!(chosen(&[("Search_Path", "x")]).1, ["x"]);
+        // options first, then parameters, each the last of its kind: as the server applies them.
+        assert_eq!(
+            chosen(&[
+                ("search_path", "p1"),
+                (
+                    "options",
+                    "-c search_path=o1 -c work_mem=1MB --search-path=o2"
+                ),
+                ("search_path", "p2"),
+            ])
+            .0,
+            "p2"
+        );
+        let (value, schemas, _) = chosen(&[("options", r"-c search_path=a,\ b -c work_mem=1MB")]);
+        assert_eq!(
+            (value.as_str(), schemas),
+            ("a, b", vec!["a".into(), "b".into()])
+        );
+        // What pgiam cannot read as the server would is refused.
         for params in [
-            &[("user", "u"), ("search_path", "evil")][..],
-            &[("user", "u"), ("Search-Path", "evil")][..],
-            &[("user", "u"), ("options", "-c search_path=evil")][..],
-            &[("user", "u"), ("options", "--search-path=evil")][..],
+            &[("user", "u"), ("search_path", "a b")][..],
+            &[("user", "u"), ("search_path", "\"a")][..],
+            &[("user", "u"), ("options", "-c search_path=a,")][..],
         ] {
             assert_eq!(
                 check(startup(params)).unwrap_err().code,
-                "42501",
+                "22023",
                 "{params:?}"
             );
         }

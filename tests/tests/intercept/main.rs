@@ -2,6 +2,8 @@
 //! PostgreSQL's own address, reach it only through pgiam. Each test has its own cgroup tree and
 //! bpffs pin directory, and removes both even when it fails.
 
+mod drivers;
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -617,4 +619,308 @@ fn ipv6_loopback_is_intercepted() {
     );
     let (peer, _) = peer_seen_from(&env.app, "::1", env.pg.port);
     assert_eq!(peer, env.pg.port.to_string());
+}
+
+/// A client of the fast path that keeps writing after its session ended, printing what each
+/// `send()` returned: `ok` or the errno's name. Modes: `eof` (Terminate, wait for pgiam's EOF,
+/// then write: pgiam is half-closed, then closing, then gone), `late` (the same, once pgiam has
+/// long closed), `eager` (write right after the Terminate, while pgiam is closing),
+/// `deferred` (Terminate before any query: the session ends without a server login), `shut_wr`
+/// (the client half-closes itself, then writes).
+const AFTER_CLOSE_CLIENT: &str = r#"
+import errno, socket, struct, sys, time
+host, port, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET, socket.SOCK_STREAM)
+s.connect((host, port))
+buf = b''
+def until_ready():
+    global buf
+    while True:
+        while len(buf) < 5 or len(buf) < 1 + struct.unpack('!i', buf[1:5])[0]:
+            chunk = s.recv(65536)
+            if not chunk:
+                sys.exit('EOF before ReadyForQuery')
+            buf += chunk
+        kind, n = buf[0:1], struct.unpack('!i', buf[1:5])[0]
+        msg, buf = buf[:1 + n], buf[1 + n:]
+        if kind == b'E':
+            sys.exit('server error: %r' % msg)
+        if kind == b'Z':
+            return
+body = struct.pack('!i', 196608) + b'user\0whoever\0database\0app\0\0'
+s.sendall(struct.pack('!i', len(body) + 4) + body)
+until_ready()
+if mode != 'deferred':
+    q = b'select 1\0'
+    s.sendall(b'Q' + struct.pack('!i', len(q) + 4) + q)
+    until_ready()
+if mode == 'shut_wr':
+    s.shutdown(socket.SHUT_WR)
+else:
+    s.sendall(b'X' + struct.pack('!i', 4))
+if mode in ('eof', 'late', 'deferred'):
+    while s.recv(65536):
+        pass
+if mode == 'late':
+    time.sleep(0.5)
+out = []
+for i in range(40):
+    try:
+        s.send(b'x' * 64)
+        out.append('ok')
+    except OSError as e:
+        out.append(errno.errorcode.get(e.errno, str(e.errno)))
+    time.sleep(0.005)
+print(' '.join(out))
+"#;
+
+#[test]
+fn fast_path_never_fails_a_send_tcp_would_accept() {
+    let env = Env::start(true);
+    let before = env.stats()["redirect"];
+    let cases = [
+        ("127.0.0.1", "eof"),
+        ("127.0.0.1", "late"),
+        ("127.0.0.1", "eager"),
+        ("127.0.0.1", "deferred"),
+        ("127.0.0.1", "shut_wr"),
+        ("::1", "eof"),
+        ("::1", "late"),
+        ("::1", "shut_wr"),
+    ];
+    let mut failures = Vec::new();
+    // Races are timing-dependent: every case runs a few times.
+    for round in 0..3 {
+        for (host, mode) in cases {
+            let out = output(env.app.command("python3").args([
+                "-c",
+                AFTER_CLOSE_CLIENT,
+                host,
+                &env.pg.port.to_string(),
+                mode,
+            ]));
+            assert!(out.status.success(), "{host} {mode}: {}", text(&out));
+            let sends: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect();
+            assert_eq!(sends.len(), 40, "{host} {mode}: {}", text(&out));
+            let first_error = sends.iter().position(|r| r != "ok");
+            let ok = if mode == "shut_wr" {
+                // TCP refuses every write after the writer's own shutdown(SHUT_WR).
+                sends.iter().all(|r| r == "EPIPE")
+            } else {
+                // The peer has closed, or is closing: TCP takes the first write, and once the
+                // peer's reset is back, refuses the rest with ECONNRESET or EPIPE. Never EACCES.
+                first_error.is_none_or(|i| {
+                    i > 0 && sends[i..].iter().all(|r| r == "EPIPE" || r == "ECONNRESET")
+                })
+            };
+            if !ok {
+                failures.push(format!("round {round} {host} {mode}: {}", sends.join(" ")));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "sends that plain TCP would have answered differently:\n{}",
+        failures.join("\n")
+    );
+    assert!(
+        env.stats()["redirect"] > before,
+        "the sessions took the sk_msg fast path"
+    );
+}
+
+/// A session that pauses after its first query (printing its own port) until a line on stdin,
+/// then sends a second query and prints its answer, or the errno of the failed send.
+const PAUSING_CLIENT: &str = r#"
+import errno, socket, struct, sys
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET, socket.SOCK_STREAM)
+s.connect((host, port))
+buf = b''
+def until_ready():
+    global buf
+    rows = []
+    while True:
+        while len(buf) < 5 or len(buf) < 1 + struct.unpack('!i', buf[1:5])[0]:
+            chunk = s.recv(65536)
+            if not chunk:
+                sys.exit('EOF before ReadyForQuery')
+            buf += chunk
+        kind, n = buf[0:1], struct.unpack('!i', buf[1:5])[0]
+        msg, buf = buf[:1 + n], buf[1 + n:]
+        if kind == b'E':
+            sys.exit('server error: %r' % msg)
+        if kind == b'D':
+            rows.append(msg[11:].decode())
+        if kind == b'Z':
+            return rows
+def query(sql):
+    q = sql.encode() + b'\0'
+    s.sendall(b'Q' + struct.pack('!i', len(q) + 4) + q)
+    return until_ready()
+body = struct.pack('!i', 196608) + b'user\0whoever\0database\0app\0\0'
+s.sendall(struct.pack('!i', len(body) + 4) + body)
+until_ready()
+query('select 1')
+print(s.getsockname()[1], flush=True)
+sys.stdin.readline()
+try:
+    print('answer', ' '.join(query('select 41 + 1')))
+except OSError as e:
+    print('error', errno.errorcode.get(e.errno, str(e.errno)))
+s.sendall(b'X' + struct.pack('!i', 4))
+"#;
+
+/// `struct pgiam_sock_key` as bpftool's `key hex` words: one end of a connection, seen from
+/// that end.
+fn sock_key_hex(local: SocketAddr, remote: SocketAddr) -> Vec<String> {
+    let mapped = |a: SocketAddr| match a.ip() {
+        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        std::net::IpAddr::V6(v6) => v6.octets(),
+    };
+    let mut key = Vec::new();
+    key.extend(mapped(local));
+    key.extend(mapped(remote));
+    key.extend(u32::from(local.port()).to_ne_bytes());
+    key.extend(u32::from(remote.port()).to_ne_bytes());
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn fast_path_falls_back_to_tcp_when_the_peer_leaves_the_sockhash() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+
+    let env = Env::start(true);
+    let socks = env.bpffs_dir.join("v1").join("pgiam_socks");
+    let before = env.stats()["fallback"];
+    // Either end may leave first: the application's socket (then pgiam's writes must fall
+    // back), or pgiam's (then the application's must).
+    for host in ["127.0.0.1", "::1"] {
+        for leaving in ["pgiam", "app"] {
+            let mut child = env
+                .app
+                .command("python3")
+                .args(["-c", PAUSING_CLIENT, host, &env.pg.port.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut stdout = BufReader::new(child.stdout.take().unwrap());
+            let mut line = String::new();
+            stdout.read_line(&mut line).unwrap();
+            let app: SocketAddr = SocketAddr::new(
+                host.parse().unwrap(),
+                line.trim().parse().expect("the client's port"),
+            );
+            let proxy = SocketAddr::new(app.ip(), env.listen.port());
+            let key = if leaving == "pgiam" {
+                sock_key_hex(proxy, app)
+            } else {
+                sock_key_hex(app, proxy)
+            };
+            let out = output(
+                Command::new("bpftool")
+                    .args(["map", "delete", "pinned"])
+                    .arg(&socks)
+                    .args(["key", "hex"])
+                    .args(&key),
+            );
+            assert!(out.status.success(), "bpftool: {}", text(&out));
+            child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+            let mut rest = String::new();
+            std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+            let status = child.wait().unwrap();
+            assert_eq!(
+                rest.trim(),
+                "answer 42",
+                "{host}, {leaving}'s end out of the SOCKHASH ({status}):\n{}",
+                env.log()
+            );
+        }
+    }
+    assert!(env.stats()["fallback"] >= before + 4, "each case fell back");
+}
+
+/// Large answers over TLS to clients that read slower than pgiam writes, through the fast
+/// path, with short transactions running beside them: every byte arrives, and no answer
+/// stalls. (A TLS writer that meets a full socket keeps the tail of what it accepted until it
+/// is flushed; pgiam once never flushed it, and psql could wait forever for the end of a COPY
+/// TO the server had finished. The stall depends on how the last write meets the socket: this
+/// test is the scenario, and fails on any stall or lost row.)
+#[test]
+fn tls_answers_to_slow_readers_all_arrive_through_the_fast_path() {
+    use std::io::Read;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    let env = Env::start(true);
+    let dsn = env.db_dsn("127.0.0.1", "sslmode=require");
+    let rows = 12_000;
+    let copy = format!(
+        "COPY (SELECT md5(i::text) || repeat('x', 200) FROM generate_series(1, {rows}) i) TO STDOUT"
+    );
+    for round in 0..4 {
+        let (done_tx, done_rx) = mpsc::channel();
+        let mut pids = Vec::new();
+        for reader in 0..2 {
+            let mut child = env
+                .app
+                .command(pg_bin_dir().join("psql"))
+                .args(["-X", "-A", "-t", &dsn, "-c", &copy])
+                .env("PGCONNECT_TIMEOUT", "10")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            pids.push(child.id());
+            let done = done_tx.clone();
+            std::thread::spawn(move || {
+                let mut out = child.stdout.take().unwrap();
+                let mut lines = 0;
+                let mut chunk = vec![0u8; 16 * 1024];
+                loop {
+                    match out.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => lines += chunk[..n].iter().filter(|&&b| b == b'\n').count(),
+                    }
+                    // Slower than pgiam: psql blocks on its stdout and stops reading its socket.
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                let status = child.wait().unwrap();
+                let _ = done.send((reader, lines, status.success()));
+            });
+        }
+        // Short transactions beside them, as a pool's other connections would run.
+        for _ in 0..5 {
+            assert_eq!(
+                psql_ok_in(&env.app, &dsn, "BEGIN; SELECT 7; COMMIT"),
+                "BEGIN\n7\nCOMMIT"
+            );
+        }
+        for _ in 0..2 {
+            match done_rx.recv_timeout(Duration::from_secs(90)) {
+                Ok((reader, lines, ok)) => {
+                    assert!(ok, "round {round} reader {reader}: psql failed");
+                    assert_eq!(
+                        lines, rows,
+                        "round {round} reader {reader}: every row arrived"
+                    );
+                }
+                Err(_) => {
+                    // Ours to end: the clients this test started.
+                    for pid in &pids {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(*pid as i32),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                    panic!("round {round}: an answer stalled (no end within 90 s)");
+                }
+            }
+        }
+    }
 }

@@ -8,6 +8,7 @@
 //! direct run failing to fire is a test failure too.
 
 use std::io::{Read, Write};
+use std::process::Command;
 use std::time::Duration;
 
 use tokio_postgres::SimpleQueryMessage;
@@ -53,6 +54,8 @@ enum Step {
     Q(&'static str),
     /// Parse/Bind/Execute/Sync (tokio-postgres).
     X(&'static str),
+    /// Parse/Bind/Execute/Sync with one text parameter bound (tokio-postgres).
+    Bound(&'static str, &'static str),
     /// COPY … TO STDOUT (tokio-postgres).
     CopyOut(&'static str),
     /// COPY … FROM STDIN with one row, `9` (tokio-postgres).
@@ -69,6 +72,8 @@ struct Case {
     name: String,
     /// Startup `options`, for attacks made at connect time.
     options: Option<&'static str>,
+    /// More startup parameters, for attacks made at connect time (raw steps only).
+    params: &'static [(&'static str, &'static str)],
     steps: Vec<Step>,
     oracle: Oracle,
 }
@@ -294,6 +299,7 @@ fn cases() -> Vec<Case> {
             out.push(Case {
                 name: format!("{name} ({route})"),
                 options: None,
+                params: &[],
                 steps: vec![step],
                 oracle,
             });
@@ -303,6 +309,7 @@ fn cases() -> Vec<Case> {
         out.push(Case {
             name: name.to_owned(),
             options,
+            params: &[],
             steps,
             oracle,
         })
@@ -499,18 +506,193 @@ fn cases() -> Vec<Case> {
         vec![Q("BEGIN"), Q("SET LOCAL ROLE admin_role")],
         Oracle::Role,
     );
+    // search_path: `other.items` holds the secret; `items` under the starting path (public) is
+    // allowed. Every search_path a session asks for is searched, whichever is in force.
+    for (route, set, read) in [
+        (
+            "simple",
+            Q as fn(&'static str) -> Step,
+            Q as fn(&'static str) -> Step,
+        ),
+        ("extended", X, X),
+    ] {
+        let mut both = |name: &str, steps: Vec<Step>| {
+            case(
+                &format!("{name} ({route})"),
+                None,
+                steps,
+                Oracle::Leak(SECRET),
+            )
+        };
+        both(
+            "search_path set, then an unqualified name",
+            vec![set("SET search_path = other"), read("SELECT * FROM items")],
+        );
+        both(
+            "search_path set to a list",
+            vec![
+                set(r#"SET search_path TO "other", public"#),
+                read("SELECT * FROM items"),
+            ],
+        );
+        both(
+            "SET SCHEMA",
+            vec![set("SET SCHEMA 'other'"), read("SELECT * FROM items")],
+        );
+        both(
+            "set_config search_path",
+            vec![
+                set("SELECT set_config('search_path', 'other', false)"),
+                read("SELECT * FROM items"),
+            ],
+        );
+        both(
+            "search_path reset to the one chosen at startup",
+            vec![
+                set("SET search_path = public"),
+                set("RESET search_path"),
+                read("SELECT * FROM items"),
+            ],
+        );
+        both(
+            "SET LOCAL search_path",
+            vec![
+                Q("BEGIN"),
+                set("SET LOCAL search_path = other"),
+                read("SELECT * FROM items"),
+            ],
+        );
+        both(
+            "set_config search_path, local",
+            vec![
+                Q("BEGIN"),
+                set("SELECT set_config('search_path', 'other', true)"),
+                read("SELECT * FROM items"),
+            ],
+        );
+        both(
+            "search_path set in a transaction that rolls back",
+            vec![
+                Q("BEGIN"),
+                set("SET search_path = other"),
+                read("SELECT * FROM items"),
+                Q("ROLLBACK"),
+            ],
+        );
+        both(
+            "search_path set before a savepoint rolled back to",
+            vec![
+                Q("BEGIN"),
+                set("SET search_path = other"),
+                Q("SAVEPOINT s"),
+                Q("SELECT 1/0"),
+                Q("ROLLBACK TO SAVEPOINT s"),
+                read("SELECT * FROM items"),
+            ],
+        );
+        both(
+            "search_path through a prepared set_config",
+            vec![
+                Q("PREPARE sp AS SELECT set_config('search_path', 'other', false)"),
+                set("EXECUTE sp"),
+                read("SELECT * FROM items"),
+            ],
+        );
+    }
+    // The RESET cases' startup choice.
+    for c in out
+        .iter_mut()
+        .filter(|c| c.name.starts_with("search_path reset to"))
+    {
+        c.options = Some("-c search_path=other");
+    }
+    let mut case = |name: &str, options, steps: Vec<Step>, oracle| {
+        out.push(Case {
+            name: name.to_owned(),
+            options,
+            params: &[],
+            steps,
+            oracle,
+        })
+    };
     case(
-        "search_path then unqualified name",
+        "search_path set ahead in the same query string",
         None,
-        vec![Q("SET search_path = other"), Q("SELECT * FROM items")],
+        vec![Q("SET search_path = other; SELECT * FROM items")],
         Oracle::Leak(SECRET),
     );
     case(
-        "set_config search_path",
+        "search_path set ahead in a pipeline of queries",
+        None,
+        vec![Queries(&["SET search_path = other", "SELECT * FROM items"])],
+        Oracle::Leak(SECRET),
+    );
+    case(
+        "search_path set ahead in an extended-protocol pipeline",
+        None,
+        vec![Pipeline(&[
+            "SET search_path = other",
+            "SELECT * FROM items",
+        ])],
+        Oracle::Leak(SECRET),
+    );
+    case(
+        "set_config search_path ahead in an extended-protocol pipeline",
+        None,
+        vec![Pipeline(&[
+            "SELECT set_config('search_path', 'other', false)",
+            "SELECT * FROM items",
+        ])],
+        Oracle::Leak(SECRET),
+    );
+    case(
+        "search_path through a cursor",
         None,
         vec![
-            Q("SELECT set_config('search_path', 'other', false)"),
+            Q("BEGIN"),
+            Q("DECLARE c CURSOR FOR SELECT set_config('search_path', 'other', false)"),
+            Q("FETCH ALL FROM c"),
             Q("SELECT * FROM items"),
+        ],
+        Oracle::Leak(SECRET),
+    );
+    case(
+        "set_config search_path with a bound parameter",
+        None,
+        vec![
+            Bound("SELECT set_config('search_path', $1, false)", "other"),
+            X("SELECT * FROM items"),
+        ],
+        Oracle::Leak(SECRET),
+    );
+    case(
+        "set_config search_path with a computed value",
+        None,
+        vec![
+            Q("SELECT set_config('search_path', lower('OTHER'), false)"),
+            Q("SELECT * FROM items"),
+        ],
+        Oracle::Leak(SECRET),
+    );
+    case(
+        "function call: set_config search_path",
+        None,
+        vec![
+            FunctionCall(
+                "pg_catalog.set_config(text,text,boolean)",
+                &["search_path", "other", "false"],
+            ),
+            Queries(&["SELECT * FROM items"]),
+        ],
+        Oracle::Leak(SECRET),
+    );
+    case(
+        "a function's SET search_path clause",
+        None,
+        vec![
+            Q("CREATE FUNCTION leak() RETURNS SETOF text LANGUAGE sql \
+               SET search_path = other AS 'SELECT name FROM items'"),
+            Q("SELECT leak()"),
         ],
         Oracle::Leak(SECRET),
     );
@@ -520,6 +702,28 @@ fn cases() -> Vec<Case> {
         vec![Q("SELECT * FROM items")],
         Oracle::Leak(SECRET),
     );
+    case(
+        "search_path at startup, quoted",
+        Some(r#"-c search_path=\"other\""#),
+        vec![X("SELECT * FROM items")],
+        Oracle::Leak(SECRET),
+    );
+    out.push(Case {
+        name: "search_path startup parameter".into(),
+        options: None,
+        params: &[("search_path", "other")],
+        steps: vec![Queries(&["SELECT * FROM items"])],
+        oracle: Oracle::Leak(SECRET),
+    });
+    let mut case = |name: &str, options, steps: Vec<Step>, oracle| {
+        out.push(Case {
+            name: name.to_owned(),
+            options,
+            params: &[],
+            steps,
+            oracle,
+        })
+    };
     case(
         "role at startup",
         Some("-c role=admin_role"),
@@ -566,7 +770,7 @@ impl Target<'_> {
         }
     }
 
-    fn raw(&self) -> Box<dyn Stream> {
+    fn raw(&self, params: &[(&str, &str)]) -> Box<dyn Stream> {
         let mut s: Box<dyn Stream> = if self.direct {
             let path = self
                 .env
@@ -581,11 +785,9 @@ impl Target<'_> {
             s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
             Box::new(s)
         };
-        s.write_all(&Raw::startup_bytes(
-            3 << 16,
-            &[("user", ROLE), ("database", DB)],
-        ))
-        .unwrap();
+        let mut startup = vec![("user", ROLE), ("database", DB)];
+        startup.extend_from_slice(params);
+        s.write_all(&Raw::startup_bytes(3 << 16, &startup)).unwrap();
         until_ready(&mut s);
         s
     }
@@ -677,6 +879,13 @@ impl<'a> tokio_postgres::types::FromSql<'a> for AnyValue {
     }
 }
 
+fn rows_text(rows: &[tokio_postgres::Row]) -> String {
+    rows.iter()
+        .flat_map(|r| (0..r.len()).map(move |i| r.get::<_, AnyValue>(i).0))
+        .collect::<Vec<_>>()
+        .join("\t")
+}
+
 fn simple_text(messages: &[SimpleQueryMessage]) -> String {
     let mut text = String::new();
     for m in messages {
@@ -700,7 +909,7 @@ async fn attack(target: &Target<'_>, case: &Case) -> (String, Option<String>) {
         )
     });
     if raw_only {
-        let mut s = target.raw();
+        let mut s = target.raw(case.params);
         let mut text = String::new();
         for step in &case.steps {
             match *step {
@@ -754,12 +963,11 @@ async fn attack(target: &Target<'_>, case: &Case) -> (String, Option<String>) {
     for step in &case.steps {
         let r: Result<String, tokio_postgres::Error> = match *step {
             Step::Q(sql) => client.simple_query(sql).await.map(|m| simple_text(&m)),
-            Step::X(sql) => client.query(sql, &[]).await.map(|rows| {
-                rows.iter()
-                    .flat_map(|r| (0..r.len()).map(move |i| r.get::<_, AnyValue>(i).0))
-                    .collect::<Vec<_>>()
-                    .join("\t")
-            }),
+            Step::X(sql) => client.query(sql, &[]).await.map(|rows| rows_text(&rows)),
+            Step::Bound(sql, value) => client
+                .query(sql, &[&value])
+                .await
+                .map(|rows| rows_text(&rows)),
             Step::CopyOut(sql) => match client.copy_out(sql).await {
                 Ok(stream) => {
                     use futures_util::TryStreamExt;
@@ -805,6 +1013,7 @@ fn reset(env: &Env) {
             &format!(
                 "DROP TABLE IF EXISTS canary, c2, evil, evil2 CASCADE; \
                  DROP VIEW IF EXISTS evil_view; DROP FUNCTION IF EXISTS evil(); \
+                 DROP FUNCTION IF EXISTS leak(); \
                  CREATE TABLE canary (v int); INSERT INTO canary VALUES (1); \
                  ALTER TABLE canary OWNER TO {ROLE}; \
                  DELETE FROM items; INSERT INTO items VALUES (1, 'one'); \
@@ -951,7 +1160,65 @@ fn no_bypass_through_pgiam_and_every_oracle_fires_directly() {
             )
             .await
             .unwrap();
+        // The same unqualified name, under the starting path however it is set.
+        for set in [
+            "SET search_path = public",
+            "SET search_path TO \"public\"",
+            "SET SCHEMA 'public'",
+            "RESET search_path",
+            "SET search_path TO DEFAULT",
+            "SELECT set_config('search_path', 'public', false)",
+            "BEGIN; SET LOCAL search_path = public; COMMIT",
+            "SELECT pg_catalog.set_config('search_path', '', false)",
+        ] {
+            client.batch_execute(set).await.unwrap();
+            client.batch_execute("RESET search_path").await.unwrap();
+            let rows = client
+                .query("SELECT count(*) FROM items", &[])
+                .await
+                .unwrap_or_else(|e| panic!("after {set}: {e}"));
+            assert_eq!(rows[0].get::<_, i64>(0), 3, "after {set}");
+            assert_eq!(
+                simple_text(
+                    &client
+                        .simple_query("SET search_path = public; SELECT count(*) FROM items")
+                        .await
+                        .unwrap_or_else(|e| panic!("after {set}: {e}"))
+                ),
+                "3\t\n"
+            );
+        }
     });
+    // Chosen at startup, as a parameter or in options, it is the session's, and RESET goes
+    // back to it.
+    assert_eq!(
+        psql_ok(
+            &env.tcp_dsn("options='-c search_path=other,public'"),
+            "SET search_path = public; RESET search_path; SHOW search_path"
+        ),
+        "SET\nRESET\nother,public"
+    );
+    assert_eq!(
+        psql_ok(
+            &env.tcp_dsn("options='-c search_path=public'"),
+            "SELECT name FROM items WHERE id = 1"
+        ),
+        "one"
+    );
+    let mut raw = Raw::connect(env.tcp);
+    raw.send(&Raw::startup_bytes(
+        3 << 16,
+        &[("user", "x"), ("database", DB), ("search_path", "Public")],
+    ));
+    raw.until_ready();
+    raw.send(&query_bytes("SELECT name FROM items WHERE id = 1"));
+    let answer = raw.until_ready();
+    assert!(
+        answer
+            .iter()
+            .any(|(t, b)| *t == b'D' && b.ends_with(b"one")),
+        "{answer:?}"
+    );
 
     // Every refusal was pgiam's, recorded, and the file still verifies.
     let denies = env
@@ -962,6 +1229,149 @@ fn no_bypass_through_pgiam_and_every_oracle_fires_directly() {
     assert!(denies >= cases.len() / 2, "{denies} deny records");
     let (ok, out) = verify(&env.audit_path());
     assert!(ok, "{out}");
+}
+
+/// Where the server's search_path could come from without pgiam seeing it: the role's default
+/// (ALTER ROLE … SET search_path), which RESET would return to, and `$user`. pgiam always
+/// sends the path a session starts with, so a role default never applies through it; `$user`
+/// is the session's role.
+#[test]
+fn search_paths_pgiam_did_not_choose_never_apply() {
+    let env = Env::with(Setup {
+        policy: POLICY.into(),
+        ..Setup::default()
+    });
+    prepare(&env);
+    env.pg
+        .psql_db(
+            DB,
+            &format!(
+                "CREATE SCHEMA {ROLE} AUTHORIZATION {ROLE}; \
+                 CREATE TABLE {ROLE}.items (id int, name text); \
+                 INSERT INTO {ROLE}.items VALUES (1, '{SECRET}'); \
+                 GRANT ALL ON {ROLE}.items TO {ROLE}; \
+                 ALTER ROLE {ROLE} IN DATABASE {DB} SET search_path = other"
+            ),
+        )
+        .unwrap();
+    use Step::*;
+    let cases = [
+        ("the role's default", vec![Q("SELECT * FROM items")]),
+        (
+            "RESET to the role's default",
+            vec![
+                Q("SET search_path = public"),
+                Q("RESET search_path"),
+                Q("SELECT * FROM items"),
+            ],
+        ),
+        (
+            "RESET ALL to the role's default",
+            vec![Q("RESET ALL"), X("SELECT * FROM items")],
+        ),
+        (
+            "$user",
+            vec![Q(r#"SET search_path = "$user""#), Q("SELECT * FROM items")],
+        ),
+        (
+            "$user in set_config",
+            vec![
+                Q("SELECT set_config('search_path', '$USER, public', false)"),
+                X("SELECT * FROM items"),
+            ],
+        ),
+    ];
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (mut bypasses, mut silent) = (Vec::new(), Vec::new());
+    for (name, steps) in cases {
+        let case = Case {
+            name: name.to_string(),
+            options: None,
+            params: &[],
+            steps,
+            oracle: Oracle::Leak(SECRET),
+        };
+        for direct in [false, true] {
+            reset(&env);
+            let target = Target {
+                env: &env,
+                direct,
+                gateway: false,
+            };
+            let (text, user) = rt.block_on(attack(&target, &case));
+            match (direct, fired(&env, case.oracle, &text, user.as_deref())) {
+                (false, true) => bypasses.push(format!("{name}: {text}")),
+                (true, false) => silent.push(format!("{name}: {text}")),
+                _ => {}
+            }
+        }
+    }
+    assert!(
+        bypasses.is_empty(),
+        "through pgiam:\n{}",
+        bypasses.join("\n")
+    );
+    assert!(
+        silent.is_empty(),
+        "oracles that did not fire directly:\n{}",
+        silent.join("\n")
+    );
+    // Through pgiam the session starts, and RESETs back to, the configured path.
+    assert_eq!(
+        psql_ok(
+            &env.tcp_dsn(""),
+            "SHOW search_path; RESET search_path; SHOW search_path; SELECT name FROM items"
+        ),
+        "public\nRESET\npublic\none"
+    );
+}
+
+/// pg_dump's first statement is `SELECT pg_catalog.set_config('search_path', '', false)`:
+/// under a policy that allows what it does, a dump through pgiam works.
+#[test]
+fn pg_dump_through_pgiam() {
+    let env = Env::start();
+    env.pg
+        .psql_db(
+            DB,
+            &format!(
+                "CREATE SCHEMA dumped AUTHORIZATION {ROLE}; \
+                 CREATE TABLE dumped.accounts (id int PRIMARY KEY, owner text); \
+                 INSERT INTO dumped.accounts VALUES (1, 'alice'), (2, 'bob'); \
+                 CREATE VIEW dumped.owners AS SELECT owner FROM dumped.accounts; \
+                 CREATE SEQUENCE dumped.ids; \
+                 ALTER TABLE dumped.accounts OWNER TO {ROLE}; \
+                 ALTER VIEW dumped.owners OWNER TO {ROLE}; \
+                 ALTER SEQUENCE dumped.ids OWNER TO {ROLE}"
+            ),
+        )
+        .unwrap();
+    let out = Command::new(pgiam_tests::pg_bin_dir().join("pg_dump"))
+        .args(["--schema=dumped", "--no-owner", "-d", &env.tcp_dsn("")])
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .unwrap();
+    let dump = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "pg_dump: {}", stderr(&out));
+    assert!(
+        dump.contains("CREATE TABLE dumped.accounts")
+            && dump.contains("CREATE VIEW dumped.owners")
+            && dump.contains("CREATE SEQUENCE dumped.ids")
+            && dump.contains("1\talice\n2\tbob"),
+        "{dump}"
+    );
+    let records = env.audit_records();
+    assert!(
+        records.iter().any(|r| r["kind"] == "statement"
+            && r["decision"] == "allow"
+            && r["sql"]
+                .as_str()
+                .is_some_and(|s| s.contains("set_config('search_path', '', false)"))),
+        "pg_dump's set_config was decided and allowed"
+    );
+    assert!(!records
+        .iter()
+        .any(|r| r["kind"] == "statement" && r["decision"] == "deny"));
 }
 
 const GATEWAY_ROLE: &str = "pgiam_gw";
@@ -1029,6 +1439,7 @@ fn gateway_mode_never_leaves_the_mapped_role() {
         let case = Case {
             name: name.to_string(),
             options: None,
+            params: &[],
             steps: steps.clone(),
             oracle: Oracle::Role,
         };

@@ -1,4 +1,5 @@
-//! Cancellation through pgiam: clients hold pgiam's keys, never the backend's.
+//! Cancellation through pgiam: clients hold their backend's pid with pgiam's secret, never the
+//! backend's own secret.
 
 use std::time::Duration;
 
@@ -61,16 +62,23 @@ fn forged_or_stale_keys_cancel_nothing_and_the_real_key_cancels() {
     raw.startup();
     let (pid, key) = key_data(&raw.until_ready());
 
-    // The key pgiam hands out is not the backend's.
+    // The pid is the backend's own; the secret is pgiam's, not the server's: sent straight to
+    // PostgreSQL the key cancels nothing.
     raw.send(&query_bytes("select pg_backend_pid()"));
     let rows = raw.until_ready();
     let (_, row) = rows.iter().find(|(t, _)| *t == b'D').unwrap();
     let real_pid: i32 = String::from_utf8_lossy(&row[6..]).parse().unwrap();
-    assert_ne!(
-        pid, real_pid,
-        "the backend's pid must not leak to the client"
+    assert_eq!(pid, real_pid, "the client is told its backend's pid");
+    raw.send(&query_bytes("select pg_sleep(1.5)"));
+    wait_for_sleep(&env);
+    let mut direct = Raw::connect(format!("127.0.0.1:{}", env.pg.port).parse().unwrap());
+    direct.send(&cancel_request(pid, key));
+    direct.expect_closed();
+    assert_eq!(
+        result_of_query(&mut raw),
+        Ok(()),
+        "pgiam's key is not the server's"
     );
-    send_cancel(&env, real_pid, key);
 
     // Forged keys while a query runs: it completes.
     raw.send(&query_bytes("select pg_sleep(1.5)"));

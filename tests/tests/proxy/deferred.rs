@@ -1,9 +1,20 @@
-//! Deferred server connections: once pgiam has seen a login with the same role, parameters and
-//! server, the next such client is answered at once and its backend opens at its first message.
+//! Deferred server connections (`connect = "deferred"`): once pgiam has seen a login with the
+//! same role, parameters and server, the next such client is answered at once and its backend
+//! opens at its first message. And the default, `at-login`: the client is told its backend's
+//! real pid.
 
 use std::time::Duration;
 
 use crate::fixture::*;
+
+const DEFERRED: &str = "host = \"127.0.0.1\"\nport = PGPORT\nconnect = \"deferred\"";
+
+fn deferred() -> Env {
+    Env::with(Setup {
+        upstream: Some(DEFERRED.into()),
+        ..Setup::default()
+    })
+}
 
 fn backends(env: &Env) -> String {
     env.direct(&format!(
@@ -34,7 +45,7 @@ fn wait_for_backends(env: &Env, n: &str) {
 /// backend exists is harmless. With `connect = "at-login"`, every login opens its backend.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_opens_its_backend_at_its_first_statement() {
-    let env = Env::start();
+    let env = deferred();
     let dsn = env.tcp_dsn("");
     let first = tokio_client(&dsn).await;
     first.simple_query("SELECT 1").await.unwrap();
@@ -77,10 +88,7 @@ async fn a_session_opens_its_backend_at_its_first_statement() {
         "every login is recorded, with or without a backend"
     );
 
-    let eager = Env::with(Setup {
-        upstream: Some("host = \"127.0.0.1\"\nport = PGPORT\nconnect = \"at-login\"".into()),
-        ..Setup::default()
-    });
+    let eager = Env::start();
     let dsn = eager.tcp_dsn("");
     tokio_client(&dsn)
         .await
@@ -100,7 +108,7 @@ async fn a_session_opens_its_backend_at_its_first_statement() {
 /// differently since (a role default changed) reaches the client before its first answer.
 #[test]
 fn what_changed_since_the_remembered_login_arrives_before_the_first_answer() {
-    let env = Env::start();
+    let env = deferred();
     let date_style = |messages: &[(u8, Vec<u8>)]| -> Vec<String> {
         messages
             .iter()
@@ -139,6 +147,7 @@ fn what_changed_since_the_remembered_login_arrives_before_the_first_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deferred_login_the_server_refuses_fails_the_first_statement() {
     let env = Env::with(Setup {
+        upstream: Some(DEFERRED.into()),
         extra: format!(
             "[[mapping]]\nprincipal = \"uid:{}\"\ndatabase = \"gone\"\nrole = \"{ROLE}\"\n",
             nix::unistd::geteuid()
@@ -182,7 +191,7 @@ async fn a_deferred_login_the_server_refuses_fails_the_first_statement() {
 /// for it.
 #[test]
 fn garbage_before_the_first_statement_costs_the_database_no_login() {
-    let env = Env::start();
+    let env = deferred();
     let mut first = Raw::connect(env.tcp);
     first.startup();
     first.until_ready();
@@ -227,4 +236,87 @@ fn garbage_before_the_first_statement_costs_the_database_no_login() {
         1
     );
     assert_eq!(role_logins(&env), before, "no backend login for either");
+}
+
+/// By default a client is told its own backend's pid (with pgiam's secret, not the server's):
+/// `pg_backend_pid()` equals it, `pg_terminate_backend` of it ends this very session, NOTIFY
+/// names it as the sender, and a cancel with the key still reaches the backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_is_told_its_real_backend_pid() {
+    let env = Env::start();
+    let mut raw = Raw::connect(env.tcp);
+    raw.startup();
+    let greeting = raw.until_ready();
+    let (_, key) = greeting
+        .iter()
+        .find(|(t, _)| *t == b'K')
+        .expect("BackendKeyData");
+    let told = i32::from_be_bytes(key[0..4].try_into().unwrap());
+    raw.send(&query_bytes("SELECT pg_backend_pid()"));
+    let answer = raw.until_ready();
+    let (_, row) = answer.iter().find(|(t, _)| *t == b'D').expect("a row");
+    // One column: count (2), length (4), text.
+    let pid: i32 = String::from_utf8_lossy(&row[6..]).parse().unwrap();
+    assert_eq!(pid, told, "BackendKeyData names the backend");
+    assert_eq!(
+        env.direct(&format!(
+            "SELECT usename FROM pg_stat_activity WHERE pid = {told}"
+        )),
+        ROLE
+    );
+
+    // NOTIFY from this session names this session's pid, as the client was told.
+    let dsn = env.tcp_dsn("");
+    let (client, mut conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(m) = futures_util::StreamExt::next(&mut messages).await {
+            if let Ok(tokio_postgres::AsyncMessage::Notification(n)) = m {
+                let _ = tx.send(n.process_id());
+            }
+        }
+    });
+    client.batch_execute("LISTEN ch; NOTIFY ch").await.unwrap();
+    let sender = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("the notification arrives")
+        .unwrap();
+    let own: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(sender, own);
+
+    // A cancel with the key reaches the backend the pid names.
+    let token = client.cancel_token();
+    let running = client.simple_query("SELECT pg_sleep(30)");
+    let cancel = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    };
+    let (result, ()) = tokio::join!(running, cancel);
+    let err = result.expect_err("cancelled");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
+    );
+
+    // pg_terminate_backend of the pid it was told ends the raw client's session.
+    let terminated = client
+        .query_one(&format!("SELECT pg_terminate_backend({told})"), &[])
+        .await
+        .unwrap();
+    assert!(terminated.get::<_, bool>(0));
+    // The server's FATAL reaches the raw client, then the connection closes.
+    let after = std::iter::from_fn(|| raw.read()).collect::<Vec<_>>();
+    assert!(
+        after
+            .iter()
+            .any(|(t, b)| *t == b'E' && String::from_utf8_lossy(b).contains("57P01")),
+        "{after:?}"
+    );
 }

@@ -245,3 +245,60 @@ fn protocol_negotiation() {
     let (code, _) = raw.expect_fatal();
     assert_eq!(code, "08P01");
 }
+
+/// The fields of an ErrorResponse body, by their one-byte codes.
+fn error_fields(body: &[u8]) -> std::collections::HashMap<u8, String> {
+    let mut out = std::collections::HashMap::new();
+    let mut rest = body;
+    while let Some((&code, tail)) = rest.split_first() {
+        if code == 0 {
+            break;
+        }
+        let end = tail.iter().position(|&b| b == 0).unwrap();
+        out.insert(code, String::from_utf8_lossy(&tail[..end]).into_owned());
+        rest = &tail[end + 1..];
+    }
+    out
+}
+
+/// A statement pgiam cannot parse is answered as the server answers one: 42601 with the
+/// position the parser stopped at (in characters), which psql and drivers point at.
+#[test]
+fn a_syntax_error_says_where_as_the_server_does() {
+    let env = Env::start();
+    let sql = "SELECT 'é', 1 FORM items";
+    let direct = {
+        let out = std::process::Command::new(pgiam_tests::pg_bin_dir().join("psql"))
+            .args(["-X", "-h"])
+            .arg(&env.pg.socket_dir)
+            .args(["-p", &env.pg.port.to_string(), "-U", "postgres", "-c", sql])
+            .output()
+            .unwrap();
+        stderr(&out)
+    };
+    let mut raw = live_session(&env);
+    raw.send(&query_bytes(sql));
+    let msgs = raw.until_ready();
+    let (_, body) = msgs
+        .iter()
+        .find(|(t, _)| *t == b'E')
+        .unwrap_or_else(|| panic!("{msgs:?}"));
+    let fields = error_fields(body);
+    assert_eq!(fields[&b'C'], "42601");
+    assert_eq!(
+        fields.get(&b'P').map(String::as_str),
+        Some("20"),
+        "{fields:?}"
+    );
+    // psql draws the same caret under the same character as for the server's own error.
+    let through = stderr(&psql(&env.tcp_dsn(""), sql));
+    let caret = |s: &str| {
+        s.lines()
+            .skip_while(|l| !l.starts_with("LINE 1:"))
+            .take(2)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert!(!caret(&direct).is_empty(), "{direct}");
+    assert_eq!(caret(&through), caret(&direct), "{through}\n{direct}");
+}

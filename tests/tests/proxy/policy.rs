@@ -17,8 +17,13 @@ permit(principal, action == PgIam::Action::"select", resource == PgIam::Table::"
 "#;
 
 fn env_with(policy: &str) -> Env {
+    env_with_upstream(policy, None)
+}
+
+fn env_with_upstream(policy: &str, upstream: Option<&str>) -> Env {
     let env = Env::with(Setup {
         policy: policy.into(),
+        upstream: upstream.map(str::to_owned),
         ..Setup::default()
     });
     env.pg
@@ -59,6 +64,21 @@ fn a_refusal_names_the_action_and_resource_and_the_audit_record() {
     assert_eq!(deny["denied"], "select on table public.secret");
     assert_eq!(deny["sql"], "SELECT * FROM secret");
     assert_eq!(deny["identity"]["uid"], nix::unistd::geteuid().as_raw());
+    // What reached the server in the refused statement's place fails in its parse analysis,
+    // and its log says so as pgiam's refusal with the record to look up, not a syntax error.
+    let pg_log = env.pg.log();
+    let id = deny["id"].as_str().unwrap();
+    assert!(
+        pg_log.contains(&format!(
+            "pgiam: statement refused by policy, audit record {id}"
+        )),
+        "{pg_log}"
+    );
+    assert!(!pg_log.contains("syntax error"), "{pg_log}");
+    assert!(
+        !pg_log.contains("secret"),
+        "the refused text never reached the server: {pg_log}"
+    );
 
     // No policy lets this principal connect to another database.
     let env2 = env_with(
@@ -323,12 +343,16 @@ async fn every_executed_statement_survives_kill_9_in_the_audit_file() {
 
 /// A policy reload that takes away `connect` ends the principal's sessions at once: an idle one,
 /// one that has not sent anything (no backend yet), and one in the middle of a long statement
-/// (which is cancelled). New sessions are refused.
+/// (which is cancelled). New sessions are refused. (`connect = "deferred"`, so that the one
+/// that has not spoken holds no backend yet.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_connect_ends_live_sessions() {
-    let env = env_with(&format!(
-        "{READ_ITEMS}\npermit(principal, action == PgIam::Action::\"execute\", resource);"
-    ));
+    let env = env_with_upstream(
+        &format!(
+            "{READ_ITEMS}\npermit(principal, action == PgIam::Action::\"execute\", resource);"
+        ),
+        Some("host = \"127.0.0.1\"\nport = PGPORT\nconnect = \"deferred\""),
+    );
     let idle = tokio_client(&env.tcp_dsn("")).await;
     assert!(idle.simple_query("SELECT 1").await.is_ok());
     let busy = tokio_client(&env.tcp_dsn("")).await;
@@ -418,4 +442,37 @@ fn a_role_default_client_encoding_pgiam_cannot_read_is_refused() {
     let (code, message) = raw.expect_fatal();
     assert_eq!(code, "22023", "{message}");
     assert!(message.contains("client_encoding"), "{message}");
+}
+
+/// After a COPY FROM STDIN through a driver that sends Bind, Execute, Sync before the data
+/// (tokio-postgres), a refusal is still pgiam's 42501: the Sync the server ignored in copy-in
+/// mode is owed no answer, so later answers stay matched to their requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_after_a_copy_in_is_still_pgiams() {
+    use futures_util::SinkExt;
+    let env = env_with(&format!(
+        "{READ_ITEMS}\npermit(principal, action == PgIam::Action::\"copy_in\", resource == PgIam::Table::\"app.public.items\");"
+    ));
+    let client = tokio_client(&env.tcp_dsn("")).await;
+    for _ in 0..2 {
+        let sink = client
+            .copy_in::<_, bytes::Bytes>("COPY items FROM STDIN")
+            .await
+            .unwrap();
+        let mut sink = std::pin::pin!(sink);
+        sink.send(bytes::Bytes::from_static(b"2\n3\n"))
+            .await
+            .unwrap();
+        assert_eq!(sink.as_mut().finish().await.unwrap(), 2);
+        let e = client
+            .simple_query("SELECT * FROM secret")
+            .await
+            .expect_err("refused");
+        let db = e.as_db_error().expect("an error from pgiam");
+        assert_eq!(db.code().code(), "42501", "{db:?}");
+        assert!(db.message().contains("pgiam: permission denied"), "{db:?}");
+        // And the session goes on, matched: a read still answers.
+        let rows = client.query("SELECT id FROM items", &[]).await.unwrap();
+        assert!(rows.len() >= 3, "{rows:?}");
+    }
 }

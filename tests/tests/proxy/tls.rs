@@ -10,22 +10,74 @@ use pgiam_tests::{PgOptions, TestCa};
 
 use crate::fixture::*;
 
+/// Clients that verify the server trust pgiam's CA (generated in state_dir) and are shown a
+/// certificate for the very name they dialled: the host name they sent (SNI), else the
+/// address. Another CA's clients are refused by their own verification.
 #[test]
 fn client_tls_generated_certificate_and_plaintext() {
     let env = Env::start();
-    let cert = env.dir.path().join("state/client-tls.crt");
-    // verify-full against the generated certificate proves the channel is TLS with pgiam's key.
-    let dsn = format!(
-        "host=localhost hostaddr=127.0.0.1 port={} dbname={DB} user=x sslmode=verify-full sslrootcert={}",
-        env.tcp.port(),
-        cert.display()
+    let ca = env.dir.path().join("state/client-ca.crt");
+    let verify = |host: &str, mode: &str, root: &std::path::Path| {
+        format!(
+            "host={host} hostaddr=127.0.0.1 port={} dbname={DB} user=x sslmode={mode} sslrootcert={}",
+            env.tcp.port(),
+            root.display()
+        )
+    };
+    for (host, mode) in [
+        ("localhost", "verify-full"),
+        ("db.example.internal", "verify-full"),
+        ("127.0.0.1", "verify-full"),
+        ("db.example.internal", "verify-ca"),
+    ] {
+        assert_eq!(
+            psql_ok(&verify(host, mode, &ca), "select current_user"),
+            ROLE,
+            "{host} {mode}"
+        );
+    }
+    // A client that trusts another CA refuses pgiam's certificate.
+    let other = pgiam_tests::write_file(
+        env.dir.path(),
+        "other-ca.crt",
+        &TestCa::new().cert_pem(),
+        0o644,
     );
-    assert_eq!(psql_ok(&dsn, "select current_user"), ROLE);
+    let out = psql(&verify("localhost", "verify-full", &other), "select 1");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("certificate verify failed"),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(psql_ok(&env.tcp_dsn("sslmode=require"), "select 1"), "1");
     assert_eq!(psql_ok(&env.tcp_dsn("sslmode=disable"), "select 1"), "1");
     let log = env.pgiam.log();
     assert!(log.contains("tls=true"), "{log}");
     assert!(log.contains("tls=false"), "{log}");
+}
+
+/// `mode = "ca"`: the operator's CA issues what clients are shown.
+#[test]
+fn client_tls_from_the_operators_ca() {
+    let ca = TestCa::new();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = pgiam_tests::write_file(dir.path(), "ca.crt", &ca.cert_pem(), 0o644);
+    let key = pgiam_tests::write_file(dir.path(), "ca.key", &ca.key_pem(), 0o600);
+    let env = Env::with(Setup {
+        client_tls: format!(
+            "mode = \"ca\"\ncert = \"{}\"\nkey = \"{}\"",
+            cert.display(),
+            key.display()
+        ),
+        ..Setup::default()
+    });
+    let dsn = format!(
+        "host=db.example.internal hostaddr=127.0.0.1 port={} dbname={DB} user=x sslmode=verify-full sslrootcert={}",
+        env.tcp.port(),
+        cert.display()
+    );
+    assert_eq!(psql_ok(&dsn, "select current_user"), ROLE);
 }
 
 #[test]
@@ -44,11 +96,13 @@ fn client_tls_disabled_declines_ssl() {
     assert_eq!(psql_ok(&env.tcp_dsn("sslmode=prefer"), "select 1"), "1");
 }
 
-fn tls_client(
+/// TLS to pgiam over `tcp` (after an SSLRequest was answered), or a new connection.
+fn tls_over(
     env: &Env,
     alpn: &[&[u8]],
+    tcp: Option<std::net::TcpStream>,
 ) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
-    let cert = CertificateDer::from_pem_file(env.dir.path().join("state/client-tls.crt")).unwrap();
+    let cert = CertificateDer::from_pem_file(env.dir.path().join("state/client-ca.crt")).unwrap();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert).unwrap();
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -61,10 +115,18 @@ fn tls_client(
     let conn =
         rustls::ClientConnection::new(Arc::new(config), ServerName::try_from("localhost").unwrap())
             .unwrap();
-    let tcp = std::net::TcpStream::connect(env.tcp).unwrap();
+    let tcp = tcp.unwrap_or_else(|| std::net::TcpStream::connect(env.tcp).unwrap());
     tcp.set_read_timeout(Some(std::time::Duration::from_secs(15)))
         .unwrap();
     rustls::StreamOwned::new(conn, tcp)
+}
+
+/// TLS to pgiam: direct SSL on a new connection.
+fn tls_client(
+    env: &Env,
+    alpn: &[&[u8]],
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    tls_over(env, alpn, None)
 }
 
 #[test]
@@ -199,4 +261,60 @@ fn gssenc_request_inside_tls_is_refused() {
         body.contains("08P01") && body.contains("GSSENCRequest inside TLS"),
         "{body}"
     );
+}
+
+/// libpq ≥ 17 (`PQcancelConn`, psycopg's `cancel_safe()`) sends its CancelRequest inside TLS,
+/// after an SSLRequest or with direct SSL, and reads the connection to its end: the request
+/// is routed as a plaintext one is, and the end is a TLS close_notify, not a bare EOF (which
+/// libpq reports as "SSL error: unexpected eof while reading").
+#[test]
+fn cancel_request_inside_tls_cancels_and_closes_cleanly() {
+    let env = Env::start();
+    let mut raw = Raw::connect(env.tcp);
+    raw.startup();
+    let greeting = raw.until_ready();
+    let (_, key) = greeting.iter().find(|(t, _)| *t == b'K').unwrap();
+    let mut cancel = 16i32.to_be_bytes().to_vec();
+    cancel.extend_from_slice(&80_877_102i32.to_be_bytes());
+    cancel.extend_from_slice(key);
+
+    for direct_ssl in [false, true] {
+        raw.send(&query_bytes("SELECT pg_sleep(60)"));
+        // pg_sleep is running once the backend shows it.
+        for _ in 0..200 {
+            let n = env.direct(&format!(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = '{ROLE}' \
+                 AND state = 'active' AND query LIKE '%pg_sleep%'"
+            ));
+            if n == "1" {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        let mut tls = if direct_ssl {
+            tls_client(&env, &[b"postgresql"])
+        } else {
+            let mut tcp = std::net::TcpStream::connect(env.tcp).unwrap();
+            tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+                .unwrap();
+            let mut answer = [0u8; 1];
+            tcp.read_exact(&mut answer).unwrap();
+            assert_eq!(answer[0], b'S');
+            tls_over(&env, &[], Some(tcp))
+        };
+        tls.write_all(&cancel).unwrap();
+        let mut rest = Vec::new();
+        let end = tls.read_to_end(&mut rest);
+        assert!(
+            end.is_ok() && rest.is_empty(),
+            "direct_ssl={direct_ssl}: the connection ends with close_notify and nothing else: {end:?} {rest:?}"
+        );
+        let answer = raw.until_ready();
+        assert!(
+            answer
+                .iter()
+                .any(|(t, b)| *t == b'E' && String::from_utf8_lossy(b).contains("57014")),
+            "direct_ssl={direct_ssl}: the statement was cancelled: {answer:?}"
+        );
+    }
 }
