@@ -621,20 +621,18 @@ fn ipv6_loopback_is_intercepted() {
     assert_eq!(peer, env.pg.port.to_string());
 }
 
-/// A client of the fast path that keeps writing after its session ended, printing what each
-/// `send()` returned: `ok` or the errno's name. Modes: `eof` (Terminate, wait for pgiam's EOF,
-/// then write: pgiam is half-closed, then closing, then gone), `late` (the same, once pgiam has
-/// long closed), `eager` (write right after the Terminate, while pgiam is closing),
-/// `deferred` (Terminate before any query: the session ends without a server login), `shut_wr`
-/// (the client half-closes itself, then writes).
-const AFTER_CLOSE_CLIENT: &str = r#"
+/// The start of the small raw-protocol clients below (argv: host, port, …): a socket to
+/// PostgreSQL's own address, `until_ready()` (the DataRow texts up to ReadyForQuery) and
+/// `query(sql)`.
+const PY_CLIENT_PRELUDE: &str = r#"
 import errno, socket, struct, sys, time
-host, port, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+host, port = sys.argv[1], int(sys.argv[2])
 s = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET, socket.SOCK_STREAM)
 s.connect((host, port))
 buf = b''
 def until_ready():
     global buf
+    rows = []
     while True:
         while len(buf) < 5 or len(buf) < 1 + struct.unpack('!i', buf[1:5])[0]:
             chunk = s.recv(65536)
@@ -645,8 +643,24 @@ def until_ready():
         msg, buf = buf[:1 + n], buf[1 + n:]
         if kind == b'E':
             sys.exit('server error: %r' % msg)
+        if kind == b'D':
+            rows.append(msg[11:].decode())
         if kind == b'Z':
-            return
+            return rows
+def query(sql):
+    q = sql.encode() + b'\0'
+    s.sendall(b'Q' + struct.pack('!i', len(q) + 4) + q)
+    return until_ready()
+"#;
+
+/// A client of the fast path that keeps writing after its session ended, printing what each
+/// `send()` returned: `ok` or the errno's name. Modes: `eof` (Terminate, wait for pgiam's EOF,
+/// then write: pgiam is half-closed, then closing, then gone), `late` (the same, once pgiam has
+/// long closed), `eager` (write right after the Terminate, while pgiam is closing),
+/// `deferred` (Terminate before any query), `shut_wr`
+/// (the client half-closes itself, then writes). After the prelude (argv: host, port, mode).
+const AFTER_CLOSE_CLIENT: &str = r#"
+mode = sys.argv[3]
 body = struct.pack('!i', 196608) + b'user\0whoever\0database\0app\0\0'
 s.sendall(struct.pack('!i', len(body) + 4) + body)
 until_ready()
@@ -692,9 +706,10 @@ fn fast_path_never_fails_a_send_tcp_would_accept() {
     // Races are timing-dependent: every case runs a few times.
     for round in 0..3 {
         for (host, mode) in cases {
+            let script = format!("{PY_CLIENT_PRELUDE}{AFTER_CLOSE_CLIENT}");
             let out = output(env.app.command("python3").args([
                 "-c",
-                AFTER_CLOSE_CLIENT,
+                &script,
                 host,
                 &env.pg.port.to_string(),
                 mode,
@@ -735,32 +750,6 @@ fn fast_path_never_fails_a_send_tcp_would_accept() {
 /// A session that pauses after its first query (printing its own port) until a line on stdin,
 /// then sends a second query and prints its answer, or the errno of the failed send.
 const PAUSING_CLIENT: &str = r#"
-import errno, socket, struct, sys
-host, port = sys.argv[1], int(sys.argv[2])
-s = socket.socket(socket.AF_INET6 if ':' in host else socket.AF_INET, socket.SOCK_STREAM)
-s.connect((host, port))
-buf = b''
-def until_ready():
-    global buf
-    rows = []
-    while True:
-        while len(buf) < 5 or len(buf) < 1 + struct.unpack('!i', buf[1:5])[0]:
-            chunk = s.recv(65536)
-            if not chunk:
-                sys.exit('EOF before ReadyForQuery')
-            buf += chunk
-        kind, n = buf[0:1], struct.unpack('!i', buf[1:5])[0]
-        msg, buf = buf[:1 + n], buf[1 + n:]
-        if kind == b'E':
-            sys.exit('server error: %r' % msg)
-        if kind == b'D':
-            rows.append(msg[11:].decode())
-        if kind == b'Z':
-            return rows
-def query(sql):
-    q = sql.encode() + b'\0'
-    s.sendall(b'Q' + struct.pack('!i', len(q) + 4) + q)
-    return until_ready()
 body = struct.pack('!i', 196608) + b'user\0whoever\0database\0app\0\0'
 s.sendall(struct.pack('!i', len(body) + 4) + body)
 until_ready()
@@ -804,7 +793,12 @@ fn fast_path_falls_back_to_tcp_when_the_peer_leaves_the_sockhash() {
             let mut child = env
                 .app
                 .command("python3")
-                .args(["-c", PAUSING_CLIENT, host, &env.pg.port.to_string()])
+                .args([
+                    "-c",
+                    &format!("{PY_CLIENT_PRELUDE}{PAUSING_CLIENT}"),
+                    host,
+                    &env.pg.port.to_string(),
+                ])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .spawn()

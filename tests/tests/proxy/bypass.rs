@@ -1081,8 +1081,7 @@ fn no_bypass_through_pgiam_and_every_oracle_fires_directly() {
         cases.len()
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut bypasses = Vec::new();
-    let mut silent = Vec::new();
+    let mut verdicts = Verdicts::default();
     for case in &cases {
         for direct in [false, true] {
             reset(&env);
@@ -1093,25 +1092,12 @@ fn no_bypass_through_pgiam_and_every_oracle_fires_directly() {
             };
             let (text, user) = rt.block_on(attack(&target, case));
             let fired = fired(&env, case.oracle, &text, user.as_deref());
-            match (direct, fired) {
-                (false, true) => bypasses.push(format!("{}: {text} / user {user:?}", case.name)),
-                (true, false) => silent.push(format!("{}: {text} / user {user:?}", case.name)),
-                _ => {}
-            }
+            verdicts.judge(direct, fired, || {
+                format!("{}: {text} / user {user:?}", case.name)
+            });
         }
     }
-    assert!(
-        bypasses.is_empty(),
-        "{} bypasses through pgiam:\n{}",
-        bypasses.len(),
-        bypasses.join("\n")
-    );
-    assert!(
-        silent.is_empty(),
-        "{} oracles did not fire directly (the case proves nothing):\n{}",
-        silent.len(),
-        silent.join("\n")
-    );
+    verdicts.assert_clean();
     // What the policy allows still works through every route.
     reset(&env);
     let dsn = env.tcp_dsn("");
@@ -1282,7 +1268,7 @@ fn search_paths_pgiam_did_not_choose_never_apply() {
         ),
     ];
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (mut bypasses, mut silent) = (Vec::new(), Vec::new());
+    let mut verdicts = Verdicts::default();
     for (name, steps) in cases {
         let case = Case {
             name: name.to_string(),
@@ -1299,23 +1285,11 @@ fn search_paths_pgiam_did_not_choose_never_apply() {
                 gateway: false,
             };
             let (text, user) = rt.block_on(attack(&target, &case));
-            match (direct, fired(&env, case.oracle, &text, user.as_deref())) {
-                (false, true) => bypasses.push(format!("{name}: {text}")),
-                (true, false) => silent.push(format!("{name}: {text}")),
-                _ => {}
-            }
+            let fired = fired(&env, case.oracle, &text, user.as_deref());
+            verdicts.judge(direct, fired, || format!("{name}: {text}"));
         }
     }
-    assert!(
-        bypasses.is_empty(),
-        "through pgiam:\n{}",
-        bypasses.join("\n")
-    );
-    assert!(
-        silent.is_empty(),
-        "oracles that did not fire directly:\n{}",
-        silent.join("\n")
-    );
+    verdicts.assert_clean();
     // Through pgiam the session starts, and RESETs back to, the configured path.
     assert_eq!(
         psql_ok(
@@ -1434,7 +1408,7 @@ fn gateway_mode_never_leaves_the_mapped_role() {
         ),
     ];
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (mut bypasses, mut silent) = (Vec::new(), Vec::new());
+    let mut verdicts = Verdicts::default();
     for (name, steps) in escapes {
         let case = Case {
             name: name.to_string(),
@@ -1451,21 +1425,9 @@ fn gateway_mode_never_leaves_the_mapped_role() {
                 gateway: true,
             };
             let (text, user) = rt.block_on(attack(&target, &case));
-            match (direct, fired(&env, case.oracle, &text, user.as_deref())) {
-                (false, true) => bypasses.push(format!("{name}: {text} / user {user:?}")),
-                (true, false) => silent.push(format!("{name}: {text} / user {user:?}")),
-                _ => {}
-            }
+            let fired = fired(&env, case.oracle, &text, user.as_deref());
+            verdicts.judge(direct, fired, || format!("{name}: {text} / user {user:?}"));
         }
     }
-    assert!(
-        bypasses.is_empty(),
-        "escapes through pgiam:\n{}",
-        bypasses.join("\n")
-    );
-    assert!(
-        silent.is_empty(),
-        "oracles that did not fire directly:\n{}",
-        silent.join("\n")
-    );
+    verdicts.assert_clean();
 }

@@ -374,3 +374,39 @@ pub fn verify(path: &Path) -> (bool, String) {
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
     )
 }
+
+/// The bypass suite's verdicts. An attack that fires through pgiam is a bypass; one that does
+/// not fire directly against PostgreSQL proves nothing (its oracle or setup is wrong), and
+/// fails the suite as well.
+#[derive(Default)]
+pub struct Verdicts {
+    bypasses: Vec<String>,
+    silent: Vec<String>,
+}
+
+impl Verdicts {
+    /// Records one run of an attack: `direct` or through pgiam, and whether its oracle fired.
+    pub fn judge(&mut self, direct: bool, fired: bool, what: impl FnOnce() -> String) {
+        match (direct, fired) {
+            (false, true) => self.bypasses.push(what()),
+            (true, false) => self.silent.push(what()),
+            _ => {}
+        }
+    }
+
+    /// No bypass, and every attack fired directly.
+    pub fn assert_clean(&self) {
+        assert!(
+            self.bypasses.is_empty(),
+            "{} bypasses through pgiam:\n{}",
+            self.bypasses.len(),
+            self.bypasses.join("\n")
+        );
+        assert!(
+            self.silent.is_empty(),
+            "{} attacks did not fire directly (the case proves nothing):\n{}",
+            self.silent.len(),
+            self.silent.join("\n")
+        );
+    }
+}
