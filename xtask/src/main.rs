@@ -4,6 +4,7 @@
 //!   and the database drivers the tests run, pinned, in `target/drivers/`
 //! - `demo`: a throwaway PostgreSQL, pgiam in front of it, and real psql sessions through it
 //! - `test`: formatting, lints, and every test against real PostgreSQL clusters
+//! - `driver-suite`: asyncpg's own test suite, directly and through pgiam, compared test by test
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -12,6 +13,7 @@ use anyhow::{bail, Context};
 
 mod bench;
 mod demo;
+mod driver_suite;
 
 /// Debian packages: PostgreSQL and its clients for the tests and demo, PgBouncer for the
 /// benchmark, clang/llvm/libbpf for the eBPF programs and libclang (bindgen), python3 for the
@@ -47,11 +49,14 @@ fn main() -> ExitCode {
         Some("test") => install_deps().and_then(|_| test(&args[1..])),
         Some("build-ebpf") => build_ebpf(),
         Some("bench") => install_deps().and_then(|_| bench::run_bench(&args[1..])),
+        Some("driver-suite") => {
+            install_deps().and_then(|_| driver_suite::run_driver_suite(&args[1..]))
+        }
         // Used by the benchmark: runs inside a cgroup, holds N sessions idle.
         Some("hold-connections") => bench::hold_connections(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <install-deps | build-ebpf | demo | test [-- cargo test args] | bench [--short]>"
+                "usage: cargo xtask <install-deps | build-ebpf | demo | test [-- cargo test args] | bench [--short] | driver-suite [--sslmode MODE] [-- pytest args]>"
             );
             return ExitCode::from(2);
         }
