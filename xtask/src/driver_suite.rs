@@ -47,6 +47,10 @@ const TEST_REQUIREMENTS: &[&str] = &[
 const TEST_TIMEOUT_SECS: u64 = 60;
 /// The bound on one whole run of the suite (directly it takes about a minute).
 const RUN_TIMEOUT: Duration = Duration::from_secs(45 * 60);
+/// A test listed as slower through pgiam: this many times its direct time, and over this many
+/// seconds (a cancel that did not take effect lets a `pg_sleep` run to its end).
+const SLOWER_FACTOR: f64 = 5.0;
+const SLOWER_SECS: f64 = 5.0;
 /// The OS user pytest runs as.
 const CLIENT_USER: &str = "postgres";
 
@@ -59,7 +63,8 @@ filterwarnings = default
 junit_family = xunit2
 ";
 
-/// Reads pytest's JUnit XML: one line per test, `outcome TAB test TAB first line of the reason`.
+/// Reads pytest's JUnit XML: one line per test, `outcome TAB test TAB seconds TAB the reason's
+/// first line`.
 const JUNIT_TO_TSV: &str = r#"
 import sys, xml.etree.ElementTree as ET
 rank = {"failure": (3, "failed"), "error": (2, "error"), "skipped": (1, "skipped")}
@@ -80,7 +85,7 @@ for tc in ET.parse(sys.argv[1]).iter("testcase"):
                 n += 1
             msg = " ".join(lines[:n])
     msg = msg.replace("\t", " ")[:240]
-    print(f"{outcome}\t{cls}::{tc.get('name')}\t{msg}")
+    print(f"{outcome}\t{cls}::{tc.get('name')}\t{tc.get('time', '0')}\t{msg}")
 "#;
 
 fn suite_dir() -> PathBuf {
@@ -224,15 +229,22 @@ impl Outcome {
     }
 }
 
-/// One run's outcomes, by test: outcome and the first line of the reason.
+struct TestResult {
+    outcome: Outcome,
+    seconds: f64,
+    /// The first line of the reason (failure, error or skip).
+    reason: String,
+}
+
+/// One run's outcomes, by test.
 struct RunResult {
-    tests: BTreeMap<String, (Outcome, String)>,
+    tests: BTreeMap<String, TestResult>,
     elapsed: Duration,
 }
 
 impl RunResult {
     fn count(&self, o: Outcome) -> usize {
-        self.tests.values().filter(|(x, _)| *x == o).count()
+        self.tests.values().filter(|t| t.outcome == o).count()
     }
 }
 
@@ -395,11 +407,23 @@ fn run_pytest(
     std::fs::write(dir.join(format!("{name}.tsv")), &text)?;
     let mut tests = BTreeMap::new();
     for line in text.lines() {
-        let mut f = line.splitn(3, '\t');
-        let (Some(o), Some(t)) = (f.next().and_then(Outcome::parse), f.next()) else {
+        let mut f = line.splitn(4, '\t');
+        let (Some(outcome), Some(name), Some(seconds)) = (
+            f.next().and_then(Outcome::parse),
+            f.next(),
+            f.next().and_then(|s| s.parse().ok()),
+        ) else {
             bail!("unexpected line from the JUnit reader: {line:?}");
         };
-        tests.insert(t.to_owned(), (o, f.next().unwrap_or("").to_owned()));
+        let reason = f.next().unwrap_or("").to_owned();
+        tests.insert(
+            name.to_owned(),
+            TestResult {
+                outcome,
+                seconds,
+                reason,
+            },
+        );
     }
     if tests.is_empty() {
         bail!("{name}: pytest ran no tests; see {}", out_path.display());
@@ -419,16 +443,6 @@ struct Setup {
     _root: TestCgroup,
     pg: PgCluster,
     work: tempfile::TempDir,
-}
-
-impl Setup {
-    fn save_logs(&self) {
-        let dir = suite_dir();
-        if let Some(p) = &self.pgiam {
-            let _ = std::fs::copy(&p.log_path, dir.join("pgiam.log"));
-        }
-        let _ = std::fs::copy(&self.pg.log_path, dir.join("postgresql.log"));
-    }
 }
 
 impl Drop for Setup {
@@ -516,7 +530,7 @@ pub fn run_driver_suite(args: &[String]) -> anyhow::Result<()> {
     let started = Instant::now();
 
     let pg = PgCluster::start(PgOptions {
-        // asyncpg's harness asks for these of a cluster it starts itself.
+        // As asyncpg's harness sets it in the clusters it starts: JIT upsets timing tests.
         extra_conf: vec!["jit = off".into()],
         ..PgOptions::default()
     })?;
@@ -544,7 +558,6 @@ pub fn run_driver_suite(args: &[String]) -> anyhow::Result<()> {
     eprintln!("driver-suite: through pgiam (eBPF interception)");
     start_pgiam(&mut setup)?;
     let through = run_pytest("pgiam", &setup.app, &setup.pg, setup.work.path(), &opts)?;
-    setup.save_logs();
     let pgiam_log = setup.pgiam.as_ref().map(Pgiam::log).unwrap_or_default();
     let sessions = pgiam_log.matches("session established").count();
     drop(setup);
@@ -601,34 +614,66 @@ fn report(
             res.elapsed.as_secs_f64()
         );
     }
-    let missing = (Outcome::Skipped, "(not run)".to_owned());
-    let mut worse = Vec::new();
-    let mut better = Vec::new();
     let names: std::collections::BTreeSet<&String> =
         direct.tests.keys().chain(through.tests.keys()).collect();
+    let mut worse = Vec::new();
+    let mut better = Vec::new();
+    let mut slower = Vec::new();
+    let mut one_run_only = Vec::new();
     for name in names {
-        let d = direct.tests.get(name).unwrap_or(&missing);
-        let p = through.tests.get(name).unwrap_or(&missing);
-        if d.0 == p.0 {
+        let (Some(d), Some(p)) = (direct.tests.get(name), through.tests.get(name)) else {
+            one_run_only.push(name);
             continue;
-        }
-        if d.0 == Outcome::Passed {
+        };
+        if d.outcome == Outcome::Passed && p.outcome != Outcome::Passed {
             worse.push((name, p));
-        } else if p.0 == Outcome::Passed {
+        } else if p.outcome == Outcome::Passed && d.outcome != Outcome::Passed {
             better.push((name, d));
+        } else if d.outcome == p.outcome
+            && p.seconds > SLOWER_SECS
+            && p.seconds > SLOWER_FACTOR * d.seconds
+        {
+            slower.push((name, d.seconds, p.seconds));
         }
     }
-    let _ = writeln!(r, "\nPass directly, not through pgiam ({}):\n", worse.len());
-    for (name, (o, msg)) in &worse {
-        let _ = writeln!(r, "- `{name}`: {} — {msg}", o.label());
+    let header = |n: usize| if n == 0 { "\n" } else { ":\n" };
+    let _ = writeln!(
+        r,
+        "\nPass directly, not through pgiam ({}){}",
+        worse.len(),
+        header(worse.len())
+    );
+    for (name, t) in &worse {
+        let _ = writeln!(r, "- `{name}`: {} — {}", t.outcome.label(), t.reason);
     }
     let _ = writeln!(
         r,
-        "\nPass through pgiam, not directly ({}):\n",
-        better.len()
+        "\nPass through pgiam, not directly ({}){}",
+        better.len(),
+        header(better.len())
     );
-    for (name, (o, msg)) in &better {
-        let _ = writeln!(r, "- `{name}`: {} directly — {msg}", o.label());
+    for (name, t) in &better {
+        let _ = writeln!(
+            r,
+            "- `{name}`: {} directly — {}",
+            t.outcome.label(),
+            t.reason
+        );
+    }
+    let _ = writeln!(
+        r,
+        "\nSame outcome, over {SLOWER_FACTOR}x slower through pgiam and over {SLOWER_SECS} s ({}){}",
+        slower.len(),
+        header(slower.len())
+    );
+    for (name, d, p) in &slower {
+        let _ = writeln!(r, "- `{name}`: {d:.2} s directly, {p:.2} s through pgiam");
+    }
+    if !one_run_only.is_empty() {
+        let _ = writeln!(r, "\nRan in one run only ({}):\n", one_run_only.len());
+        for name in one_run_only {
+            let _ = writeln!(r, "- `{name}`");
+        }
     }
     r
 }

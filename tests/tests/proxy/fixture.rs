@@ -76,7 +76,7 @@ impl Env {
             .tempdir()
             .unwrap();
         let pw = write_file(dir.path(), "app_rw.password", "rw-secret\n", 0o600);
-        let tcp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut tcp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let unix_port = free_port();
         let unix_dir = dir.path().join("sock");
         std::fs::create_dir_all(&unix_dir).unwrap();
@@ -134,7 +134,23 @@ path = "{audit}"
                 .to_string()),
             extra = setup.extra,
         );
-        let pgiam = Pgiam::start(&config, tcp).expect("start pgiam");
+        // A port that was free a moment ago may be another process's by now (an ephemeral
+        // port of some client): then pgiam is started again on another.
+        let mut config = config;
+        let mut attempts = 0;
+        let pgiam = loop {
+            match Pgiam::start(&config, tcp) {
+                Ok(p) => break p,
+                Err(e) if attempts < 3 && format!("{e:#}").contains("Address already in use") => {
+                    attempts += 1;
+                    let next: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+                    config =
+                        config.replace(&format!("tcp = \"{tcp}\""), &format!("tcp = \"{next}\""));
+                    tcp = next;
+                }
+                Err(e) => panic!("start pgiam: {e:?}"),
+            }
+        };
         Env {
             pg,
             pgiam,
