@@ -16,33 +16,10 @@ fn key_data(messages: &[(u8, Vec<u8>)]) -> (i32, i32) {
     )
 }
 
-fn cancel_request(pid: i32, key: i32) -> Vec<u8> {
-    let mut out = 16i32.to_be_bytes().to_vec();
-    out.extend_from_slice(&80_877_102i32.to_be_bytes());
-    out.extend_from_slice(&pid.to_be_bytes());
-    out.extend_from_slice(&key.to_be_bytes());
-    out
-}
-
 fn send_cancel(env: &Env, pid: i32, key: i32) {
     let mut c = Raw::connect(env.tcp);
     c.send(&cancel_request(pid, key));
     c.expect_closed();
-}
-
-/// Waits until PostgreSQL shows the role's backend running pg_sleep.
-fn wait_for_sleep(env: &Env) {
-    for _ in 0..200 {
-        let n = env.direct(&format!(
-            "select count(*) from pg_stat_activity where usename = '{ROLE}' \
-             and state = 'active' and query like '%pg_sleep%'"
-        ));
-        if n == "1" {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("the sleeping query never showed up in pg_stat_activity");
 }
 
 fn result_of_query(raw: &mut Raw) -> Result<(), String> {

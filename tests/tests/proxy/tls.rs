@@ -274,23 +274,14 @@ fn cancel_request_inside_tls_cancels_and_closes_cleanly() {
     raw.startup();
     let greeting = raw.until_ready();
     let (_, key) = greeting.iter().find(|(t, _)| *t == b'K').unwrap();
-    let mut cancel = 16i32.to_be_bytes().to_vec();
-    cancel.extend_from_slice(&80_877_102i32.to_be_bytes());
-    cancel.extend_from_slice(key);
+    let cancel = cancel_request(
+        i32::from_be_bytes(key[0..4].try_into().unwrap()),
+        i32::from_be_bytes(key[4..8].try_into().unwrap()),
+    );
 
     for direct_ssl in [false, true] {
         raw.send(&query_bytes("SELECT pg_sleep(60)"));
-        // pg_sleep is running once the backend shows it.
-        for _ in 0..200 {
-            let n = env.direct(&format!(
-                "SELECT count(*) FROM pg_stat_activity WHERE usename = '{ROLE}' \
-                 AND state = 'active' AND query LIKE '%pg_sleep%'"
-            ));
-            if n == "1" {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(25));
-        }
+        wait_for_sleep(&env);
         let mut tls = if direct_ssl {
             tls_client(&env, &[b"postgresql"])
         } else {
