@@ -1,40 +1,57 @@
 //! The audit log: JSON Lines, one record per decision, tamper-evident through a hash chain.
 //!
-//! Each line ends with `"hash":"<sha256>"`, the digest of the line as written without that
-//! field; each line's `"prev"` is the previous line's hash (the first line's is all zeros).
-//! Editing, inserting or deleting a line breaks the chain at that point, which
+//! Each line ends with `"hash":"<sha256>"`: the digest of the previous line's hash followed by
+//! the line as written without that field (the first line follows all zeros). Editing,
+//! inserting, deleting or reordering lines breaks the chain at that point, which
 //! `pgiam audit verify` reports. (Without a secret, someone who can rewrite the file can also
 //! recompute the tail; shipping lines to the log pipeline as they are written is what anchors
-//! them.)
+//! them.) Lines of format 1 carried the previous hash as a `prev` field and hashed the line
+//! alone; they still verify.
 //!
-//! One writer thread owns the file. Records arrive over a channel; the writer takes every
-//! record waiting, writes them in one go and, with durability `always`, syncs before it
-//! acknowledges any of them (group commit), through the write-ahead [`ring`] next to the log. A
-//! caller that needs its record on disk before it proceeds awaits the acknowledgement; if the
-//! write fails, the caller fails closed.
+//! Records are sealed onto the chain and written (`write(2)`, in chain order) by the caller
+//! itself, under one lock: once [`AuditLog::append`] returns, the records are in the kernel
+//! and killing pgiam loses none of them. Getting them onto the device is a separate step, a
+//! group flush on the `pgiam-audit` thread (through the write-ahead [`ring`] next to the log):
+//! [`Durability`] says which decisions wait for it. A record nobody waits for (a completion)
+//! may linger in memory for [`LINGER`] and goes out with the next record written. If a write
+//! or a flush fails, every later record fails and the callers fail closed.
 
+pub mod read;
 mod ring;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::Value;
-use tokio::sync::oneshot;
+use tokio::sync::watch;
+
+/// The record format written: each record's first field, `v` (see README, "Audit record
+/// format"). Format 1 records have no `v`.
+pub const FORMAT: u32 = 2;
 
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
+/// When a decision's record must be on the device (synced), as opposed to in the kernel.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum Durability {
-    /// Synced to disk before the decision has an effect: before a statement that can change
-    /// something is forwarded, before the answer to one that cannot reaches the client.
-    #[default]
+    /// Every record is on the device before its decision has an effect: before a statement
+    /// that can change something is forwarded, before the answer to one that cannot reaches
+    /// the client. A host's power loss loses nothing anyone saw an effect of.
     Always,
-    /// Written in order, synced by the operating system when it chooses.
+    /// Every record is in the kernel before its statement is forwarded; a statement that can
+    /// change something (anything not provably a read, and COMMIT) waits for the device too.
+    /// Reads never wait for a flush; a group flush runs every `flush_interval_ms`. A host's
+    /// power loss can lose the records of reads (and of the COMMIT itself) of the last
+    /// interval, never one of a change.
+    #[default]
+    Changes,
+    /// Records stay in memory up to `flush_interval_ms`, then are written; the operating
+    /// system syncs them when it chooses. Killing pgiam can lose the last interval's records.
     Buffered,
 }
 
@@ -60,16 +77,17 @@ impl Default for Record {
 
 impl Record {
     pub fn new() -> Record {
-        let mut json = Vec::with_capacity(512);
-        json.push(b'{');
-        Record(json)
+        let mut r = Record(Vec::with_capacity(256));
+        r.0.push(b'{');
+        r.push("v", &FORMAT);
+        r
     }
 
     /// Appends a field. `name` is a plain field name of pgiam's own, written as it is; the
-    /// writer adds `ts`, `prev` and `hash`.
+    /// writer adds `ts` and `hash`.
     pub fn add(&mut self, name: &str, value: &(impl serde::Serialize + ?Sized)) {
         debug_assert!(name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
-        debug_assert!(!["ts", "prev", "hash"].contains(&name));
+        debug_assert!(!["v", "ts", "prev", "hash"].contains(&name));
         self.push(name, value);
     }
 
@@ -90,47 +108,174 @@ impl Record {
 
     /// The record with its timestamp, left open (no closing brace) for the chain.
     fn open(mut self) -> Vec<u8> {
+        const FORMAT: &[time::format_description::FormatItem<'_>] = time::macros::format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+        );
         let ts = time::OffsetDateTime::now_utc()
-            .format(&time::format_description::well_known::Rfc3339)
+            .format(FORMAT)
             .unwrap_or_default();
         self.push("ts", &ts);
         self.0
     }
 }
 
-struct Pending {
-    /// The record as serialized by its caller, without the closing brace: the writer only
-    /// adds the chain, so the group commit's critical section stays short. Empty for a flush.
-    open: Vec<u8>,
-    ack: Option<oneshot::Sender<Result<(), AuditError>>>,
-}
+/// A record's place in the chain: the number of records sealed up to and including it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Position(u64);
 
-/// A record on its way to the disk.
-pub struct Written(oneshot::Receiver<Result<(), AuditError>>);
+impl Position {
+    /// The position `n` records before this one.
+    pub fn before(self, n: usize) -> Position {
+        Position(self.0.saturating_sub(n as u64))
+    }
 
-impl Written {
-    pub async fn wait(self) -> Result<(), AuditError> {
-        self.0.await.map_err(|_| AuditError::Stopped)?
+    /// The position `n` records after this one.
+    pub fn after(self, n: u64) -> Position {
+        Position(self.0 + n)
     }
 }
 
-/// A handle to the audit writer; cheap to clone.
+/// What the flush thread has made durable, or why it no longer can.
+#[derive(Clone, Default)]
+struct Synced {
+    upto: u64,
+    failed: Option<AuditError>,
+}
+
+/// Records on their way to the device: resolves once they are synced.
+pub struct Written(WrittenState);
+
+enum WrittenState {
+    Done(Result<(), AuditError>),
+    Pending(watch::Receiver<Synced>, u64),
+}
+
+impl Written {
+    pub async fn wait(self) -> Result<(), AuditError> {
+        match self.0 {
+            WrittenState::Done(r) => r,
+            WrittenState::Pending(mut rx, upto) => {
+                let synced = rx
+                    .wait_for(|s| s.upto >= upto || s.failed.is_some())
+                    .await
+                    .map_err(|_| AuditError::Stopped)?;
+                match &synced.failed {
+                    // What was durable before the failure stays so.
+                    Some(e) if synced.upto < upto => Err(e.clone()),
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// What the appenders and the flush thread share, under [`Inner::state`].
+struct State {
+    file: Arc<File>,
+    /// The hash of the last record sealed.
+    prev: String,
+    sealed: u64,
+    /// Sealed and written to the kernel.
+    written: u64,
+    /// Sealed lines not yet written (completions lingering; everything, with `buffered`).
+    held: Vec<u8>,
+    held_since: Option<Instant>,
+    /// Written since the last flush, for the ring.
+    unsynced: Vec<u8>,
+    /// Up to where a caller waits for (or asked for) a flush.
+    wanted: u64,
+    /// Written since the last flush (the periodic one has work to do).
+    dirty: bool,
+    /// The flush thread sleeps for long (nothing happened lately): a lingering record must
+    /// wake it. While records come, it looks every [`LINGER`] on its own instead, so that a
+    /// busy log does not pay a wake-up per completion.
+    flusher_idle: bool,
+    broken: Option<AuditError>,
+}
+
+struct Inner {
+    durability: Durability,
+    interval: Duration,
+    state: Mutex<State>,
+    /// Wakes the flush thread: a flush is wanted, or lines are held.
+    wake: Condvar,
+    synced: watch::Sender<Synced>,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl State {
+    /// Writes the held lines (and `more`, sealed after them) to the kernel.
+    fn write_out(&mut self, ring: bool) -> Result<(), AuditError> {
+        if let Some(e) = &self.broken {
+            return Err(e.clone());
+        }
+        if self.held.is_empty() {
+            return Ok(());
+        }
+        // Written by whoever holds the lock, so lines reach the file in the order sealed.
+        match (&*self.file).write_all(&self.held) {
+            Ok(()) => {
+                if ring {
+                    self.unsynced.extend_from_slice(&self.held);
+                }
+                self.held.clear();
+                self.held_since = None;
+                self.written = self.sealed;
+                self.dirty = true;
+                Ok(())
+            }
+            Err(e) => Err(self.break_with(e)),
+        }
+    }
+
+    fn break_with(&mut self, e: std::io::Error) -> AuditError {
+        let e = AuditError::Write(e.to_string());
+        tracing::error!("{e}: refusing everything that needs an audit record");
+        self.broken = Some(e.clone());
+        e
+    }
+
+    fn seal(&mut self, record: Record) {
+        self.prev = seal(&record.open(), &self.prev, &mut self.held);
+        self.sealed += 1;
+    }
+}
+
+impl Drop for Inner {
+    /// The last handle is gone: what lingers is written (not synced).
+    fn drop(&mut self) {
+        let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        let _ = state.write_out(false);
+    }
+}
+
+/// A handle to the audit log; cheap to clone.
 #[derive(Clone)]
 pub struct AuditLog {
-    tx: mpsc::Sender<Pending>,
+    inner: Arc<Inner>,
     run_id: String,
-    seq: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    seq: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl AuditLog {
-    /// Opens (or continues) the log at `path` and starts its writer thread.
-    pub fn open(path: &Path, durability: Durability) -> Result<AuditLog, AuditError> {
-        Self::open_with_ring(path, durability, ring::DEFAULT_SIZE)
+    /// Opens (or continues) the log at `path` and starts its flush thread.
+    pub fn open(
+        path: &Path,
+        durability: Durability,
+        interval: Duration,
+    ) -> Result<AuditLog, AuditError> {
+        Self::open_with_ring(path, durability, interval, ring::DEFAULT_SIZE)
     }
 
     fn open_with_ring(
         path: &Path,
         durability: Durability,
+        interval: Duration,
         ring_size: u64,
     ) -> Result<AuditLog, AuditError> {
         let open_err = |e: std::io::Error| AuditError::Open {
@@ -157,30 +302,55 @@ impl AuditLog {
                 }
             })?;
         let ring = match durability {
-            Durability::Always if regular => match ring::Ring::open(&ring_path, ring_size) {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    // Durability is the same without it; each sync costs more.
-                    tracing::warn!(
-                        "audit: no write-ahead ring at {} ({e}): every sync commits the log itself",
-                        ring_path.display()
-                    );
-                    let _ = std::fs::remove_file(&ring_path);
-                    None
+            Durability::Always | Durability::Changes if regular => {
+                match ring::Ring::open(&ring_path, ring_size) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        // Durability is the same without it; each sync costs more.
+                        tracing::warn!(
+                            "audit: no write-ahead ring at {} ({e}): every sync commits the log itself",
+                            ring_path.display()
+                        );
+                        let _ = std::fs::remove_file(&ring_path);
+                        None
+                    }
                 }
-            },
+            }
             _ => None,
         };
-        let (tx, rx) = mpsc::channel();
+        let inner = Arc::new(Inner {
+            durability,
+            interval: interval.max(Duration::from_millis(1)),
+            state: Mutex::new(State {
+                file: Arc::new(file),
+                prev,
+                sealed: 0,
+                written: 0,
+                held: Vec::new(),
+                held_since: None,
+                unsynced: Vec::new(),
+                wanted: 0,
+                dirty: false,
+                flusher_idle: true,
+                broken: None,
+            }),
+            wake: Condvar::new(),
+            synced: watch::Sender::new(Synced::default()),
+        });
+        let weak = Arc::downgrade(&inner);
         std::thread::Builder::new()
             .name("pgiam-audit".into())
-            .spawn(move || writer(file, prev, durability, ring, rx))
+            .spawn(move || flusher(weak, ring))
             .map_err(open_err)?;
         Ok(AuditLog {
-            tx,
+            inner,
             run_id: format!("{:08x}", rand::random::<u32>()),
             seq: Default::default(),
         })
+    }
+
+    pub fn durability(&self) -> Durability {
+        self.inner.durability
     }
 
     /// A fresh record id, unique across restarts of pgiam (a random run id and a sequence).
@@ -189,41 +359,103 @@ impl AuditLog {
         format!("{}-{n}", self.run_id)
     }
 
-    /// Appends a record and waits until it is written (and synced, with `always`).
+    /// Seals `records` onto the chain, in order, and writes them (with any that linger before
+    /// them) to the kernel before it returns — except with `buffered`, which holds them up to
+    /// the flush interval. The position is the last record's; an error means the records are
+    /// not in the log, and the caller fails closed.
+    pub fn append(&self, records: Vec<Record>) -> Result<Position, AuditError> {
+        let mut state = self.inner.lock();
+        if let Some(e) = &state.broken {
+            return Err(e.clone());
+        }
+        for r in records {
+            state.seal(r);
+        }
+        let at = Position(state.sealed);
+        let written = if self.inner.durability == Durability::Buffered {
+            // The thread writes what is held; only a large backlog is written here.
+            if state.held_since.is_none() {
+                state.held_since = Some(Instant::now());
+            }
+            if state.held.len() >= HELD_MAX {
+                state.write_out(false)
+            } else {
+                Ok(())
+            }
+        } else {
+            state.write_out(true)
+        };
+        if written.is_err() {
+            // Whoever waits for an earlier record's flush is told too.
+            self.inner.wake.notify_one();
+        }
+        written.map(|()| at)
+    }
+
+    /// Asks for a flush up to `upto` now and returns what resolves once it is done. With
+    /// `buffered` there is no flush: it resolves at once.
+    pub fn durable(&self, upto: Position) -> Written {
+        if self.inner.durability == Durability::Buffered {
+            return Written(WrittenState::Done(Ok(())));
+        }
+        let rx = self.inner.synced.subscribe();
+        if rx.borrow().upto < upto.0 {
+            self.request(upto);
+        }
+        Written(WrittenState::Pending(rx, upto.0))
+    }
+
+    /// Starts a flush up to `upto` without waiting for it (the flush a later COMMIT will wait
+    /// for is then under way, or done).
+    pub fn request(&self, upto: Position) {
+        let mut state = self.inner.lock();
+        if state.wanted < upto.0 {
+            state.wanted = upto.0;
+            self.inner.wake.notify_one();
+        }
+    }
+
+    /// Appends a record and waits as long as the durability asks for a record whose decision
+    /// changes nothing in the database (a login's, a refusal's): with `always`, until it is
+    /// on the device; else until it is in the kernel (`buffered`: in memory).
     pub async fn record(&self, record: Record) -> Result<(), AuditError> {
-        self.record_acked(record).wait().await
+        let at = self.append(vec![record])?;
+        match self.inner.durability {
+            Durability::Always => self.durable(at).wait().await,
+            _ => Ok(()),
+        }
     }
 
-    /// Appends a record now; the returned handle reports when it is written (and synced, with
-    /// `always`), and with it every record appended before it.
-    pub fn record_acked(&self, record: Record) -> Written {
-        self.send_acked(record.open())
-    }
-
-    /// Writes (and syncs, with `always`) every record appended so far, lingering ones too;
-    /// for a shutdown, which must not lose the last completions.
-    pub fn flush(&self) -> Written {
-        self.send_acked(Vec::new())
-    }
-
-    fn send_acked(&self, open: Vec<u8>) -> Written {
-        let (ack, done) = oneshot::channel();
-        // Without a writer the message, and the sender in it, is dropped: `wait` says so.
-        let _ = self.tx.send(Pending {
-            open,
-            ack: Some(ack),
-        });
-        Written(done)
-    }
-
-    /// Appends a record without waiting (completions: nothing depends on them being on disk
-    /// first, and the writer keeps their order). It is written with the next record that is
-    /// waited for (and synced with it, with `always`), or after [`LINGER`] at the latest.
+    /// Appends a record nobody waits for (a completion, a session's end): it goes out with the
+    /// next record written, or after [`LINGER`] at the latest, in chain order either way.
     pub fn record_later(&self, record: Record) {
-        let _ = self.tx.send(Pending {
-            open: record.open(),
-            ack: None,
-        });
+        let mut state = self.inner.lock();
+        if state.broken.is_some() {
+            return;
+        }
+        state.seal(record);
+        if state.held_since.is_none() {
+            state.held_since = Some(Instant::now());
+            if state.flusher_idle {
+                self.inner.wake.notify_one();
+            }
+        }
+    }
+
+    /// Writes and syncs every record appended so far, lingering ones too, whatever the
+    /// durability; for a shutdown, which must not lose the last completions.
+    pub fn flush(&self) -> Written {
+        let upto = {
+            let mut state = self.inner.lock();
+            let ring = self.inner.durability != Durability::Buffered;
+            if let Err(e) = state.write_out(ring) {
+                return Written(WrittenState::Done(Err(e)));
+            }
+            state.wanted = state.wanted.max(state.sealed);
+            self.inner.wake.notify_one();
+            state.sealed
+        };
+        Written(WrittenState::Pending(self.inner.synced.subscribe(), upto))
     }
 }
 
@@ -302,8 +534,12 @@ fn recover(file: &mut File, ring: Option<&Path>) -> Result<String, String> {
     Ok(last)
 }
 
-fn sha256_hex(data: &[u8]) -> String {
-    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
+fn sha256_hex(parts: &[&[u8]]) -> String {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    for p in parts {
+        ctx.update(p);
+    }
+    let d = ctx.finish();
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(64);
     for b in d.as_ref() {
@@ -321,142 +557,126 @@ fn split_hash(line: &str) -> Option<(&str, &str)> {
     }
     let (body, suffix) = line.split_at(line.len() - SUFFIX_LEN);
     let hash = suffix.strip_prefix(",\"hash\":\"")?.strip_suffix("\"}")?;
-    (hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit())).then_some((body, hash))
+    is_hash(hash).then_some((body, hash))
 }
 
-/// Appends one record onto the chain after `prev` (`prev`, then the hash of everything
-/// before it, as the last fields) and a newline to `out`; returns the record's hash.
+fn is_hash(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The `prev` a format-1 line carries as its last field before the hash.
+fn format1_prev(body: &str) -> Option<&str> {
+    const FIELD_LEN: usize = "\"prev\":\"\"".len() + 64;
+    if body.len() < FIELD_LEN + 1 {
+        return None;
+    }
+    let (before, field) = body.split_at(body.len() - FIELD_LEN);
+    let prev = field.strip_prefix("\"prev\":\"")?.strip_suffix('"')?;
+    // A string value cannot end that way: its quotes would be escaped.
+    (is_hash(prev) && (before.ends_with(',') || before == "{")).then_some(prev)
+}
+
+/// Appends one record onto the chain after `prev` (its hash as the last field) and a newline
+/// to `out`; returns the record's hash.
 fn seal(open: &[u8], prev: &str, out: &mut Vec<u8>) -> String {
     let start = out.len();
     out.extend_from_slice(open);
-    if open.len() > 1 {
-        out.push(b',');
-    }
-    out.extend_from_slice(b"\"prev\":\"");
-    out.extend_from_slice(prev.as_bytes());
-    out.push(b'"');
-    let hash = sha256_hex(&out[start..]);
-    out.extend_from_slice(b",\"hash\":\"");
+    let hash = sha256_hex(&[prev.as_bytes(), &out[start..]]);
+    out.extend_from_slice(if open.len() > 1 {
+        b",\"hash\":\""
+    } else {
+        b"\"hash\":\""
+    });
     out.extend_from_slice(hash.as_bytes());
     out.extend_from_slice(b"\"}\n");
     hash
 }
 
 /// How long a record nobody waits for (a completion, a session's end) may stay in memory
-/// before it is written. Held back until a record that is waited for comes, it is written (and
-/// synced) with it: under load it costs neither a write of its own nor a wake-up of the writer.
+/// before it is written. Held back until a record that is waited for comes, it is written with
+/// it: under load it costs neither a write of its own nor a wake-up of the flush thread.
 const LINGER: Duration = Duration::from_millis(2);
 
-/// Records written in one go at most.
-const MAX_BATCH: usize = 1024;
+/// With `buffered`, a backlog this large is written at once.
+const HELD_MAX: usize = 256 * 1024;
 
-fn writer(
-    mut file: File,
-    mut prev: String,
-    durability: Durability,
-    mut ring: Option<ring::Ring>,
-    rx: mpsc::Receiver<Pending>,
-) {
-    let mut batch = Vec::new();
-    let mut buf = Vec::with_capacity(64 * 1024);
-    // Once a write fails the file's tail is unknown: every later record fails too, and the
-    // callers fail closed.
-    let mut broken: Option<AuditError> = None;
-    // Until which the records in `batch`, none of them waited for, may wait.
-    let mut deadline: Option<Instant> = None;
+/// The flush thread: writes what lingers, and makes what is written durable when someone
+/// waits for it (all waiting at that moment share the flush) or the interval is up. It ends
+/// with the last handle to the log.
+fn flusher(inner: std::sync::Weak<Inner>, mut ring: Option<ring::Ring>) {
+    let mut last_flush = Instant::now();
+    let mut seen = 0;
     loop {
-        let next = match deadline {
-            None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
-            Some(d) => rx.recv_timeout(d.saturating_duration_since(Instant::now())),
-        };
-        let received = match next {
-            Ok(first) => {
-                batch.push(first);
-                true
+        let Some(inner) = inner.upgrade() else { return };
+        let mut state = inner.lock();
+        let now = Instant::now();
+        let synced = inner.synced.borrow().upto;
+        let buffered = inner.durability == Durability::Buffered;
+        let linger = if buffered { inner.interval } else { LINGER };
+        let write_due = state.held_since.is_some_and(|t| now >= t + linger);
+        let failure_unpublished = state.broken.is_some() && inner.synced.borrow().failed.is_none();
+        let flush_wanted = state.wanted > synced && state.broken.is_none();
+        let periodic_due = !buffered && state.dirty && now >= last_flush + inner.interval;
+        if !(write_due || flush_wanted || periodic_due || failure_unpublished) {
+            // Sleep until the next thing due (bounded, so a dropped log is noticed); while
+            // records come, no longer than LINGER.
+            let active = state.sealed != seen;
+            seen = state.sealed;
+            state.flusher_idle = !active;
+            let nap = if active {
+                LINGER
+            } else {
+                inner.interval.min(Duration::from_millis(500))
+            };
+            let mut until = now + nap;
+            if let Some(t) = state.held_since {
+                until = until.min(t + linger);
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) if batch.is_empty() => return,
-            Err(_) => false,
-        };
-        while batch.len() < MAX_BATCH {
-            let Ok(more) = rx.try_recv() else { break };
-            batch.push(more);
+            if !buffered && state.dirty {
+                until = until.min(last_flush + inner.interval);
+            }
+            let _ = inner
+                .wake
+                .wait_timeout(state, until.saturating_duration_since(now));
+            continue;
         }
-        let waited_for = batch.iter().any(|p| p.ack.is_some());
-        if !waited_for && received && batch.len() < MAX_BATCH {
-            let now = Instant::now();
-            let d = *deadline.get_or_insert(now + LINGER);
-            if now < d {
-                continue;
+        // What lingers goes out first: a flush covers every record before the one waited for.
+        let _ = state.write_out(!buffered);
+        if let Some(e) = &state.broken {
+            let e = e.clone();
+            inner.synced.send_modify(|s| s.failed = Some(e));
+        }
+        if !(flush_wanted || periodic_due) || state.broken.is_some() {
+            continue;
+        }
+        // Everything written so far: the lock is released for the flush itself, so appenders
+        // go on writing meanwhile (the next flush takes theirs).
+        let upto = state.written;
+        let batch = std::mem::take(&mut state.unsynced);
+        let file = state.file.clone();
+        state.dirty = false;
+        drop(state);
+        let flushed = match &mut ring {
+            Some(ring) => ring.append(&batch, true, || file.sync_data()),
+            None => file.sync_data(),
+        };
+        last_flush = Instant::now();
+        let mut batch = batch;
+        batch.clear();
+        let mut state = inner.lock();
+        if state.unsynced.is_empty() {
+            // Its room is kept for the next batch.
+            state.unsynced = batch;
+        }
+        match flushed {
+            Ok(()) => {
+                inner.synced.send_modify(|s| s.upto = s.upto.max(upto));
+            }
+            Err(e) => {
+                let e = state.break_with(e);
+                inner.synced.send_modify(|s| s.failed = Some(e));
             }
         }
-        deadline = None;
-        let result = match &broken {
-            Some(e) => Err(e.clone()),
-            None => {
-                buf.clear();
-                let mut next = prev.clone();
-                // An empty entry is a flush: it writes no line of its own.
-                for p in batch.iter().filter(|p| !p.open.is_empty()) {
-                    next = seal(&p.open, &next, &mut buf);
-                }
-                let written = file
-                    .write_all(&buf)
-                    .and_then(|_| match (durability, &mut ring) {
-                        // Everything goes to the ring, in order, so that it can rebuild the log's
-                        // tail; only a batch someone waits for is synced.
-                        (Durability::Always, Some(ring)) => {
-                            ring.append(&buf, waited_for, || file.sync_data())
-                        }
-                        (Durability::Always, None) if waited_for => file.sync_data(),
-                        _ => Ok(()),
-                    });
-                match written {
-                    Ok(()) => {
-                        prev = next;
-                        Ok(())
-                    }
-                    Err(e) => {
-                        let e = AuditError::Write(e.to_string());
-                        tracing::error!("{e}: refusing everything that needs an audit record");
-                        broken = Some(e.clone());
-                        Err(e)
-                    }
-                }
-            }
-        };
-        for p in batch.drain(..) {
-            if let Some(ack) = p.ack {
-                let _ = ack.send(result.clone());
-            }
-        }
-    }
-}
-
-/// A line that matches its own hash: the hash, and the one it says comes before it.
-struct Sealed {
-    hash: String,
-    prev: String,
-}
-
-impl Sealed {
-    /// Checks one line (without its newline) on its own; the reason if it is not a record.
-    fn check(line: &[u8]) -> Result<Sealed, &'static str> {
-        let line = std::str::from_utf8(line).map_err(|_| "not UTF-8")?;
-        let (body, hash) = split_hash(line).ok_or("no hash field at the end of the line")?;
-        if sha256_hex(body.as_bytes()) != hash {
-            return Err("the line does not match its hash (edited)");
-        }
-        let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(line) else {
-            return Err("not a JSON object");
-        };
-        let prev = fields
-            .get("prev")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
-        Ok(Sealed {
-            hash: hash.to_owned(),
-            prev: prev.to_owned(),
-        })
     }
 }
 
@@ -467,28 +687,47 @@ pub enum Verified {
     Broken { line: usize, reason: String },
 }
 
-/// Checks every line's own hash and its link to the line before.
+/// Checks that `line` (without its newline) is a record that follows the one whose hash is
+/// `prev`; returns its hash.
+fn follows(line: &[u8], prev: &str) -> Result<String, &'static str> {
+    let line = std::str::from_utf8(line).map_err(|_| "not UTF-8")?;
+    let (body, hash) = split_hash(line).ok_or("no hash field at the end of the line")?;
+    match format1_prev(body) {
+        Some(p) => {
+            if sha256_hex(&[body.as_bytes()]) != hash {
+                return Err("the line does not match its hash (edited)");
+            }
+            if p != prev {
+                return Err("prev does not match the previous line's hash (lines removed, inserted or reordered)");
+            }
+        }
+        None if sha256_hex(&[prev.as_bytes(), body.as_bytes()]) != hash => {
+            return Err("the line does not match its hash after the previous line's (edited, or lines removed, inserted or reordered)");
+        }
+        None => {}
+    }
+    if !matches!(serde_json::from_str::<Value>(line), Ok(Value::Object(_))) {
+        return Err("not a JSON object");
+    }
+    Ok(hash.to_owned())
+}
+
+/// Checks every line against its hash and the line before it.
 pub fn verify(path: &Path) -> std::io::Result<Verified> {
     let file = File::open(path)?;
     let mut prev = GENESIS.to_owned();
     let mut records = 0;
     for (i, line) in BufReader::new(file).split(b'\n').enumerate() {
-        let line_no = i + 1;
         let line = line?;
-        let broken = |reason: &str| {
-            Ok(Verified::Broken {
-                line: line_no,
-                reason: reason.to_owned(),
-            })
-        };
-        let sealed = match Sealed::check(&line) {
-            Ok(sealed) => sealed,
-            Err(reason) => return broken(reason),
-        };
-        if sealed.prev != prev {
-            return broken("prev does not match the previous line's hash (lines removed, inserted or reordered)");
+        match follows(&line, &prev) {
+            Ok(hash) => prev = hash,
+            Err(reason) => {
+                return Ok(Verified::Broken {
+                    line: i + 1,
+                    reason: reason.to_owned(),
+                })
+            }
         }
-        prev = sealed.hash;
         records += 1;
     }
     Ok(Verified::Intact { records })
@@ -508,8 +747,10 @@ macro_rules! audit_fields {
 mod tests {
     use super::*;
 
+    const INTERVAL: Duration = Duration::from_millis(100);
+
     async fn write_three(path: &Path) {
-        let log = AuditLog::open(path, Durability::Always).unwrap();
+        let log = AuditLog::open(path, Durability::Always, INTERVAL).unwrap();
         for i in 0..3 {
             log.record(crate::audit_fields! {"kind" => "test", "n" => i, "text" => "a\"b\n"})
                 .await
@@ -551,13 +792,10 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         std::fs::write(&path, format!("{}\n{}\n", lines[0], lines[2])).unwrap();
-        assert_eq!(
+        assert!(matches!(
             verify(&path).unwrap(),
-            Verified::Broken {
-                line: 2,
-                reason: "prev does not match the previous line's hash (lines removed, inserted or reordered)".into()
-            }
-        );
+            Verified::Broken { line: 2, .. }
+        ));
         std::fs::write(&path, format!("{}\n{}\n{}\n", lines[1], lines[0], lines[2])).unwrap();
         assert!(matches!(
             verify(&path).unwrap(),
@@ -571,7 +809,7 @@ mod tests {
     async fn records_nobody_waits_for_are_written_soon_and_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let log = AuditLog::open(&path, Durability::Always).unwrap();
+        let log = AuditLog::open(&path, Durability::Always, INTERVAL).unwrap();
         log.record_later(crate::audit_fields! {"kind" => "later", "n" => 1});
         let mut waited = std::time::Duration::ZERO;
         while std::fs::read_to_string(&path).unwrap().lines().count() < 1 {
@@ -601,7 +839,7 @@ mod tests {
     async fn a_flush_writes_what_is_held_back() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let log = AuditLog::open(&path, Durability::Always).unwrap();
+        let log = AuditLog::open(&path, Durability::Always, INTERVAL).unwrap();
         log.record_later(crate::audit_fields! {"kind" => "completion", "n" => 1});
         log.flush().wait().await.unwrap();
         assert_eq!(verify(&path).unwrap(), Verified::Intact { records: 1 });
@@ -614,7 +852,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failing_sink_fails_every_record() {
-        let log = AuditLog::open(Path::new("/dev/full"), Durability::Always);
+        let log = AuditLog::open(Path::new("/dev/full"), Durability::Always, INTERVAL);
         // /dev/full accepts the open and fails every write.
         let log = log.unwrap();
         assert!(log
@@ -628,7 +866,7 @@ mod tests {
     }
 
     async fn write_n(path: &Path, ring_size: u64, n: usize) {
-        let log = AuditLog::open_with_ring(path, Durability::Always, ring_size).unwrap();
+        let log = AuditLog::open_with_ring(path, Durability::Always, INTERVAL, ring_size).unwrap();
         for i in 0..n {
             log.record(
                 crate::audit_fields! {"kind" => "test", "n" => i, "pad" => "x".repeat(i % 7 * 10)},
@@ -696,7 +934,8 @@ mod tests {
         let mut text = std::fs::read_to_string(&path).unwrap();
         text.push_str("{\"forged\":");
         std::fs::write(&path, &text).unwrap();
-        let Err(err) = AuditLog::open_with_ring(&path, Durability::Always, 64 * 1024) else {
+        let Err(err) = AuditLog::open_with_ring(&path, Durability::Always, INTERVAL, 64 * 1024)
+        else {
             panic!("must refuse")
         };
         assert!(
@@ -710,12 +949,130 @@ mod tests {
         );
     }
 
+    fn record(n: usize) -> Record {
+        crate::audit_fields! {"kind" => "test", "n" => n}
+    }
+
+    /// `changes`: a record is in the file (the kernel's page cache) as soon as it is appended,
+    /// with no flush; the periodic flush makes it durable though nobody asks, and what it
+    /// flushed is in the ring, to be recovered if the log's own pages are lost.
+    #[tokio::test]
+    async fn changes_writes_at_once_and_flushes_in_the_background() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path, Durability::Changes, Duration::from_millis(20)).unwrap();
+        let at = log.append(vec![record(0), record(1)]).unwrap();
+        assert_eq!(at, Position(2));
+        assert_eq!(lines(&path).len(), 2, "in the file before any flush");
+        let synced = log.inner.synced.subscribe();
+        let mut waited = Duration::ZERO;
+        while synced.borrow().upto < 2 {
+            assert!(waited < Duration::from_secs(10), "never flushed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            waited += Duration::from_millis(5);
+        }
+        assert_eq!(log.inner.lock().wanted, 0, "flushed without being asked");
+        let at = log.append(vec![record(2)]).unwrap();
+        log.durable(at).wait().await.unwrap();
+        let all = lines(&path);
+        drop(log);
+        // The log's last two lines lost (a power failure before the page cache was written).
+        std::fs::write(&path, format!("{}\n", all[0])).unwrap();
+        let log = AuditLog::open(&path, Durability::Changes, INTERVAL).unwrap();
+        log.record(record(3)).await.unwrap();
+        assert_eq!(verify(&path).unwrap(), Verified::Intact { records: 4 });
+        assert_eq!(lines(&path)[..3], all[..]);
+    }
+
+    /// Many appenders at once: the file holds every record once, in chain order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_appenders_keep_the_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path, Durability::Changes, Duration::from_millis(1)).unwrap();
+        let mut tasks = Vec::new();
+        for t in 0..8 {
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move {
+                for n in 0..200 {
+                    let at = log.append(vec![record(t * 1000 + n)]).unwrap();
+                    if n % 10 == 0 {
+                        log.durable(at).wait().await.unwrap();
+                    }
+                    if n % 3 == 0 {
+                        log.record_later(record(t * 1000 + n + 500));
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        log.flush().wait().await.unwrap();
+        assert_eq!(
+            verify(&path).unwrap(),
+            Verified::Intact {
+                records: 8 * (200 + 67)
+            }
+        );
+    }
+
+    /// `buffered`: records stay in memory for up to the interval, then are written in order.
+    #[tokio::test]
+    async fn buffered_holds_records_for_the_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path, Durability::Buffered, Duration::from_millis(300)).unwrap();
+        log.append(vec![record(0)]).unwrap();
+        log.record(record(1)).await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "",
+            "held in memory"
+        );
+        let mut waited = Duration::ZERO;
+        while lines(&path).len() < 2 {
+            assert!(waited < Duration::from_secs(10), "never written");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            waited += Duration::from_millis(10);
+        }
+        assert_eq!(verify(&path).unwrap(), Verified::Intact { records: 2 });
+    }
+
+    #[tokio::test]
+    async fn a_failing_sink_fails_the_append_in_every_mode() {
+        for d in [Durability::Changes, Durability::Always] {
+            let log = AuditLog::open(Path::new("/dev/full"), d, INTERVAL).unwrap();
+            assert!(log.append(vec![record(0)]).is_err());
+            assert!(log.append(vec![record(1)]).is_err(), "stays broken");
+        }
+    }
+
+    /// Lines of format 1 (each carried its `prev`) still verify, and the chain goes on after
+    /// them in format 2.
+    #[tokio::test]
+    async fn format_1_lines_verify_and_the_chain_continues() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut text = String::new();
+        let mut prev = GENESIS.to_owned();
+        for n in 0..2 {
+            let body = format!("{{\"kind\":\"old\",\"n\":{n},\"prev\":\"{prev}\"");
+            prev = sha256_hex(&[body.as_bytes()]);
+            text.push_str(&format!("{body},\"hash\":\"{prev}\"}}\n"));
+        }
+        std::fs::write(&path, &text).unwrap();
+        assert_eq!(verify(&path).unwrap(), Verified::Intact { records: 2 });
+        write_n(&path, 64 * 1024, 2).await;
+        assert_eq!(verify(&path).unwrap(), Verified::Intact { records: 4 });
+    }
+
     #[test]
     fn a_foreign_file_is_not_appended_to() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         std::fs::write(&path, "hello\n").unwrap();
-        let Err(err) = AuditLog::open(&path, Durability::Always) else {
+        let Err(err) = AuditLog::open(&path, Durability::Always, INTERVAL) else {
             panic!("must refuse")
         };
         assert!(

@@ -6,9 +6,16 @@
 //!
 //! Keys are the pair: two servers behind one pgiam (intercepted destinations) can have
 //! backends with the same process id, never with the same pgiam secret.
+//!
+//! A cancel must not overtake the statement it is meant for: a session may hold a statement
+//! for a moment after reading it (classifying it, waiting for its audit record's flush), and a
+//! server that receives the cancel first finds its backend idle and ignores it. So each session
+//! says while it holds client bytes not yet forwarded ([`Pending`]), and a cancel is forwarded
+//! only once they are.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 
@@ -27,6 +34,50 @@ pub struct Target {
 struct Entry {
     /// `None` until the session's upstream connection exists (it opens at the first message).
     target: Option<Target>,
+    pending: Pending,
+}
+
+/// Whether a session holds client bytes it read and has not forwarded yet, and since when.
+#[derive(Clone)]
+pub struct Pending(Arc<tokio::sync::watch::Sender<Option<Instant>>>);
+
+impl Default for Pending {
+    fn default() -> Self {
+        Pending(Arc::new(tokio::sync::watch::Sender::new(None)))
+    }
+}
+
+impl Pending {
+    /// Set when bytes are read, cleared once everything forwardable is forwarded.
+    pub fn set(&self, holding: bool) {
+        self.0.send_if_modified(|since| match (holding, *since) {
+            (true, None) => {
+                *since = Some(Instant::now());
+                true
+            }
+            (false, Some(_)) => {
+                *since = None;
+                true
+            }
+            _ => false,
+        });
+    }
+
+    /// Waits until the session holds nothing unforwarded, then as long again as the cancel
+    /// came after the held bytes: the server sees the cancel no sooner after its statement than
+    /// pgiam did (PostgreSQL ignores a cancel that arrives before its backend starts the
+    /// statement, so a client that waits a moment before cancelling must not lose that
+    /// moment in pgiam). `max` bounds each wait: a session stuck on a full server socket must
+    /// not keep its cancel forever.
+    pub async fn forwarded(&self, max: Duration) {
+        let arrived = Instant::now();
+        let mut rx = self.0.subscribe();
+        let Some(since) = *rx.borrow_and_update() else {
+            return;
+        };
+        let _ = tokio::time::timeout(max, rx.wait_for(Option::is_none)).await;
+        tokio::time::sleep(arrived.saturating_duration_since(since).min(max)).await;
+    }
 }
 
 #[derive(Default)]
@@ -52,6 +103,14 @@ impl Registration {
         if let Some(entry) = sessions.get_mut(&(self.process_id, self.secret_key)) {
             entry.target = Some(target);
         }
+    }
+
+    /// The session's side of [`Pending`].
+    pub fn pending(&self) -> Pending {
+        self.registry
+            .lookup_entry(self.process_id, self.secret_key)
+            .map(|(_, p)| p)
+            .unwrap_or_default()
     }
 }
 
@@ -79,7 +138,13 @@ impl CancelRegistry {
                 break candidate;
             }
         };
-        sessions.insert((process_id, secret_key), Entry { target: None });
+        sessions.insert(
+            (process_id, secret_key),
+            Entry {
+                target: None,
+                pending: Pending::default(),
+            },
+        );
         Registration {
             registry: self.clone(),
             process_id,
@@ -91,8 +156,18 @@ impl CancelRegistry {
     /// session has a backend. (A hash lookup of the whole pair: no comparison of a stored
     /// secret that could stop early at the first wrong bit.)
     pub fn lookup(&self, process_id: i32, secret_key: i32) -> Option<Target> {
+        self.lookup_entry(process_id, secret_key)?.0
+    }
+
+    /// The live session a key names: its backend (if it has one yet) and what it holds.
+    pub fn lookup_entry(
+        &self,
+        process_id: i32,
+        secret_key: i32,
+    ) -> Option<(Option<Target>, Pending)> {
         let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        sessions.get(&(process_id, secret_key))?.target.clone()
+        let entry = sessions.get(&(process_id, secret_key))?;
+        Some((entry.target.clone(), entry.pending.clone()))
     }
 
     pub fn len(&self) -> usize {

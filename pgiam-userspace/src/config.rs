@@ -96,9 +96,17 @@ impl PolicyConfig {
 pub struct Audit {
     /// JSON Lines file, appended to (its hash chain continues across restarts).
     pub path: PathBuf,
-    /// `always`: a decision's record is on disk before the decision takes effect.
+    /// What a record waits for before its decision takes effect (see [`crate::audit::Durability`]).
     #[serde(default)]
     pub durability: crate::audit::Durability,
+    /// The longest a record nobody waits for stays off the device: the background group flush's
+    /// period (`changes`), or how long a record stays in memory (`buffered`).
+    #[serde(default = "default_flush_interval_ms")]
+    pub flush_interval_ms: u64,
+}
+
+fn default_flush_interval_ms() -> u64 {
+    100
 }
 
 /// `[interception]`: which connections the kernel sends to pgiam.

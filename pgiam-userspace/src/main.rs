@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use pgiam::audit::read as audit_read;
+
 /// pgiam: identity-aware access layer for PostgreSQL.
 #[derive(Parser)]
 #[command(version, about)]
@@ -99,9 +101,26 @@ enum PolicyCommand {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Check an audit file's hash chain: every line intact, none removed, inserted or moved.
+    /// Check an audit file's hash chain and the references between its records.
+    ///
+    /// The chain: every line intact, none removed, inserted or moved. The references: each
+    /// execution's `of` names an earlier statement record of a session still open, each
+    /// completion's an earlier decision record. Prints the number of records, statements,
+    /// executions and completions. Exit status 0: intact; 1: not, and the first line at fault
+    /// is named; 2: the file cannot be read.
     Verify {
         /// The JSON Lines audit file.
+        file: PathBuf,
+    },
+    /// Print every record with the statement each execution runs put in.
+    ///
+    /// One JSON object per line; an execution gets the SQL, classification, session,
+    /// principal, role and database of the statement record it points to, so that every line
+    /// reads on its own. The hash chain is not checked (`verify` does that). Exit status 0:
+    /// every reference resolved; 1: some did not (those records are printed as they are, the
+    /// problems on stderr); 2: the input cannot be read.
+    Expand {
+        /// The JSON Lines audit file; `-` reads standard input.
         file: PathBuf,
     },
 }
@@ -133,19 +152,7 @@ fn main() -> anyhow::Result<()> {
                 .context("starting the runtime")?
                 .block_on(pgiam::server::run(config))
         }
-        Command::Audit {
-            command: AuditCommand::Verify { file },
-        } => match pgiam::audit::verify(&file)
-            .with_context(|| format!("reading {}", file.display()))?
-        {
-            pgiam::audit::Verified::Intact { records } => {
-                println!("{}: {records} records, hash chain intact", file.display());
-                Ok(())
-            }
-            pgiam::audit::Verified::Broken { line, reason } => {
-                anyhow::bail!("{}: line {line}: {reason}", file.display())
-            }
-        },
+        Command::Audit { command } => std::process::exit(audit_command(command)),
         Command::Sql {
             command:
                 SqlCommand::Classify {
@@ -183,6 +190,81 @@ fn main() -> anyhow::Result<()> {
                 policy.len()
             );
             Ok(())
+        }
+    }
+}
+
+/// Runs an audit subcommand; returns its exit status (0 intact, 1 not, 2 cannot read).
+fn audit_command(command: AuditCommand) -> i32 {
+    use std::io::{BufReader, Write};
+    const INTACT: i32 = 0;
+    const BROKEN: i32 = 1;
+    const UNREADABLE: i32 = 2;
+    match command {
+        AuditCommand::Verify { file } => {
+            let name = file.display();
+            match pgiam::audit::verify(&file) {
+                Err(e) => {
+                    eprintln!("pgiam: cannot read {name}: {e}");
+                    return UNREADABLE;
+                }
+                Ok(pgiam::audit::Verified::Broken { line, reason }) => {
+                    eprintln!("{name}: line {line}: {reason}");
+                    return BROKEN;
+                }
+                Ok(pgiam::audit::Verified::Intact { .. }) => {}
+            }
+            let checked =
+                std::fs::File::open(&file).and_then(|f| audit_read::check(BufReader::new(f)));
+            match checked {
+                Err(e) => {
+                    eprintln!("pgiam: cannot read {name}: {e}");
+                    UNREADABLE
+                }
+                Ok(Err(broken)) => {
+                    eprintln!("{name}: {broken}");
+                    BROKEN
+                }
+                Ok(Ok(c)) => {
+                    println!(
+                        "{name}: {} records, hash chain intact; {} statements, {} executions, \
+                         {} completions, every reference resolved",
+                        c.records, c.statements, c.executions, c.completions
+                    );
+                    INTACT
+                }
+            }
+        }
+        AuditCommand::Expand { file } => {
+            let name = file.display();
+            let input: Box<dyn std::io::BufRead> = if file.as_os_str() == "-" {
+                Box::new(std::io::stdin().lock())
+            } else {
+                match std::fs::File::open(&file) {
+                    Ok(f) => Box::new(BufReader::new(f)),
+                    Err(e) => {
+                        eprintln!("pgiam: cannot read {name}: {e}");
+                        return UNREADABLE;
+                    }
+                }
+            };
+            let out = std::io::BufWriter::new(std::io::stdout().lock());
+            match audit_read::expand(input, out) {
+                Ok((_, problems)) if problems.is_empty() => INTACT,
+                Ok((_, problems)) => {
+                    let mut err = std::io::stderr().lock();
+                    for p in &problems {
+                        let _ = writeln!(err, "{name}: {p}");
+                    }
+                    BROKEN
+                }
+                // The reader stopped early (`expand … | head`): not a fault of the file.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => INTACT,
+                Err(e) => {
+                    eprintln!("pgiam: expanding {name}: {e}");
+                    UNREADABLE
+                }
+            }
         }
     }
 }

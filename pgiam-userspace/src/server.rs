@@ -39,8 +39,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let upstream = Arc::new(Upstream::new(&config).context("upstream TLS")?);
     let audit = match &config.audit {
         Some(a) => {
-            let log = crate::audit::AuditLog::open(&a.path, a.durability).context("audit log")?;
-            info!(path = %a.path.display(), durability = ?a.durability, "audit log open");
+            let interval = std::time::Duration::from_millis(a.flush_interval_ms);
+            let log = crate::audit::AuditLog::open(&a.path, a.durability, interval)
+                .context("audit log")?;
+            info!(path = %a.path.display(), durability = ?a.durability, flush_interval_ms = a.flush_interval_ms, "audit log open");
             Some(log)
         }
         None => {

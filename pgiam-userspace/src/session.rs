@@ -15,12 +15,13 @@ use tracing::{debug, info, warn};
 use crate::cancel::CancelRegistry;
 use crate::config::Config;
 use crate::identity::{Identity, IdentityError};
-use crate::sql::Effect;
-use crate::stream::{BoxStream, Rewind};
+use crate::stream::{BoxStream, Rewind, Split, Stream};
 use crate::tls::ALPN_POSTGRESQL;
 use crate::upstream::Upstream;
 use crate::wire::{self, FrontendMessage, PgError, StartupPacket, WireError};
+use durability::Wait;
 
+mod durability;
 mod login;
 mod responses;
 pub mod startup;
@@ -106,6 +107,12 @@ struct Client {
     buf: BytesMut,
     tls: bool,
     peer: String,
+}
+
+/// What only establishing the session needs. (Boxed, and given up once the session is
+/// established: the task would hold it for the session's life.)
+struct Arrival {
+    identity: IdentitySource,
     /// The address the client dialled (TCP), for the certificate it is shown.
     dialled: Option<std::net::IpAddr>,
 }
@@ -131,69 +138,81 @@ impl Client {
 }
 
 /// Runs one client connection to completion.
-pub async fn run(
+///
+/// The task is sized by its largest inline stage, and a client that has not spoken yet
+/// (deferred) holds only that wait: every other stage is boxed (a timer alone is hundreds of
+/// bytes), and nothing is held twice (an `async fn` keeps its arguments beside the locals they
+/// are moved into, hence the block; a value matched and moved out of keeps its room, hence the
+/// temporaries).
+pub fn run(
     shared: Arc<Shared>,
     stream: BoxStream,
     identity: IdentitySource,
     peer: String,
     dialled: Option<std::net::IpAddr>,
-) {
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     let mut client = Client {
         stream,
         buf: BytesMut::with_capacity(ReadSize::MIN),
         tls: false,
         peer,
-        dialled,
     };
-    let timeout = shared.config.limits.startup_timeout();
-    // Every stage but the wait for a deferred session's first message is boxed: the task is
-    // sized by its largest inline stage, and a client that has not spoken yet holds only that
-    // wait (a timer alone is hundreds of bytes).
-    let outcome = Box::pin(tokio::time::timeout(
-        timeout,
-        establish(&shared, &mut client, identity),
-    ))
-    .await;
-    let refusal = match outcome {
-        Ok(Ok(Some((mut session, link)))) => {
-            let upstream = match link {
-                login::Link::Open(stream) => stream,
-                login::Link::Deferred(deferred) => {
-                    let woke = first_message(&shared, &mut client, &mut session).await;
-                    let opened = Box::pin(open_deferred(
-                        &shared,
-                        &mut client,
-                        &mut session,
-                        *deferred,
-                        woke,
-                    ))
-                    .await;
-                    match opened {
-                        Ok(stream) => stream,
-                        Err(ended_by) => return session.finish(&shared, &client.peer, ended_by),
-                    }
-                }
+    let arrival = Box::new(Arrival { identity, dialled });
+    async move {
+        let establishing = tokio::time::timeout(
+            shared.config.limits.startup_timeout(),
+            establish(&shared, &mut client, arrival),
+        );
+        // Every way this can end early is one wait: a value held across several waits keeps
+        // its room in every state of the task.
+        let (mut session, link) = match Box::pin(establishing).await {
+            Ok(Ok(Some(established))) => established,
+            outcome => {
+                let refusal = match outcome {
+                    Ok(Ok(_)) => None,
+                    Ok(Err(refusal)) => Some(refusal),
+                    Err(_) => Some(Refusal::Client(PgError::fatal(
+                        "08006",
+                        format!(
+                            "pgiam: session not established within {}s",
+                            shared.config.limits.startup_timeout().as_secs()
+                        ),
+                    ))),
+                };
+                return Box::pin(refuse(&mut client, refusal)).await;
+            }
+        };
+        let upstream = 'upstream: {
+            let deferred = match std::convert::identity(link) {
+                login::Link::Open(upstream) => break 'upstream upstream,
+                login::Link::Deferred(deferred) => deferred,
             };
-            return Box::pin(relay(&shared, client, session, upstream)).await;
-        }
-        // A CancelRequest, handled. Closed as the server closes it: over TLS with a
-        // close_notify, which libpq ≥ 17 (cancel inside TLS) reads as the answer; an EOF
-        // without one is an error to it.
-        Ok(Ok(None)) => {
+            let woke = first_message(&shared, &mut client, &mut session).await;
+            let opened = open_deferred(&shared, &mut client, &mut session, deferred, woke);
+            match Box::pin(opened).await {
+                Ok(upstream) => upstream,
+                Err(ended_by) => return session.finish(&shared, &client.peer, ended_by),
+            }
+        };
+        let ended_by = Box::pin(relay(&shared, &mut client, &mut session, upstream)).await;
+        session.finish(&shared, &client.peer, ended_by);
+    }
+}
+
+/// Tells a client its session will not be, if the refusal says anything, and closes; `None`:
+/// a connection that only carried a CancelRequest, handled. That one is closed as the server
+/// closes it: over TLS with a close_notify, which libpq ≥ 17 (cancel inside TLS) reads as the
+/// answer; an EOF without one is an error to it.
+async fn refuse(client: &mut Client, refusal: Option<Refusal>) {
+    match refusal {
+        None => {
             let _ = tokio::time::timeout(Duration::from_secs(2), client.stream.shutdown()).await;
-            return;
         }
-        Ok(Err(refusal)) => refusal,
-        Err(_) => Refusal::Client(PgError::fatal(
-            "08006",
-            format!(
-                "pgiam: session not established within {}s",
-                timeout.as_secs()
-            ),
-        )),
-    };
-    if let Some(frame) = refusal.frame(&client.peer) {
-        Box::pin(last_word(&mut client, &frame)).await;
+        Some(refusal) => {
+            if let Some(frame) = refusal.frame(&client.peer) {
+                last_word(client, &frame).await;
+            }
+        }
     }
 }
 
@@ -238,27 +257,35 @@ enum Woke {
 
 /// A deferred session waits here, holding no server connection, until the client first sends
 /// something or the policy takes its access away.
-async fn first_message(shared: &Shared, client: &mut Client, session: &mut Session) -> Woke {
-    let mut policy_changed = shared.policies.subscribe();
-    // Room for the first few bytes only (a Terminate is five): a waiting client holds no read
-    // buffer; the relay sizes it once the client is talking.
-    if client.buf.is_empty() {
-        client.buf = BytesMut::with_capacity(8);
-    }
-    loop {
-        if session.gate.refresh_policy() {
-            let d = session.gate.may_connect();
-            if !d.allowed {
-                return Woke::Revoked(d);
-            }
+/// (Not an `async fn`, which would hold its arguments twice: this wait is inline in the task.)
+#[allow(clippy::manual_async_fn)]
+fn first_message<'a>(
+    shared: &'a Shared,
+    client: &'a mut Client,
+    session: &'a mut Session,
+) -> impl std::future::Future<Output = Woke> + Send + 'a {
+    async move {
+        let mut policy_changed = shared.policies.subscribe();
+        // A waiting client holds no read buffer: room is made once it has sent something.
+        if client.buf.is_empty() {
+            client.buf = BytesMut::new();
         }
-        tokio::select! {
-            r = client.stream.read_buf(&mut client.buf) => return match r {
-                Ok(0) => Woke::Left("client closed".into()),
-                Ok(_) => Woke::Spoke,
-                Err(e) => Woke::Left(format!("client read: {e}")),
-            },
-            Ok(()) = policy_changed.changed() => continue,
+        let mut size = ReadSize::default();
+        loop {
+            if session.gate.refresh_policy() {
+                let d = session.gate.may_connect();
+                if !d.allowed {
+                    return Woke::Revoked(d);
+                }
+            }
+            tokio::select! {
+                r = read_when_ready(&mut client.stream, &mut client.buf, &mut size) => return match r {
+                    Ok(0) => Woke::Left("client closed".into()),
+                    Ok(_) => Woke::Spoke,
+                    Err(e) => Woke::Left(format!("client read: {e}")),
+                },
+                Ok(()) = policy_changed.changed() => continue,
+            }
         }
     }
 }
@@ -270,11 +297,12 @@ async fn open_deferred(
     shared: &Arc<Shared>,
     client: &mut Client,
     session: &mut Session,
-    deferred: login::Deferred,
+    deferred: Box<login::Deferred>,
     woke: Woke,
 ) -> Result<BoxStream, String> {
     match woke {
-        Woke::Spoke => {}
+        // What it said is held until the backend exists: a cancel waits for it.
+        Woke::Spoke => session.cancel_key.pending().set(true),
         Woke::Left(why) => return Err(why),
         Woke::Revoked(d) => {
             let database = session.gate.database().to_owned();
@@ -355,12 +383,13 @@ struct Session {
 async fn establish(
     shared: &Arc<Shared>,
     client: &mut Client,
-    identity: IdentitySource,
+    arrival: Box<Arrival>,
 ) -> Result<Option<(Session, login::Link)>, Refusal> {
+    let Arrival { identity, dialled } = *arrival;
     let startup = loop {
         client.fill().await?;
         if !client.tls && client.buf.first() == Some(&wire::TLS_HANDSHAKE_RECORD) {
-            direct_tls(shared, client).await?;
+            direct_tls(shared, client, dialled).await?;
             continue;
         }
         let Some(packet) = wire::decode_startup(&mut client.buf).map_err(protocol_violation)?
@@ -372,7 +401,7 @@ async fn establish(
                 if client.tls {
                     return Err(PgError::fatal("08P01", "pgiam: SSLRequest inside TLS").into());
                 }
-                request_tls(shared, client).await?;
+                request_tls(shared, client, dialled).await?;
             }
             StartupPacket::GssEncRequest => {
                 if client.tls {
@@ -617,7 +646,11 @@ fn no_pipelining(client: &Client) -> Result<(), Refusal> {
     }
 }
 
-async fn request_tls(shared: &Shared, client: &mut Client) -> Result<(), Refusal> {
+async fn request_tls(
+    shared: &Shared,
+    client: &mut Client,
+    dialled: Option<std::net::IpAddr>,
+) -> Result<(), Refusal> {
     no_pipelining(client)?;
     let Some(acceptor) = &shared.tls else {
         client.write(b"N").await?;
@@ -626,7 +659,7 @@ async fn request_tls(shared: &Shared, client: &mut Client) -> Result<(), Refusal
     client.write(b"S").await?;
     let plain = std::mem::replace(&mut client.stream, Box::new(tokio::io::empty()));
     let tls = acceptor
-        .accept(plain, client.dialled)
+        .accept(plain, dialled)
         .await
         .map_err(|e| Refusal::Silent(format!("TLS handshake failed: {e}")))?;
     client.stream = Box::new(tls);
@@ -636,7 +669,11 @@ async fn request_tls(shared: &Shared, client: &mut Client) -> Result<(), Refusal
 
 /// PostgreSQL 17 "direct SSL": the connection opens with a TLS ClientHello, and ALPN must say
 /// `postgresql` so that a TLS connection meant for another protocol cannot be replayed here.
-async fn direct_tls(shared: &Shared, client: &mut Client) -> Result<(), Refusal> {
+async fn direct_tls(
+    shared: &Shared,
+    client: &mut Client,
+    dialled: Option<std::net::IpAddr>,
+) -> Result<(), Refusal> {
     let Some(acceptor) = &shared.tls else {
         return Err(Refusal::Silent(
             "direct TLS, but client TLS is disabled".into(),
@@ -645,7 +682,7 @@ async fn direct_tls(shared: &Shared, client: &mut Client) -> Result<(), Refusal>
     let prefix = client.buf.split().freeze();
     let plain = std::mem::replace(&mut client.stream, Box::new(tokio::io::empty()));
     let tls = acceptor
-        .accept(Rewind::new(prefix, plain), client.dialled)
+        .accept(Rewind::new(prefix, plain), dialled)
         .await
         .map_err(|e| Refusal::Silent(format!("direct TLS handshake failed: {e}")))?;
     if tls.get_ref().1.alpn_protocol() != Some(ALPN_POSTGRESQL) {
@@ -659,6 +696,10 @@ async fn direct_tls(shared: &Shared, client: &mut Client) -> Result<(), Refusal>
 }
 
 async fn forward_cancel(shared: &Shared, process_id: i32, secret_key: i32) {
+    // After the statement it cancels: what the session has read is forwarded first.
+    if let Some((_, pending)) = shared.cancels.lookup_entry(process_id, secret_key) {
+        pending.forwarded(CANCEL_WAIT_MAX).await;
+    }
     match shared.cancels.lookup(process_id, secret_key) {
         Some(target) => {
             info!(backend_pid = target.process_id, "forwarding cancel request");
@@ -675,30 +716,40 @@ async fn forward_cancel(shared: &Shared, process_id: i32, secret_key: i32) {
     }
 }
 
+/// The longest a cancel waits for its session to forward what it holds.
+const CANCEL_WAIT_MAX: Duration = Duration::from_secs(5);
+
 const CLIENT_TERMINATED: &str = "client terminated";
 
 /// Moves bytes both ways until either side ends. Client messages are framed, validated and
 /// authorized before they are forwarded; server messages stream through, matched to the
 /// requests they answer.
-async fn relay(shared: &Shared, client: Client, mut session: Session, upstream: BoxStream) {
+/// Returns why the session ended. (Its state is borrowed: what the relay's future holds is
+/// its own.)
+async fn relay(
+    shared: &Shared,
+    client: &mut Client,
+    session: &mut Session,
+    upstream: BoxStream,
+) -> String {
     let max = shared.config.limits.max_message_size;
-    let Client {
-        stream,
-        buf: mut cbuf,
-        peer,
-        ..
-    } = client;
-    let (mut client_rd, mut client_wr) = tokio::io::split(stream);
-    let (mut server_rd, mut server_wr) = tokio::io::split(upstream);
+    let stream = std::mem::replace(&mut client.stream, Box::new(tokio::io::empty()));
+    let mut cbuf = std::mem::take(&mut client.buf);
+    let peer = &client.peer;
+    let (client_io, server_io) = (Split::new(stream), Split::new(upstream));
+    let (mut client_rd, mut client_wr) = client_io.halves();
+    let (mut server_rd, mut server_wr) = server_io.halves();
     let session_ids = session.ids();
-    let ended_by = {
+    let pending = session.cancel_key.pending();
+    {
         let gate = &mut session.gate;
         // What the server says about standard_conforming_strings, for classifying what follows.
         let standard_conforming_strings = AtomicBool::new(session.standard_conforming_strings);
         // The client-to-server direction never writes to the client: a fatal error it finds is
         // handed to the other direction, which writes it once the server has gone quiet, so it can
         // never land in the middle of a server message.
-        let (fatal_tx, mut fatal_rx) = tokio::sync::oneshot::channel::<PgError>();
+        // (A slot, not a channel: an idle session would hold the channel's block.)
+        let fatal = std::sync::Mutex::new(None::<Box<PgError>>);
         // Requests forwarded, in order, for the direction that reads the answers; and back from
         // it, prepared statements the server did not create after all. Both directions run in this
         // one task, so these locks are never contended; no guard is held across an await. (Not
@@ -710,7 +761,7 @@ async fn relay(shared: &Shared, client: Client, mut session: Session, upstream: 
         // Decision records of statements forwarded before their records were on disk (statements
         // that change nothing): no answer reaches the client before they are.
         let in_flight = std::sync::Mutex::new(Vec::<crate::audit::Written>::new());
-        let audit = shared.audit.clone();
+        let audit = shared.audit.as_ref();
         let mut policy_changed = shared.policies.subscribe();
 
         let mut to_server = std::pin::pin!(async {
@@ -735,34 +786,43 @@ async fn relay(shared: &Shared, client: Client, mut session: Session, upstream: 
                 }
                 // Forward what was complete and valid before a bad message, as a server would
                 // have executed it; nothing from the bad message on.
-                let scs = standard_conforming_strings.load(Ordering::Relaxed);
                 let framed = frame_client_messages(&cbuf, max, |message, range| {
                     let frame = &cbuf[range.clone()];
+                    // (Read here, not held: both directions run in this task, so it does not
+                    // change while a run is framed.)
+                    let scs = standard_conforming_strings.load(Ordering::Relaxed);
                     checked.push((range, gate.check(message, frame, scs, &mut expects)));
                 });
                 if framed.len > 0 {
-                    // A statement that can change something is on the audit log before the
-                    // server sees it; without the log, it is not forwarded at all. One that
-                    // changes nothing (a read, or a row change inside an open transaction
-                    // block, which commits only with a COMMIT that waits) runs while its
-                    // record is synced: the answer waits for the record instead.
+                    // Every decision is in the audit log (the kernel's copy) before what it
+                    // decided is forwarded; without the log, nothing is. Whether the device
+                    // flush comes first too is the durability mode's call.
                     let batch = gate.take_records();
-                    let overlap = match batch.effect {
-                        Effect::None => true,
-                        Effect::Transactional => locked(&responses).idle_in_block(),
-                        Effect::Immediate => false,
-                    };
-                    if let Some(written) = statements::Gate::submit(audit.as_ref(), batch.records) {
-                        if overlap {
-                            locked(&in_flight).push(written);
-                        } else {
-                            written.wait().await.map_err(|e| {
-                                PgError::fatal(
-                                    "58030",
-                                    "pgiam: the audit log is unavailable; the statement was not forwarded",
-                                )
-                                .with_detail(e.to_string())
-                            })?;
+                    if let (Some(audit), false) = (&audit, batch.records.is_empty()) {
+                        let unavailable = |e: crate::audit::AuditError| {
+                            PgError::fatal(
+                                "58030",
+                                "pgiam: the audit log is unavailable; the statement was not forwarded",
+                            )
+                            .with_detail(e.to_string())
+                        };
+                        let records = batch.records.len();
+                        let end = audit.append(batch.records).map_err(unavailable)?;
+                        let in_block = locked(&responses).idle_in_block();
+                        match durability::wait_for(
+                            audit.durability(),
+                            batch.effect,
+                            in_block,
+                            end,
+                            records,
+                            batch.must_sync,
+                        ) {
+                            Wait::Nothing => {}
+                            Wait::Start(upto) => audit.request(upto),
+                            Wait::Answer(upto) => locked(&in_flight).push(audit.durable(upto)),
+                            Wait::Forward(upto) => {
+                                audit.durable(upto).wait().await.map_err(unavailable)?
+                            }
                         }
                     }
                     {
@@ -774,11 +834,13 @@ async fn relay(shared: &Shared, client: Client, mut session: Session, upstream: 
                     }
                     let chunk = cbuf.split_to(framed.len);
                     // Flushed: a TLS writer may keep the tail of what it accepted (the socket was
-                    // full) until it is flushed, and nothing else would push it out.
-                    async {
+                    // full) until it is flushed, and nothing else would push it out. (Boxed, as
+                    // are the other waits that only a busy session makes: the relay is sized by
+                    // its largest wait, and an idle session holds only its reads.)
+                    Box::pin(async {
                         write_checked(&mut server_wr, &chunk, &mut checked).await?;
                         server_wr.flush().await
-                    }
+                    })
                     .await
                     .map_err(|e| PgError::fatal("08006", format!("pgiam: server write: {e}")))?;
                 }
@@ -794,17 +856,20 @@ async fn relay(shared: &Shared, client: Client, mut session: Session, upstream: 
                         cbuf.reserve(h.total - cbuf.len());
                     }
                 }
-                client_size.prepare(&mut cbuf);
-                let free = cbuf.capacity() - cbuf.len();
+                // Nothing is left of what was checked: an idle session keeps no room for it.
+                checked = Vec::new();
                 // Waiting for the client is also waiting for the policy to change: a session
                 // whose access is revoked ends now (at the top of the loop), not at its next
                 // statement.
+                // Everything forwardable is forwarded: a cancel may go now, unless part of a
+                // message is still held (it may be the statement the cancel is for).
+                pending.set(!cbuf.is_empty());
                 let read = tokio::select! {
-                    r = client_rd.read_buf(&mut cbuf) => r,
+                    r = read_when_ready(&mut client_rd, &mut cbuf, &mut client_size) => r,
                     Ok(()) = policy_changed.changed() => continue,
                 };
                 if let Ok(n) = read {
-                    client_size.observe(n, free);
+                    pending.set(n > 0);
                 }
                 match read {
                     Ok(0) if cbuf.is_empty() => return Ok("client closed"),
@@ -830,7 +895,7 @@ async fn relay(shared: &Shared, client: Client, mut session: Session, upstream: 
             }
             let _ = server_wr.shutdown().await;
             if let Err(e) = &result {
-                let _ = fatal_tx.send(e.clone());
+                *locked(&fatal) = Some(Box::new(e.clone()));
             }
             result
         });
@@ -839,30 +904,25 @@ async fn relay(shared: &Shared, client: Client, mut session: Session, upstream: 
             let mut sbuf = BytesMut::new();
             let mut size = ReadSize::default();
             // Why an answer was held back for good: the audit record it waited for failed.
-            let mut withheld: Option<PgError> = None;
+            let mut withheld: Option<Box<PgError>> = None;
             let end = 'relay: loop {
-                size.prepare(&mut sbuf);
-                let free = sbuf.capacity() - sbuf.len();
-                match server_rd.read_buf(&mut sbuf).await {
+                match read_when_ready(&mut server_rd, &mut sbuf, &mut size).await {
                     Ok(0) => break "server closed",
-                    Ok(n) => size.observe(n, free),
+                    Ok(_) => {}
                     Err(_) => break "server read failed",
                 }
                 // Whatever this answers was forwarded, its record handed to the writer, before it
                 // was read: nothing of it is written to the client before that record is on disk.
-                let waiting = std::mem::take(&mut *locked(&in_flight));
-                for written in waiting {
-                    if let Err(e) = written.wait().await {
-                        warn!(peer = %peer, "{e}: the answer is withheld and the session ends");
-                        withheld = Some(
+                if let Err(e) = all_written(&in_flight).await {
+                    warn!(peer = %peer, "{e}: the answer is withheld and the session ends");
+                    withheld = Some(Box::new(
                         PgError::fatal(
                             "58030",
                             "pgiam: the audit log is unavailable; the statement's result was withheld",
                         )
                         .with_detail(e.to_string()),
-                    );
-                        break 'relay "audit log unavailable";
-                    }
+                    ));
+                    break 'relay "audit log unavailable";
                 }
                 // What to write: runs of the server's bytes, with pgiam's errors in place of the
                 // sentinels'. Decided under the lock, written after it.
@@ -886,26 +946,23 @@ async fn relay(shared: &Shared, client: Client, mut session: Session, upstream: 
                             }
                         }
                     }
+                    r.release();
                     std::mem::take(&mut r.events)
                 };
-                let mut start = 0;
-                for (range, with) in replaced {
-                    if client_wr
-                        .write_all(&sbuf[start..range.start])
-                        .await
-                        .is_err()
-                        || client_wr.write_all(&with).await.is_err()
-                    {
-                        return "client write failed";
-                    }
-                    start = range.end;
-                }
                 // Flushed for the same reason as the other direction: a TLS writer that met a
                 // full socket keeps the tail of the answer until it is flushed, and the server
-                // has nothing more to say that would push it out.
-                if client_wr.write_all(&sbuf[start..pos]).await.is_err()
-                    || client_wr.flush().await.is_err()
-                {
+                // has nothing more to say that would push it out. (An answer with replacements
+                // is written in a boxed wait, the larger one: see the other direction.)
+                let written = if replaced.is_empty() {
+                    async {
+                        client_wr.write_all(&sbuf[..pos]).await?;
+                        client_wr.flush().await
+                    }
+                    .await
+                } else {
+                    Box::pin(write_replaced(&mut client_wr, &sbuf[..pos], replaced)).await
+                };
+                if written.is_err() {
                     return "client write failed";
                 }
                 let _ = sbuf.split_to(pos);
@@ -919,15 +976,13 @@ async fn relay(shared: &Shared, client: Client, mut session: Session, upstream: 
                             micros,
                         } => {
                             if let Some(audit) = &audit {
-                                audit.record_later(crate::audit_fields! {
-                                    "id" => audit.next_id(),
-                                    "kind" => "completion",
-                                    "statement" => record,
-                                    "sqlstate" => sqlstate.as_deref().unwrap_or("skipped"),
-                                    "rows" => rows,
-                                    "tag" => tag,
-                                    "duration_us" => micros,
-                                });
+                                audit.record_later(statements::completion_record(
+                                    &record,
+                                    sqlstate.as_deref(),
+                                    rows,
+                                    tag.as_deref(),
+                                    micros,
+                                ));
                             }
                         }
                         responses::Event::NotPrepared { name, generation } => {
@@ -951,8 +1006,7 @@ async fn relay(shared: &Shared, client: Client, mut session: Session, upstream: 
             };
             // The last word, written only between two of the server's messages: why the answer
             // was withheld, or the error that ended the other direction once the server is drained.
-            let last_word =
-                withheld.or_else(|| sbuf.is_empty().then(|| fatal_rx.try_recv().ok())?);
+            let last_word = withheld.or_else(|| sbuf.is_empty().then(|| locked(&fatal).take())?);
             if let Some(e) = last_word.filter(|_| locked(&responses).at_boundary()) {
                 let mut b = BytesMut::new();
                 e.encode(&mut b);
@@ -989,8 +1043,7 @@ async fn relay(shared: &Shared, client: Client, mut session: Session, upstream: 
             }
         }
         ended_by
-    };
-    session.finish(shared, &peer, ended_by);
+    }
 }
 
 impl Session {
@@ -1088,6 +1141,45 @@ async fn write_checked<W: AsyncWriteExt + Unpin>(
     server.write_all(&chunk[at..]).await
 }
 
+/// Waits for the records of what an answer is for (taken from `in_flight`), in order: the
+/// first failure, if any. The wait is boxed, and made only if there is something to wait for.
+fn all_written(
+    in_flight: &std::sync::Mutex<Vec<crate::audit::Written>>,
+) -> impl std::future::Future<Output = Result<(), crate::audit::AuditError>> {
+    let waiting = std::mem::take(&mut *locked(in_flight));
+    let wait = (!waiting.is_empty()).then(|| {
+        Box::pin(async move {
+            for written in waiting {
+                written.wait().await?;
+            }
+            Ok(())
+        })
+    });
+    async move {
+        match wait {
+            Some(wait) => wait.await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// Writes the server's answer with pgiam's errors in place of the runs `replaced` names, and
+/// flushes.
+async fn write_replaced<W: AsyncWriteExt + Unpin>(
+    client: &mut W,
+    answer: &[u8],
+    replaced: Vec<(std::ops::Range<usize>, Bytes)>,
+) -> std::io::Result<()> {
+    let mut start = 0;
+    for (range, with) in replaced {
+        client.write_all(&answer[start..range.start]).await?;
+        client.write_all(&with).await?;
+        start = range.end;
+    }
+    client.write_all(&answer[start..]).await?;
+    client.flush().await
+}
+
 /// The run of complete, valid client messages at the front of a buffer.
 #[derive(Debug, PartialEq, Eq)]
 struct Framed {
@@ -1140,8 +1232,40 @@ fn frame_client_messages(
     }
 }
 
+/// Reads what the peer sends next into `buf`, `size` at a time. A read that would wait, with
+/// nothing held in `buf`, gives `buf`'s room back and waits for the stream to be readable: an
+/// idle session holds no read buffers. While bytes keep coming the room is kept and reused.
+/// (Not an `async fn`: the future is only the references it polls with.)
+fn read_when_ready<'a, S: Stream>(
+    stream: &'a mut S,
+    buf: &'a mut BytesMut,
+    size: &'a mut ReadSize,
+) -> impl std::future::Future<Output = std::io::Result<usize>> + 'a {
+    use std::future::Future;
+    use std::task::{ready, Poll};
+    std::future::poll_fn(move |cx| {
+        if buf.capacity() == 0 {
+            ready!(stream.poll_read_ready(cx))?;
+        }
+        size.prepare(buf);
+        let free = buf.capacity() - buf.len();
+        let read = std::pin::pin!(stream.read_buf(buf)).poll(cx);
+        match read {
+            Poll::Ready(Ok(n)) => {
+                size.observe(n, free);
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending if buf.is_empty() => {
+                *buf = BytesMut::new();
+                Poll::Pending
+            }
+            other => other,
+        }
+    })
+}
+
 /// How much to read at a time: doubles while reads fill the buffer (a result set streaming),
-/// halves when they come back small, so an idle session holds a small buffer.
+/// halves when they come back small, so a session that reads little makes little room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct ReadSize(usize);
 
@@ -1178,6 +1302,71 @@ impl Default for ReadSize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a session holds while it is idle is mostly its futures' own size. tokio allocates
+    /// a task as one cell, 128-byte aligned, of the future and 104 bytes of its own: a client
+    /// that has not spoken (the run future, waiting inline) fits in 512 bytes up to 408. The
+    /// relay is boxed beside it once the session has spoken.
+    #[test]
+    fn an_idle_session_s_futures_stay_small() {
+        fn returned<F: FnOnce(A, B, C, D, E) -> R, A, B, C, D, E, R>(_: F) -> usize {
+            std::mem::size_of::<R>()
+        }
+        fn returned4<F: FnOnce(A, B, C, D) -> R, A, B, C, D, R>(_: F) -> usize {
+            std::mem::size_of::<R>()
+        }
+        assert!(
+            returned(run) <= 408,
+            "the task of a waiting client: {}",
+            returned(run)
+        );
+        assert!(returned4(relay) <= 1792, "the relay: {}", returned4(relay));
+    }
+
+    /// A read that would wait, with nothing held, gives its room back; what comes next is read
+    /// whole, and room held for a partial message is kept.
+    #[tokio::test]
+    async fn an_idle_read_holds_no_buffer() {
+        use std::future::Future;
+        let (mut near, mut far) = tokio::io::duplex(1 << 16);
+        let mut buf = BytesMut::new();
+        let mut size = ReadSize::default();
+        far.write_all(b"hello").await.unwrap();
+        assert_eq!(
+            read_when_ready(&mut near, &mut buf, &mut size)
+                .await
+                .unwrap(),
+            5
+        );
+        assert_eq!(&buf[..], b"hello");
+        let _ = buf.split();
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        {
+            let idle = std::pin::pin!(read_when_ready(&mut near, &mut buf, &mut size));
+            assert!(idle.poll(&mut cx).is_pending());
+        }
+        assert_eq!(buf.capacity(), 0, "an idle session holds no read buffer");
+        far.write_all(b"again").await.unwrap();
+        assert_eq!(
+            read_when_ready(&mut near, &mut buf, &mut size)
+                .await
+                .unwrap(),
+            5
+        );
+        assert_eq!(&buf[..], b"again");
+        // Part of a message is held: the room stays while the rest is awaited.
+        {
+            let waiting = std::pin::pin!(read_when_ready(&mut near, &mut buf, &mut size));
+            assert!(waiting.poll(&mut cx).is_pending());
+        }
+        assert_eq!(&buf[..], b"again");
+        far.write_all(b"!").await.unwrap();
+        read_when_ready(&mut near, &mut buf, &mut size)
+            .await
+            .unwrap();
+        assert_eq!(&buf[..], b"again!");
+    }
 
     #[test]
     fn read_size_grows_while_streaming_and_shrinks_when_quiet() {

@@ -74,13 +74,18 @@ pub struct Relation {
 
 /// One statement of a query string, with everything nested in it (subqueries, CTEs, the
 /// statement inside EXPLAIN, PREPARE, DECLARE CURSOR, CREATE TABLE AS, COPY (query)).
+///
+/// Serialized (audit records, `pgiam sql classify`) with each fact once: a flag only when it
+/// is true, a list or set only when it is not empty.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Statement {
     /// The command, e.g. `select`, `insert`, `copy`, `set`, `ddl`.
     pub command: &'static str,
     /// PostgreSQL's node type, e.g. `SelectStmt`.
     pub node: String,
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
     pub relations: BTreeSet<Relation>,
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
     pub functions: BTreeSet<QualifiedName>,
     /// EXECUTE of a prepared statement: its classification is the one stored at PREPARE.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -93,8 +98,10 @@ pub struct Statement {
     pub deallocates: Option<String>,
     /// SET/RESET ROLE, SET SESSION AUTHORIZATION, DISCARD ALL, set_config('role'|…)
     /// or set_config() of a setting that is not a constant.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub role_change: bool,
     /// Settings changed by SET, RESET or set_config(), lower-cased.
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
     pub parameters: BTreeSet<String>,
     /// Every schema named by a search_path value the statement sets anywhere in it (SET, SET
     /// LOCAL, SET SCHEMA, set_config() with a constant, a function's SET clause, ALTER
@@ -117,6 +124,7 @@ pub struct Statement {
     pub setting_from_pg_settings: bool,
     /// Names a temporary relation (CREATE TEMP …, pg_temp.x): from then on unqualified names
     /// may resolve to pg_temp.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub temp: bool,
     /// Every value the statement gives client_encoding anywhere in it (SET, SET LOCAL, SET
     /// NAMES, RESET, RESET ALL, DISCARD ALL, set_config(), a function's SET clause, ALTER
@@ -129,9 +137,12 @@ pub struct Statement {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub standard_conforming_strings: Vec<SettingValue>,
     /// A DO block, or a function that runs SQL given as text (query_to_xml, dblink, …).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub do_block: bool,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub copy_program: bool,
     /// COPY to or from a server file, or a server file function.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub server_files: bool,
     /// What running it can change: decides whether its audit record must be on disk before
     /// the server sees it, or only before the client sees the answer.
@@ -199,6 +210,9 @@ pub enum Effect {
     /// Rows of tables, and no function called: inside a transaction block that is undone
     /// unless the block commits.
     Transactional,
+    /// COMMIT (or END): makes permanent what the block's statements changed, and changes
+    /// nothing of its own.
+    Commits,
     /// Anything else, or not known.
     #[default]
     Immediate,
@@ -806,6 +820,9 @@ fn effect_of(s: &Statement, body: &Value) -> Effect {
         "TransactionStmt" if matches!(body.get("kind").and_then(Value::as_i64), Some(1 | 2)) => {
             Effect::None
         }
+        // TRANS_STMT_COMMIT (COMMIT, END, COMMIT AND CHAIN); not COMMIT PREPARED, which commits
+        // what another session prepared.
+        "TransactionStmt" if body.get("kind").and_then(Value::as_i64) == Some(3) => Effect::Commits,
         "InsertStmt" | "UpdateStmt" | "DeleteStmt"
             if accesses(&[
                 Access::Select,
@@ -2050,6 +2067,11 @@ mod tests {
             ),
             ("INSERT INTO h (a) VALUES (1) RETURNING a", Transactional),
             (
+                "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) \
+                 VALUES ($1, $2, $3, $4, CURRENT_TIMESTAMP)",
+                Transactional,
+            ),
+            (
                 "DELETE FROM t WHERE id IN (SELECT id FROM u)",
                 Transactional,
             ),
@@ -2067,7 +2089,11 @@ mod tests {
             ),
             ("select 1 into t2", Immediate),
             ("insert into t values (now())", Immediate),
-            ("commit", Immediate),
+            ("commit", Commits),
+            ("end", Commits),
+            ("commit and chain", Commits),
+            ("commit prepared 'x'", Immediate),
+            ("prepare transaction 'x'", Immediate),
             ("rollback", Immediate),
             ("savepoint s", Immediate),
             ("set work_mem = '1MB'", Immediate),

@@ -1,58 +1,115 @@
 //! `cargo xtask bench`: pgbench against direct PostgreSQL, PgBouncer (session mode) and pgiam
-//! as deployed (eBPF interception, audit `always`), interleaved round by round so drift hits all
-//! alike; medians and ratios. pgiam also runs without the sk_msg fast path and without audit, so
-//! each feature's cost shows. Every pgiam variant has a cgroup of its own, so no restarts happen
-//! between measurements.
+//! as deployed (eBPF interception, audit in its default mode, `changes`), interleaved round by
+//! round so drift hits all alike; medians and ratios. pgiam also runs with audit `always` and
+//! without audit (and, with `--fastpath`, without the sk_msg fast path), so each feature's cost
+//! shows. A bulk workload (COPY out and a large SELECT over psql) measures rows per second. Every
+//! pgiam variant has a cgroup of its own, so no restarts happen between measurements; every
+//! audit log is checked with `pgiam audit verify` at the end.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use pgiam_tests::{free_port, pg_bin_dir, write_file, PgCluster, PgOptions, Pgiam, TestCgroup};
 
 use crate::{run, workspace_root};
 
+enum Kind {
+    /// pgbench with these arguments; `statements` per transaction (its script's SQL commands),
+    /// to divide the audit log's growth by.
+    Pgbench {
+        args: &'static [&'static str],
+        statements: u64,
+    },
+    /// One statement reading every row of the bulk table, over psql (`\timing`, output to
+    /// /dev/null), repeated in one session.
+    Bulk { sql: &'static str },
+}
+
 struct Workload {
     name: &'static str,
-    args: &'static [&'static str],
+    kind: Kind,
 }
+
+impl Workload {
+    fn is_bulk(&self) -> bool {
+        matches!(self.kind, Kind::Bulk { .. })
+    }
+}
+
+/// The bulk workload's table, created at set-up: `id`, and a 32-character `payload`.
+const BULK_TABLE: &str = "bench_bulk";
 
 const WORKLOADS: &[Workload] = &[
     Workload {
         name: "select prepared c1",
-        args: &["-S", "-M", "prepared", "-c", "1"],
+        kind: Kind::Pgbench {
+            args: &["-S", "-M", "prepared", "-c", "1"],
+            statements: 1,
+        },
     },
     Workload {
         name: "select prepared c16",
-        args: &["-S", "-M", "prepared", "-c", "16", "-j", "2"],
+        kind: Kind::Pgbench {
+            args: &["-S", "-M", "prepared", "-c", "16", "-j", "2"],
+            statements: 1,
+        },
     },
     Workload {
         name: "select simple c16",
-        args: &["-S", "-M", "simple", "-c", "16", "-j", "2"],
+        kind: Kind::Pgbench {
+            args: &["-S", "-M", "simple", "-c", "16", "-j", "2"],
+            statements: 1,
+        },
     },
     Workload {
         name: "select extended c16",
-        args: &["-S", "-M", "extended", "-c", "16", "-j", "2"],
+        kind: Kind::Pgbench {
+            args: &["-S", "-M", "extended", "-c", "16", "-j", "2"],
+            statements: 1,
+        },
     },
+    // tpcb-like: BEGIN, three UPDATEs, a SELECT, an INSERT, END.
     Workload {
         name: "tpcb prepared c16",
-        args: &["-M", "prepared", "-c", "16", "-j", "2"],
+        kind: Kind::Pgbench {
+            args: &["-M", "prepared", "-c", "16", "-j", "2"],
+            statements: 7,
+        },
     },
+    // A login per transaction: the audit bytes per statement include the session's records.
     Workload {
         name: "connect churn c8",
-        args: &["-S", "-C", "-c", "8", "-j", "2"],
+        kind: Kind::Pgbench {
+            args: &["-S", "-C", "-c", "8", "-j", "2"],
+            statements: 1,
+        },
+    },
+    Workload {
+        name: "bulk copy out",
+        kind: Kind::Bulk {
+            sql: "COPY bench_bulk TO STDOUT",
+        },
+    },
+    Workload {
+        name: "bulk select",
+        kind: Kind::Bulk {
+            sql: "SELECT id, payload FROM bench_bulk",
+        },
     },
 ];
 
-/// Where a pgbench run is pointed.
+/// Where a workload is pointed.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 enum Target {
     Direct,
     PgBouncer,
     Pgiam,
-    PgiamNoFastPath,
+    PgiamAlways,
     PgiamNoAudit,
+    PgiamNoFastPath,
 }
 
 impl Target {
@@ -61,8 +118,18 @@ impl Target {
             Target::Direct => "direct",
             Target::PgBouncer => "pgbouncer",
             Target::Pgiam => "pgiam",
-            Target::PgiamNoFastPath => "pgiam -fastpath",
+            Target::PgiamAlways => "pgiam -always",
             Target::PgiamNoAudit => "pgiam -audit",
+            Target::PgiamNoFastPath => "pgiam -fastpath",
+        }
+    }
+
+    /// `[audit] durability`, or no audit.
+    fn durability(self) -> Option<&'static str> {
+        match self {
+            Target::Pgiam | Target::PgiamNoFastPath => Some("changes"),
+            Target::PgiamAlways => Some("always"),
+            Target::Direct | Target::PgBouncer | Target::PgiamNoAudit => None,
         }
     }
 }
@@ -76,12 +143,20 @@ struct Options {
     duration: u32,
     rounds: usize,
     scale: u32,
+    /// Rows in the bulk table.
+    bulk_rows: u64,
+    /// Times the bulk statement runs per sample (one psql session).
+    bulk_repeat: u32,
     workloads: Vec<&'static Workload>,
-    /// Variants (no fast path, no audit) for every workload, or only the first two.
-    all_variants: bool,
+    /// Also pgiam without the sk_msg fast path.
+    fastpath: bool,
     /// Also the per-statement classification and authorization benchmark.
     classify: bool,
 }
+
+const USAGE: &str =
+    "options: --short, --duration SECS, --rounds N, --scale N, --idle N, --held N, \
+     --bulk-rows N, --bulk-repeat N, --fastpath, --workloads NAME[,NAME]";
 
 fn parse_options(args: &[String]) -> anyhow::Result<Options> {
     let mut o = Options {
@@ -90,8 +165,10 @@ fn parse_options(args: &[String]) -> anyhow::Result<Options> {
         duration: 10,
         rounds: 3,
         scale: 10,
+        bulk_rows: 1_000_000,
+        bulk_repeat: 3,
         workloads: WORKLOADS.iter().collect(),
-        all_variants: true,
+        fastpath: false,
         classify: true,
     };
     let mut it = args.iter();
@@ -103,7 +180,7 @@ fn parse_options(args: &[String]) -> anyhow::Result<Options> {
                 o.held = 100;
                 o.duration = 1;
                 o.scale = 1;
-                o.all_variants = false;
+                o.bulk_repeat = 1;
                 o.classify = false;
             }
             "--duration" => o.duration = value()?.parse()?,
@@ -111,6 +188,9 @@ fn parse_options(args: &[String]) -> anyhow::Result<Options> {
             "--scale" => o.scale = value()?.parse()?,
             "--idle" => o.idle = value()?.parse()?,
             "--held" => o.held = value()?.parse()?,
+            "--bulk-rows" => o.bulk_rows = value()?.parse()?,
+            "--bulk-repeat" => o.bulk_repeat = value()?.parse()?,
+            "--fastpath" => o.fastpath = true,
             "--workloads" => {
                 let wanted = value()?;
                 o.workloads = WORKLOADS
@@ -121,13 +201,14 @@ fn parse_options(args: &[String]) -> anyhow::Result<Options> {
                     bail!("no workload matches {wanted:?}");
                 }
             }
-            other => bail!(
-                "unknown option {other}; options: --short, --duration SECS, --rounds N, --scale N, --idle N, --held N, --workloads NAME[,NAME]"
-            ),
+            other => bail!("unknown option {other}; {USAGE}"),
         }
     }
     if o.rounds < 3 {
         bail!("at least 3 rounds: a median of fewer says little");
+    }
+    if o.bulk_rows == 0 || o.bulk_repeat == 0 {
+        bail!("--bulk-rows and --bulk-repeat must be at least 1");
     }
     Ok(o)
 }
@@ -219,6 +300,8 @@ struct PgiamVariant {
     target: Target,
     pgiam: Option<Pgiam>,
     config_path: PathBuf,
+    /// The audit log, when the variant has one.
+    audit_path: Option<PathBuf>,
     app: TestCgroup,
     _proxy: TestCgroup,
     // Last: removed after its children.
@@ -236,7 +319,7 @@ impl Drop for PgiamVariant {
 }
 
 /// What pgbench needs and nothing more: its four tables, count() (its scale check), and the
-/// session's transactions.
+/// session's transactions; and the bulk workload's reads of its table (SELECT, COPY TO STDOUT).
 const BENCH_POLICY: &str = r#"
 @id("connect")
 permit(principal, action == PgIam::Action::"connect", resource == PgIam::Database::"app");
@@ -247,6 +330,9 @@ permit(principal, action in [PgIam::Action::"select", PgIam::Action::"insert", P
 @id("count")
 permit(principal, action == PgIam::Action::"execute", resource)
   when { resource.name == "count" };
+@id("bulk-table")
+permit(principal, action in [PgIam::Action::"select", PgIam::Action::"copy_out"],
+       resource == PgIam::Table::"app.public.bench_bulk");
 "#;
 
 fn start_variant(
@@ -260,13 +346,15 @@ fn start_variant(
     let cg = root.child(&name);
     let (proxy, app) = (cg.child("pgiam"), cg.child("app"));
     let port = free_port();
-    let audit = if target == Target::PgiamNoAudit {
-        String::new()
-    } else {
-        format!(
-            "[audit]\npath = \"{}/{name}-audit.jsonl\"\ndurability = \"always\"\n",
-            dir.display()
-        )
+    let audit_path = target
+        .durability()
+        .map(|_| dir.join(format!("{name}-audit.jsonl")));
+    let audit = match (target.durability(), &audit_path) {
+        (Some(durability), Some(path)) => format!(
+            "[audit]\npath = \"{}\"\ndurability = \"{durability}\"\n",
+            path.display()
+        ),
+        _ => String::new(),
     };
     let policy = write_file(dir, "bench-policy.cedar", BENCH_POLICY, 0o644);
     // `connect = "deferred"`: logins are answered without a server connection, as PgBouncer
@@ -299,6 +387,7 @@ fn start_variant(
         target,
         pgiam: Some(pgiam),
         config_path,
+        audit_path,
         app,
         _proxy: proxy,
         _cgroup: cg,
@@ -307,43 +396,243 @@ fn start_variant(
 
 #[derive(Default, Clone, Copy)]
 struct Sample {
-    tps: f64,
+    /// Transactions per second (pgbench), rows per second (bulk).
+    rate: f64,
+    /// Per transaction (pgbench), per statement (bulk).
     latency_ms: f64,
+    /// SQL statements the run executed.
+    statements: u64,
+    /// The audit log's growth over the run.
+    audit_bytes: Option<u64>,
 }
 
 fn pgbench(
     cmd: &mut Command,
-    workload: &Workload,
+    name: &str,
+    args: &[&str],
+    statements_per_transaction: u64,
     duration: u32,
     dsn: &str,
 ) -> anyhow::Result<Sample> {
     cmd.args(["-n", "-T", &duration.to_string()])
-        .args(workload.args)
+        .args(args)
         .arg(dsn);
     let out = cmd.output().context("running pgbench")?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() || !text.contains("number of failed transactions: 0 ") {
         bail!(
-            "pgbench {} failed:\n{text}{}",
-            workload.name,
+            "pgbench {name} failed:\n{text}{}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
     let field = |prefix: &str| -> anyhow::Result<f64> {
         text.lines()
             .find_map(|l| l.strip_prefix(prefix))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .and_then(|v| v.split(['/', ' ']).next()?.parse().ok())
             .with_context(|| format!("no {prefix:?} in pgbench output:\n{text}"))
     };
+    let transactions = field("number of transactions actually processed: ")?;
+    if transactions == 0.0 {
+        // Nothing finished within the run (pgbench reports no rate): a stall, shown as 0 tps
+        // and an infinite latency in the tables rather than ending the benchmark.
+        eprintln!("bench: WARNING: pgbench {name}: no transaction completed in {duration} s");
+        return Ok(Sample {
+            rate: 0.0,
+            latency_ms: f64::INFINITY,
+            statements: 0,
+            audit_bytes: None,
+        });
+    }
     Ok(Sample {
-        tps: field("tps = ")?,
+        rate: field("tps = ")?,
         latency_ms: field("latency average = ")?,
+        statements: transactions as u64 * statements_per_transaction,
+        audit_bytes: None,
     })
+}
+
+/// `sql` run `repeat` times in one psql session, its rows to /dev/null. psql's `\timing` times
+/// each statement from its sending to its last row: not the login, and not the formatting of a
+/// SELECT's rows (psql formats them after); a COPY's rows are written to /dev/null as they come.
+fn psql_bulk(
+    cmd: &mut Command,
+    sql: &str,
+    repeat: u32,
+    rows: u64,
+    dsn: &str,
+) -> anyhow::Result<Sample> {
+    cmd.args([
+        "-X",
+        "-q",
+        "-A",
+        "-t",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-o",
+        "/dev/null",
+    ])
+    .args(["-c", "\\timing on"]);
+    for _ in 0..repeat {
+        cmd.args(["-c", sql]);
+    }
+    cmd.args(["-d", dsn]).stdin(Stdio::null());
+    let out = cmd.output().context("running psql")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    // "Time: 812.345 ms" or "Time: 1234.567 ms (00:01.235)".
+    let times: Vec<f64> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("Time: "))
+        .filter_map(|v| v.split_whitespace().next()?.parse().ok())
+        .collect();
+    if !out.status.success() || times.len() != repeat as usize {
+        bail!(
+            "psql {sql:?} failed:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let ms: f64 = times.iter().sum();
+    Ok(Sample {
+        rate: (rows * u64::from(repeat)) as f64 / (ms / 1000.0),
+        latency_ms: ms / f64::from(repeat),
+        statements: repeat.into(),
+        audit_bytes: None,
+    })
+}
+
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// The audit log's length once pgiam has written what the run left: records nobody waits for
+/// (completions, session ends) may reach the file up to a flush interval (100 ms by default)
+/// after their statement. Waits until the length has not changed for 300 ms (at most 5 s).
+fn settled_len(path: &Path) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut len = file_len(path);
+    let mut since = Instant::now();
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(25));
+        let now = file_len(path);
+        if now != len {
+            (len, since) = (now, Instant::now());
+        } else if since.elapsed() >= Duration::from_millis(300) {
+            break;
+        }
+    }
+    len
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
+}
+
+type Results = BTreeMap<(usize, Target), Vec<Sample>>;
+
+/// One table: pgbench workloads (`unit` "tps", latency per transaction) or bulk ones ("rows/s",
+/// time per statement). Medians across rounds; audit bytes per statement are the total growth
+/// over the total statements.
+fn print_table(
+    results: &Results,
+    workloads: &[(usize, &Workload)],
+    unit: &str,
+    latency: &str,
+    fastpath: bool,
+) {
+    let median_of = |wi: usize, t: Target, f: fn(&Sample) -> f64| {
+        results
+            .get(&(wi, t))
+            .map(|s| median(s.iter().map(f).collect()))
+    };
+    let fmt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+        _ => "-".into(),
+    };
+    let audit_per_statement = |wi: usize, t: Target| {
+        let samples = results.get(&(wi, t))?;
+        let bytes: u64 = samples.iter().map(|s| s.audit_bytes).sum::<Option<u64>>()?;
+        let statements: u64 = samples.iter().map(|s| s.statements).sum();
+        Some(bytes as f64 / statements.max(1) as f64)
+    };
+    let fastpath_header = if fastpath {
+        format!(" pgiam -fastpath {unit} |")
+    } else {
+        String::new()
+    };
+    println!(
+        "\n| workload | direct {unit} | pgbouncer {unit} | pgiam {unit} | pgiam/direct | pgiam/pgbouncer | pgiam -always {unit} | -always/pgbouncer | pgiam -audit {unit} |{fastpath_header} {latency} direct / pgbouncer / pgiam | audit B/stmt pgiam / -always |"
+    );
+    println!(
+        "|---|---|---|---|---|---|---|---|---|{}---|---|",
+        if fastpath { "---|" } else { "" }
+    );
+    for &(wi, w) in workloads {
+        let rate = |t| median_of(wi, t, |s| s.rate);
+        let lat = |t| median_of(wi, t, |s| s.latency_ms).unwrap_or(0.0);
+        let (d, b, p, a) = (
+            rate(Target::Direct),
+            rate(Target::PgBouncer),
+            rate(Target::Pgiam),
+            rate(Target::PgiamAlways),
+        );
+        let fastpath_cell = if fastpath {
+            format!(" {} |", fmt(rate(Target::PgiamNoFastPath)))
+        } else {
+            String::new()
+        };
+        let bytes = |t| audit_per_statement(wi, t);
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |{fastpath_cell} {:.3} / {:.3} / {:.3} | {} / {} |",
+            w.name,
+            fmt(d),
+            fmt(b),
+            fmt(p),
+            ratio(p, d),
+            ratio(p, b),
+            fmt(a),
+            ratio(a, b),
+            fmt(rate(Target::PgiamNoAudit)),
+            lat(Target::Direct),
+            lat(Target::PgBouncer),
+            lat(Target::Pgiam),
+            fmt(bytes(Target::Pgiam)),
+            fmt(bytes(Target::PgiamAlways)),
+        );
+    }
+}
+
+/// `pgiam audit verify` on every variant's log, pgiam stopped: "intact (N records)", or an
+/// error that fails the benchmark.
+fn verify_audit_logs(logs: &[(Target, PathBuf)]) -> anyhow::Result<()> {
+    println!();
+    for (target, path) in logs {
+        let out = Command::new(workspace_root().join("target/release/pgiam"))
+            .args(["audit", "verify"])
+            .arg(path)
+            .output()
+            .context("running pgiam audit verify")?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        // "PATH: N records, hash chain intact"
+        let records = text
+            .rsplit_once(": ")
+            .and_then(|(_, r)| r.split_whitespace().next()?.parse::<u64>().ok());
+        match records {
+            Some(n) if out.status.success() && text.contains("intact") => println!(
+                "audit verify {}: intact ({n} records, {} bytes)",
+                target.label(),
+                file_len(path)
+            ),
+            _ => bail!(
+                "AUDIT LOG BROKEN: pgiam audit verify {} ({}) failed ({}):\n{text}{}",
+                path.display(),
+                target.label(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        }
+    }
+    Ok(())
 }
 
 pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
@@ -372,6 +661,19 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
     pg.psql(&format!("CREATE ROLE bench LOGIN PASSWORD '{password}'"))?;
     pg.psql("CREATE DATABASE app OWNER bench")?;
     pg.pgbench_init("app", opts.scale)?;
+    if opts.workloads.iter().any(|w| w.is_bulk()) {
+        eprintln!("bench: bulk table ({} rows)", opts.bulk_rows);
+        pg.psql_db(
+            "app",
+            &format!(
+                "CREATE TABLE {BULK_TABLE} AS SELECT g AS id, md5(g::text) AS payload \
+                 FROM generate_series(1, {}) g",
+                opts.bulk_rows
+            ),
+        )?;
+        // Hint bits set and the visibility map built now, not by the first run that reads it.
+        pg.psql_db("app", &format!("VACUUM (FREEZE, ANALYZE) {BULK_TABLE}"))?;
+    }
     pg.psql_db("app", "GRANT ALL ON ALL TABLES IN SCHEMA public TO bench")?;
 
     let dir = tempfile::Builder::new().prefix("pgiam-bench-").tempdir()?;
@@ -379,27 +681,21 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
     raise_fd_limit(opts.idle + 2 * opts.held + 1024)?;
     let bouncer = PgBouncer::start(pg.port, "bench", &password, 2 * opts.held + 32)?;
     let root = TestCgroup::new("pgiam-bench");
-    let mut variants = vec![start_variant(
+    let mut targets = vec![
+        Target::Direct,
+        Target::PgBouncer,
         Target::Pgiam,
-        &root,
-        pg.port,
-        dir.path(),
-        &pw,
-    )?];
-    variants.push(start_variant(
-        Target::PgiamNoFastPath,
-        &root,
-        pg.port,
-        dir.path(),
-        &pw,
-    )?);
-    variants.push(start_variant(
+        Target::PgiamAlways,
         Target::PgiamNoAudit,
-        &root,
-        pg.port,
-        dir.path(),
-        &pw,
-    )?);
+    ];
+    if opts.fastpath {
+        targets.push(Target::PgiamNoFastPath);
+    }
+    // The first is pgiam as deployed: the memory measurement uses it.
+    let mut variants = Vec::new();
+    for &t in &targets[2..] {
+        variants.push(start_variant(t, &root, pg.port, dir.path(), &pw)?);
+    }
 
     let direct_dsn = format!("host=127.0.0.1 port={} dbname=app user=bench", pg.port);
     let bouncer_dsn = format!("host=127.0.0.1 port={} dbname=app user=bench", bouncer.port);
@@ -409,49 +705,71 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
         pg.port
     );
     let pgbench_bin = pg_bin_dir().join("pgbench");
+    let psql_bin = pg_bin_dir().join("psql");
 
-    let mut results: BTreeMap<(usize, Target), Vec<Sample>> = BTreeMap::new();
+    let mut results = Results::new();
+    let mut stalls = Vec::new();
     for round in 1..=opts.rounds {
         for (wi, w) in opts.workloads.iter().enumerate() {
-            let mut targets = vec![Target::Direct, Target::PgBouncer, Target::Pgiam];
-            if opts.all_variants || wi < 2 {
-                targets.extend([Target::PgiamNoFastPath, Target::PgiamNoAudit]);
-            }
-            for t in targets {
-                let sample = match t {
-                    Target::Direct | Target::PgBouncer => {
-                        let dsn = if t == Target::Direct {
-                            &direct_dsn
-                        } else {
-                            &bouncer_dsn
-                        };
-                        let mut cmd = Command::new(&pgbench_bin);
+            for &t in &targets {
+                let variant = variants.iter().find(|v| v.target == t);
+                let command = |program: &Path| match variant {
+                    // Inside the variant's application cgroup: intercepted, no password.
+                    Some(v) => v.app.command(program),
+                    None => {
+                        let mut cmd = Command::new(program);
                         cmd.env("PGPASSWORD", &password);
-                        pgbench(&mut cmd, w, opts.duration, dsn)?
-                    }
-                    _ => {
-                        let v = variants.iter().find(|v| v.target == t).expect("variant");
-                        pgbench(
-                            &mut v.app.command(&pgbench_bin),
-                            w,
-                            opts.duration,
-                            &intercepted_dsn,
-                        )?
+                        cmd
                     }
                 };
+                let dsn = match t {
+                    Target::Direct => &direct_dsn,
+                    Target::PgBouncer => &bouncer_dsn,
+                    _ => &intercepted_dsn,
+                };
+                let audit = variant.and_then(|v| v.audit_path.as_deref());
+                let audit_before = audit.map(file_len);
+                let mut sample = match &w.kind {
+                    Kind::Pgbench { args, statements } => pgbench(
+                        &mut command(&pgbench_bin),
+                        w.name,
+                        args,
+                        *statements,
+                        opts.duration,
+                        dsn,
+                    )?,
+                    Kind::Bulk { sql } => psql_bulk(
+                        &mut command(&psql_bin),
+                        sql,
+                        opts.bulk_repeat,
+                        opts.bulk_rows,
+                        dsn,
+                    )?,
+                };
+                if let (Some(path), Some(before)) = (audit, audit_before) {
+                    sample.audit_bytes = Some(settled_len(path).saturating_sub(before));
+                }
                 eprintln!(
-                    "bench: round {round} {:<22} {:<16} {:>10.0} tps {:>8.3} ms",
+                    "bench: round {round} {:<22} {:<16} {:>10.0} {} {:>8.3} ms{}",
                     w.name,
                     t.label(),
-                    sample.tps,
-                    sample.latency_ms
+                    sample.rate,
+                    if w.is_bulk() { "rows/s" } else { "tps" },
+                    sample.latency_ms,
+                    match (sample.audit_bytes, sample.statements) {
+                        (None, _) => String::new(),
+                        (Some(b), 0) => format!(" {b} audit bytes, no statement"),
+                        (Some(b), n) => format!(" {:>6.0} audit B/stmt", b as f64 / n as f64),
+                    },
                 );
+                if sample.rate == 0.0 {
+                    stalls.push(format!("round {round} {} {}", w.name, t.label()));
+                }
                 results.entry((wi, t)).or_default().push(sample);
             }
         }
     }
 
-    // Memory: pgiam and PgBouncer with idle sessions held open.
     println!(
         "\npgbench {}s x {} rounds, interleaved; medians. Machine: {} cores, kernel {}.",
         opts.duration,
@@ -463,40 +781,33 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
             .unwrap_or_default()
             .trim()
     );
-    println!(
-        "\n| workload | direct tps | pgbouncer tps | pgiam tps | pgiam/direct | pgiam/pgbouncer | pgiam -fastpath tps | pgiam -audit tps | latency ms direct / pgbouncer / pgiam |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|");
-    for (wi, w) in opts.workloads.iter().enumerate() {
-        let tps = |t| {
-            results
-                .get(&(wi, t))
-                .map(|s| median(s.iter().map(|x| x.tps).collect()))
-        };
-        let lat = |t| {
-            results
-                .get(&(wi, t))
-                .map(|s| median(s.iter().map(|x| x.latency_ms).collect()))
-        };
-        let fmt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
-        let (d, b, p) = (
-            tps(Target::Direct),
-            tps(Target::PgBouncer),
-            tps(Target::Pgiam),
+    let (bulk, pgbench_workloads): (Vec<_>, Vec<_>) = opts
+        .workloads
+        .iter()
+        .map(|w| &**w)
+        .enumerate()
+        .partition(|(_, w)| w.is_bulk());
+    if !pgbench_workloads.is_empty() {
+        print_table(
+            &results,
+            &pgbench_workloads,
+            "tps",
+            "latency ms",
+            opts.fastpath,
         );
+    }
+    if !bulk.is_empty() {
         println!(
-            "| {} | {} | {} | {} | {:.2} | {:.2} | {} | {} | {:.3} / {:.3} / {:.3} |",
-            w.name,
-            fmt(d),
-            fmt(b),
-            fmt(p),
-            p.unwrap_or(0.0) / d.unwrap_or(1.0),
-            p.unwrap_or(0.0) / b.unwrap_or(1.0),
-            fmt(tps(Target::PgiamNoFastPath)),
-            fmt(tps(Target::PgiamNoAudit)),
-            lat(Target::Direct).unwrap_or(0.0),
-            lat(Target::PgBouncer).unwrap_or(0.0),
-            lat(Target::Pgiam).unwrap_or(0.0),
+            "\nBulk: {} rows of {BULK_TABLE} (int, 32-character text) per statement, psql, rows \
+             to /dev/null, {} statement(s) per run:",
+            opts.bulk_rows, opts.bulk_repeat
+        );
+        print_table(&results, &bulk, "rows/s", "ms per statement", opts.fastpath);
+    }
+    if !stalls.is_empty() {
+        println!(
+            "\nWARNING: no transaction completed in these runs (0 tps, latency inf): {}",
+            stalls.join("; ")
         );
     }
     // Memory per session: resident set before and while sessions are held open.
@@ -590,7 +901,13 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
             per(b, n)
         );
     }
+    let audit_logs: Vec<(Target, PathBuf)> = variants
+        .iter()
+        .filter_map(|v| Some((v.target, v.audit_path.clone()?)))
+        .collect();
+    // Stopped first: everything pgiam wrote is in the files.
     drop(variants);
+    verify_audit_logs(&audit_logs)?;
     drop(root);
     drop(bouncer);
     if opts.classify {

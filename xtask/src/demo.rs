@@ -145,7 +145,6 @@ role = "app_reader"
 
 [audit]
 path = "{dir}/audit.jsonl"
-durability = "always"
 {interception}"#,
         dir = dir.path().display(),
         pg_port = pg.port,

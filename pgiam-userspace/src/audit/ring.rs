@@ -10,17 +10,16 @@
 //!
 //! On open, records the log lacks (lost with the page cache when the host lost power, or a
 //! torn last line) are recovered from the ring by following the hash chain from the log's last
-//! complete line. Each ring line is checked against its own hash and only the line whose
-//! `prev` is the hash wanted is taken, so a stale or half-overwritten entry is never followed.
+//! complete line. Only a line whose hash matches after the hash wanted is taken, so a stale or
+//! half-overwritten entry is never followed.
 //! An empty log is not recovered into: it is a rotated one, and starts a new chain.
 
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use super::Sealed;
+use super::follows;
 
 /// Large enough that the log is synced once per tens of thousands of records.
 pub const DEFAULT_SIZE: u64 = 32 << 20;
@@ -104,19 +103,31 @@ pub fn continuation(path: &Path, prev: &str) -> io::Result<Vec<(String, String)>
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
-    // Stale and half-overwritten entries fail the check and are skipped.
-    let mut next: HashMap<String, (String, String)> = HashMap::new();
-    for piece in data.split(|b| *b == b'\n') {
-        if let Ok(sealed) = Sealed::check(piece) {
-            let line = String::from_utf8_lossy(piece).into_owned();
-            next.insert(sealed.prev, (line, sealed.hash));
-        }
-    }
+    let pieces: Vec<&[u8]> = data
+        .split(|b| *b == b'\n')
+        .filter(|p| p.first() == Some(&b'{'))
+        .collect();
+    // A line names no predecessor: the one that follows is the one whose hash matches after
+    // the wanted hash. Batches are written one after the other, so that is almost always the
+    // next piece; only a wrap (or the first line) needs a search. Stale and half-overwritten
+    // entries never match.
     let mut out = Vec::new();
     let mut want = prev.to_owned();
-    while let Some((line, hash)) = next.remove(&want) {
-        want.clone_from(&hash);
-        out.push((line, hash));
+    let mut next = 0;
+    loop {
+        let found = (next..pieces.len())
+            .chain(0..next)
+            .find_map(|i| Some((i, follows(pieces[i], &want).ok()?)));
+        let Some((i, hash)) = found else { break };
+        out.push((
+            String::from_utf8_lossy(pieces[i]).into_owned(),
+            hash.clone(),
+        ));
+        want = hash;
+        next = i + 1;
+        if out.len() > pieces.len() {
+            break;
+        }
     }
     Ok(out)
 }

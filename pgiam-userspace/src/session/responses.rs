@@ -99,6 +99,14 @@ impl Responses {
         self.expects.push_back(e);
     }
 
+    /// Gives back the queue's room once everything asked has been answered: an idle session
+    /// holds none.
+    pub fn release(&mut self) {
+        if self.expects.is_empty() && self.expects.capacity() > 0 {
+            self.expects = VecDeque::new();
+        }
+    }
+
     /// Between messages: a message pgiam writes itself cannot land inside one of the server's.
     pub fn at_boundary(&self) -> bool {
         self.remaining == 0
@@ -377,6 +385,25 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn an_answered_queue_gives_its_room_back_and_a_waiting_one_keeps_it() {
+        let mut r = Responses::default();
+        r.push(expect(ExpectKind::Query, "q", false));
+        r.push(expect(ExpectKind::Query, "r", false));
+        let mut server = BytesMut::new();
+        wire::ready_for_query(wire::TransactionStatus::Idle, &mut server);
+        run(&mut r, &server, 1000);
+        r.release();
+        assert_eq!(r.expects.len(), 1, "one still waits for its answer");
+        assert!(r.expects.capacity() > 0);
+        run(&mut r, &server, 1000);
+        r.release();
+        assert_eq!(r.expects.capacity(), 0, "an idle session holds no queue");
+        r.push(expect(ExpectKind::Query, "s", false));
+        run(&mut r, &server, 1000);
+        assert_eq!(completions(&r).len(), 3);
     }
 
     #[test]

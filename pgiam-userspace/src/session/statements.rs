@@ -16,7 +16,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use serde_json::{json, Value};
 
-use crate::audit::{AuditLog, Record, Written};
+use crate::audit::{AuditLog, Record};
 use crate::policy::{
     Ask, Decision, DecisionCache, PolicyStore, Principal, Resolver, SessionSettings,
 };
@@ -124,6 +124,17 @@ struct Plan {
     statements: Arc<[Statement]>,
     /// The parameter types its Parse declared (0: left to the server).
     param_types: Arc<[u32]>,
+    /// The statement record that holds exactly this text and classification (a Parse's), which
+    /// the records of its executions point to; `None`: they carry both themselves.
+    record: Option<StatementRecord>,
+}
+
+/// A statement record the records of executions point to.
+#[derive(Debug, Clone)]
+struct StatementRecord {
+    id: Arc<str>,
+    /// The policies that allowed it: an execution allowed by the same ones does not repeat them.
+    policies: Arc<[String]>,
 }
 
 /// The client encodings a session's statements may be read in.
@@ -161,9 +172,20 @@ pub struct SessionInfo {
     pub principal_name: String,
     pub role: String,
     pub database: String,
-    /// Kept as facts and written out per record: an idle session holds a few hundred bytes,
-    /// not the JSON tree.
+    /// For the session's log lines: its audit record holds it once, statement records name
+    /// the session.
     pub identity: crate::identity::Identity,
+}
+
+/// What a decision record says about the statement it decides.
+#[derive(Clone, Copy)]
+enum About<'a> {
+    /// Its text (if there is one) and classification, written out, with the session's who and
+    /// where: a statement record, or the record of an execution whose statement record is not
+    /// known (fail safe: every record can be read on its own or through the one it names).
+    Text(Option<&'a str>, &'a Classified),
+    /// The statement record that holds them (a Parse's).
+    Of(&'a StatementRecord),
 }
 
 pub struct Gate {
@@ -185,6 +207,9 @@ pub struct Gate {
     records: Vec<Record>,
     /// The most any message checked since then can change when it runs.
     effect: Effect,
+    /// How many of `records` decide a message that changes something by itself (not only by
+    /// committing): the prefix a COMMIT that follows them in the batch must not overtake.
+    must_sync: usize,
     /// standard_conforming_strings at login (the value the first message is checked with).
     scs_at_login: Option<bool>,
     encodings: Encodings,
@@ -197,6 +222,10 @@ pub struct Records {
     /// records need only be on disk before the client sees an answer, not before the server
     /// sees the messages.
     pub effect: Effect,
+    /// The leading records that decide messages changing something by themselves: with
+    /// [`Effect::Commits`], only these (and everything before the batch) must be on disk
+    /// before the COMMIT is forwarded, not the COMMIT's own record.
+    pub must_sync: usize,
 }
 
 /// A statement's classification, or why there is none.
@@ -226,6 +255,7 @@ impl Gate {
             next_generation: 0,
             records: Vec::new(),
             effect: Effect::None,
+            must_sync: 0,
             scs_at_login: None,
             encodings: Encodings {
                 login: ClientEncoding::Utf8,
@@ -458,10 +488,12 @@ impl Gate {
                 self.resolver.temp = true;
             }
             if let Some(name) = &s.prepares {
+                // Its record is the whole query string's: its executions carry their own text.
                 let plan = || Plan {
                     sql: text.into(),
                     statements: Arc::from(vec![s.clone()]),
                     param_types: Arc::from(Vec::new()),
+                    record: None,
                 };
                 self.prepare(name.as_bytes(), plan, i, creates);
             }
@@ -511,12 +543,14 @@ impl Gate {
         }
     }
 
-    /// Writes the decision record; returns its id.
+    /// Writes a decision record of `kind` (`statement`, `execute`, `bind`); returns its id.
+    /// `extra`: names and the like, each left out when it is null or empty (an unnamed
+    /// statement or portal).
     fn record(
         &mut self,
-        protocol: &str,
-        text: Option<&str>,
-        statements: &Classified,
+        kind: &str,
+        protocol: Option<&str>,
+        about: About<'_>,
         decision: &Decision,
         extra: &[(&str, Value)],
     ) -> Option<String> {
@@ -524,27 +558,42 @@ impl Gate {
         let id = audit.next_id();
         let mut r = crate::audit_fields! {
             "id" => id,
-            "kind" => "statement",
-            "session" => self.info.session_id,
-            "principal" => self.info.principal_name,
-            "role" => self.info.role,
-            "database" => self.info.database,
-            "identity" => self.info.identity,
-            "protocol" => protocol,
-            "decision" => if decision.allowed { "allow" } else { "deny" },
-            "policies" => decision.policies,
+            "kind" => kind,
         };
+        match about {
+            // Who and where are the statement record's, as are the text and classification.
+            About::Of(of) => r.add("of", &*of.id),
+            About::Text(..) => {
+                r.add("session", &self.info.session_id);
+                r.add("principal", &self.info.principal_name);
+                r.add("role", &self.info.role);
+                r.add("database", &self.info.database);
+            }
+        }
+        if let Some(protocol) = protocol {
+            r.add("protocol", protocol);
+        }
+        for (k, v) in extra {
+            if !(v.is_null() || v.as_str() == Some("")) {
+                r.add(k, v);
+            }
+        }
+        r.add("decision", if decision.allowed { "allow" } else { "deny" });
+        // An execution allowed by the policies that allowed its statement says so by omission.
+        let same_policies = matches!(about, About::Of(of)
+            if decision.allowed && *of.policies == decision.policies[..]);
+        if !decision.policies.is_empty() && !same_policies {
+            r.add("policies", &decision.policies);
+        }
         if let Some(d) = &decision.denied {
             r.add("denied", d);
         }
         if let Some(reason) = &decision.reason {
             r.add("reason", reason);
         }
-        for (k, v) in extra {
-            r.add(k, v);
-        }
-        match statements {
-            Ok(list) => {
+        match about {
+            About::Of(_) => {}
+            About::Text(text, Ok(list)) => {
                 if let Some(text) = text {
                     let secret = list.iter().any(|s| SECRET_NODES.contains(&s.node.as_str()));
                     if secret {
@@ -554,9 +603,11 @@ impl Gate {
                         r.add("sql", text);
                     }
                 }
-                r.add("statements", &**list);
+                if !list.is_empty() {
+                    r.add("statements", &**list);
+                }
             }
-            Err(e) => {
+            About::Text(text, Err(e)) => {
                 // A statement that does not parse can still carry a password: its text is not
                 // stored.
                 if let Some(text) = text {
@@ -629,10 +680,12 @@ impl Gate {
         for s in &statements {
             self.learn_encoding(s);
         }
+        // Bound values make it another classification than its Parse record's.
         Ok(Plan {
             sql: plan.sql.clone(),
             statements: statements.into(),
             param_types: plan.param_types.clone(),
+            record: None,
         })
     }
 
@@ -662,7 +715,13 @@ impl Gate {
             FrontendMessage::Query { sql } => {
                 let (classified, text) = self.read(sql, scs);
                 let (decision, code) = self.decide_classified(&classified, scs, false);
-                let id = self.record("simple", Some(&text), &classified, &decision, &[]);
+                let id = self.record(
+                    "statement",
+                    Some("simple"),
+                    About::Text(Some(&text), &classified),
+                    &decision,
+                    &[],
+                );
                 if !decision.allowed {
                     let e = refusal(code, &decision, id.as_deref())
                         .with_position(syntax_error_position(&classified));
@@ -673,7 +732,7 @@ impl Gate {
                 let mut creates = Vec::new();
                 if let Ok(list) = &classified {
                     self.apply_effects(list, &text, &mut creates);
-                    self.effect = self.effect.max(effect(list));
+                    self.affects(effect(list), list);
                 }
                 expect(ExpectKind::Query, id, None, creates);
                 Checked::Forward(Authorized(()))
@@ -686,9 +745,9 @@ impl Gate {
                 };
                 let statement = json!(String::from_utf8_lossy(name));
                 let id = self.record(
-                    "parse",
-                    Some(&text),
-                    &classified,
+                    "statement",
+                    Some("parse"),
+                    About::Text(Some(&text), &classified),
                     &decision,
                     &[("statement", statement)],
                 );
@@ -707,11 +766,15 @@ impl Gate {
                 }
                 let mut creates = Vec::new();
                 if let Ok(list) = classified {
-                    self.effect = self.effect.max(effect(&list));
+                    self.affects(effect(&list), &list);
                     let plan = || Plan {
                         sql: text.into(),
                         statements: list,
                         param_types: parse_param_types(frame).unwrap_or_default().into(),
+                        record: id.as_deref().map(|id| StatementRecord {
+                            id: id.into(),
+                            policies: decision.policies.clone().into(),
+                        }),
                     };
                     self.prepare(name, plan, 0, &mut creates);
                 }
@@ -735,20 +798,24 @@ impl Gate {
                     (None, plan) => (plan, None),
                 };
                 if let Some(decision) = refused {
-                    let (text, classified): (Option<Arc<str>>, Classified) = match bound {
-                        Some(p) => (Some(p.sql), Ok(p.statements)),
-                        None => (None, Ok(Arc::from(Vec::new()))),
+                    let (text, classified, of): (Option<Arc<str>>, Classified, _) = match bound {
+                        Some(p) => (Some(p.sql), Ok(p.statements), p.record),
+                        None => (None, Ok(Arc::from(Vec::new())), None),
                     };
-                    let id = self.record(
-                        "bind",
-                        text.as_deref(),
-                        &classified,
-                        &decision,
-                        &[
-                            ("portal", json!(String::from_utf8_lossy(portal))),
-                            ("statement", json!(String::from_utf8_lossy(statement))),
-                        ],
-                    );
+                    let portal = ("portal", json!(String::from_utf8_lossy(portal)));
+                    let id = match &of {
+                        Some(of) => self.record("bind", None, About::Of(of), &decision, &[portal]),
+                        None => self.record(
+                            "bind",
+                            None,
+                            About::Text(text.as_deref(), &classified),
+                            &decision,
+                            &[
+                                portal,
+                                ("statement", json!(String::from_utf8_lossy(statement))),
+                            ],
+                        ),
+                    };
                     let e = refusal("42501", &decision, id.as_deref());
                     // A Parse that fails: the pipeline errors right here, no portal is made.
                     let sentinel = sentinel_parse(SENTINEL_NAME, id.as_deref());
@@ -811,9 +878,9 @@ impl Gate {
                     self.decide(&[ask])
                 };
                 let id = self.record(
-                    "function_call",
-                    None,
-                    &Ok(Arc::from(Vec::new())),
+                    "statement",
+                    Some("function_call"),
+                    About::Text(None, &Ok(Arc::from(Vec::new()))),
                     &decision,
                     &[("function_oid", json!(function_oid))],
                 );
@@ -823,7 +890,7 @@ impl Gate {
                     expect(ExpectKind::FunctionCall, id, Some(e), Vec::new());
                     return Checked::Substitute(sentinel);
                 }
-                self.effect = Effect::Immediate;
+                self.affects(Effect::Immediate, &[]);
                 expect(ExpectKind::FunctionCall, id, None, Vec::new());
                 Checked::Forward(Authorized(()))
             }
@@ -842,6 +909,11 @@ impl Gate {
     ) -> Checked {
         let portal_name = json!(String::from_utf8_lossy(portal));
         let bound = self.portals.get(portal).cloned();
+        // The statement record of what the portal runs: the execute record points to it.
+        let of = match &bound {
+            Some((_, Some(p))) => p.record.clone(),
+            _ => None,
+        };
         let (decision, text, classified, statement) = match bound {
             _ if self.foreign_names(&[portal]).is_some() => (
                 self.foreign_names(&[portal]).expect("just seen"),
@@ -884,22 +956,31 @@ impl Gate {
                 Value::Null,
             ),
         };
-        let id = self.record(
-            "execute",
-            text.as_deref(),
-            &classified,
-            &decision,
-            &[("portal", portal_name), ("statement", statement)],
-        );
+        let id = match &of {
+            Some(of) => self.record(
+                "execute",
+                None,
+                About::Of(of),
+                &decision,
+                &[("portal", portal_name)],
+            ),
+            None => self.record(
+                "execute",
+                None,
+                About::Text(text.as_deref(), &classified),
+                &decision,
+                &[("portal", portal_name), ("statement", statement)],
+            ),
+        };
         let mut creates = Vec::new();
         if decision.allowed {
             match (&classified, &text) {
                 (Ok(list), Some(text)) => {
                     self.apply_effects(list, text, &mut creates);
-                    self.effect = self.effect.max(effect(list));
+                    self.affects(effect(list), list);
                 }
                 // A cursor's query is not known here.
-                _ => self.effect = Effect::Immediate,
+                _ => self.affects(Effect::Immediate, &[]),
             }
         }
         let refused =
@@ -921,27 +1002,28 @@ impl Gate {
         }
     }
 
+    /// Notes what the message whose record was pushed last can change (`effect`, of its
+    /// `statements`).
+    fn affects(&mut self, effect: Effect, statements: &[Statement]) {
+        self.effect = self.effect.max(effect);
+        // A message ending in COMMIT can change rows itself before it commits them.
+        let changes = effect == Effect::Immediate
+            || statements
+                .iter()
+                .any(|s| matches!(s.effect, Effect::Transactional | Effect::Immediate));
+        if changes {
+            self.must_sync = self.records.len();
+        }
+    }
+
     /// The decision records of the messages checked so far, and what those messages can
     /// change.
     pub fn take_records(&mut self) -> Records {
         Records {
             records: std::mem::take(&mut self.records),
             effect: std::mem::replace(&mut self.effect, Effect::None),
+            must_sync: std::mem::take(&mut self.must_sync),
         }
-    }
-
-    /// Hands `records` to the audit writer; the receiver reports once all are written (and
-    /// synced, with durability `always`). One acknowledgement covers the batch: the writer
-    /// keeps order and acknowledges the last record only once everything before it is written
-    /// too. `None`: nothing to wait for.
-    pub fn submit(audit: Option<&AuditLog>, mut records: Vec<Record>) -> Option<Written> {
-        let (Some(audit), Some(last)) = (audit, records.pop()) else {
-            return None;
-        };
-        for r in records {
-            audit.record_later(r);
-        }
-        Some(audit.record_acked(last))
     }
 }
 
@@ -1084,6 +1166,40 @@ fn sentinel_parse(name: &str, record: Option<&str>) -> Bytes {
     )
     .expect("no NUL");
     b.freeze()
+}
+
+/// The completion record of decision record `of`: how its statement ended, each fact once.
+/// `sqlstate` only when it failed (success is the rule, and the tag says it); `skipped` when
+/// the server skipped it (an earlier message of its pipeline failed); `tag` as the server
+/// sent it; `rows` only when the tag does not end with that count (a query string of several
+/// statements sums theirs, an empty query has no tag). No id: nothing points to it.
+pub fn completion_record(
+    of: &str,
+    sqlstate: Option<&str>,
+    rows: Option<u64>,
+    tag: Option<&str>,
+    micros: u64,
+) -> Record {
+    let mut r = crate::audit_fields! {
+        "kind" => "completion",
+        "of" => of,
+    };
+    match sqlstate {
+        None => r.add("skipped", &true),
+        Some("00000") => {}
+        Some(code) => r.add("sqlstate", code),
+    }
+    if let Some(tag) = tag {
+        r.add("tag", tag);
+    }
+    if let Some(n) = rows {
+        let said = tag.is_some_and(|t| t.rsplit(' ').next() == Some(n.to_string().as_str()));
+        if !said {
+            r.add("rows", &n);
+        }
+    }
+    r.add("duration_us", &micros);
+    r
 }
 
 #[cfg(test)]
@@ -1598,5 +1714,201 @@ mod tests {
         assert!(forwarded(&mut g, query("EXECUTE q")));
         g.forget_prepared(&name, generation);
         assert!(!forwarded(&mut g, query("EXECUTE q")));
+    }
+
+    /// A gate whose records go to an audit file; returns what the file holds after each step.
+    struct Audited {
+        gate: Gate,
+        store: Arc<PolicyStore>,
+        log: AuditLog,
+        path: std::path::PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Audited {
+        fn new(policy: &str) -> Audited {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("audit.jsonl");
+            let log = AuditLog::open(
+                &path,
+                crate::audit::Durability::Buffered,
+                std::time::Duration::from_secs(60),
+            )
+            .unwrap();
+            let (gate, store) = gate(policy);
+            let info = SessionInfo {
+                session_id: Some("s-0".into()),
+                ..gate.info
+            };
+            let gate = Gate::new(
+                Some(log.clone()),
+                store.clone(),
+                gate.principal,
+                gate.resolver,
+                false,
+                info,
+            );
+            Audited {
+                gate,
+                store,
+                log,
+                path,
+                _dir: dir,
+            }
+        }
+
+        /// Checks `m` and returns the records it wrote.
+        fn check(&mut self, m: FrontendMessage<'_>) -> Vec<Value> {
+            let before = self.lines().len();
+            forwarded(&mut self.gate, m);
+            let records = self.gate.take_records().records;
+            self.log.append(records).unwrap();
+            let _ = self.log.flush();
+            self.lines().split_off(before)
+        }
+
+        fn lines(&self) -> Vec<Value> {
+            std::fs::read_to_string(&self.path)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect()
+        }
+    }
+
+    /// The record's fields, in order.
+    fn keys(r: &Value) -> String {
+        let keys: Vec<&str> = r.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.join(" ")
+    }
+
+    #[test]
+    fn an_execution_points_to_its_statement_record_and_says_its_own_decision() {
+        let mut a = Audited::new(ITEMS);
+        let parse = FrontendMessage::Parse {
+            name: b"s",
+            sql: b"SELECT * FROM items",
+            param_types: 0,
+        };
+        let bind = FrontendMessage::Bind {
+            portal: b"",
+            statement: b"s",
+            params: 0,
+        };
+        let [p] = &a.check(parse)[..] else { panic!() };
+        assert_eq!(
+            keys(p),
+            "v id kind session principal role database protocol statement decision policies \
+             sql statements ts hash"
+        );
+        assert_eq!(
+            (&p["v"], &p["kind"], &p["statement"]),
+            (&json!(2), &json!("statement"), &json!("s"))
+        );
+        assert_eq!(
+            p["statements"],
+            json!([{"command": "select", "node": "SelectStmt",
+                    "relations": [{"name": "items", "access": "select"}]}])
+        );
+        assert!(a.check(bind).is_empty(), "an allowed Bind decides nothing");
+        let [e] = &a.check(execute())[..] else {
+            panic!()
+        };
+        // Allowed by the policies that allowed its statement: they are not repeated.
+        assert_eq!(keys(e), "v id kind of decision ts hash");
+        assert_eq!((&e["kind"], &e["of"]), (&json!("execute"), &p["id"]));
+        // Allowed by another policy now (reloaded): the execution names it.
+        a.store
+            .replace(Policy::parse(&format!("@id(\"other\")\n{ITEMS}")).unwrap());
+        a.gate.refresh_policy();
+        let [o] = &a.check(execute())[..] else {
+            panic!()
+        };
+        assert_eq!(keys(o), "v id kind of decision policies ts hash");
+        assert_eq!(o["policies"], json!(["other"]));
+        // Revoked: the next Execute of the same portal is a deny that points to it too.
+        a.store.replace(Policy::parse("").unwrap());
+        a.gate.refresh_policy();
+        let [d] = &a.check(execute())[..] else {
+            panic!()
+        };
+        assert_eq!((&d["of"], &d["decision"]), (&p["id"], &json!("deny")));
+        assert_eq!(d["denied"], "select on table public.items");
+        assert!(d.get("policies").is_none() && d.get("sql").is_none(), "{d}");
+    }
+
+    #[test]
+    fn executions_whose_statement_record_is_not_known_carry_their_own_text() {
+        let mut a = Audited::new(EVERYTHING);
+        // Prepared by SQL PREPARE: its record is the whole query string's.
+        a.check(query("PREPARE q AS SELECT 1; SELECT 2"));
+        a.check(FrontendMessage::Bind {
+            portal: b"p",
+            statement: b"q",
+            params: 0,
+        });
+        let [e] = &a.check(FrontendMessage::Execute {
+            portal: b"p",
+            max_rows: 0,
+        })[..] else {
+            panic!()
+        };
+        assert!(e.get("of").is_none(), "{e}");
+        assert_eq!(
+            (&e["kind"], &e["session"]),
+            (&json!("execute"), &json!("s-0"))
+        );
+        assert_eq!((&e["portal"], &e["statement"]), (&json!("p"), &json!("q")));
+        assert_eq!(e["sql"], "PREPARE q AS SELECT 1; SELECT 2");
+        assert_eq!(e["statements"][0]["prepares"], "q");
+        // A cursor's portal, never bound: nothing to point to, and the session is named.
+        let [c] = &a.check(FrontendMessage::Execute {
+            portal: b"c",
+            max_rows: 10,
+        })[..] else {
+            panic!()
+        };
+        assert_eq!(
+            keys(c),
+            "v id kind session principal role database portal decision reason ts hash"
+        );
+    }
+
+    #[test]
+    fn completions_say_each_fact_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(
+            &path,
+            crate::audit::Durability::Buffered,
+            std::time::Duration::from_secs(60),
+        )
+        .unwrap();
+        log.append(vec![
+            completion_record("r-1", Some("00000"), Some(1), Some("SELECT 1"), 7),
+            completion_record("r-2", Some("00000"), Some(3), Some("INSERT 0 2"), 7),
+            completion_record("r-3", Some("42501"), None, None, 7),
+            completion_record("r-4", None, None, None, 7),
+            completion_record("r-5", Some("00000"), Some(0), None, 7),
+        ])
+        .unwrap();
+        let _ = log.flush();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let bodies: Vec<&str> = text
+            .lines()
+            .map(|l| &l[..l.find(",\"ts\":").unwrap()])
+            .collect();
+        assert_eq!(
+            bodies,
+            [
+                r#"{"v":2,"kind":"completion","of":"r-1","tag":"SELECT 1","duration_us":7"#,
+                // A query string of several statements: the tag is the last one's.
+                r#"{"v":2,"kind":"completion","of":"r-2","tag":"INSERT 0 2","rows":3,"duration_us":7"#,
+                r#"{"v":2,"kind":"completion","of":"r-3","sqlstate":"42501","duration_us":7"#,
+                r#"{"v":2,"kind":"completion","of":"r-4","skipped":true,"duration_us":7"#,
+                // An empty query: no tag.
+                r#"{"v":2,"kind":"completion","of":"r-5","rows":0,"duration_us":7"#,
+            ]
+        );
     }
 }

@@ -112,3 +112,63 @@ async fn tokio_postgres_cancel_token_stops_pg_sleep() {
         "{err}"
     );
 }
+
+/// A cancel sent a moment after its statement cancels it, though pgiam still holds the
+/// statement: here `connect = "deferred"` and a server whose logins take a second
+/// (`post_auth_delay`), so the session's first statement waits for its backend (an audit flush
+/// makes the same wait, shorter). Directly, PostgreSQL honours such a cancel; one that
+/// overtook its statement would find no backend, or an idle one, and be lost.
+#[test]
+fn a_cancel_does_not_overtake_its_statement() {
+    let env = Env::with(Setup {
+        upstream: Some("host = \"127.0.0.1\"\nport = PGPORT\nconnect = \"deferred\"".into()),
+        pg: pgiam_tests::PgOptions {
+            extra_conf: vec!["post_auth_delay = 1".into()],
+            hba_lines: Some(vec![
+                "local all all trust".into(),
+                "host all postgres 127.0.0.1/32 trust".into(),
+                "host all all 127.0.0.1/32 scram-sha-256".into(),
+            ]),
+            ..pgiam_tests::PgOptions::default()
+        },
+        ..Setup::default()
+    });
+    // PostgreSQL ignores a cancel that reaches the backend before it has read the statement;
+    // the client leaves it a moment to do so.
+    let moment = Duration::from_millis(100);
+    // Directly.
+    let pg_addr = format!("127.0.0.1:{}", env.pg.port).parse().unwrap();
+    let mut direct = Raw::connect(pg_addr);
+    direct.send(&Raw::startup_bytes(
+        3 << 16,
+        &[("user", "postgres"), ("database", DB)],
+    ));
+    let (pid, key) = key_data(&direct.until_ready());
+    direct.send(&query_bytes("select pg_sleep(10)"));
+    std::thread::sleep(moment);
+    let mut c = Raw::connect(pg_addr);
+    c.send(&cancel_request(pid, key));
+    c.expect_closed();
+    let err = result_of_query(&mut direct).expect_err("cancelled directly");
+    assert!(err.contains("57014"), "{err}");
+
+    // Through pgiam: a session's first statement (its backend logs in meanwhile), and a
+    // later one. (The first session with a login logs in at once: pgiam learns what the
+    // server tells a client at login; the sessions after it defer.)
+    let mut first = Raw::connect(env.tcp);
+    first.startup();
+    first.until_ready();
+    first.send(&[b'X', 0, 0, 0, 4]);
+    first.expect_closed();
+    let mut raw = Raw::connect(env.tcp);
+    raw.startup();
+    let (pid, key) = key_data(&raw.until_ready());
+    for n in 0..2 {
+        raw.send(&query_bytes("select pg_sleep(10)"));
+        std::thread::sleep(moment);
+        send_cancel(&env, pid, key);
+        let err =
+            result_of_query(&mut raw).expect_err(&format!("statement {n}: the cancel was lost"));
+        assert!(err.contains("57014"), "{err}");
+    }
+}
