@@ -155,8 +155,8 @@ impl Written {
         match self.0 {
             WrittenState::Done(r) => r,
             WrittenState::Pending(mut rx, upto) => {
-                let synced = rx
-                    .wait_for(|s| s.upto >= upto || s.failed.is_some())
+                // Boxed: a session holds the wait's room only while it waits.
+                let synced = Box::pin(rx.wait_for(|s| s.upto >= upto || s.failed.is_some()))
                     .await
                     .map_err(|_| AuditError::Stopped)?;
                 match &synced.failed {

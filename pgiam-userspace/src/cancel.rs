@@ -38,29 +38,34 @@ struct Entry {
 }
 
 /// Whether a session holds client bytes it read and has not forwarded yet, and since when.
-#[derive(Clone)]
-pub struct Pending(Arc<tokio::sync::watch::Sender<Option<Instant>>>);
+/// (A lock and a `Notify`: every session has one, and a `watch` channel costs several times
+/// the room.)
+#[derive(Clone, Default)]
+pub struct Pending(Arc<PendingState>);
 
-impl Default for Pending {
-    fn default() -> Self {
-        Pending(Arc::new(tokio::sync::watch::Sender::new(None)))
-    }
+#[derive(Default)]
+pub struct PendingState {
+    since: Mutex<Option<Instant>>,
+    forwarded: tokio::sync::Notify,
 }
 
 impl Pending {
+    fn since(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.0.since.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Set when bytes are read, cleared once everything forwardable is forwarded.
     pub fn set(&self, holding: bool) {
-        self.0.send_if_modified(|since| match (holding, *since) {
-            (true, None) => {
-                *since = Some(Instant::now());
-                true
-            }
+        let mut since = self.since();
+        match (holding, *since) {
+            (true, None) => *since = Some(Instant::now()),
             (false, Some(_)) => {
                 *since = None;
-                true
+                drop(since);
+                self.0.forwarded.notify_waiters();
             }
-            _ => false,
-        });
+            _ => {}
+        }
     }
 
     /// Waits until the session holds nothing unforwarded, then as long again as the cancel
@@ -71,11 +76,22 @@ impl Pending {
     /// not keep its cancel forever.
     pub async fn forwarded(&self, max: Duration) {
         let arrived = Instant::now();
-        let mut rx = self.0.subscribe();
-        let Some(since) = *rx.borrow_and_update() else {
+        let Some(since) = *self.since() else {
             return;
         };
-        let _ = tokio::time::timeout(max, rx.wait_for(Option::is_none)).await;
+        let _ = tokio::time::timeout(max, async {
+            loop {
+                let notified = self.0.forwarded.notified();
+                tokio::pin!(notified);
+                // Registered before the check, so a clear in between is not missed.
+                notified.as_mut().enable();
+                if self.since().is_none() {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await;
         tokio::time::sleep(arrived.saturating_duration_since(since).min(max)).await;
     }
 }
@@ -116,11 +132,16 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.registry
+        let gone = self
+            .registry
             .sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&(self.process_id, self.secret_key));
+        // A cancel waiting for the session to forward what it held waits no more.
+        if let Some(entry) = gone {
+            entry.pending.set(false);
+        }
     }
 }
 
