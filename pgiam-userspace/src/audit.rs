@@ -184,8 +184,6 @@ struct State {
     unsynced: Vec<u8>,
     /// Up to where a caller waits for (or asked for) a flush.
     wanted: u64,
-    /// Written since the last flush (the periodic one has work to do).
-    dirty: bool,
     /// The flush thread sleeps for long (nothing happened lately): a lingering record must
     /// wake it. While records come, it looks every [`LINGER`] on its own instead, so that a
     /// busy log does not pay a wake-up per completion.
@@ -226,7 +224,6 @@ impl State {
                 self.held.clear();
                 self.held_since = None;
                 self.written = self.sealed;
-                self.dirty = true;
                 Ok(())
             }
             Err(e) => Err(self.break_with(e)),
@@ -330,7 +327,6 @@ impl AuditLog {
                 held_since: None,
                 unsynced: Vec::new(),
                 wanted: 0,
-                dirty: false,
                 flusher_idle: true,
                 broken: None,
             }),
@@ -616,7 +612,9 @@ fn flusher(inner: std::sync::Weak<Inner>, mut ring: Option<ring::Ring>) {
         let write_due = state.held_since.is_some_and(|t| now >= t + linger);
         let failure_unpublished = state.broken.is_some() && inner.synced.borrow().failed.is_none();
         let flush_wanted = state.wanted > synced && state.broken.is_none();
-        let periodic_due = !buffered && state.dirty && now >= last_flush + inner.interval;
+        // Written since the last flush: the periodic one has work to do.
+        let dirty = state.written > synced;
+        let periodic_due = !buffered && dirty && now >= last_flush + inner.interval;
         if !(write_due || flush_wanted || periodic_due || failure_unpublished) {
             // Sleep until the next thing due (bounded, so a dropped log is noticed); while
             // records come, no longer than LINGER.
@@ -632,7 +630,7 @@ fn flusher(inner: std::sync::Weak<Inner>, mut ring: Option<ring::Ring>) {
             if let Some(t) = state.held_since {
                 until = until.min(t + linger);
             }
-            if !buffered && state.dirty {
+            if !buffered && dirty {
                 until = until.min(last_flush + inner.interval);
             }
             let _ = inner
@@ -654,7 +652,6 @@ fn flusher(inner: std::sync::Weak<Inner>, mut ring: Option<ring::Ring>) {
         let upto = state.written;
         let batch = std::mem::take(&mut state.unsynced);
         let file = state.file.clone();
-        state.dirty = false;
         drop(state);
         let flushed = match &mut ring {
             Some(ring) => ring.append(&batch, true, || file.sync_data()),

@@ -1725,16 +1725,22 @@ mod tests {
         _dir: tempfile::TempDir,
     }
 
+    /// An audit log in a directory of its own, written only when flushed.
+    fn buffered_log() -> (tempfile::TempDir, std::path::PathBuf, AuditLog) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(
+            &path,
+            crate::audit::Durability::Buffered,
+            std::time::Duration::from_secs(60),
+        )
+        .unwrap();
+        (dir, path, log)
+    }
+
     impl Audited {
         fn new(policy: &str) -> Audited {
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("audit.jsonl");
-            let log = AuditLog::open(
-                &path,
-                crate::audit::Durability::Buffered,
-                std::time::Duration::from_secs(60),
-            )
-            .unwrap();
+            let (dir, path, log) = buffered_log();
             let (gate, store) = gate(policy);
             let info = SessionInfo {
                 session_id: Some("s-0".into()),
@@ -1876,14 +1882,7 @@ mod tests {
 
     #[test]
     fn completions_say_each_fact_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.jsonl");
-        let log = AuditLog::open(
-            &path,
-            crate::audit::Durability::Buffered,
-            std::time::Duration::from_secs(60),
-        )
-        .unwrap();
+        let (_dir, path, log) = buffered_log();
         log.append(vec![
             completion_record("r-1", Some("00000"), Some(1), Some("SELECT 1"), 7),
             completion_record("r-2", Some("00000"), Some(3), Some("INSERT 0 2"), 7),
