@@ -140,6 +140,22 @@ impl Position {
 struct Synced {
     upto: u64,
     failed: Option<AuditError>,
+    /// When the last flush completed.
+    at: Option<std::time::SystemTime>,
+}
+
+/// What `pgiam status` shows of the log.
+#[derive(Debug, Clone)]
+pub struct AuditStatus {
+    /// Records sealed onto the chain since start.
+    pub sealed: u64,
+    /// Of those, written to the kernel.
+    pub written: u64,
+    /// Of those, on the device.
+    pub synced: u64,
+    pub last_flush: Option<std::time::SystemTime>,
+    /// Why the log no longer takes records.
+    pub failed: Option<String>,
 }
 
 /// Records on their way to the device: resolves once they are synced.
@@ -349,6 +365,24 @@ impl AuditLog {
         self.inner.durability
     }
 
+    /// How far records have come: sealed, written to the kernel, on the device.
+    pub fn status(&self) -> AuditStatus {
+        let (sealed, written, broken) = {
+            let state = self.inner.lock();
+            (state.sealed, state.written, state.broken.clone())
+        };
+        let synced = self.inner.synced.borrow();
+        AuditStatus {
+            sealed,
+            written,
+            synced: synced.upto,
+            last_flush: synced.at,
+            failed: broken
+                .or_else(|| synced.failed.clone())
+                .map(|e| e.to_string()),
+        }
+    }
+
     /// A fresh record id, unique across restarts of pgiam (a random run id and a sequence).
     pub fn next_id(&self) -> String {
         let n = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -401,9 +435,8 @@ impl AuditLog {
         Written(WrittenState::Pending(rx, upto.0))
     }
 
-    /// Starts a flush up to `upto` without waiting for it (the flush a later COMMIT will wait
-    /// for is then under way, or done).
-    pub fn request(&self, upto: Position) {
+    /// Starts a flush up to `upto` without waiting for it.
+    fn request(&self, upto: Position) {
         let mut state = self.inner.lock();
         if state.wanted < upto.0 {
             state.wanted = upto.0;
@@ -667,7 +700,10 @@ fn flusher(inner: std::sync::Weak<Inner>, mut ring: Option<ring::Ring>) {
         }
         match flushed {
             Ok(()) => {
-                inner.synced.send_modify(|s| s.upto = s.upto.max(upto));
+                inner.synced.send_modify(|s| {
+                    s.upto = s.upto.max(upto);
+                    s.at = Some(std::time::SystemTime::now());
+                });
             }
             Err(e) => {
                 let e = state.break_with(e);

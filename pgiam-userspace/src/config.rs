@@ -47,6 +47,44 @@ pub struct Config {
     pub audit: Option<Audit>,
     /// Statement authorization. Required: without a policy nothing would be decided.
     pub policy: PolicyConfig,
+    /// The admin socket; absent: no `pgiam sessions`, `kill`, `revoke`, `status`.
+    pub admin: Option<Admin>,
+    /// `text` (the default) or `json`: one JSON object per line, for journald and log
+    /// pipelines, with the session id in each session's lines.
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+/// How pgiam writes its own log lines.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// The unix socket the CLI verbs speak over.
+    #[serde(default = "default_admin_socket")]
+    pub socket: PathBuf,
+    /// Permission bits of the socket file. Who may give orders is decided by the peer's
+    /// credentials (root, pgiam's own user, members of `group`) whatever these allow.
+    #[serde(default = "default_admin_socket_mode")]
+    pub socket_mode: u32,
+    /// A group whose members may use the socket beside root; the socket file is given to it.
+    pub group: Option<String>,
+}
+
+pub fn default_admin_socket() -> PathBuf {
+    "/run/pgiam/admin.sock".into()
+}
+
+fn default_admin_socket_mode() -> u32 {
+    0o660
 }
 
 /// `[policy]`
@@ -234,6 +272,14 @@ pub struct Limits {
     /// Time from accept until the session is established (TLS, startup, upstream login).
     #[serde(default = "default_startup_timeout_secs")]
     pub startup_timeout_secs: u64,
+    /// On SIGTERM, the longest pgiam waits for its sessions to end (each is told 57P01 and
+    /// writes its end record) before it exits anyway.
+    #[serde(default = "default_shutdown_timeout_secs")]
+    pub shutdown_timeout_secs: u64,
+}
+
+fn default_shutdown_timeout_secs() -> u64 {
+    10
 }
 
 fn default_max_message_size() -> usize {
@@ -249,6 +295,7 @@ impl Default for Limits {
         Limits {
             max_message_size: default_max_message_size(),
             startup_timeout_secs: default_startup_timeout_secs(),
+            shutdown_timeout_secs: default_shutdown_timeout_secs(),
         }
     }
 }

@@ -4,6 +4,7 @@
 //! maps that identity to a database role, logs in upstream as that role with credentials the
 //! client never sees, and relays the session.
 
+pub mod admin;
 pub mod audit;
 pub mod cancel;
 pub mod config;

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use pgiam::admin::protocol::Request;
 use pgiam::audit::read as audit_read;
 
 /// pgiam: identity-aware access layer for PostgreSQL.
@@ -53,6 +54,108 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// List the live sessions (over the admin socket).
+    Sessions {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only sessions answering to this principal (any name of theirs, e.g. uid:1000).
+        #[arg(long)]
+        principal: Option<String>,
+        /// Only sessions with this database role.
+        #[arg(long)]
+        role: Option<String>,
+        /// Only sessions on this database.
+        #[arg(long)]
+        db: Option<String>,
+    },
+    /// End a session, or every session of a principal, now: its running statement is
+    /// cancelled and the client told FATAL 57P01; the audit log names you.
+    Kill {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// The session id (`pgiam sessions` shows it).
+        #[arg(required_unless_present = "principal", conflicts_with = "principal")]
+        session: Option<String>,
+        /// Every session answering to this principal.
+        #[arg(long)]
+        principal: Option<String>,
+    },
+    /// Refuse a principal's new sessions and end its live ones; kept across restarts.
+    Revoke {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// The principal, e.g. unit:billing.service, uid:1000.
+        #[arg(long)]
+        principal: String,
+        /// How long, e.g. 30m, 2h, 1d; without it, until `pgiam unrevoke`.
+        #[arg(long = "for", value_parser = humantime::parse_duration)]
+        duration: Option<std::time::Duration>,
+        /// Why, for the audit log and the client's error.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Lift a revocation.
+    Unrevoke {
+        #[command(flatten)]
+        target: AdminTarget,
+        #[arg(long)]
+        principal: String,
+    },
+    /// List the revocations in force.
+    Revocations {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Version, uptime, policy, interception, audit and upstream state of the running pgiam.
+    Status {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Where the admin socket is: `--socket`, or the `[admin] socket` of `--config`.
+#[derive(clap::Args)]
+struct AdminTarget {
+    /// pgiam.toml of the running pgiam.
+    #[arg(long, short, default_value = "/etc/pgiam/pgiam.toml")]
+    config: PathBuf,
+    /// The admin socket itself (instead of reading it from the config).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+}
+
+impl AdminTarget {
+    /// Reads only `[admin] socket`: an operator may read the config without its secrets
+    /// being valid for them.
+    fn socket(&self) -> anyhow::Result<PathBuf> {
+        if let Some(s) = &self.socket {
+            return Ok(s.clone());
+        }
+        let text = std::fs::read_to_string(&self.config).with_context(|| {
+            format!(
+                "reading {} (give --socket to name the admin socket instead)",
+                self.config.display()
+            )
+        })?;
+        let value: toml::Value = toml::from_str(&text)
+            .with_context(|| format!("{} is not valid TOML", self.config.display()))?;
+        let admin = value.get("admin").with_context(|| {
+            format!(
+                "{} has no [admin] section: the running pgiam has no admin socket",
+                self.config.display()
+            )
+        })?;
+        Ok(match admin.get("socket").and_then(|s| s.as_str()) {
+            Some(s) => PathBuf::from(s),
+            None => pgiam::config::default_admin_socket(),
+        })
+    }
 }
 
 #[derive(Subcommand)]
@@ -153,6 +256,95 @@ fn main() -> anyhow::Result<()> {
                 .block_on(pgiam::server::run(config))
         }
         Command::Audit { command } => std::process::exit(audit_command(command)),
+        Command::Sessions {
+            target,
+            json,
+            principal,
+            role,
+            db,
+        } => {
+            let filter = pgiam::admin::client::Filter {
+                principal,
+                role,
+                database: db,
+            };
+            let result = admin_ask(&target, &Request::Sessions)?;
+            let sessions: Vec<serde_json::Value> = result
+                .as_array()
+                .context("pgiam answered sessions with something else than a list")?
+                .iter()
+                .filter(|s| filter.keeps(s))
+                .cloned()
+                .collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&sessions)?);
+            } else {
+                let now = pgiam::admin::registry::unix_ms(std::time::SystemTime::now());
+                print!("{}", pgiam::admin::client::sessions_table(&sessions, now));
+            }
+            Ok(())
+        }
+        Command::Kill {
+            target,
+            session,
+            principal,
+        } => {
+            let result = admin_ask(&target, &Request::Kill { session, principal })?;
+            for id in result["killed"].as_array().into_iter().flatten() {
+                println!("killed {}", id.as_str().unwrap_or("?"));
+            }
+            Ok(())
+        }
+        Command::Revoke {
+            target,
+            principal,
+            duration,
+            reason,
+        } => {
+            let result = admin_ask(
+                &target,
+                &Request::Revoke {
+                    principal: principal.clone(),
+                    for_secs: duration.map(|d| d.as_secs().max(1)),
+                    reason,
+                },
+            )?;
+            let ended = result["sessions"].as_array().map_or(0, Vec::len);
+            match duration {
+                Some(d) => println!(
+                    "revoked {principal} for {}; {ended} live session(s) ended",
+                    humantime::format_duration(d)
+                ),
+                None => {
+                    println!("revoked {principal} until unrevoked; {ended} live session(s) ended")
+                }
+            }
+            Ok(())
+        }
+        Command::Unrevoke { target, principal } => {
+            admin_ask(
+                &target,
+                &Request::Unrevoke {
+                    principal: principal.clone(),
+                },
+            )?;
+            println!("unrevoked {principal}");
+            Ok(())
+        }
+        Command::Revocations { target } => {
+            let result = admin_ask(&target, &Request::Revocations)?;
+            println!("{}", serde_json::to_string_pretty(&result)?);
+            Ok(())
+        }
+        Command::Status { target, json } => {
+            let result = admin_ask(&target, &Request::Status)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&result)?);
+            } else {
+                print!("{}", status_text(&result));
+            }
+            Ok(())
+        }
         Command::Sql {
             command:
                 SqlCommand::Classify {
@@ -192,6 +384,109 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Asks the running pgiam; an error answer ends the CLI with status 1, an unreachable socket
+/// with status 2.
+fn admin_ask(target: &AdminTarget, request: &Request) -> anyhow::Result<serde_json::Value> {
+    let socket = target.socket()?;
+    let answer = match pgiam::admin::client::ask(&socket, request) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("pgiam: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    if !answer.ok {
+        eprintln!(
+            "pgiam: {}",
+            answer.error.as_deref().unwrap_or("the request failed")
+        );
+        std::process::exit(1);
+    }
+    Ok(answer.result.unwrap_or(serde_json::Value::Null))
+}
+
+/// `pgiam status` for people.
+fn status_text(s: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "pgiam {} (pid {}), up {}",
+        s["version"].as_str().unwrap_or("?"),
+        s["pid"],
+        humantime::format_duration(std::time::Duration::from_secs(
+            s["uptime_secs"].as_u64().unwrap_or(0)
+        ))
+    );
+    let p = &s["policy"];
+    let _ = writeln!(
+        out,
+        "policy:       {} ({} policies, generation {})",
+        p["file"].as_str().unwrap_or("?"),
+        p["policies"],
+        p["generation"]
+    );
+    let _ = writeln!(
+        out,
+        "sessions:     {} live, {} since start; {} principal(s) revoked",
+        s["sessions"]["live"], s["sessions"]["total"], s["revocations"]
+    );
+    let i = &s["interception"];
+    if i.is_null() {
+        let _ = writeln!(out, "interception: off (explicit clients only)");
+    } else {
+        let counters = match i["counters"].as_object() {
+            Some(c) if !c.contains_key("error") => c
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+            _ => format!("unreadable: {}", i["counters"]["error"]),
+        };
+        let _ = writeln!(
+            out,
+            "interception: cgroup {} ports {} fast path {}; {counters}",
+            i["cgroup"].as_str().unwrap_or("?"),
+            i["ports"],
+            i["fast_path"]
+        );
+    }
+    let a = &s["audit"];
+    if a.is_null() {
+        let _ = writeln!(out, "audit:        off");
+    } else {
+        let _ = writeln!(
+            out,
+            "audit:        {} ({}), {} records since start, {} on the device, {} bytes{}",
+            a["path"].as_str().unwrap_or("?"),
+            a["durability"].as_str().unwrap_or("?"),
+            a["records"],
+            a["synced"],
+            a["bytes"],
+            match a["failed"].as_str() {
+                Some(e) => format!("; FAILED: {e}"),
+                None => String::new(),
+            }
+        );
+    }
+    let u = &s["upstream"];
+    let _ = match u["reachable"].as_bool() {
+        Some(true) => writeln!(
+            out,
+            "upstream:     {} reachable ({:.1} ms)",
+            u["address"].as_str().unwrap_or("?"),
+            u["connect_ms"].as_f64().unwrap_or(0.0)
+        ),
+        _ => writeln!(
+            out,
+            "upstream:     {} UNREACHABLE: {}",
+            u["address"].as_str().unwrap_or("?"),
+            u["error"].as_str().unwrap_or("?")
+        ),
+    };
+    out
 }
 
 /// Runs an audit subcommand; returns its exit status (0 intact, 1 not, 2 cannot read).

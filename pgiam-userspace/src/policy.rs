@@ -215,13 +215,11 @@ impl Decision {
 }
 
 /// The policy in force, replaced whole on reload. Sessions notice a new generation and drop
-/// their cached decisions.
+/// their cached decisions (waiting ones are woken to look: `admin::registry`).
 pub struct PolicyStore {
     path: std::path::PathBuf,
     generation: std::sync::atomic::AtomicU64,
     current: std::sync::RwLock<std::sync::Arc<Policy>>,
-    /// Tells idle sessions that the policy changed, so they can check they may still connect.
-    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl PolicyStore {
@@ -239,22 +237,14 @@ impl PolicyStore {
             path,
             generation: 0.into(),
             current: std::sync::RwLock::new(policy.into()),
-            changed: tokio::sync::watch::channel(0).0,
         }
     }
 
     /// Replaces the policy in force (as a reload does).
     pub fn replace(&self, policy: Policy) {
         *self.current.write().expect("policy lock") = policy.into();
-        let g = self
-            .generation
+        self.generation
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        self.changed.send_replace(g + 1);
-    }
-
-    /// Resolves each time the policy is replaced.
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.changed.subscribe()
     }
 
     pub fn generation(&self) -> u64 {

@@ -10,6 +10,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info};
 
+use crate::admin::registry::Registry;
 use crate::cancel::CancelRegistry;
 use crate::config::{self, Config, EndpointSpec};
 use crate::identity::{self, Identity};
@@ -50,6 +51,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             None
         }
     };
+    let revocations = Arc::new(
+        crate::admin::revocations::Revocations::load(&config.state_dir)
+            .context("revocation list")?,
+    );
     let shared = Arc::new(Shared {
         config: Arc::new(config.clone()),
         audit,
@@ -57,7 +62,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         upstream,
         cancels: Arc::new(CancelRegistry::default()),
         policies: policies.clone(),
+        registry: Arc::new(Registry::default()),
+        revocations,
     });
+    let admin_socket = match &config.admin {
+        Some(a) => {
+            let listener = crate::admin::socket::bind(a)?;
+            info!(path = %a.socket.display(), group = ?a.group, "admin socket open");
+            Some((listener, a.socket.clone()))
+        }
+        None => None,
+    };
 
     // Listeners first: interception must never send connections to a port nobody serves.
     let mut tcp = Vec::new();
@@ -86,16 +101,35 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
+    // Aborted at the drain: dropping a listener stops the accepting.
+    let mut accepting = Vec::new();
     for listener in tcp {
-        tokio::spawn(accept_tcp(listener, shared.clone(), interception.clone()));
+        accepting.push(tokio::spawn(accept_tcp(
+            listener,
+            shared.clone(),
+            interception.clone(),
+        )));
     }
     let mut unix_path = None;
     if let Some(path) = &config.listen.unix {
         let listener = bind_unix(path, config.listen.unix_mode)?;
         info!(path = %path.display(), "listening on unix socket (identity from SO_PEERCRED)");
         unix_path = Some(path.clone());
-        tokio::spawn(accept_unix(listener, shared.clone()));
+        accepting.push(tokio::spawn(accept_unix(listener, shared.clone())));
     }
+    let admin_path = admin_socket.map(|(listener, path)| {
+        let admin = Arc::new(crate::admin::socket::Admin {
+            config: shared.config.clone(),
+            registry: shared.registry.clone(),
+            revocations: shared.revocations.clone(),
+            audit: shared.audit.clone(),
+            policies: policies.clone(),
+            upstream: shared.upstream.clone(),
+            started: std::time::Instant::now(),
+        });
+        tokio::spawn(crate::admin::socket::serve(listener, admin));
+        path
+    });
     info!(upstream = %shared.upstream.describe(None), "pgiam ready");
     sd_notify("READY=1");
 
@@ -107,7 +141,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 sd_notify("RELOADING=1");
                 // Atomic: the new policy replaces the old one whole, or not at all.
                 match policies.reload() {
-                    Ok(n) => info!(policies = n, "SIGHUP: policy reloaded"),
+                    Ok(n) => {
+                        info!(policies = n, "SIGHUP: policy reloaded");
+                        // Waiting sessions check at once that they may still connect.
+                        shared.registry.wake_all();
+                    }
                     Err(e) => tracing::error!("SIGHUP: policy not reloaded, the previous one stays: {e}"),
                 }
                 sd_notify("READY=1");
@@ -115,7 +153,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     sd_notify("STOPPING=1");
+    for task in &accepting {
+        task.abort();
+    }
     if let Some(path) = unix_path {
+        let _ = std::fs::remove_file(path);
+    }
+    drain(&shared).await;
+    if let Some(path) = admin_path {
         let _ = std::fs::remove_file(path);
     }
     if let Some(i) = &interception {
@@ -130,6 +175,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Ends every session the way PostgreSQL's fast shutdown does (FATAL 57P01, the running
+/// statement cancelled), each writing its end record, and waits for them up to
+/// `shutdown_timeout_secs`. Nothing registers once this begins.
+async fn drain(shared: &Shared) {
+    let timeout = Duration::from_secs(shared.config.limits.shutdown_timeout_secs);
+    let live = shared.registry.close();
+    if live == 0 {
+        return;
+    }
+    info!(sessions = live, "draining: every session is told 57P01");
+    match tokio::time::timeout(timeout, shared.registry.drained()).await {
+        Ok(()) => info!(sessions = live, "drained: every session ended"),
+        Err(_) => error!(
+            left = shared.registry.len(),
+            "sessions still open after {}s (limits.shutdown_timeout_secs); exiting anyway",
+            timeout.as_secs()
+        ),
+    }
 }
 
 /// Every (prefix, port) the configuration names, with host names resolved now.

@@ -12,6 +12,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{debug, info, warn};
 
+use crate::admin::registry::{Facts, Live, Order, Registration, Registry, State};
 use crate::cancel::CancelRegistry;
 use crate::config::Config;
 use crate::identity::{Identity, IdentityError};
@@ -35,6 +36,10 @@ pub struct Shared {
     pub upstream: Arc<Upstream>,
     pub cancels: Arc<CancelRegistry>,
     pub policies: Arc<crate::policy::PolicyStore>,
+    /// The live sessions, for the admin socket and the drain.
+    pub registry: Arc<Registry>,
+    /// Principals an operator has revoked.
+    pub revocations: Arc<crate::admin::revocations::Revocations>,
 }
 
 /// Who the client is, and where it was going.
@@ -253,6 +258,8 @@ enum Woke {
     Left(String),
     /// The policy no longer lets the session connect.
     Revoked(crate::policy::Decision),
+    /// An operator, or the drain, ordered it out.
+    Ordered(Order),
 }
 
 /// A deferred session waits here, holding no server connection, until the client first sends
@@ -265,13 +272,16 @@ fn first_message<'a>(
     session: &'a mut Session,
 ) -> impl std::future::Future<Output = Woke> + Send + 'a {
     async move {
-        let mut policy_changed = shared.policies.subscribe();
+        let mut woken = shared.registry.subscribe();
         // A waiting client holds no read buffer: room is made once it has sent something.
         if client.buf.is_empty() {
             client.buf = BytesMut::new();
         }
         let mut size = ReadSize::default();
         loop {
+            if let Some(order) = session.registration.live().order() {
+                return Woke::Ordered(order);
+            }
             if session.gate.refresh_policy() {
                 let d = session.gate.may_connect();
                 if !d.allowed {
@@ -284,7 +294,7 @@ fn first_message<'a>(
                     Ok(_) => Woke::Spoke,
                     Err(e) => Woke::Left(format!("client read: {e}")),
                 },
-                Ok(()) = policy_changed.changed() => continue,
+                Ok(()) = woken.changed() => continue,
             }
         }
     }
@@ -307,6 +317,10 @@ async fn open_deferred(
         Woke::Revoked(d) => {
             let database = session.gate.database().to_owned();
             let e = revoke(shared, &session.ids(), &database, d).await;
+            return Err(end_with(client, Refusal::Client(e)).await);
+        }
+        Woke::Ordered(order) => {
+            let e = ordered_out(shared, &session.ids(), order).await;
             return Err(end_with(client, Refusal::Client(e)).await);
         }
     }
@@ -336,6 +350,7 @@ async fn open_deferred(
         Err(refusal) => return Err(end_with(client, refusal).await),
     };
     login::reach(shared, &deferred.key, &session.cancel_key, &established);
+    session.registration.live().set_state(State::Idle);
     session.standard_conforming_strings = established.parameters.standard_conforming_strings();
     session
         .gate
@@ -367,14 +382,14 @@ async fn end_with(client: &mut Client, refusal: Refusal) -> String {
 /// A session past login.
 struct Session {
     cancel_key: crate::cancel::Registration,
-    /// The id of the session's allow record, which its end record refers to.
-    audit_id: Option<String>,
     /// Authorizes and records each statement before it is forwarded. (Boxed: the session
     /// sits inline in the task of a client that has not spoken yet.)
     gate: Box<statements::Gate>,
     /// The server's standard_conforming_strings at login (a deferred session's, once its
     /// login has happened).
     standard_conforming_strings: bool,
+    /// Its entry among the live sessions: how an operator sees it and orders it out.
+    registration: Registration,
     started: std::time::Instant,
 }
 
@@ -485,35 +500,74 @@ async fn establish(
             audited_refusal(shared, &client.peer, identity, Some(&checked.database), e).await,
         );
     }
+    // An operator's revocation stands above the policy.
+    let names =
+        std::iter::once(mapping.principal.as_str()).chain(principals.iter().map(String::as_str));
+    if let Some(r) = shared.revocations.find(names) {
+        warn!(peer = %client.peer, %identity, principal = %r.principal, "session refused: principal revoked");
+        let mut e = PgError::fatal(
+            "42501",
+            format!(
+                "pgiam: permission denied: the access of {} is revoked",
+                r.principal
+            ),
+        );
+        if let Some(reason) = &r.reason {
+            e = e.with_detail(format!("reason: {reason}"));
+        }
+        return Err(
+            audited_refusal(shared, &client.peer, identity, Some(&checked.database), e).await,
+        );
+    }
+    let id = match &shared.audit {
+        Some(audit) => audit.next_id(),
+        None => shared.registry.local_id(),
+    };
+    let live = Live::new(
+        Facts {
+            id,
+            audited: shared.audit.is_some(),
+            principal: mapping.principal.clone(),
+            role: mapping.role.clone(),
+            database: checked.database.clone(),
+            identity: identity.clone(),
+            upstream: shared.upstream.describe(origin.destination),
+            peer: client.peer.clone(),
+            tls: client.tls,
+        },
+        State::NotConnected,
+    );
+    // Registered before its allow record: once the drain has begun, no session starts.
+    let registration = shared.registry.register(live.clone()).map_err(|e| {
+        PgError::fatal(
+            "57P03",
+            format!("pgiam: the database system is shutting down ({e})"),
+        )
+    })?;
     // With durability `always` the decision is on disk before anything reaches the database;
     // without a working audit log nothing does.
-    let audit_id = match &shared.audit {
-        None => None,
-        Some(audit) => {
-            let id = audit.next_id();
-            let record = crate::audit_fields! {
-                "id" => id,
-                "kind" => "session",
-                "decision" => "allow",
-                "identity" => identity,
-                "principal" => mapping.principal,
-                "database" => checked.database,
-                "role" => mapping.role,
-                "policies" => connect.policies,
-                "upstream" => shared.upstream.describe(origin.destination),
-                "peer" => client.peer,
-                "tls" => client.tls,
-            };
-            audit.record(record).await.map_err(|e| {
-                PgError::fatal(
-                    "58030",
-                    "pgiam: the audit log is unavailable, so no session can start",
-                )
-                .with_detail(e.to_string())
-            })?;
-            Some(id)
-        }
-    };
+    if let Some(audit) = &shared.audit {
+        let record = crate::audit_fields! {
+            "id" => live.facts.id,
+            "kind" => "session",
+            "decision" => "allow",
+            "identity" => identity,
+            "principal" => mapping.principal,
+            "database" => checked.database,
+            "role" => mapping.role,
+            "policies" => connect.policies,
+            "upstream" => shared.upstream.describe(origin.destination),
+            "peer" => client.peer,
+            "tls" => client.tls,
+        };
+        audit.record(record).await.map_err(|e| {
+            PgError::fatal(
+                "58030",
+                "pgiam: the audit log is unavailable, so no session can start",
+            )
+            .with_detail(e.to_string())
+        })?;
+    }
     let gateway = config.upstream.mode == crate::config::UpstreamMode::Gateway;
     let login_role = match (&config.upstream.gateway_role, gateway) {
         (Some(g), true) => g,
@@ -560,6 +614,7 @@ async fn establish(
                 .parameters
                 .get("client_encoding")
                 .map(str::to_owned);
+            live.set_state(State::Idle);
             (
                 login::Link::Open(established.stream),
                 scs,
@@ -588,16 +643,10 @@ async fn establish(
             principal,
             checked.resolver(&config.policy, &mapping.role),
             gateway,
-            statements::SessionInfo {
-                session_id: audit_id.clone(),
-                principal_name: mapping.principal.clone(),
-                role: mapping.role.clone(),
-                database: checked.database.clone(),
-                identity: identity.clone(),
-            },
+            live,
         )),
         standard_conforming_strings: scs_at_login,
-        audit_id,
+        registration,
         started: std::time::Instant::now(),
     };
     session
@@ -741,6 +790,7 @@ async fn relay(
     let (mut server_rd, mut server_wr) = server_io.halves();
     let session_ids = session.ids();
     let pending = session.cancel_key.pending();
+    let live = session.registration.live();
     {
         let gate = &mut session.gate;
         // What the server says about standard_conforming_strings, for classifying what follows.
@@ -762,7 +812,7 @@ async fn relay(
         // that change nothing): no answer reaches the client before they are.
         let in_flight = std::sync::Mutex::new(Vec::<crate::audit::Written>::new());
         let audit = shared.audit.as_ref();
-        let mut policy_changed = shared.policies.subscribe();
+        let mut woken = shared.registry.subscribe();
 
         let mut to_server = std::pin::pin!(async {
             let mut client_size = ReadSize::default();
@@ -770,6 +820,9 @@ async fn relay(
             let mut expects = Vec::new();
             let result: Result<&'static str, PgError> = async {
             loop {
+                if let Some(order) = live.order() {
+                    return Err(Box::pin(ordered_out(shared, &session_ids, order)).await);
+                }
                 // A new policy is checked before anything more is forwarded under it.
                 if gate.refresh_policy() {
                     let d = gate.may_connect();
@@ -818,9 +871,9 @@ async fn relay(
                             batch.must_sync,
                         ) {
                             Wait::Nothing => {}
-                            Wait::Start(upto) => audit.request(upto),
                             Wait::Answer(upto) => locked(&in_flight).push(audit.durable(upto)),
                             Wait::Forward(upto) => {
+                                live.set_state(State::WaitingForAudit);
                                 audit.durable(upto).wait().await.map_err(unavailable)?
                             }
                         }
@@ -832,6 +885,9 @@ async fn relay(
                             r.push(e);
                         }
                     }
+                    // Before the write: its answer may come back while the write is awaited.
+                    live.set_state(State::Active);
+                    live.bytes_in(framed.len);
                     let chunk = cbuf.split_to(framed.len);
                     // Flushed: a TLS writer may keep the tail of what it accepted (the socket was
                     // full) until it is flushed, and nothing else would push it out. (Boxed, as
@@ -866,7 +922,7 @@ async fn relay(
                 pending.set(!cbuf.is_empty());
                 let read = tokio::select! {
                     r = read_when_ready(&mut client_rd, &mut cbuf, &mut client_size) => r,
-                    Ok(()) = policy_changed.changed() => continue,
+                    Ok(()) = woken.changed() => continue,
                 };
                 if let Ok(n) = read {
                     pending.set(n > 0);
@@ -947,6 +1003,11 @@ async fn relay(
                         }
                     }
                     r.release();
+                    live.set_state(match (r.idle(), r.in_block()) {
+                        (false, _) => State::Active,
+                        (true, true) => State::InTransaction,
+                        (true, false) => State::Idle,
+                    });
                     std::mem::take(&mut r.events)
                 };
                 // Flushed for the same reason as the other direction: a TLS writer that met a
@@ -965,6 +1026,7 @@ async fn relay(
                 if written.is_err() {
                     return "client write failed";
                 }
+                live.bytes_out(pos);
                 let _ = sbuf.split_to(pos);
                 for event in events {
                     match event {
@@ -1049,7 +1111,7 @@ async fn relay(
 impl Session {
     fn ids(&self) -> (Option<String>, i32, i32) {
         (
-            self.audit_id.clone(),
+            self.gate.info().session_id().map(str::to_owned),
             self.cancel_key.process_id,
             self.cancel_key.secret_key,
         )
@@ -1057,7 +1119,7 @@ impl Session {
 
     /// The session's end record and log line.
     fn finish(self, shared: &Shared, peer: &str, ended_by: String) {
-        if let (Some(audit), Some(session_id)) = (&shared.audit, &self.audit_id) {
+        if let (Some(audit), Some(session_id)) = (&shared.audit, self.gate.info().session_id()) {
             audit.record_later(crate::audit_fields! {
                 "id" => audit.next_id(),
                 "kind" => "session_end",
@@ -1066,11 +1128,11 @@ impl Session {
                 "ended_by" => ended_by,
             });
         }
-        let who = self.gate.info();
+        let who = &self.gate.info().facts;
         info!(
             peer = %peer,
             "session ended: {} principal={} database={} role={}",
-            who.identity, who.principal_name, who.database, who.role
+            who.identity, who.principal, who.database, who.role
         );
     }
 }
@@ -1089,15 +1151,7 @@ async fn revoke(
     database: &str,
     decision: crate::policy::Decision,
 ) -> PgError {
-    if let Some(target) = shared.cancels.lookup(*process_id, *secret_key) {
-        if let Err(e) = target
-            .upstream
-            .cancel(target.process_id, target.secret_key, target.address)
-            .await
-        {
-            warn!("revoked session: its running statement could not be cancelled: {e}");
-        }
-    }
+    cancel_running(shared, *process_id, *secret_key).await;
     let mut error = PgError::fatal(
         "57P01",
         format!("pgiam: terminating connection: access to database {database} was revoked"),
@@ -1118,6 +1172,78 @@ async fn revoke(
     }
     info!(database, "session ended: access revoked by the policy");
     error
+}
+
+/// A session an operator (or the drain) ordered out: its running statement is cancelled, the
+/// order recorded with who gave it, and the error for the client returned.
+async fn ordered_out(
+    shared: &Shared,
+    (session_id, process_id, secret_key): &(Option<String>, i32, i32),
+    order: Order,
+) -> PgError {
+    cancel_running(shared, *process_id, *secret_key).await;
+    let (message, detail) = match &order {
+        Order::Kill { by } => (
+            "pgiam: terminating connection due to administrator command".to_owned(),
+            format!("The session was killed by {by}."),
+        ),
+        Order::Revoke {
+            by,
+            principal,
+            reason,
+        } => (
+            format!("pgiam: terminating connection: the access of {principal} was revoked"),
+            match reason {
+                Some(r) => format!("Revoked by {by}: {r}"),
+                None => format!("Revoked by {by}."),
+            },
+        ),
+        Order::Shutdown => (
+            "pgiam: terminating connection due to administrator command".to_owned(),
+            "pgiam is shutting down.".to_owned(),
+        ),
+    };
+    let mut error = PgError::fatal("57P01", message).with_detail(detail);
+    if let Some(audit) = &shared.audit {
+        let id = audit.next_id();
+        let (principal, reason) = match &order {
+            Order::Revoke {
+                principal, reason, ..
+            } => (Some(principal.as_str()), reason.as_deref()),
+            _ => (None, None),
+        };
+        let record = crate::audit_fields! {
+            "id" => id,
+            "kind" => "session_killed",
+            "session" => session_id,
+            "order" => order.kind(),
+            "by" => order.operator(),
+            "principal" => principal,
+            "reason" => reason,
+        };
+        if let Err(e) = audit.record(record).await {
+            warn!("audit record for an ended session was not written: {e}");
+        }
+        error = error.with_audit_id(&id);
+    }
+    info!(
+        order = order.kind(),
+        "session ended by order: {}", error.message
+    );
+    error
+}
+
+/// Cancels whatever the session's backend is running (best effort: the session ends anyway).
+async fn cancel_running(shared: &Shared, process_id: i32, secret_key: i32) {
+    if let Some(target) = shared.cancels.lookup(process_id, secret_key) {
+        if let Err(e) = target
+            .upstream
+            .cancel(target.process_id, target.secret_key, target.address)
+            .await
+        {
+            warn!("ending a session: its running statement could not be cancelled: {e}");
+        }
+    }
 }
 
 /// Writes a framed run of client messages: as one write when all were authorized as they are,

@@ -408,6 +408,14 @@ impl Upstream {
         }
     }
 
+    /// Whether the configured server takes a connection now (TCP or unix, and TLS as
+    /// configured); no login is attempted.
+    pub async fn reachable(&self) -> Result<(), UpstreamError> {
+        let mut stream = self.open(None).await?;
+        let _ = stream.shutdown().await;
+        Ok(())
+    }
+
     /// Forwards a cancel for the backend `process_id` with its real key. PostgreSQL answers
     /// nothing; the connection just closes.
     pub async fn cancel(

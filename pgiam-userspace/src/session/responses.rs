@@ -116,7 +116,17 @@ impl Responses {
     /// transaction block is open: what is forwarded now runs inside it, and its changes are
     /// undone unless the block commits.
     pub fn idle_in_block(&self) -> bool {
-        self.expects.is_empty() && self.remaining == 0 && !self.skipping && self.in_block
+        self.idle() && self.in_block
+    }
+
+    /// Everything forwarded has been answered.
+    pub fn idle(&self) -> bool {
+        self.expects.is_empty() && self.remaining == 0 && !self.skipping
+    }
+
+    /// The server's last word was that a transaction block is open.
+    pub fn in_block(&self) -> bool {
+        self.in_block
     }
 
     pub fn step(&mut self, buf: &[u8]) -> Result<Step, WireError> {

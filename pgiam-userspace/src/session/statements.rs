@@ -166,16 +166,9 @@ struct Prepared {
     generation: u64,
 }
 
-/// Who the session is, for its records.
-pub struct SessionInfo {
-    pub session_id: Option<String>,
-    pub principal_name: String,
-    pub role: String,
-    pub database: String,
-    /// For the session's log lines: its audit record holds it once, statement records name
-    /// the session.
-    pub identity: crate::identity::Identity,
-}
+/// Who the session is, for its records: its entry among the live sessions (one copy of its
+/// identity), whose counters the gate keeps.
+pub type SessionInfo = Arc<crate::admin::registry::Live>;
 
 /// What a decision record says about the statement it decides.
 #[derive(Clone, Copy)]
@@ -338,10 +331,10 @@ impl Gate {
     }
 
     pub fn database(&self) -> &str {
-        &self.info.database
+        &self.info.facts.database
     }
 
-    pub fn info(&self) -> &SessionInfo {
+    pub fn info(&self) -> &crate::admin::registry::Live {
         &self.info
     }
 
@@ -554,6 +547,7 @@ impl Gate {
         decision: &Decision,
         extra: &[(&str, Value)],
     ) -> Option<String> {
+        self.info.decided(decision.allowed);
         let audit = self.audit.as_ref()?;
         let id = audit.next_id();
         let mut r = crate::audit_fields! {
@@ -564,10 +558,10 @@ impl Gate {
             // Who and where are the statement record's, as are the text and classification.
             About::Of(of) => r.add("of", &*of.id),
             About::Text(..) => {
-                r.add("session", &self.info.session_id);
-                r.add("principal", &self.info.principal_name);
-                r.add("role", &self.info.role);
-                r.add("database", &self.info.database);
+                r.add("session", &self.info.session_id());
+                r.add("principal", &self.info.facts.principal);
+                r.add("role", &self.info.facts.role);
+                r.add("database", &self.info.facts.database);
             }
         }
         if let Some(protocol) = protocol {
@@ -1210,6 +1204,23 @@ mod tests {
     const ITEMS: &str = r#"permit(principal, action == PgIam::Action::"select",
         resource == PgIam::Table::"app.public.items");"#;
 
+    fn test_info(session: Option<&str>, identity: &crate::identity::Identity) -> SessionInfo {
+        crate::admin::registry::Live::new(
+            crate::admin::registry::Facts {
+                id: session.unwrap_or("local-0").into(),
+                audited: session.is_some(),
+                principal: "uid:1000".into(),
+                role: "app".into(),
+                database: "app".into(),
+                identity: identity.clone(),
+                upstream: "127.0.0.1:5432".into(),
+                peer: "test".into(),
+                tls: false,
+            },
+            crate::admin::registry::State::Idle,
+        )
+    }
+
     fn gate(policy: &str) -> (Gate, Arc<PolicyStore>) {
         let store = Arc::new(PolicyStore::fixed(Policy::parse(policy).unwrap()));
         let identity = crate::identity::Identity::for_principal("uid", "1000").unwrap();
@@ -1219,13 +1230,7 @@ mod tests {
             Principal::shared("uid:1000", "app", "app", &identity),
             Resolver::new(&["public".into()], "app"),
             false,
-            SessionInfo {
-                session_id: None,
-                principal_name: "uid:1000".into(),
-                role: "app".into(),
-                database: "app".into(),
-                identity: identity.clone(),
-            },
+            test_info(None, &identity),
         );
         (gate, store)
     }
@@ -1742,10 +1747,7 @@ mod tests {
         fn new(policy: &str) -> Audited {
             let (dir, path, log) = buffered_log();
             let (gate, store) = gate(policy);
-            let info = SessionInfo {
-                session_id: Some("s-0".into()),
-                ..gate.info
-            };
+            let info = test_info(Some("s-0"), &gate.info.facts.identity);
             let gate = Gate::new(
                 Some(log.clone()),
                 store.clone(),

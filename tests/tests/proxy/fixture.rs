@@ -41,6 +41,8 @@ pub struct Setup {
     pub audit_path: Option<String>,
     /// The Cedar policy; by default everything is permitted.
     pub policy: String,
+    /// More of `[admin]` than its socket (`admin.sock` in the test's directory).
+    pub admin: String,
 }
 
 pub const ALLOW_ALL: &str = "@id(\"test-allow-all\")\npermit(principal, action, resource);\n";
@@ -56,6 +58,7 @@ impl Default for Setup {
             principal: format!("uid:{}", nix::unistd::geteuid()),
             audit_path: None,
             policy: ALLOW_ALL.into(),
+            admin: String::new(),
         }
     }
 }
@@ -116,6 +119,9 @@ database = "{DB}"
 role = "{ROLE}"
 [policy]
 file = "{policy}"
+[admin]
+socket = "{admin_socket}"
+{admin}
 [audit]
 path = "{audit}"
 {extra}
@@ -124,6 +130,8 @@ path = "{audit}"
             state = dir.path().join("state").display(),
             unix = unix_dir.join(format!(".s.PGSQL.{unix_port}")).display(),
             limits = setup.limits,
+            admin_socket = dir.path().join("admin.sock").display(),
+            admin = setup.admin,
             client_tls = setup.client_tls,
             pw = pw.display(),
             principal = setup.principal,

@@ -3,6 +3,7 @@
 
 mod fixture;
 
+mod admin;
 mod audit;
 mod bypass;
 mod cancel;
