@@ -7,6 +7,7 @@
 //! the operator in the audit log.
 
 pub mod client;
+pub mod metrics;
 pub mod protocol;
 pub mod registry;
 pub mod revocations;

@@ -394,6 +394,15 @@ impl AuditLog {
     /// the flush interval. The position is the last record's; an error means the records are
     /// not in the log, and the caller fails closed.
     pub fn append(&self, records: Vec<Record>) -> Result<Position, AuditError> {
+        let started = Instant::now();
+        let appended = self.append_now(records);
+        crate::metrics::get()
+            .audit_write
+            .observe(started.elapsed().as_secs_f64());
+        appended
+    }
+
+    fn append_now(&self, records: Vec<Record>) -> Result<Position, AuditError> {
         let mut state = self.inner.lock();
         if let Some(e) = &state.broken {
             return Err(e.clone());
@@ -686,11 +695,15 @@ fn flusher(inner: std::sync::Weak<Inner>, mut ring: Option<ring::Ring>) {
         let batch = std::mem::take(&mut state.unsynced);
         let file = state.file.clone();
         drop(state);
+        let started = Instant::now();
         let flushed = match &mut ring {
             Some(ring) => ring.append(&batch, true, || file.sync_data()),
             None => file.sync_data(),
         };
         last_flush = Instant::now();
+        crate::metrics::get()
+            .audit_flush
+            .observe(last_flush.duration_since(started).as_secs_f64());
         let mut batch = batch;
         batch.clear();
         let mut state = inner.lock();

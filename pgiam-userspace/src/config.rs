@@ -77,6 +77,9 @@ pub struct Admin {
     pub socket_mode: u32,
     /// A group whose members may use the socket beside root; the socket file is given to it.
     pub group: Option<String>,
+    /// Where Prometheus scrapes `/metrics`: a loopback address and port, e.g.
+    /// `127.0.0.1:9187` (the metrics name roles and count refusals: not for the network).
+    pub metrics: Option<SocketAddr>,
 }
 
 pub fn default_admin_socket() -> PathBuf {
@@ -518,6 +521,19 @@ impl Config {
             }
             if i.resolve_interval_secs == 0 {
                 return Err("interception.resolve_interval_secs must be at least 1".into());
+            }
+        }
+        if let Some(a) = &self.admin {
+            if let Some(m) = a.metrics {
+                if !m.ip().is_loopback() {
+                    return Err(format!(
+                        "admin.metrics = \"{m}\": metrics are served on a loopback address only \
+                         (e.g. \"127.0.0.1:9187\"); expose them through your scraper's agent"
+                    ));
+                }
+            }
+            if a.socket_mode & !0o777 != 0 {
+                return Err("admin.socket_mode takes permission bits only (e.g. 0o660)".into());
             }
         }
         if self.limits.max_message_size < 1024 {

@@ -236,25 +236,48 @@ fn bpffs_dir(config: &std::path::Path) -> anyhow::Result<PathBuf> {
     Ok(i.bpffs_dir)
 }
 
+/// Log lines on stderr (journald takes them from there): text for people, or one JSON object
+/// per line for log pipelines (`log_format = "json"`).
+fn init_logging(format: pgiam::config::LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        pgiam::config::LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        pgiam::config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => {
-            let config = pgiam::config::Config::load(&config)?;
+        Command::Run { config: path } => {
+            let config = pgiam::config::Config::load(&path)?;
+            init_logging(config.log_format);
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("starting the runtime")?
-                .block_on(pgiam::server::run(config))
+                .block_on(pgiam::server::run(config, &path))
         }
+        command => {
+            init_logging(pgiam::config::LogFormat::Text);
+            tool(command)
+        }
+    }
+}
+
+/// Every command but `run`.
+fn tool(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run { .. } => unreachable!("run is handled by main"),
         Command::Audit { command } => std::process::exit(audit_command(command)),
         Command::Sessions {
             target,
@@ -419,6 +442,13 @@ fn status_text(s: &serde_json::Value) -> String {
         humantime::format_duration(std::time::Duration::from_secs(
             s["uptime_secs"].as_u64().unwrap_or(0)
         ))
+    );
+    let c = &s["config"];
+    let _ = writeln!(
+        out,
+        "config:       {} (generation {})",
+        c["file"].as_str().unwrap_or("?"),
+        c["generation"]
     );
     let p = &s["policy"];
     let _ = writeln!(

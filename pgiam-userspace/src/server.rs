@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::admin::registry::Registry;
 use crate::cancel::CancelRegistry;
@@ -16,12 +16,14 @@ use crate::config::{self, Config, EndpointSpec};
 use crate::identity::{self, Identity};
 use crate::redirect::{self, Endpoint, Interception};
 use crate::session::{self, ClientOrigin, IdentitySource, Shared};
-use crate::upstream::Upstream;
+use crate::settings::Settings;
 
 type SharedInterception = Option<Arc<Mutex<Interception>>>;
 
 /// Runs the proxy until SIGTERM or SIGINT.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Runs the proxy until SIGTERM or SIGINT; `path` is where `config` came from (SIGHUP reads it
+/// again).
+pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
     // Before anything else: a SIGTERM that arrives once READY=1 is out must be handled.
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -37,7 +39,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     raise_fd_limit();
     let tls =
         crate::tls::client_acceptor(&config.client_tls, &config.state_dir).context("client TLS")?;
-    let upstream = Arc::new(Upstream::new(&config).context("upstream TLS")?);
+    let settings = Arc::new(Settings::new(path, config.clone()).context("upstream TLS")?);
     let audit = match &config.audit {
         Some(a) => {
             let interval = std::time::Duration::from_millis(a.flush_interval_ms);
@@ -56,15 +58,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .context("revocation list")?,
     );
     let shared = Arc::new(Shared {
-        config: Arc::new(config.clone()),
+        settings: settings.clone(),
         audit,
         tls,
-        upstream,
         cancels: Arc::new(CancelRegistry::default()),
         policies: policies.clone(),
         registry: Arc::new(Registry::default()),
         revocations,
     });
+    // Metrics before the listeners: a port that cannot be had fails the start, not later.
+    let metrics = match config.admin.as_ref().and_then(|a| a.metrics) {
+        Some(addr) => {
+            let listener = crate::admin::metrics::bind(addr).await?;
+            info!(%addr, "serving metrics at /metrics");
+            Some(listener)
+        }
+        None => None,
+    };
     let admin_socket = match &config.admin {
         Some(a) => {
             let listener = crate::admin::socket::bind(a)?;
@@ -83,6 +93,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         info!(%addr, "listening on TCP");
         tcp.push(listener);
     }
+    // A reload that changes the endpoints resolves them at once, not at the next tick.
+    let endpoints_changed = Arc::new(tokio::sync::Notify::new());
     let interception: SharedInterception = match &config.interception {
         Some(ic) => {
             let endpoints = resolve_endpoints(ic)
@@ -96,7 +108,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 .context("installing eBPF interception")?;
             info!(cgroup = %ic.cgroup, fast_path = ic.fast_path, "eBPF interception active");
             let shared = Arc::new(Mutex::new(installed));
-            tokio::spawn(refresh_endpoints(ic.clone(), shared.clone()));
+            tokio::spawn(refresh_endpoints(
+                settings.clone(),
+                shared.clone(),
+                endpoints_changed.clone(),
+            ));
             Some(shared)
         }
         None => None,
@@ -117,20 +133,28 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         unix_path = Some(path.clone());
         accepting.push(tokio::spawn(accept_unix(listener, shared.clone())));
     }
+    if let Some(listener) = metrics {
+        tokio::spawn(crate::admin::metrics::serve(
+            listener,
+            shared.registry.clone(),
+            shared.revocations.clone(),
+            shared.audit.clone(),
+            config.interception.as_ref().map(|i| i.bpffs_dir.clone()),
+        ));
+    }
     let admin_path = admin_socket.map(|(listener, path)| {
         let admin = Arc::new(crate::admin::socket::Admin {
-            config: shared.config.clone(),
+            settings: settings.clone(),
             registry: shared.registry.clone(),
             revocations: shared.revocations.clone(),
             audit: shared.audit.clone(),
             policies: policies.clone(),
-            upstream: shared.upstream.clone(),
             started: std::time::Instant::now(),
         });
         tokio::spawn(crate::admin::socket::serve(listener, admin));
         path
     });
-    info!(upstream = %shared.upstream.describe(None), "pgiam ready");
+    info!(upstream = %settings.current().upstream.describe(None), "pgiam ready");
     sd_notify("READY=1");
 
     loop {
@@ -139,15 +163,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = int.recv() => { info!("SIGINT: shutting down"); break }
             _ = hup.recv() => {
                 sd_notify("RELOADING=1");
+                reload_settings(&shared, &endpoints_changed);
                 // Atomic: the new policy replaces the old one whole, or not at all.
                 match policies.reload() {
                     Ok(n) => {
+                        crate::metrics::get().reloaded("policy", true);
                         info!(policies = n, "SIGHUP: policy reloaded");
-                        // Waiting sessions check at once that they may still connect.
-                        shared.registry.wake_all();
                     }
-                    Err(e) => tracing::error!("SIGHUP: policy not reloaded, the previous one stays: {e}"),
+                    Err(e) => {
+                        crate::metrics::get().reloaded("policy", false);
+                        tracing::error!("SIGHUP: policy not reloaded, the previous one stays: {e}")
+                    }
                 }
+                // Waiting sessions check at once that they may still connect.
+                shared.registry.wake_all();
                 sd_notify("READY=1");
             }
         }
@@ -181,7 +210,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// statement cancelled), each writing its end record, and waits for them up to
 /// `shutdown_timeout_secs`. Nothing registers once this begins.
 async fn drain(shared: &Shared) {
-    let timeout = Duration::from_secs(shared.config.limits.shutdown_timeout_secs);
+    let timeout = Duration::from_secs(
+        shared
+            .settings
+            .current()
+            .config
+            .limits
+            .shutdown_timeout_secs,
+    );
     let live = shared.registry.close();
     if live == 0 {
         return;
@@ -195,6 +231,52 @@ async fn drain(shared: &Shared) {
             timeout.as_secs()
         ),
     }
+}
+
+/// Reads pgiam.toml again (SIGHUP): taken whole or refused whole; what cannot change while
+/// running is reported and kept; sessions the new mappings no longer allow are ended as on a
+/// revocation.
+fn reload_settings(shared: &Shared, endpoints_changed: &tokio::sync::Notify) {
+    let metrics = crate::metrics::get();
+    let reloaded = match shared.settings.reload() {
+        Ok(r) => r,
+        Err(e) => {
+            metrics.reloaded("config", false);
+            error!(
+                "SIGHUP: {} not reloaded, the settings in force stay: {e}",
+                shared.settings.path().display()
+            );
+            return;
+        }
+    };
+    metrics.reloaded("config", true);
+    let config = shared.settings.current().config.clone();
+    info!(
+        generation = reloaded.generation,
+        mappings = config.mappings.len(),
+        roles = config.roles.len(),
+        "SIGHUP: {} reloaded",
+        shared.settings.path().display()
+    );
+    if !reloaded.kept.is_empty() {
+        warn!(
+            kept = ?reloaded.kept,
+            "SIGHUP: these settings changed in the file but only change with a restart; kept as they were"
+        );
+    }
+    let unmapped = shared.registry.order(
+        |live| {
+            let f = &live.facts;
+            !config
+                .find_mapping(&f.identity.principals(), &f.database)
+                .is_some_and(|m| m.principal == f.principal && m.role == f.role)
+        },
+        &crate::admin::registry::Order::Unmapped,
+    );
+    if !unmapped.is_empty() {
+        info!(sessions = ?unmapped, "SIGHUP: sessions whose mapping no longer holds are ended");
+    }
+    endpoints_changed.notify_one();
 }
 
 /// Every (prefix, port) the configuration names, with host names resolved now.
@@ -219,12 +301,25 @@ async fn resolve_endpoints(ic: &config::Interception) -> anyhow::Result<Vec<Endp
     Ok(out)
 }
 
-/// Host names move: resolve them again periodically. A failed resolution keeps the last set.
-async fn refresh_endpoints(ic: config::Interception, interception: Arc<Mutex<Interception>>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(ic.resolve_interval_secs));
-    tick.tick().await;
+/// Host names move: resolve them again periodically, and at once when a reload changed them.
+/// A failed resolution keeps the last set.
+async fn refresh_endpoints(
+    settings: Arc<Settings>,
+    interception: Arc<Mutex<Interception>>,
+    changed: Arc<tokio::sync::Notify>,
+) {
     loop {
-        tick.tick().await;
+        let Some(ic) = settings.current().config.interception.clone() else {
+            return;
+        };
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(ic.resolve_interval_secs)) => {}
+            () = changed.notified() => {}
+        }
+        // What a reload may just have put in place.
+        let Some(ic) = settings.current().config.interception.clone() else {
+            return;
+        };
         match resolve_endpoints(&ic).await {
             Ok(endpoints) => {
                 let mut i = interception.lock().unwrap_or_else(|e| e.into_inner());

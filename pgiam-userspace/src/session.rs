@@ -14,11 +14,9 @@ use tracing::{debug, info, warn};
 
 use crate::admin::registry::{Facts, Live, Order, Registration, Registry, State};
 use crate::cancel::CancelRegistry;
-use crate::config::Config;
 use crate::identity::{Identity, IdentityError};
 use crate::stream::{BoxStream, Rewind, Split, Stream};
 use crate::tls::ALPN_POSTGRESQL;
-use crate::upstream::Upstream;
 use crate::wire::{self, FrontendMessage, PgError, StartupPacket, WireError};
 use durability::Wait;
 
@@ -30,10 +28,10 @@ mod statements;
 
 /// What every session shares: the configuration in force and the process-wide registries.
 pub struct Shared {
-    pub config: Arc<Config>,
+    /// The configuration in force and the upstream connector built from it (reloadable).
+    pub settings: Arc<crate::settings::Settings>,
     pub audit: Option<crate::audit::AuditLog>,
     pub tls: Option<crate::tls::ClientAcceptor>,
-    pub upstream: Arc<Upstream>,
     pub cancels: Arc<CancelRegistry>,
     pub policies: Arc<crate::policy::PolicyStore>,
     /// The live sessions, for the admin socket and the drain.
@@ -165,7 +163,7 @@ pub fn run(
     let arrival = Box::new(Arrival { identity, dialled });
     async move {
         let establishing = tokio::time::timeout(
-            shared.config.limits.startup_timeout(),
+            shared.settings.current().config.limits.startup_timeout(),
             establish(&shared, &mut client, arrival),
         );
         // Every way this can end early is one wait: a value held across several waits keeps
@@ -180,7 +178,13 @@ pub fn run(
                         "08006",
                         format!(
                             "pgiam: session not established within {}s",
-                            shared.config.limits.startup_timeout().as_secs()
+                            shared
+                                .settings
+                                .current()
+                                .config
+                                .limits
+                                .startup_timeout()
+                                .as_secs()
                         ),
                     ))),
                 };
@@ -329,10 +333,13 @@ async fn open_deferred(
         return Err(CLIENT_TERMINATED.into());
     }
     // Bytes no client message starts with cost the database no login either.
-    if let Err(e) = wire::check_frontend_start(&client.buf, shared.config.limits.max_message_size) {
+    if let Err(e) = wire::check_frontend_start(
+        &client.buf,
+        shared.settings.current().config.limits.max_message_size,
+    ) {
         return Err(end_with(client, Refusal::Client(protocol_violation(e))).await);
     }
-    let timeout = shared.config.limits.startup_timeout();
+    let timeout = shared.settings.current().config.limits.startup_timeout();
     let connected =
         tokio::time::timeout(timeout, login::connect(shared, &deferred.key, &client.peer))
             .await
@@ -345,11 +352,11 @@ async fn open_deferred(
                     ),
                 )))
             });
-    let established = match connected {
+    let (established, upstream) = match connected {
         Ok(e) => e,
         Err(refusal) => return Err(end_with(client, refusal).await),
     };
-    login::reach(shared, &deferred.key, &session.cancel_key, &established);
+    login::reach(upstream, &deferred.key, &session.cancel_key, &established);
     session.registration.live().set_state(State::Idle);
     session.standard_conforming_strings = established.parameters.standard_conforming_strings();
     session
@@ -445,6 +452,7 @@ async fn establish(
     }
     // Who is asking comes first, so that every refusal below is audited with its identity.
     let origin = identity.resolve().await.map_err(|e| {
+        crate::metrics::get().refused("identity");
         warn!(peer = %client.peer, "cannot establish client identity: {e}");
         PgError::fatal(
             "28000",
@@ -455,7 +463,9 @@ async fn establish(
     let identity = &origin.identity;
     let checked = match startup::check(startup) {
         Ok(c) => c,
-        Err(e) => return Err(audited_refusal(shared, &client.peer, identity, None, e).await),
+        Err(e) => {
+            return Err(audited_refusal(shared, &client.peer, identity, None, e, "startup").await)
+        }
     };
     if let Some(negotiation) = &checked.negotiation {
         let mut b = BytesMut::new();
@@ -469,13 +479,21 @@ async fn establish(
     }
 
     let principals = identity.principals();
-    let config = &shared.config;
+    // One snapshot of the settings for the whole login: a reload meanwhile applies to the next.
+    let current = shared.settings.current();
+    let config = &current.config;
     let Some(mapping) = config.find_mapping(&principals, &checked.database) else {
         warn!(peer = %client.peer, %identity, database = %checked.database, "session refused: no mapping");
         let e = startup::no_mapping(identity, &checked.database);
-        return Err(
-            audited_refusal(shared, &client.peer, identity, Some(&checked.database), e).await,
-        );
+        return Err(audited_refusal(
+            shared,
+            &client.peer,
+            identity,
+            Some(&checked.database),
+            e,
+            "no_mapping",
+        )
+        .await);
     };
     let principal = crate::policy::Principal::shared(
         &mapping.principal,
@@ -496,9 +514,15 @@ async fn establish(
                 checked.database
             ),
         );
-        return Err(
-            audited_refusal(shared, &client.peer, identity, Some(&checked.database), e).await,
-        );
+        return Err(audited_refusal(
+            shared,
+            &client.peer,
+            identity,
+            Some(&checked.database),
+            e,
+            "policy",
+        )
+        .await);
     }
     // An operator's revocation stands above the policy.
     let names =
@@ -515,9 +539,15 @@ async fn establish(
         if let Some(reason) = &r.reason {
             e = e.with_detail(format!("reason: {reason}"));
         }
-        return Err(
-            audited_refusal(shared, &client.peer, identity, Some(&checked.database), e).await,
-        );
+        return Err(audited_refusal(
+            shared,
+            &client.peer,
+            identity,
+            Some(&checked.database),
+            e,
+            "revoked",
+        )
+        .await);
     }
     let id = match &shared.audit {
         Some(audit) => audit.next_id(),
@@ -531,7 +561,7 @@ async fn establish(
             role: mapping.role.clone(),
             database: checked.database.clone(),
             identity: identity.clone(),
-            upstream: shared.upstream.describe(origin.destination),
+            upstream: current.upstream.describe(origin.destination),
             peer: client.peer.clone(),
             tls: client.tls,
         },
@@ -539,11 +569,13 @@ async fn establish(
     );
     // Registered before its allow record: once the drain has begun, no session starts.
     let registration = shared.registry.register(live.clone()).map_err(|e| {
+        crate::metrics::get().refused("shutting_down");
         PgError::fatal(
             "57P03",
             format!("pgiam: the database system is shutting down ({e})"),
         )
     })?;
+    crate::metrics::get().session(&mapping.role);
     // With durability `always` the decision is on disk before anything reaches the database;
     // without a working audit log nothing does.
     if let Some(audit) = &shared.audit {
@@ -556,7 +588,7 @@ async fn establish(
             "database" => checked.database,
             "role" => mapping.role,
             "policies" => connect.policies,
-            "upstream" => shared.upstream.describe(origin.destination),
+            "upstream" => current.upstream.describe(origin.destination),
             "peer" => client.peer,
             "tls" => client.tls,
         };
@@ -585,7 +617,7 @@ async fn establish(
         assume: gateway.then(|| mapping.role.clone()),
     };
     let remembered = match config.upstream.connect {
-        crate::config::UpstreamConnect::Deferred => shared.upstream.remembered(&key),
+        crate::config::UpstreamConnect::Deferred => current.upstream.remembered(&key),
         crate::config::UpstreamConnect::AtLogin => None,
     };
     let key = Arc::new(key);
@@ -604,9 +636,9 @@ async fn establish(
             (link, scs, wire::TransactionStatus::Idle, cancel_key)
         }
         None => {
-            let established = login::connect(shared, &key, &client.peer).await?;
+            let (established, upstream) = login::connect(shared, &key, &client.peer).await?;
             let cancel_key = shared.cancels.register(Some(established.process_id));
-            login::reach(shared, &key, &cancel_key, &established);
+            login::reach(upstream, &key, &cancel_key, &established);
             established.parameters.encode_news(None, &mut hello);
             hello.extend_from_slice(&established.notices);
             let scs = established.parameters.standard_conforming_strings();
@@ -632,9 +664,9 @@ async fn establish(
         mapping.principal,
         checked.database,
         mapping.role,
-        shared.upstream.describe(origin.destination),
+        current.upstream.describe(origin.destination),
     );
-    info!(peer = %client.peer, tls = client.tls, "session established: {summary}");
+    info!(peer = %client.peer, session = %live.facts.id, tls = client.tls, "session established: {summary}");
     let mut session = Session {
         cancel_key,
         gate: Box::new(statements::Gate::new(
@@ -662,7 +694,9 @@ async fn audited_refusal(
     identity: &Identity,
     database: Option<&str>,
     error: PgError,
+    reason: &'static str,
 ) -> Refusal {
+    crate::metrics::get().refused(reason);
     let Some(audit) = &shared.audit else {
         return error.into();
     };
@@ -781,7 +815,7 @@ async fn relay(
     session: &mut Session,
     upstream: BoxStream,
 ) -> String {
-    let max = shared.config.limits.max_message_size;
+    let max = shared.settings.current().config.limits.max_message_size;
     let stream = std::mem::replace(&mut client.stream, Box::new(tokio::io::empty()));
     let mut cbuf = std::mem::take(&mut client.buf);
     let peer = &client.peer;
@@ -791,6 +825,7 @@ async fn relay(
     let session_ids = session.ids();
     let pending = session.cancel_key.pending();
     let live = session.registration.live();
+    let metrics = crate::metrics::get();
     {
         let gate = &mut session.gate;
         // What the server says about standard_conforming_strings, for classifying what follows.
@@ -800,6 +835,9 @@ async fn relay(
         // never land in the middle of a server message.
         // (A slot, not a channel: an idle session would hold the channel's block.)
         let fatal = std::sync::Mutex::new(None::<Box<PgError>>);
+        // Set when the session is being ended (an order, a revocation): from then on nothing
+        // more of the server's reaches the client.
+        let ending = AtomicBool::new(false);
         // Requests forwarded, in order, for the direction that reads the answers; and back from
         // it, prepared statements the server did not create after all. Both directions run in this
         // one task, so these locks are never contended; no guard is held across an await. (Not
@@ -821,6 +859,7 @@ async fn relay(
             let result: Result<&'static str, PgError> = async {
             loop {
                 if let Some(order) = live.order() {
+                    ending.store(true, Ordering::Relaxed);
                     return Err(Box::pin(ordered_out(shared, &session_ids, order)).await);
                 }
                 // A new policy is checked before anything more is forwarded under it.
@@ -828,6 +867,7 @@ async fn relay(
                     let d = gate.may_connect();
                     if !d.allowed {
                         let database = gate.database().to_owned();
+                        ending.store(true, Ordering::Relaxed);
                         return Err(Box::pin(revoke(shared, &session_ids, &database, d)).await);
                     }
                 }
@@ -844,7 +884,10 @@ async fn relay(
                     // (Read here, not held: both directions run in this task, so it does not
                     // change while a run is framed.)
                     let scs = standard_conforming_strings.load(Ordering::Relaxed);
-                    checked.push((range, gate.check(message, frame, scs, &mut expects)));
+                    let decided = crate::metrics::timed(&metrics.decision, || {
+                        gate.check(message, frame, scs, &mut expects)
+                    });
+                    checked.push((range, decided));
                 });
                 if framed.len > 0 {
                     // Every decision is in the audit log (the kernel's copy) before what it
@@ -888,6 +931,7 @@ async fn relay(
                     // Before the write: its answer may come back while the write is awaited.
                     live.set_state(State::Active);
                     live.bytes_in(framed.len);
+                    metrics.bytes_from_clients.inc_by(framed.len as u64);
                     let chunk = cbuf.split_to(framed.len);
                     // Flushed: a TLS writer may keep the tail of what it accepted (the socket was
                     // full) until it is flushed, and nothing else would push it out. (Boxed, as
@@ -967,10 +1011,17 @@ async fn relay(
                     Ok(_) => {}
                     Err(_) => break "server read failed",
                 }
+                // Ended by an order or a revocation: the server's answer to the cancel is not
+                // the client's; the FATAL that says why is its last word, as when PostgreSQL
+                // terminates a backend.
+                if ending.load(Ordering::Relaxed) {
+                    sbuf.clear();
+                    continue;
+                }
                 // Whatever this answers was forwarded, its record handed to the writer, before it
                 // was read: nothing of it is written to the client before that record is on disk.
                 if let Err(e) = all_written(&in_flight).await {
-                    warn!(peer = %peer, "{e}: the answer is withheld and the session ends");
+                    warn!(peer = %peer, session = %live.facts.id, "{e}: the answer is withheld and the session ends");
                     withheld = Some(Box::new(
                         PgError::fatal(
                             "58030",
@@ -996,7 +1047,7 @@ async fn relay(
                             }
                             Ok(responses::Step::NeedMore) => break,
                             Err(e) => {
-                                warn!(peer = %peer, "invalid data from the server: {e}");
+                                warn!(peer = %peer, session = %live.facts.id, "invalid data from the server: {e}");
                                 failed = true;
                                 break;
                             }
@@ -1027,6 +1078,7 @@ async fn relay(
                     return "client write failed";
                 }
                 live.bytes_out(pos);
+                metrics.bytes_to_clients.inc_by(pos as u64);
                 let _ = sbuf.split_to(pos);
                 for event in events {
                     match event {
@@ -1057,7 +1109,7 @@ async fn relay(
                             *locked(&reported_encoding) = Some(value)
                         }
                         responses::Event::UnsafeClientEncoding(value) => {
-                            warn!(peer = %peer, "server switched client_encoding to {value}: ending the session");
+                            warn!(peer = %peer, session = %live.facts.id, "server switched client_encoding to {value}: ending the session");
                             failed = true;
                         }
                     }
@@ -1086,17 +1138,17 @@ async fn relay(
                     server_side_done = true;
                     match r {
                         Ok(why) => {
-                            debug!(peer = %peer, "{why}");
+                            debug!(peer = %peer, session = %live.facts.id, "{why}");
                             ended_by = why.to_owned();
                         }
                         Err(e) => {
-                            warn!(peer = %peer, code = e.code, "closing session: {}", e.message);
+                            warn!(peer = %peer, session = %live.facts.id, code = e.code, "closing session: {}", e.message);
                             ended_by = e.message.clone();
                         }
                     }
                 }
                 why = &mut to_client => {
-                    debug!(peer = %peer, "{why}");
+                    debug!(peer = %peer, session = %live.facts.id, "{why}");
                     if ended_by.is_empty() {
                         ended_by = why.to_owned();
                     }
@@ -1131,6 +1183,7 @@ impl Session {
         let who = &self.gate.info().facts;
         info!(
             peer = %peer,
+            session = %who.id,
             "session ended: {} principal={} database={} role={}",
             who.identity, who.principal, who.database, who.role
         );
@@ -1170,6 +1223,7 @@ async fn revoke(
         }
         error = error.with_audit_id(&id);
     }
+    crate::metrics::get().ended_by("policy");
     info!(database, "session ended: access revoked by the policy");
     error
 }
@@ -1202,6 +1256,10 @@ async fn ordered_out(
             "pgiam: terminating connection due to administrator command".to_owned(),
             "pgiam is shutting down.".to_owned(),
         ),
+        Order::Unmapped => (
+            "pgiam: terminating connection: the configuration no longer maps this session's principal to its role".to_owned(),
+            "pgiam.toml was reloaded without the mapping this session was established under.".to_owned(),
+        ),
     };
     let mut error = PgError::fatal("57P01", message).with_detail(detail);
     if let Some(audit) = &shared.audit {
@@ -1226,9 +1284,12 @@ async fn ordered_out(
         }
         error = error.with_audit_id(&id);
     }
+    crate::metrics::get().ended_by(order.kind());
     info!(
+        session = session_id.as_deref().unwrap_or("-"),
         order = order.kind(),
-        "session ended by order: {}", error.message
+        "session ended by order: {}",
+        error.message
     );
     error
 }

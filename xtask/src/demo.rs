@@ -145,6 +145,9 @@ role = "app_reader"
 
 [audit]
 path = "{dir}/audit.jsonl"
+
+[admin]
+socket = "{dir}/admin.sock"
 {interception}"#,
         dir = dir.path().display(),
         pg_port = pg.port,
@@ -270,6 +273,8 @@ fn scenes(
         bail!("the unmapped identity was not refused:\n{out}");
     }
 
+    operate(pgiam, &unix_dsn)?;
+
     section("what pgiam says about who connected (its log)");
     for line in pgiam
         .log()
@@ -301,6 +306,58 @@ fn scenes(
     if !out.contains("hash chain intact") {
         bail!("the audit log does not verify");
     }
+    Ok(())
+}
+
+/// The operator's side: a long statement running, `pgiam sessions` showing it, `pgiam kill`
+/// ending it, `pgiam status`.
+fn operate(pgiam: &Pgiam, dsn: &str) -> anyhow::Result<()> {
+    section("operating it: a psql runs a long statement; pgiam sessions shows it");
+    let mut busy = Command::new(pg_bin_dir().join("psql"))
+        .args(["-X", dsn, "-c", "SELECT pg_sleep(60)"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting psql")?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let id = loop {
+        let out = pgiam.cli(&["sessions", "--json"]);
+        let sessions: Vec<serde_json::Value> =
+            serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if let Some(s) = sessions.iter().find(|s| s["state"] == "active") {
+            break s["id"].as_str().unwrap_or_default().to_owned();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = busy.kill();
+            bail!(
+                "the running psql never showed in pgiam sessions:\n{}",
+                pgiam.log()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    print!(
+        "{}",
+        String::from_utf8_lossy(&pgiam.cli(&["sessions"]).stdout)
+    );
+    section(&format!(
+        "pgiam kill {id}: the statement is cancelled, the client told 57P01"
+    ));
+    let out = pgiam.cli(&["kill", &id]);
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    let ended = busy.wait_with_output().context("waiting for psql")?;
+    print!("{}", String::from_utf8_lossy(&ended.stderr));
+    if ended.status.success() || !String::from_utf8_lossy(&ended.stderr).contains("killed by") {
+        bail!(
+            "pgiam kill did not end the session:\n{}",
+            String::from_utf8_lossy(&ended.stderr)
+        );
+    }
+    section("pgiam status");
+    print!(
+        "{}",
+        String::from_utf8_lossy(&pgiam.cli(&["status"]).stdout)
+    );
     Ok(())
 }
 

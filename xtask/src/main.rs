@@ -5,6 +5,7 @@
 //! - `demo`: a throwaway PostgreSQL, pgiam in front of it, and real psql sessions through it
 //! - `test`: formatting, lints, and every test against real PostgreSQL clusters
 //! - `driver-suite`: asyncpg's own test suite, directly and through pgiam, compared test by test
+//! - `package`: a Debian package of pgiam (`target/debian/pgiam_VERSION_ARCH.deb`)
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -14,6 +15,7 @@ use anyhow::{bail, Context};
 mod bench;
 mod demo;
 mod driver_suite;
+mod package;
 
 /// Debian packages: PostgreSQL and its clients for the tests and demo, PgBouncer for the
 /// benchmark, clang/llvm/libbpf for the eBPF programs and libclang (bindgen), python3 for the
@@ -54,9 +56,10 @@ fn main() -> ExitCode {
         }
         // Used by the benchmark: runs inside a cgroup, holds N sessions idle.
         Some("hold-connections") => bench::hold_connections(&args[1..]),
+        Some("package") => package::run_package(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <install-deps | build-ebpf | demo | test [-- cargo test args] | bench [--short] | driver-suite [--sslmode MODE] [-- pytest args]>"
+                "usage: cargo xtask <install-deps | build-ebpf | demo | test [-- cargo test args] | bench [--short] | driver-suite [--sslmode MODE] [-- pytest args] | package [--binary PATH] [--out DIR]>"
             );
             return ExitCode::from(2);
         }

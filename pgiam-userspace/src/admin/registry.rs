@@ -52,6 +52,8 @@ pub enum Order {
     },
     /// pgiam is stopping.
     Shutdown,
+    /// A reloaded configuration no longer maps the session's principal to its role.
+    Unmapped,
 }
 
 impl Order {
@@ -61,6 +63,7 @@ impl Order {
             Order::Kill { .. } => "kill",
             Order::Revoke { .. } => "revoke",
             Order::Shutdown => "shutdown",
+            Order::Unmapped => "unmapped",
         }
     }
 
@@ -68,7 +71,7 @@ impl Order {
     pub fn operator(&self) -> Option<&Operator> {
         match self {
             Order::Kill { by } | Order::Revoke { by, .. } => Some(by),
-            Order::Shutdown => None,
+            Order::Shutdown | Order::Unmapped => None,
         }
     }
 }

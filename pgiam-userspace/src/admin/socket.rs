@@ -17,18 +17,16 @@ use super::protocol::{self, Answer, Request};
 use super::registry::{unix_ms, Operator, Order, Registry};
 use super::revocations::{Revocation, Revocations};
 use crate::audit::AuditLog;
-use crate::config::Config;
 use crate::policy::PolicyStore;
-use crate::upstream::Upstream;
+use crate::settings::Settings;
 
 /// What the admin socket's orders act on.
 pub struct Admin {
-    pub config: Arc<Config>,
+    pub settings: Arc<Settings>,
     pub registry: Arc<Registry>,
     pub revocations: Arc<Revocations>,
     pub audit: Option<AuditLog>,
     pub policies: Arc<PolicyStore>,
-    pub upstream: Arc<Upstream>,
     pub started: Instant,
 }
 
@@ -78,6 +76,8 @@ pub async fn serve(listener: UnixListener, admin: Arc<Admin>) {
     let allowed = Arc::new(Allowed {
         uid: nix::unistd::geteuid().as_raw(),
         group: admin
+            .settings
+            .current()
             .config
             .admin
             .as_ref()
@@ -293,7 +293,8 @@ async fn audit(admin: &Admin, record: crate::audit::Record) -> bool {
 }
 
 async fn status(admin: &Admin) -> serde_json::Value {
-    let config = &admin.config;
+    let current = admin.settings.current();
+    let config = &current.config;
     let interception = match &config.interception {
         None => json!(null),
         Some(ic) => {
@@ -332,19 +333,19 @@ async fn status(admin: &Admin) -> serde_json::Value {
     };
     let reach_started = Instant::now();
     let upstream =
-        match tokio::time::timeout(Duration::from_secs(3), admin.upstream.reachable()).await {
+        match tokio::time::timeout(Duration::from_secs(3), current.upstream.reachable()).await {
             Ok(Ok(())) => json!({
-                "address": admin.upstream.describe(None),
+                "address": current.upstream.describe(None),
                 "reachable": true,
                 "connect_ms": reach_started.elapsed().as_secs_f64() * 1000.0,
             }),
             Ok(Err(e)) => json!({
-                "address": admin.upstream.describe(None),
+                "address": current.upstream.describe(None),
                 "reachable": false,
                 "error": e.to_string(),
             }),
             Err(_) => json!({
-                "address": admin.upstream.describe(None),
+                "address": current.upstream.describe(None),
                 "reachable": false,
                 "error": "no connection within 3 s",
             }),
@@ -353,6 +354,10 @@ async fn status(admin: &Admin) -> serde_json::Value {
         "version": env!("CARGO_PKG_VERSION"),
         "pid": std::process::id(),
         "uptime_secs": admin.started.elapsed().as_secs(),
+        "config": {
+            "file": admin.settings.path(),
+            "generation": admin.settings.generation(),
+        },
         "policy": {
             "file": config.policy.file,
             "generation": admin.policies.generation(),

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use super::{startup, Refusal, Shared};
 use crate::cancel::{Registration, Target};
 use crate::stream::BoxStream;
-use crate::upstream::{Established, LoginKey, Parameters, UpstreamError};
+use crate::upstream::{Established, LoginKey, Parameters, Upstream, UpstreamError};
 use crate::wire::PgError;
 
 /// How the session reaches its server.
@@ -38,7 +38,7 @@ pub async fn connect(
     shared: &Shared,
     key: &Arc<LoginKey>,
     peer: &str,
-) -> Result<Established, Refusal> {
+) -> Result<(Established, Arc<Upstream>), Refusal> {
     let failed = |e: UpstreamError| {
         warn!(peer = %peer, role = %key.role, "upstream login failed: {e}");
         match e {
@@ -49,12 +49,31 @@ pub async fn connect(
             ),
         }
     };
-    let credentials = &shared.config.roles[&key.role];
-    let mut established = shared
-        .upstream
+    // The settings in force now: a deferred session logs in with what a reload changed.
+    let current = shared.settings.current();
+    let Some(credentials) = current.config.roles.get(&key.role) else {
+        warn!(peer = %peer, role = %key.role, "upstream login: the role has no credentials any more");
+        return Err(Refusal::Client(PgError::fatal(
+            "28000",
+            format!(
+                "pgiam: no credentials for role {} in the configuration in force",
+                key.role
+            ),
+        )));
+    };
+    let upstream = &current.upstream;
+    let metrics = crate::metrics::get();
+    let started = std::time::Instant::now();
+    let login = upstream
         .login(&key.role, credentials, &key.params, key.target)
-        .await
-        .map_err(failed)?;
+        .await;
+    metrics
+        .upstream_connect
+        .observe(started.elapsed().as_secs_f64());
+    if login.is_err() {
+        metrics.upstream_errors.inc();
+    }
+    let mut established = login.map_err(failed)?;
     // A role or database default can choose the encoding too; pgiam reads statements as the
     // server will only in encodings whose characters never contain ASCII bytes.
     if let Some(e) = established.parameters.get("client_encoding") {
@@ -63,21 +82,26 @@ pub async fn connect(
         }
     }
     if let Some(role) = &key.assume {
-        shared
-            .upstream
+        upstream
             .assume_role(&mut established, role)
             .await
             .map_err(failed)?;
     }
-    shared.upstream.remember(key, &established.parameters);
+    upstream.remember(key, &established.parameters);
     info!(peer = %peer, backend_pid = established.process_id, "connected upstream");
-    Ok(established)
+    Ok((established, upstream.clone()))
 }
 
 /// Points the session's cancel key at its backend: a CancelRequest with the key now reaches it.
-pub fn reach(shared: &Shared, key: &LoginKey, cancel_key: &Registration, backend: &Established) {
+/// (`upstream`: the one it logged in through, whatever a reload has put in place since.)
+pub fn reach(
+    upstream: Arc<Upstream>,
+    key: &LoginKey,
+    cancel_key: &Registration,
+    backend: &Established,
+) {
     cancel_key.connect(Target {
-        upstream: shared.upstream.clone(),
+        upstream,
         process_id: backend.process_id,
         secret_key: backend.secret_key,
         address: key.target,

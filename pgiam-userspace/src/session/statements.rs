@@ -133,6 +133,8 @@ struct Plan {
 #[derive(Debug, Clone)]
 struct StatementRecord {
     id: Arc<str>,
+    /// Its first statement's command, for the executions' metrics.
+    command: &'static str,
     /// The policies that allowed it: an execution allowed by the same ones does not repeat them.
     policies: Arc<[String]>,
 }
@@ -548,6 +550,12 @@ impl Gate {
         extra: &[(&str, Value)],
     ) -> Option<String> {
         self.info.decided(decision.allowed);
+        let command = match about {
+            About::Of(of) => of.command,
+            About::Text(_, Ok(list)) => list.first().map_or("empty", |s| s.command),
+            About::Text(_, Err(_)) => "unreadable",
+        };
+        crate::metrics::get().decided(decision.allowed, command);
         let audit = self.audit.as_ref()?;
         let id = audit.next_id();
         let mut r = crate::audit_fields! {
@@ -761,12 +769,14 @@ impl Gate {
                 let mut creates = Vec::new();
                 if let Ok(list) = classified {
                     self.affects(effect(&list), &list);
+                    let command = list.first().map_or("empty", |s| s.command);
                     let plan = || Plan {
                         sql: text.into(),
                         statements: list,
                         param_types: parse_param_types(frame).unwrap_or_default().into(),
                         record: id.as_deref().map(|id| StatementRecord {
                             id: id.into(),
+                            command,
                             policies: decision.policies.clone().into(),
                         }),
                     };

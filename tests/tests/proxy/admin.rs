@@ -327,3 +327,154 @@ async fn sigterm_drains_every_session_with_57p01_and_their_end_records() {
     // Nothing accepts any more.
     assert!(std::net::TcpStream::connect(env.tcp).is_err());
 }
+
+/// One scrape of `/metrics`, by hand (HTTP/1.1, the connection closed after it).
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+/// The value of the sample `name` (with its labels as written), or 0 when absent.
+fn sample(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_what_happened_and_carry_no_sql() {
+    let addr = format!("127.0.0.1:{}", pgiam_tests::free_port());
+    let env = Env::with(Setup {
+        admin: format!("metrics = \"{addr}\""),
+        policy: r#"
+permit(principal, action == PgIam::Action::"connect", resource);
+permit(principal, action == PgIam::Action::"select", resource == PgIam::Table::"app.public.items");
+"#
+        .into(),
+        ..Setup::default()
+    });
+    env.pg
+        .psql_db(
+            DB,
+            &format!(
+                "CREATE TABLE items (id int); INSERT INTO items VALUES (1), (2); \
+                 GRANT ALL ON items TO {ROLE}"
+            ),
+        )
+        .unwrap();
+    let before = scrape(&addr);
+    assert_eq!(sample(&before, "pgiam_sessions_open"), 0.0, "{before}");
+
+    let client = tokio_client(&env.tcp_dsn("")).await;
+    for _ in 0..3 {
+        client.query("SELECT id FROM items", &[]).await.unwrap();
+    }
+    let refused = client
+        .simple_query("INSERT INTO items VALUES (3)")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.as_db_error().unwrap().code().code(), "42501");
+    // A database nobody is mapped to.
+    // (sslmode=disable: with prefer, libpq tries again without TLS after a refusal.)
+    assert!(
+        !psql(&env.tcp_dsn("dbname=postgres sslmode=disable"), "SELECT 1")
+            .status
+            .success()
+    );
+
+    let m = scrape(&addr);
+    assert_eq!(sample(&m, "pgiam_sessions_open"), 1.0, "{m}");
+    assert_eq!(
+        sample(&m, &format!("pgiam_sessions_total{{role=\"{ROLE}\"}}")),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "pgiam_session_refusals_total{reason=\"no_mapping\"}"),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "pgiam_statements_total{decision=\"deny\",command=\"insert\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+    // Prepared once, executed three times: four decisions.
+    assert!(
+        sample(
+            &m,
+            "pgiam_statements_total{decision=\"allow\",command=\"select\"}"
+        ) >= 4.0,
+        "{m}"
+    );
+    assert!(
+        sample(&m, "pgiam_decision_duration_seconds_count") >= 5.0,
+        "{m}"
+    );
+    assert!(
+        sample(&m, "pgiam_upstream_connect_duration_seconds_count") >= 1.0,
+        "{m}"
+    );
+    assert!(
+        sample(&m, "pgiam_audit_write_duration_seconds_count") >= 5.0,
+        "{m}"
+    );
+    assert!(sample(&m, "pgiam_audit_records_total") >= 5.0, "{m}");
+    assert!(
+        sample(
+            &m,
+            "pgiam_relayed_bytes_total{direction=\"client_to_server\"}"
+        ) > 0.0
+    );
+    assert!(
+        sample(
+            &m,
+            "pgiam_relayed_bytes_total{direction=\"server_to_client\"}"
+        ) > 0.0
+    );
+    // No SQL, no table, no principal value in any label.
+    for secret in ["items", "INSERT", "SELECT", "uid:"] {
+        assert!(!m.contains(secret), "{secret} in the metrics:\n{m}");
+    }
+
+    // A kill shows up too.
+    let id = sessions(&env)[0]["id"].as_str().unwrap().to_owned();
+    ok(env.pgiam.cli(&["kill", &id]));
+    sessions_until(&env, |s| s.is_empty());
+    let m = scrape(&addr);
+    assert_eq!(
+        sample(&m, "pgiam_sessions_ended_total{by=\"kill\"}"),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(sample(&m, "pgiam_sessions_open"), 0.0, "{m}");
+}
+
+#[test]
+fn metrics_are_refused_off_loopback() {
+    let env = Env::start();
+    let config = std::fs::read_to_string(&env.pgiam.config_path)
+        .unwrap()
+        .replace("[admin]\n", "[admin]\nmetrics = \"0.0.0.0:9187\"\n");
+    let path = env.dir.path().join("off-loopback.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(&env.pgiam.bin)
+        .args(["check-config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("loopback"), "{}", stderr(&out));
+}

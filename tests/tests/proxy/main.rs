@@ -13,5 +13,6 @@ mod dump;
 mod malformed;
 mod policy;
 mod refusals;
+mod reload;
 mod settings;
 mod tls;
