@@ -18,6 +18,7 @@
 
 pub mod read;
 mod ring;
+pub mod rotate;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -205,6 +206,8 @@ struct State {
     /// busy log does not pay a wake-up per completion.
     flusher_idle: bool,
     broken: Option<AuditError>,
+    /// The current file's size and age, when the log rotates.
+    rotation: Option<rotate::Rotation>,
 }
 
 struct Inner {
@@ -234,6 +237,9 @@ impl State {
         // Written by whoever holds the lock, so lines reach the file in the order sealed.
         match (&*self.file).write_all(&self.held) {
             Ok(()) => {
+                if let Some(r) = &mut self.rotation {
+                    r.bytes += self.held.len() as u64;
+                }
                 if ring {
                     self.unsynced.extend_from_slice(&self.held);
                 }
@@ -256,6 +262,74 @@ impl State {
     fn seal(&mut self, record: Record) {
         self.prev = seal(&record.open(), &self.prev, &mut self.held);
         self.sealed += 1;
+    }
+
+    /// Rotates the file if it is due (size or age). A rotation that fails leaves the log
+    /// writing where it was (and is tried again later): losing rotation must not stop the log.
+    fn rotate_if_due(&mut self, ring: bool) {
+        let now = std::time::SystemTime::now();
+        if self.broken.is_some() || !self.rotation.as_ref().is_some_and(|r| r.due(now)) {
+            return;
+        }
+        if let Err(e) = self.rotate(ring, now) {
+            tracing::error!("audit: rotation failed, the log goes on in the same file: {e}");
+            if let Some(r) = &mut self.rotation {
+                // Not again at every record: after a while, or once the file has grown.
+                r.since = now;
+            }
+        }
+    }
+
+    fn rotate(&mut self, ring: bool, now: std::time::SystemTime) -> std::io::Result<()> {
+        let Some(path) = self.rotation.as_ref().map(|r| r.path.clone()) else {
+            return Ok(());
+        };
+        // Everything sealed for the old file goes to it, and it is durable as a whole before
+        // the next file starts (the ring holds only recent records).
+        self.write_out(ring).map_err(std::io::Error::other)?;
+        self.file.sync_data()?;
+        let rotated = rotate::rotated_name(&path, now);
+        std::fs::rename(&path, &rotated)?;
+        let file = OpenOptions::new()
+            .create_new(true)
+            .read(true)
+            .append(true)
+            .open(&path);
+        let file = match file {
+            Ok(f) => f,
+            Err(e) => {
+                // Back to where it was, so the log goes on in one piece.
+                let _ = std::fs::rename(&rotated, &path);
+                return Err(e);
+            }
+        };
+        self.file = Arc::new(file);
+        if let Some(r) = &mut self.rotation {
+            r.bytes = 0;
+            r.since = now;
+        }
+        self.continue_chain(&rotated);
+        self.write_out(ring).map_err(std::io::Error::other)?;
+        self.file.sync_data()?;
+        rotate::sync_dir(&path)?;
+        let keep = self.rotation.as_ref().and_then(|r| r.policy.keep);
+        tracing::info!(rotated = %rotated.display(), "audit: log rotated");
+        if let Some(keep) = keep {
+            for gone in rotate::prune(&path, keep)? {
+                tracing::info!(file = %gone.display(), keep, "audit: rotated file removed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Seals the record a rotated-into file starts with: the chain goes on from `previous`.
+    fn continue_chain(&mut self, previous: &Path) {
+        let record = crate::audit_fields! {
+            "kind" => rotate::CONTINUED,
+            "previous_file" => previous.file_name().unwrap_or_default().to_string_lossy(),
+            "previous_hash" => self.prev,
+        };
+        self.seal(record);
     }
 }
 
@@ -285,11 +359,37 @@ impl AuditLog {
         Self::open_with_ring(path, durability, interval, ring::DEFAULT_SIZE)
     }
 
+    /// [`AuditLog::open`], rotating the file as `rotation` says.
+    pub fn open_rotating(
+        path: &Path,
+        durability: Durability,
+        interval: Duration,
+        rotation: rotate::Policy,
+    ) -> Result<AuditLog, AuditError> {
+        Self::open_with(path, durability, interval, ring::DEFAULT_SIZE, rotation)
+    }
+
     fn open_with_ring(
         path: &Path,
         durability: Durability,
         interval: Duration,
         ring_size: u64,
+    ) -> Result<AuditLog, AuditError> {
+        Self::open_with(
+            path,
+            durability,
+            interval,
+            ring_size,
+            rotate::Policy::default(),
+        )
+    }
+
+    fn open_with(
+        path: &Path,
+        durability: Durability,
+        interval: Duration,
+        ring_size: u64,
+        rotation: rotate::Policy,
     ) -> Result<AuditLog, AuditError> {
         let open_err = |e: std::io::Error| AuditError::Open {
             path: path.to_owned(),
@@ -331,21 +431,52 @@ impl AuditLog {
             }
             _ => None,
         };
+        // An empty file beside rotated ones (pgiam stopped between a rotation's rename and its
+        // first record, or the file was removed): the chain goes on from the newest of them.
+        let empty = file.metadata().map_err(open_err)?.len() == 0;
+        let predecessor = match (regular && empty, rotate::rotated_files(path)) {
+            (true, Ok(files)) => files.last().cloned(),
+            _ => None,
+        };
+        let prev = match &predecessor {
+            Some(p) => last_hash(p).map_err(|message| AuditError::Open {
+                path: p.clone(),
+                message,
+            })?,
+            None => prev,
+        };
+        let meta = file.metadata().map_err(open_err)?;
+        let rotation = (rotation.rotates() && regular).then(|| rotate::Rotation {
+            path: path.to_owned(),
+            policy: rotation,
+            bytes: meta.len(),
+            since: meta
+                .created()
+                .or_else(|_| meta.modified())
+                .unwrap_or_else(|_| std::time::SystemTime::now()),
+        });
+        let mut state = State {
+            file: Arc::new(file),
+            prev,
+            sealed: 0,
+            written: 0,
+            held: Vec::new(),
+            held_since: None,
+            unsynced: Vec::new(),
+            wanted: 0,
+            flusher_idle: true,
+            broken: None,
+            rotation,
+        };
+        if let Some(p) = &predecessor {
+            state.continue_chain(p);
+            state.write_out(false)?;
+            state.file.sync_data().map_err(open_err)?;
+        }
         let inner = Arc::new(Inner {
             durability,
             interval: interval.max(Duration::from_millis(1)),
-            state: Mutex::new(State {
-                file: Arc::new(file),
-                prev,
-                sealed: 0,
-                written: 0,
-                held: Vec::new(),
-                held_since: None,
-                unsynced: Vec::new(),
-                wanted: 0,
-                flusher_idle: true,
-                broken: None,
-            }),
+            state: Mutex::new(state),
             wake: Condvar::new(),
             synced: watch::Sender::new(Synced::default()),
         });
@@ -422,7 +553,11 @@ impl AuditLog {
                 Ok(())
             }
         } else {
-            state.write_out(true)
+            let written = state.write_out(true);
+            if written.is_ok() {
+                state.rotate_if_due(true);
+            }
+            written
         };
         if written.is_err() {
             // Whoever waits for an earlier record's flush is told too.
@@ -501,6 +636,16 @@ const NOT_A_RECORD: &str = "the last line is not a pgiam audit record; refusing 
 
 /// Brings the log up to date from its ring (records lost with the page cache, a torn last
 /// line) and returns the hash of its last line, or the genesis value for an empty log.
+/// The hash of the last record of a (rotated, synced) file.
+fn last_hash(path: &Path) -> Result<String, String> {
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    recover(&mut f, None)
+}
+
 fn recover(file: &mut File, ring: Option<&Path>) -> Result<String, String> {
     let io = |e: std::io::Error| e.to_string();
     let len = file.seek(SeekFrom::End(0)).map_err(io)?;
@@ -647,6 +792,8 @@ fn flusher(inner: std::sync::Weak<Inner>, mut ring: Option<ring::Ring>) {
     loop {
         let Some(inner) = inner.upgrade() else { return };
         let mut state = inner.lock();
+        // By age, also while no record comes.
+        state.rotate_if_due(inner.durability != Durability::Buffered);
         let now = Instant::now();
         let synced = inner.synced.borrow().upto;
         let buffered = inner.durability == Durability::Buffered;
@@ -758,25 +905,74 @@ fn follows(line: &[u8], prev: &str) -> Result<String, &'static str> {
     Ok(hash.to_owned())
 }
 
-/// Checks every line against its hash and the line before it.
+/// Checks every line against its hash and the line before it. A file rotated into starts from
+/// the previous file's last hash, which its first record names.
 pub fn verify(path: &Path) -> std::io::Result<Verified> {
+    verify_from(path, None).map(|(v, _)| v)
+}
+
+/// Checks a rotated set, oldest first: each file's chain, and that each file after the first
+/// starts exactly where the one before it ends. `Err` carries the index of the file at fault.
+pub fn verify_set(paths: &[PathBuf]) -> std::io::Result<Result<usize, (usize, Verified)>> {
+    let mut records = 0;
+    let mut before: Option<(String, String)> = None;
+    for (i, path) in paths.iter().enumerate() {
+        let (verified, last) = verify_from(path, before.as_ref())?;
+        match verified {
+            Verified::Intact { records: n } => records += n,
+            broken => return Ok(Err((i, broken))),
+        }
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        before = Some((name.into_owned(), last));
+    }
+    Ok(Ok(records))
+}
+
+/// `verify`, with the name and last hash of the file before (`None`: `path` may start a chain
+/// or continue one not given); also returns the last hash.
+fn verify_from(
+    path: &Path,
+    before: Option<&(String, String)>,
+) -> std::io::Result<(Verified, String)> {
     let file = File::open(path)?;
     let mut prev = GENESIS.to_owned();
     let mut records = 0;
     for (i, line) in BufReader::new(file).split(b'\n').enumerate() {
         let line = line?;
+        if i == 0 {
+            let continued = rotate::continues_from(&line);
+            match (&continued, before) {
+                (Some((_, hash)), None) => prev = hash.clone(),
+                (Some((file, hash)), Some((name, last))) if file == name && hash == last => {
+                    prev = hash.clone()
+                }
+                (Some((file, _)), Some((name, _))) => {
+                    let reason = format!(
+                        "continues {file}, not the file before it in the set ({name}), or not \
+                         from its last record"
+                    );
+                    return Ok((Verified::Broken { line: 1, reason }, prev));
+                }
+                (None, Some((name, _))) => {
+                    let reason = format!("starts a new chain instead of continuing {name}");
+                    return Ok((Verified::Broken { line: 1, reason }, prev));
+                }
+                (None, None) => {}
+            }
+        }
         match follows(&line, &prev) {
             Ok(hash) => prev = hash,
             Err(reason) => {
-                return Ok(Verified::Broken {
+                let broken = Verified::Broken {
                     line: i + 1,
                     reason: reason.to_owned(),
-                })
+                };
+                return Ok((broken, prev));
             }
         }
         records += 1;
     }
-    Ok(Verified::Intact { records })
+    Ok((Verified::Intact { records }, prev))
 }
 
 /// Builds a [`Record`] from `name => value` pairs (any `Serialize` value).
@@ -1125,5 +1321,90 @@ mod tests {
             err.to_string().contains("not a pgiam audit record"),
             "{err}"
         );
+    }
+}
+
+#[cfg(test)]
+mod rotation_tests {
+    use super::*;
+
+    fn policy(max_bytes: u64, keep: Option<usize>) -> rotate::Policy {
+        rotate::Policy {
+            max_bytes: Some(max_bytes),
+            max_age: None,
+            keep,
+        }
+    }
+
+    async fn fill(path: &Path, policy: rotate::Policy, n: usize) {
+        let log =
+            AuditLog::open_rotating(path, Durability::Changes, Duration::from_millis(10), policy)
+                .unwrap();
+        for i in 0..n {
+            log.record(crate::audit_fields! {"kind" => "test", "n" => i, "pad" => "x".repeat(200)})
+                .await
+                .unwrap();
+        }
+        log.flush().wait().await.unwrap();
+    }
+
+    fn set(path: &Path) -> Vec<PathBuf> {
+        let mut files = rotate::rotated_files(path).unwrap();
+        files.push(path.to_owned());
+        files
+    }
+
+    #[tokio::test]
+    async fn the_chain_runs_through_every_rotated_file_and_a_gap_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        fill(&path, policy(4096, None), 60).await;
+        let files = set(&path);
+        assert!(files.len() >= 3, "{files:?}");
+        assert_eq!(verify_set(&files).unwrap(), Ok(60 + files.len() - 1));
+        // Each file alone verifies too (from the hash its first record names).
+        for f in &files {
+            assert!(
+                matches!(verify(f).unwrap(), Verified::Intact { .. }),
+                "{f:?}"
+            );
+        }
+        // A file taken out of the middle, or two swapped, is found.
+        let mut gap = files.clone();
+        gap.remove(1);
+        assert!(matches!(verify_set(&gap).unwrap(), Err((1, _))));
+        let mut swapped = files.clone();
+        swapped.swap(1, 2);
+        assert!(verify_set(&swapped).unwrap().is_err());
+        // Reopened, the log goes on in the current file.
+        fill(&path, policy(1 << 30, None), 3).await;
+        assert!(verify_set(&set(&path)).unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn only_the_newest_rotated_files_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        fill(&path, policy(4096, Some(2)), 80).await;
+        let rotated = rotate::rotated_files(&path).unwrap();
+        assert_eq!(rotated.len(), 2, "{rotated:?}");
+        // What is left still verifies as a set continuing one no longer there.
+        assert!(verify_set(&set(&path)).unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn an_empty_current_file_beside_rotated_ones_continues_their_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        fill(&path, policy(4096, None), 30).await;
+        // As if pgiam stopped between a rotation's rename and the new file's first record.
+        let last = rotate::rotated_name(&path, std::time::SystemTime::now());
+        std::fs::rename(&path, &last).unwrap();
+        std::fs::write(&path, b"").unwrap();
+        fill(&path, policy(1 << 30, None), 2).await;
+        let first = std::fs::read(&path).unwrap();
+        let first = first.split(|b| *b == b'\n').next().unwrap();
+        assert!(rotate::continues_from(first).is_some());
+        assert!(verify_set(&set(&path)).unwrap().is_ok());
     }
 }

@@ -144,6 +144,23 @@ pub struct Audit {
     /// period (`changes`), or how long a record stays in memory (`buffered`).
     #[serde(default = "default_flush_interval_ms")]
     pub flush_interval_ms: u64,
+    /// Rotate the file once it holds this many bytes (inside pgiam, the chain carried into the
+    /// new file); absent: no rotation by size.
+    pub rotate_size_bytes: Option<u64>,
+    /// Rotate the file once it is this old; absent: no rotation by age.
+    pub rotate_age_secs: Option<u64>,
+    /// Rotated files kept (the oldest beyond are deleted); absent: all.
+    pub keep_rotated: Option<usize>,
+}
+
+impl Audit {
+    pub fn rotation(&self) -> crate::audit::rotate::Policy {
+        crate::audit::rotate::Policy {
+            max_bytes: self.rotate_size_bytes,
+            max_age: self.rotate_age_secs.map(Duration::from_secs),
+            keep: self.keep_rotated,
+        }
+    }
 }
 
 fn default_flush_interval_ms() -> u64 {
@@ -521,6 +538,20 @@ impl Config {
             }
             if i.resolve_interval_secs == 0 {
                 return Err("interception.resolve_interval_secs must be at least 1".into());
+            }
+        }
+        if let Some(a) = &self.audit {
+            if a.rotate_size_bytes.is_some_and(|b| b < 4096) {
+                return Err("audit.rotate_size_bytes must be at least 4096".into());
+            }
+            if a.rotate_age_secs == Some(0) {
+                return Err("audit.rotate_age_secs must be at least 1".into());
+            }
+            if a.keep_rotated == Some(0) {
+                return Err(
+                    "audit.keep_rotated must be at least 1 (leave it out to keep every file)"
+                        .into(),
+                );
             }
         }
         if let Some(a) = &self.admin {

@@ -211,9 +211,16 @@ enum AuditCommand {
     /// completion's an earlier decision record. Prints the number of records, statements,
     /// executions and completions. Exit status 0: intact; 1: not, and the first line at fault
     /// is named; 2: the file cannot be read.
+    ///
+    /// Several files are a rotated set, oldest first: each must start where the one before it
+    /// ends (`--rotated FILE` finds FILE's rotated predecessors itself).
     Verify {
-        /// The JSON Lines audit file.
-        file: PathBuf,
+        /// The JSON Lines audit file(s), oldest first.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Verify FILE together with its rotated files (FILE.<time>), oldest first.
+        #[arg(long)]
+        rotated: bool,
     },
     /// Print every record with the statement each execution runs put in.
     ///
@@ -526,21 +533,60 @@ fn audit_command(command: AuditCommand) -> i32 {
     const BROKEN: i32 = 1;
     const UNREADABLE: i32 = 2;
     match command {
-        AuditCommand::Verify { file } => {
-            let name = file.display();
-            match pgiam::audit::verify(&file) {
+        AuditCommand::Verify { mut files, rotated } => {
+            if rotated {
+                let mut set = Vec::new();
+                for f in &files {
+                    match pgiam::audit::rotate::rotated_files(f) {
+                        Ok(older) => set.extend(older),
+                        Err(e) => {
+                            eprintln!(
+                                "pgiam: cannot list the rotated files of {}: {e}",
+                                f.display()
+                            );
+                            return UNREADABLE;
+                        }
+                    }
+                    set.push(f.clone());
+                }
+                files = set;
+            }
+            let name = match files.as_slice() {
+                [one] => one.display().to_string(),
+                [.., last] => format!("{} and {} rotated file(s)", last.display(), files.len() - 1),
+                [] => unreachable!("clap requires a file"),
+            };
+            match pgiam::audit::verify_set(&files) {
                 Err(e) => {
                     eprintln!("pgiam: cannot read {name}: {e}");
                     return UNREADABLE;
                 }
-                Ok(pgiam::audit::Verified::Broken { line, reason }) => {
-                    eprintln!("{name}: line {line}: {reason}");
+                Ok(Err((i, pgiam::audit::Verified::Broken { line, reason }))) => {
+                    eprintln!("{}: line {line}: {reason}", files[i].display());
                     return BROKEN;
                 }
-                Ok(pgiam::audit::Verified::Intact { .. }) => {}
+                Ok(_) => {}
             }
-            let checked =
-                std::fs::File::open(&file).and_then(|f| audit_read::check(BufReader::new(f)));
+            // References across the whole set, read as one stream.
+            let mut first = Vec::new();
+            let opened: std::io::Result<Vec<std::fs::File>> =
+                files.iter().map(std::fs::File::open).collect();
+            let checked = opened.and_then(|opened| {
+                let mut chained: Box<dyn std::io::Read> = Box::new(std::io::empty());
+                for f in opened {
+                    chained = Box::new(std::io::Read::chain(chained, f));
+                }
+                let mut input = BufReader::new(chained);
+                std::io::BufRead::read_until(&mut input, b'\n', &mut first)?;
+                let continuing =
+                    pgiam::audit::rotate::continues_from(first.trim_ascii_end()).is_some();
+                let reader = if continuing {
+                    audit_read::Reader::continuing()
+                } else {
+                    audit_read::Reader::new()
+                };
+                audit_read::check_with(reader, std::io::Read::chain(&first[..], input))
+            });
             match checked {
                 Err(e) => {
                     eprintln!("pgiam: cannot read {name}: {e}");
@@ -551,9 +597,14 @@ fn audit_command(command: AuditCommand) -> i32 {
                     BROKEN
                 }
                 Ok(Ok(c)) => {
+                    let earlier = if c.earlier > 0 {
+                        format!(" ({} point before the first file: rotated away)", c.earlier)
+                    } else {
+                        String::new()
+                    };
                     println!(
                         "{name}: {} records, hash chain intact; {} statements, {} executions, \
-                         {} completions, every reference resolved",
+                         {} completions, every reference resolved{earlier}",
                         c.records, c.statements, c.executions, c.completions
                     );
                     INTACT

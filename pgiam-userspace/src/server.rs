@@ -43,8 +43,13 @@ pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
     let audit = match &config.audit {
         Some(a) => {
             let interval = std::time::Duration::from_millis(a.flush_interval_ms);
-            let log = crate::audit::AuditLog::open(&a.path, a.durability, interval)
-                .context("audit log")?;
+            let log = crate::audit::AuditLog::open_rotating(
+                &a.path,
+                a.durability,
+                interval,
+                a.rotation(),
+            )
+            .context("audit log")?;
             info!(path = %a.path.display(), durability = ?a.durability, flush_interval_ms = a.flush_interval_ms, "audit log open");
             Some(log)
         }

@@ -552,6 +552,14 @@ impl Pgiam {
             .expect("run pgiam")
     }
 
+    /// Runs `pgiam ARGS…` (this instance's binary, no config) to completion.
+    pub fn cli_bare(&self, args: &[&str]) -> std::process::Output {
+        Command::new(&self.bin)
+            .args(args)
+            .output()
+            .expect("run pgiam")
+    }
+
     /// SIGTERM, up to 5 s to exit, then SIGKILL.
     pub fn stop(&mut self) {
         use nix::sys::signal::{kill, Signal};

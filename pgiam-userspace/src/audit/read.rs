@@ -44,6 +44,9 @@ pub struct Counts {
     /// Execute records: one per Execute message pgiam decided.
     pub executions: u64,
     pub completions: u64,
+    /// References to records before the first one read: a set whose older files were rotated
+    /// away (see [`Reader::continuing`]).
+    pub earlier: u64,
 }
 
 /// Why a record cannot be read, or what it points to is not where it must be.
@@ -71,11 +74,24 @@ pub struct Reader {
     by_session: HashMap<String, Vec<String>>,
     /// Decision records not completed yet.
     open: HashSet<String>,
+    /// The input continues a log whose beginning is not read: a reference to nothing read yet
+    /// may point before it.
+    continuing: bool,
 }
 
 impl Reader {
     pub fn new() -> Reader {
         Reader::default()
+    }
+
+    /// A reader for a rotated set whose first file continues one not given (kept files only):
+    /// references to records before it are counted, not broken. (The hash chain, checked
+    /// apart, is what proves nothing was removed in between.)
+    pub fn continuing() -> Reader {
+        Reader {
+            continuing: true,
+            ..Reader::default()
+        }
     }
 
     pub fn counts(&self) -> Counts {
@@ -142,7 +158,9 @@ impl Reader {
                     (_, None) => {}
                     (_, Some(of)) => {
                         let of = of.as_str().unwrap_or_default();
-                        if !self.statements.contains_key(of) {
+                        if !self.statements.contains_key(of) && self.continuing {
+                            self.counts.earlier += 1;
+                        } else if !self.statements.contains_key(of) {
                             return Err(format!(
                                 "the {kind} record {id} points to {of}, which is no statement \
                                  record earlier in the file (of a session still open)"
@@ -153,7 +171,10 @@ impl Reader {
             }
             "completion" => {
                 let of = field("of").ok_or("a completion without `of`")?;
-                if !self.open.remove(of) {
+                if self.open.remove(of) {
+                } else if self.continuing {
+                    self.counts.earlier += 1;
+                } else {
                     return Err(format!(
                         "a completion of {of}, which is no decision record earlier in the file \
                          (or one completed already)"
@@ -243,7 +264,14 @@ impl Reader {
 /// Reads every line of `input`; stops at the first that is not a record or whose references
 /// are broken.
 pub fn check(input: impl BufRead) -> std::io::Result<Result<Counts, Broken>> {
-    let mut reader = Reader::new();
+    check_with(Reader::new(), input)
+}
+
+/// [`check`] with `reader` (e.g. [`Reader::continuing`]).
+pub fn check_with(
+    mut reader: Reader,
+    input: impl BufRead,
+) -> std::io::Result<Result<Counts, Broken>> {
     for line in input.split(b'\n') {
         match reader.read(&line?) {
             Ok((_, None)) => {}
@@ -317,8 +345,20 @@ mod tests {
                 records: 7,
                 statements: 1,
                 executions: 2,
-                completions: 3
+                completions: 3,
+                earlier: 0,
             }
+        );
+        // Read from the middle of a rotated set, the references before it are counted.
+        let mut reader = Reader::continuing();
+        for line in [&e3, &c3, &c2] {
+            let (_, problem) = reader.read(line.as_bytes()).unwrap();
+            assert_eq!(problem, None);
+        }
+        assert_eq!(
+            reader.counts().earlier,
+            2,
+            "r-1 (of r-3) and r-2; r-3 is read"
         );
     }
 
