@@ -918,3 +918,97 @@ fn tls_answers_to_slow_readers_all_arrive_through_the_fast_path() {
         }
     }
 }
+
+#[test]
+fn a_reload_changes_the_intercepted_ports_live_and_metrics_show_the_kernel_counters() {
+    let mut env = Env::start(true);
+    // Metrics and the admin socket for this one.
+    env.stop_pgiam();
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let socket = env.config_path.with_file_name("admin.sock");
+    let config = format!(
+        "{}\n[admin]\nsocket = \"{}\"\nmetrics = \"{metrics}\"\n",
+        env.config(),
+        socket.display()
+    );
+    std::fs::write(&env.config_path, config).unwrap();
+    env.start_pgiam();
+    let dsn = env.db_dsn("127.0.0.1", "");
+    assert_eq!(psql_ok_in(&env.app, &dsn, "select current_user"), RW);
+    let scraped = pgiam_tests::scrape(&metrics);
+    let connects = pgiam_tests::metric(&scraped, "pgiam_ebpf_events_total{event=\"connect\"}");
+    assert!(connects >= 1.0, "{scraped}");
+    assert_eq!(
+        connects as u64,
+        env.stats()["connect"],
+        "the kernel's own counter"
+    );
+
+    // A session that stays open across the reloads.
+    let mut open = env
+        .app
+        .command(pg_bin_dir().join("psql"))
+        .args([
+            "-X",
+            "-A",
+            "-t",
+            &dsn,
+            "-c",
+            "select pg_sleep(3), current_user",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+
+    let pgiam = env.pgiam.as_ref().unwrap();
+    let pg_port = env.pg.port;
+    let elsewhere = free_port();
+    let reload_ports = |from: u16, to: u16| {
+        let text = std::fs::read_to_string(&pgiam.config_path).unwrap();
+        let text = text.replace(&format!("ports = [{from}]"), &format!("ports = [{to}]"));
+        std::fs::write(&pgiam.config_path, text).unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pgiam.pid()),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap();
+        // Applied once the new endpoint set is logged.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !pgiam
+            .log()
+            .lines()
+            .any(|l| l.contains("intercepted endpoints") && l.contains(&format!("port: {to}")))
+        {
+            assert!(std::time::Instant::now() < deadline, "{}", pgiam.log());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    reload_ports(pg_port, elsewhere);
+    // The database's port is no longer intercepted: psql reaches PostgreSQL, which wants a
+    // password pgiam would have supplied.
+    let out = psql_in(&env.app, &dsn, "select 1", None);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("password"), "{}", text(&out));
+
+    reload_ports(elsewhere, pg_port);
+    assert_eq!(psql_ok_in(&env.app, &dsn, "select current_user"), RW);
+    // The session open throughout was never dropped.
+    let done = open.wait_with_output().unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert!(String::from_utf8_lossy(&done.stdout).contains(RW));
+    let scraped = pgiam_tests::scrape(&metrics);
+    assert_eq!(
+        pgiam_tests::metric(
+            &scraped,
+            "pgiam_reloads_total{what=\"config\",outcome=\"ok\"}"
+        ),
+        2.0,
+        "{scraped}"
+    );
+}

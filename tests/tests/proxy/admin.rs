@@ -9,6 +9,7 @@ use nix::unistd::Pid;
 use serde_json::Value;
 
 use crate::fixture::*;
+use pgiam_tests::{metric, scrape};
 
 fn ok(out: Output) -> String {
     assert!(
@@ -328,29 +329,6 @@ async fn sigterm_drains_every_session_with_57p01_and_their_end_records() {
     assert!(std::net::TcpStream::connect(env.tcp).is_err());
 }
 
-/// One scrape of `/metrics`, by hand (HTTP/1.1, the connection closed after it).
-fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    s.read_to_string(&mut response).unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response
-}
-
-/// The value of the sample `name` (with its labels as written), or 0 when absent.
-fn sample(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_count_what_happened_and_carry_no_sql() {
     let addr = format!("127.0.0.1:{}", pgiam_tests::free_port());
@@ -373,7 +351,7 @@ permit(principal, action == PgIam::Action::"select", resource == PgIam::Table::"
         )
         .unwrap();
     let before = scrape(&addr);
-    assert_eq!(sample(&before, "pgiam_sessions_open"), 0.0, "{before}");
+    assert_eq!(metric(&before, "pgiam_sessions_open"), 0.0, "{before}");
 
     let client = tokio_client(&env.tcp_dsn("")).await;
     for _ in 0..3 {
@@ -393,19 +371,19 @@ permit(principal, action == PgIam::Action::"select", resource == PgIam::Table::"
     );
 
     let m = scrape(&addr);
-    assert_eq!(sample(&m, "pgiam_sessions_open"), 1.0, "{m}");
+    assert_eq!(metric(&m, "pgiam_sessions_open"), 1.0, "{m}");
     assert_eq!(
-        sample(&m, &format!("pgiam_sessions_total{{role=\"{ROLE}\"}}")),
+        metric(&m, &format!("pgiam_sessions_total{{role=\"{ROLE}\"}}")),
         1.0,
         "{m}"
     );
     assert_eq!(
-        sample(&m, "pgiam_session_refusals_total{reason=\"no_mapping\"}"),
+        metric(&m, "pgiam_session_refusals_total{reason=\"no_mapping\"}"),
         1.0,
         "{m}"
     );
     assert_eq!(
-        sample(
+        metric(
             &m,
             "pgiam_statements_total{decision=\"deny\",command=\"insert\"}"
         ),
@@ -414,33 +392,33 @@ permit(principal, action == PgIam::Action::"select", resource == PgIam::Table::"
     );
     // Prepared once, executed three times: four decisions.
     assert!(
-        sample(
+        metric(
             &m,
             "pgiam_statements_total{decision=\"allow\",command=\"select\"}"
         ) >= 4.0,
         "{m}"
     );
     assert!(
-        sample(&m, "pgiam_decision_duration_seconds_count") >= 5.0,
+        metric(&m, "pgiam_decision_duration_seconds_count") >= 5.0,
         "{m}"
     );
     assert!(
-        sample(&m, "pgiam_upstream_connect_duration_seconds_count") >= 1.0,
+        metric(&m, "pgiam_upstream_connect_duration_seconds_count") >= 1.0,
         "{m}"
     );
     assert!(
-        sample(&m, "pgiam_audit_write_duration_seconds_count") >= 5.0,
+        metric(&m, "pgiam_audit_write_duration_seconds_count") >= 5.0,
         "{m}"
     );
-    assert!(sample(&m, "pgiam_audit_records_total") >= 5.0, "{m}");
+    assert!(metric(&m, "pgiam_audit_records_total") >= 5.0, "{m}");
     assert!(
-        sample(
+        metric(
             &m,
             "pgiam_relayed_bytes_total{direction=\"client_to_server\"}"
         ) > 0.0
     );
     assert!(
-        sample(
+        metric(
             &m,
             "pgiam_relayed_bytes_total{direction=\"server_to_client\"}"
         ) > 0.0
@@ -456,11 +434,11 @@ permit(principal, action == PgIam::Action::"select", resource == PgIam::Table::"
     sessions_until(&env, |s| s.is_empty());
     let m = scrape(&addr);
     assert_eq!(
-        sample(&m, "pgiam_sessions_ended_total{by=\"kill\"}"),
+        metric(&m, "pgiam_sessions_ended_total{by=\"kill\"}"),
         1.0,
         "{m}"
     );
-    assert_eq!(sample(&m, "pgiam_sessions_open"), 0.0, "{m}");
+    assert_eq!(metric(&m, "pgiam_sessions_open"), 0.0, "{m}");
 }
 
 #[test]
