@@ -945,7 +945,7 @@ fn a_reload_changes_the_intercepted_ports_live_and_metrics_show_the_kernel_count
     );
 
     // A session that stays open across the reloads.
-    let mut open = env
+    let open = env
         .app
         .command(pg_bin_dir().join("psql"))
         .args([
