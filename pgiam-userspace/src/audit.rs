@@ -271,25 +271,35 @@ impl State {
         if self.broken.is_some() || !self.rotation.as_ref().is_some_and(|r| r.due(now)) {
             return;
         }
-        if let Err(e) = self.rotate(ring, now) {
-            tracing::error!("audit: rotation failed, the log goes on in the same file: {e}");
-            if let Some(r) = &mut self.rotation {
-                // Not again at every record: after a while, or once the file has grown.
-                r.since = now;
+        match self.rotate(ring, now) {
+            Ok(()) => {}
+            // A flush that failed may have lost what it was to make durable: the log is
+            // broken, as it would be for any write (fail closed).
+            Err(Rotation::Flush(e)) => {
+                self.break_with(e);
+            }
+            Err(Rotation::Move(e)) => {
+                tracing::error!("audit: rotation failed, the log goes on in the same file: {e}");
+                if let Some(r) = &mut self.rotation {
+                    // Not again at every record: after a while, or once the file has grown.
+                    r.since = now;
+                }
             }
         }
     }
 
-    fn rotate(&mut self, ring: bool, now: std::time::SystemTime) -> std::io::Result<()> {
+    fn rotate(&mut self, ring: bool, now: std::time::SystemTime) -> Result<(), Rotation> {
         let Some(path) = self.rotation.as_ref().map(|r| r.path.clone()) else {
             return Ok(());
         };
         // Everything sealed for the old file goes to it, and it is durable as a whole before
         // the next file starts (the ring holds only recent records).
-        self.write_out(ring).map_err(std::io::Error::other)?;
-        self.file.sync_data()?;
+        if let Err(e) = self.write_out(ring) {
+            return Err(Rotation::Flush(std::io::Error::other(e)));
+        }
+        self.file.sync_data().map_err(Rotation::Flush)?;
         let rotated = rotate::rotated_name(&path, now);
-        std::fs::rename(&path, &rotated)?;
+        std::fs::rename(&path, &rotated).map_err(Rotation::Move)?;
         let file = OpenOptions::new()
             .create_new(true)
             .read(true)
@@ -300,7 +310,7 @@ impl State {
             Err(e) => {
                 // Back to where it was, so the log goes on in one piece.
                 let _ = std::fs::rename(&rotated, &path);
-                return Err(e);
+                return Err(Rotation::Move(e));
             }
         };
         self.file = Arc::new(file);
@@ -309,14 +319,20 @@ impl State {
             r.since = now;
         }
         self.continue_chain(&rotated);
-        self.write_out(ring).map_err(std::io::Error::other)?;
-        self.file.sync_data()?;
-        rotate::sync_dir(&path)?;
-        let keep = self.rotation.as_ref().and_then(|r| r.policy.keep);
+        if let Err(e) = self.write_out(ring) {
+            return Err(Rotation::Flush(std::io::Error::other(e)));
+        }
+        self.file.sync_data().map_err(Rotation::Flush)?;
+        rotate::sync_dir(&path).map_err(Rotation::Flush)?;
         tracing::info!(rotated = %rotated.display(), "audit: log rotated");
-        if let Some(keep) = keep {
-            for gone in rotate::prune(&path, keep)? {
-                tracing::info!(file = %gone.display(), keep, "audit: rotated file removed");
+        if let Some(keep) = self.rotation.as_ref().and_then(|r| r.policy.keep) {
+            match rotate::prune(&path, keep) {
+                Ok(gone) => {
+                    for f in gone {
+                        tracing::info!(file = %f.display(), keep, "audit: rotated file removed");
+                    }
+                }
+                Err(e) => tracing::error!("audit: removing old rotated files: {e}"),
             }
         }
         Ok(())
@@ -339,6 +355,14 @@ impl Drop for Inner {
         let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
         let _ = state.write_out(false);
     }
+}
+
+/// Why a rotation did not happen.
+enum Rotation {
+    /// Making the log durable failed: the log is broken.
+    Flush(std::io::Error),
+    /// Moving files failed: the log goes on where it was.
+    Move(std::io::Error),
 }
 
 /// A handle to the audit log; cheap to clone.
@@ -553,11 +577,8 @@ impl AuditLog {
                 Ok(())
             }
         } else {
-            let written = state.write_out(true);
-            if written.is_ok() {
-                state.rotate_if_due(true);
-            }
-            written
+            // (Rotation is the flush thread's: its flushes never hold up an appender.)
+            state.write_out(true)
         };
         if written.is_err() {
             // Whoever waits for an earlier record's flush is told too.
@@ -636,13 +657,10 @@ const NOT_A_RECORD: &str = "the last line is not a pgiam audit record; refusing 
 
 /// Brings the log up to date from its ring (records lost with the page cache, a torn last
 /// line) and returns the hash of its last line, or the genesis value for an empty log.
-/// The hash of the last record of a (rotated, synced) file.
+/// The hash of the last record of a (rotated, synced) file, read only: a rotated file is
+/// never changed (a torn one is an error to look at, not to repair).
 fn last_hash(path: &Path) -> Result<String, String> {
-    let mut f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| e.to_string())?;
+    let mut f = File::open(path).map_err(|e| e.to_string())?;
     recover(&mut f, None)
 }
 
@@ -1337,8 +1355,9 @@ mod rotation_tests {
     }
 
     async fn fill(path: &Path, policy: rotate::Policy, n: usize) {
+        // `always`: each record waits for the flush thread, which is where rotation happens.
         let log =
-            AuditLog::open_rotating(path, Durability::Changes, Duration::from_millis(10), policy)
+            AuditLog::open_rotating(path, Durability::Always, Duration::from_millis(10), policy)
                 .unwrap();
         for i in 0..n {
             log.record(crate::audit_fields! {"kind" => "test", "n" => i, "pad" => "x".repeat(200)})

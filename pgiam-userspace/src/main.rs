@@ -340,6 +340,9 @@ fn tool(command: Command) -> anyhow::Result<()> {
                 },
             )?;
             let ended = result["sessions"].as_array().map_or(0, Vec::len);
+            if result["audited"] == false {
+                eprintln!("pgiam: warning: the revocation is in force but not in the audit log");
+            }
             match duration {
                 Some(d) => println!(
                     "revoked {principal} for {}; {ended} live session(s) ended",
@@ -569,6 +572,7 @@ fn audit_command(command: AuditCommand) -> i32 {
             }
             // References across the whole set, read as one stream.
             let mut first = Vec::new();
+            let mut continues = None;
             let opened: std::io::Result<Vec<std::fs::File>> =
                 files.iter().map(std::fs::File::open).collect();
             let checked = opened.and_then(|opened| {
@@ -578,8 +582,8 @@ fn audit_command(command: AuditCommand) -> i32 {
                 }
                 let mut input = BufReader::new(chained);
                 std::io::BufRead::read_until(&mut input, b'\n', &mut first)?;
-                let continuing =
-                    pgiam::audit::rotate::continues_from(first.trim_ascii_end()).is_some();
+                continues = pgiam::audit::rotate::continues_from(first.trim_ascii_end());
+                let continuing = continues.is_some();
                 let reader = if continuing {
                     audit_read::Reader::continuing()
                 } else {
@@ -597,11 +601,14 @@ fn audit_command(command: AuditCommand) -> i32 {
                     BROKEN
                 }
                 Ok(Ok(c)) => {
-                    let earlier = if c.earlier > 0 {
+                    let mut earlier = if c.earlier > 0 {
                         format!(" ({} point before the first file: rotated away)", c.earlier)
                     } else {
                         String::new()
                     };
+                    if let Some((file, _)) = &continues {
+                        earlier.push_str(&format!("; it continues {file}, which was not checked"));
+                    }
                     println!(
                         "{name}: {} records, hash chain intact; {} statements, {} executions, \
                          {} completions, every reference resolved{earlier}",

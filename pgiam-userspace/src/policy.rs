@@ -53,7 +53,9 @@ namespace PgIam {
 
   type Statement = {
     command: String,
-    // SET, RESET and set_config(): the parameter; FunctionCall: the function's oid.
+    // SET, RESET and set_config(): the parameter changed; SHOW, current_setting() and the
+    // pg_settings views: the parameter read ("*": every setting); FunctionCall: the
+    // function's oid.
     parameter?: String,
     function_oid?: Long,
   };
@@ -62,7 +64,7 @@ namespace PgIam {
   action select, insert, update, delete, truncate, copy_in, copy_out, lock, ddl
     appliesTo { principal: Principal, resource: [Table, Database], context: Statement };
   action execute appliesTo { principal: Principal, resource: Function, context: Statement };
-  action set, set_role, listen, notify, "do", copy_program, server_files, function_call
+  action set, show, set_role, listen, notify, "do", copy_program, server_files, function_call
     appliesTo { principal: Principal, resource: Database, context: Statement };
 }
 "#;
@@ -94,6 +96,7 @@ pub enum Action {
     Ddl,
     Execute,
     Set,
+    Show,
     SetRole,
     Listen,
     Notify,
@@ -118,6 +121,7 @@ impl Action {
             Action::Ddl => "ddl",
             Action::Execute => "execute",
             Action::Set => "set",
+            Action::Show => "show",
             Action::SetRole => "set_role",
             Action::Listen => "listen",
             Action::Notify => "notify",
@@ -404,6 +408,14 @@ impl Policy {
         Decision::all(asks.iter().map(|ask| self.decide(principal, ask)))
     }
 }
+
+/// The catalog's views of every setting: reading one is `show` of `*`.
+const SETTINGS_VIEWS: &[&str] = &["pg_settings", "pg_file_settings"];
+
+/// The catalog's functions that read settings: asked as `show` of what they read (the
+/// classifier records it), not as `execute`, so that SHOW and current_setting() are one
+/// authorization.
+const SETTINGS_FUNCTIONS: &[&str] = &["current_setting", "pg_show_all_settings"];
 
 /// Decisions already made for one principal under one policy, so a statement seen before costs
 /// a lookup instead of Cedar evaluations. Bounded; the caller drops it when the policy changes.
@@ -992,6 +1004,7 @@ impl Resolver {
                 function_oid: None,
             })
         };
+        let mut reads_every_setting = false;
         for rel in &statement.relations {
             let actions: &[Action] = match rel.access {
                 Access::Select => &[Action::Select],
@@ -1006,6 +1019,15 @@ impl Resolver {
                 Access::Create | Access::Ddl => &[Action::Ddl],
             };
             for schema in self.relation_schemas(&rel.name) {
+                // The catalog's settings views are a read of every setting: `show`, as SHOW
+                // ALL is (pg_dump's one-row set_config shape reads only a name, and sets it).
+                if schema == "pg_catalog"
+                    && SETTINGS_VIEWS.contains(&rel.name.name.as_str())
+                    && rel.access == Access::Select
+                {
+                    reads_every_setting |= !statement.setting_from_pg_settings;
+                    continue;
+                }
                 for &action in actions {
                     push(
                         action,
@@ -1019,6 +1041,10 @@ impl Resolver {
         }
         for f in &statement.functions {
             for schema in self.function_schemas(f) {
+                // The catalog's functions that read settings are asked as `show` (below).
+                if schema == "pg_catalog" && SETTINGS_FUNCTIONS.contains(&f.name.as_str()) {
+                    continue;
+                }
                 push(
                     Action::Execute,
                     Resource::Function {
@@ -1057,6 +1083,13 @@ impl Resolver {
             asks.push(Ask {
                 parameter: Some(p.clone()),
                 ..Ask::on_database(Action::Set, command)
+            });
+        }
+        let every = reads_every_setting.then(|| "*".to_owned());
+        for p in statement.shows.iter().cloned().chain(every) {
+            asks.push(Ask {
+                parameter: Some(p),
+                ..Ask::on_database(Action::Show, command)
             });
         }
         if self.chosen_at_startup {
@@ -1278,6 +1311,81 @@ mod tests {
             name: "t".into(),
         };
         assert_eq!(r.relation_schemas(&q), ["x"]);
+    }
+
+    #[test]
+    fn reading_a_setting_is_one_action_however_it_is_read() {
+        // POLICY permits every function and reading public tables, nothing of settings.
+        let decide = |policy: &Policy, sql: &str| {
+            let r = Resolver::new(&["public".into()], "billing");
+            let asks: Vec<Ask> = crate::sql::classify(sql, true)
+                .unwrap()
+                .iter()
+                .flat_map(|s| r.asks(s))
+                .collect();
+            policy.decide_all(&principal(), &asks)
+        };
+        let none = Policy::parse(POLICY).unwrap();
+        for sql in [
+            "SHOW app.secret",
+            "SHOW ALL",
+            "SELECT current_setting('app.secret')",
+            "SELECT pg_catalog.current_setting('app.secret', true)",
+            "SELECT setting FROM pg_settings WHERE name = 'app.secret'",
+            "SELECT * FROM pg_catalog.pg_file_settings",
+            "SELECT * FROM pg_show_all_settings()",
+        ] {
+            let d = decide(&none, sql);
+            assert!(!d.allowed, "{sql}");
+            assert_eq!(d.denied.as_deref(), Some("show on database app"), "{sql}");
+        }
+        let work_mem = Policy::parse(&format!(
+            "{POLICY}\npermit(principal, action == PgIam::Action::\"show\", resource) \
+             when {{ context has parameter && context.parameter == \"work_mem\" }};"
+        ))
+        .unwrap();
+        for sql in [
+            "SHOW work_mem",
+            "SHOW Work_Mem",
+            "SELECT current_setting('work_mem')",
+        ] {
+            assert!(decide(&work_mem, sql).allowed, "{sql}");
+        }
+        for sql in [
+            "SHOW ALL",
+            "SELECT current_setting(name) FROM t",
+            "SHOW app.secret",
+        ] {
+            assert!(!decide(&work_mem, sql).allowed, "{sql}");
+        }
+        // A function of that name elsewhere is a function like any other.
+        let d = decide(&none, "SELECT public.current_setting('x')");
+        assert_eq!(d.denied.as_deref(), Some("show on database app"));
+    }
+
+    #[test]
+    fn a_locking_read_asks_lock_on_what_it_reads() {
+        let policy = Policy::parse(POLICY).unwrap();
+        let r = Resolver::new(&["public".into()], "billing");
+        for sql in [
+            "SELECT * FROM accounts FOR UPDATE",
+            "SELECT * FROM accounts FOR NO KEY UPDATE OF accounts NOWAIT",
+            "SELECT * FROM accounts a FOR SHARE OF a SKIP LOCKED",
+            "SELECT * FROM accounts FOR KEY SHARE",
+            "SELECT * FROM (SELECT * FROM accounts FOR UPDATE) s",
+            "WITH x AS (SELECT * FROM accounts FOR UPDATE) SELECT * FROM x",
+        ] {
+            let s = &crate::sql::classify(sql, true).unwrap()[0];
+            let d = policy.decide_all(&principal(), &r.asks(s));
+            assert!(!d.allowed, "{sql}");
+            assert_eq!(
+                d.denied.as_deref(),
+                Some("lock on table public.accounts"),
+                "{sql}"
+            );
+        }
+        let s = &crate::sql::classify("SELECT * FROM accounts", true).unwrap()[0];
+        assert!(policy.decide_all(&principal(), &r.asks(s)).allowed);
     }
 
     #[test]

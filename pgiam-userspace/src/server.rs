@@ -263,6 +263,9 @@ fn reload_settings(shared: &Shared, endpoints_changed: &tokio::sync::Notify) {
         "SIGHUP: {} reloaded",
         shared.settings.path().display()
     );
+    for change in &reloaded.weakened {
+        warn!(change = %change, "SIGHUP: applied a change that removes protection");
+    }
     if !reloaded.kept.is_empty() {
         warn!(
             kept = ?reloaded.kept,

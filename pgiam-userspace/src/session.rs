@@ -501,6 +501,9 @@ async fn establish(
         &checked.database,
         identity,
     );
+    // The generation the connect decision is made under: a reload before the session's gate
+    // exists (the login takes a while) makes it ask again.
+    let decided_under = shared.policies.generation();
     let connect = shared.policies.current().decide(
         &principal,
         &crate::policy::Ask::on_database(crate::policy::Action::Connect, "connect"),
@@ -575,6 +578,44 @@ async fn establish(
             format!("pgiam: the database system is shutting down ({e})"),
         )
     })?;
+    // Checked again once registered: a revocation or a reload that ordered sessions out just
+    // before this one registered saw no entry to order, so this one looks for itself. (Both
+    // change their state before they order, and registration is under the registry's lock.)
+    let names =
+        std::iter::once(mapping.principal.as_str()).chain(principals.iter().map(String::as_str));
+    let revoked = shared.revocations.find(names).map(|r| r.principal);
+    let now = shared.settings.current();
+    let still_mapped = now
+        .config
+        .find_mapping(&principals, &checked.database)
+        .is_some_and(|m| m.principal == mapping.principal && m.role == mapping.role);
+    if revoked.is_some() || !still_mapped {
+        let e = PgError::fatal(
+            "42501",
+            match &revoked {
+                Some(p) => format!("pgiam: permission denied: the access of {p} is revoked"),
+                None => {
+                    "pgiam: permission denied: the configuration changed while the session started"
+                        .to_owned()
+                }
+            },
+        );
+        let reason = if revoked.is_some() {
+            "revoked"
+        } else {
+            "no_mapping"
+        };
+        drop(registration);
+        return Err(audited_refusal(
+            shared,
+            &client.peer,
+            identity,
+            Some(&checked.database),
+            e,
+            reason,
+        )
+        .await);
+    }
     crate::metrics::get().session(&mapping.role);
     // With durability `always` the decision is on disk before anything reaches the database;
     // without a working audit log nothing does.
@@ -672,6 +713,7 @@ async fn establish(
         gate: Box::new(statements::Gate::new(
             shared.audit.clone(),
             shared.policies.clone(),
+            decided_under,
             principal,
             checked.resolver(&config.policy, &mapping.role),
             gateway,
@@ -1013,7 +1055,7 @@ async fn relay(
                 }
                 // Ended by an order or a revocation: the server's answer to the cancel is not
                 // the client's; the FATAL that says why is its last word, as when PostgreSQL
-                // terminates a backend.
+                // terminates a backend. (Looked at again after the audit wait below.)
                 if ending.load(Ordering::Relaxed) {
                     sbuf.clear();
                     continue;
@@ -1030,6 +1072,10 @@ async fn relay(
                         .with_detail(e.to_string()),
                     ));
                     break 'relay "audit log unavailable";
+                }
+                if ending.load(Ordering::Relaxed) {
+                    sbuf.clear();
+                    continue;
                 }
                 // What to write: runs of the server's bytes, with pgiam's errors in place of the
                 // sentinels'. Decided under the lock, written after it.

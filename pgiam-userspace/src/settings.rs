@@ -34,6 +34,9 @@ pub struct Settings {
 pub struct Reloaded {
     /// Settings that differ in the file but only change with a restart: kept as they were.
     pub kept: Vec<&'static str>,
+    /// Changes that take protection away (upstream TLS, intercepted endpoints and ports),
+    /// applied and worth an operator's look.
+    pub weakened: Vec<String>,
     pub generation: u64,
 }
 
@@ -77,14 +80,40 @@ impl Settings {
         let old = self.current();
         let new = Config::load(&self.path)?;
         let (config, kept) = keep_fixed(&old.config, new);
+        let weakened = weakened(&old.config, &config);
         let upstream = Arc::new(Upstream::new(&config)?);
         self.current.store(Arc::new(Current {
             config: Arc::new(config),
             upstream,
         }));
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
-        Ok(Reloaded { kept, generation })
+        Ok(Reloaded {
+            kept,
+            weakened,
+            generation,
+        })
     }
+}
+
+/// What `new` protects less than `old` did.
+fn weakened(old: &Config, new: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    let (o, n) = (&old.upstream, &new.upstream);
+    if format!("{:?}", o.tls) != format!("{:?}", n.tls) {
+        out.push(format!("upstream.tls {:?} -> {:?}", o.tls, n.tls));
+    }
+    if o.ca_file != n.ca_file || o.server_name != n.server_name {
+        out.push("upstream.ca_file or server_name changed".into());
+    }
+    if let (Some(o), Some(n)) = (&old.interception, &new.interception) {
+        for e in o.endpoints.iter().filter(|e| !n.endpoints.contains(e)) {
+            out.push(format!("interception.endpoints no longer has {e}"));
+        }
+        for p in o.ports.iter().filter(|p| !n.ports.contains(p)) {
+            out.push(format!("interception.ports no longer has {p}"));
+        }
+    }
+    out
 }
 
 /// `new` with what cannot change in a running pgiam taken from `old`; the names of what was

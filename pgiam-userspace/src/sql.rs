@@ -103,6 +103,11 @@ pub struct Statement {
     /// Settings changed by SET, RESET or set_config(), lower-cased.
     #[serde(skip_serializing_if = "BTreeSet::is_empty")]
     pub parameters: BTreeSet<String>,
+    /// Settings read by SHOW or current_setting(), lower-cased; `*` for every setting (SHOW
+    /// ALL, pg_show_all_settings(), a current_setting() whose name is not a constant). Reads
+    /// of the pg_settings views are the policy's to see (it knows where names resolve).
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
+    pub shows: BTreeSet<String>,
     /// Every schema named by a search_path value the statement sets anywhere in it (SET, SET
     /// LOCAL, SET SCHEMA, set_config() with a constant, a function's SET clause, ALTER
     /// ROLE/DATABASE/SYSTEM … SET), as the server will read the names; `$user` and `pg_temp`
@@ -681,6 +686,7 @@ fn classify_statement(stmt: &Value) -> Statement {
         set_context: SetContext::Session,
         bound_parameters: true,
         settings_row: pg_settings_row(node, body),
+        locking: false,
     };
     w.visit_node(node, body, default);
     out.effect = effect_of(&out, body);
@@ -936,6 +942,10 @@ struct Walker<'a> {
     bound_parameters: bool,
     /// The statement is the one-row pg_settings shape: the setting its `name` column holds.
     settings_row: Option<String>,
+    /// Inside a SELECT with a locking clause (FOR UPDATE, FOR SHARE, …): what it reads, it
+    /// also locks. (Every relation of that SELECT, sub-queries included, whatever `OF` names:
+    /// more than the server locks, never less.)
+    locking: bool,
 }
 
 impl Walker<'_> {
@@ -948,6 +958,12 @@ impl Walker<'_> {
         let name = name_of(m);
         if access == Access::Select && self.is_cte(&name) {
             return;
+        }
+        if access == Access::Select && self.locking {
+            self.out.relations.insert(Relation {
+                name: name.clone(),
+                access: Access::Lock,
+            });
         }
         self.out.relations.insert(Relation { name, access });
     }
@@ -1050,7 +1066,22 @@ impl Walker<'_> {
         // Statements with a WITH clause: its CTEs are in scope for the rest of the statement.
         let pushed = self.with_clause(body);
         match node {
-            "SelectStmt" => self.visit_except(body, &["with_clause"], Access::Select),
+            "SelectStmt" => {
+                let outer = self.locking;
+                self.locking |= has_key(body, "locking_clause");
+                // `FOR UPDATE OF a` names what FROM already has (often by its alias): nothing
+                // to read there, and everything read is locked anyway.
+                self.visit_except(body, &["with_clause", "locking_clause"], Access::Select);
+                self.locking = outer;
+            }
+            "VariableShowStmt" => {
+                if let Some(name) = body.get("name").and_then(Value::as_str) {
+                    let name = name.to_ascii_lowercase();
+                    self.out
+                        .shows
+                        .insert(if name == "all" { "*".into() } else { name });
+                }
+            }
             "InsertStmt" | "UpdateStmt" | "DeleteStmt" | "MergeStmt" => {
                 let write = match node {
                     "InsertStmt" => Access::Insert,
@@ -1267,6 +1298,17 @@ impl Walker<'_> {
         }
         if DYNAMIC_SQL_FUNCTIONS.contains(&lower.as_str()) {
             self.out.do_block = true;
+        }
+        if lower == "current_setting" {
+            let first = m
+                .get("args")
+                .and_then(Value::as_array)
+                .and_then(|a| a.first());
+            let name = first.and_then(string_constant).map(str::to_ascii_lowercase);
+            self.out.shows.insert(name.unwrap_or_else(|| "*".into()));
+        }
+        if lower == "pg_show_all_settings" {
+            self.out.shows.insert("*".into());
         }
         if lower == "set_config" {
             // set_config('role', …) changes the role; a name that is not a constant might.

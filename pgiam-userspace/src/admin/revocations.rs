@@ -49,6 +49,9 @@ pub enum RevocationsError {
 pub struct Revocations {
     path: PathBuf,
     entries: Mutex<BTreeMap<String, Revocation>>,
+    /// Held while a change is saved: changes are saved one at a time, and a login reading
+    /// `entries` never waits for a file to be synced.
+    saving: Mutex<()>,
 }
 
 impl Revocations {
@@ -71,6 +74,7 @@ impl Revocations {
         Ok(Revocations {
             path,
             entries: Mutex::new(entries),
+            saving: Mutex::new(()),
         })
     }
 
@@ -101,24 +105,24 @@ impl Revocations {
 
     /// Adds (or replaces) a revocation and saves the list; on failure nothing changes.
     pub fn revoke(&self, revocation: Revocation) -> Result<(), RevocationsError> {
-        let mut entries = self.entries();
-        let mut next = entries.clone();
+        let _saving = self.saving.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next = self.entries().clone();
         next.insert(revocation.principal.clone(), revocation);
         self.save(&next)?;
-        *entries = next;
+        *self.entries() = next;
         Ok(())
     }
 
     /// Lifts a revocation; `Ok(None)`: there was none in force.
     pub fn unrevoke(&self, principal: &str) -> Result<Option<Revocation>, RevocationsError> {
-        let mut entries = self.entries();
-        let mut next = entries.clone();
+        let _saving = self.saving.lock().unwrap_or_else(|e| e.into_inner());
+        let mut next = self.entries().clone();
         let now = unix_ms(SystemTime::now());
         let removed = next.remove(principal).filter(|r| r.in_force(now));
         // Lapsed ones go too, so the file does not grow for ever.
         next.retain(|_, r| r.in_force(now));
         self.save(&next)?;
-        *entries = next;
+        *self.entries() = next;
         Ok(removed)
     }
 

@@ -46,6 +46,12 @@ pub fn bind(config: &crate::config::Admin) -> anyhow::Result<UnixListener> {
             "{} exists and is not a socket; refusing to replace it",
             path.display()
         );
+        // A socket someone answers on is another pgiam's, not a stale file.
+        anyhow::ensure!(
+            std::os::unix::net::UnixStream::connect(path).is_err(),
+            "{} is the admin socket of a running pgiam; refusing to take it over",
+            path.display()
+        );
         std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
     }
     if let Some(dir) = path.parent() {

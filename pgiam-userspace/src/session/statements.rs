@@ -227,9 +227,11 @@ pub struct Records {
 type Classified = Result<Arc<[Statement]>, sql::SqlError>;
 
 impl Gate {
+    /// `decided_under`: the policy generation the session's connect decision was made under.
     pub fn new(
         audit: Option<AuditLog>,
         policies: Arc<PolicyStore>,
+        decided_under: u64,
         principal: Arc<Principal>,
         resolver: Resolver,
         gateway: bool,
@@ -237,7 +239,7 @@ impl Gate {
     ) -> Gate {
         Gate {
             audit,
-            policy_generation: policies.generation(),
+            policy_generation: decided_under,
             policy: policies.current(),
             policies,
             decisions: DecisionCache::default(),
@@ -1237,6 +1239,7 @@ mod tests {
         let gate = Gate::new(
             None,
             store.clone(),
+            store.generation(),
             Principal::shared("uid:1000", "app", "app", &identity),
             Resolver::new(&["public".into()], "app"),
             false,
@@ -1761,6 +1764,7 @@ mod tests {
             let gate = Gate::new(
                 Some(log.clone()),
                 store.clone(),
+                store.generation(),
                 gate.principal,
                 gate.resolver,
                 false,

@@ -17,6 +17,8 @@ use crate::fixture::*;
 
 const SECRET: &str = "TOPSECRET";
 const FILE_SECRET: &str = "FILESECRET";
+/// A built-in setting's value (custom ones are not listed by SHOW ALL and pg_settings).
+const SETTING_SECRET: &str = "SETTINGSECRET";
 
 /// The principal may connect, read and add to `items`, read nothing else, call ordinary
 /// functions and change ordinary settings. Nothing else.
@@ -31,7 +33,75 @@ permit(principal, action in [PgIam::Action::"select", PgIam::Action::"insert",
 permit(principal, action == PgIam::Action::"execute", resource);
 @id("settings")
 permit(principal, action == PgIam::Action::"set", resource);
+@id("show-search-path")
+permit(principal, action == PgIam::Action::"show", resource)
+  when { context has parameter && context.parameter == "search_path" };
 "#;
+
+/// Statement classes the policy models apart from plain reads: reading a setting is `show`
+/// however it is read (a database-level setting holds the secret), and row locks are `lock`,
+/// not `select`, so a reader cannot block writers (the locker's xid stays in the rows' xmax
+/// after it commits). Each runs as a simple Query and through the extended protocol, in both
+/// upstream modes.
+const CLASSES: &[(&str, &str, Oracle)] = &[
+    (
+        "show a setting",
+        "SHOW pgiam_test.secret",
+        Oracle::Leak(SECRET),
+    ),
+    ("show all", "SHOW ALL", Oracle::Leak(SETTING_SECRET)),
+    (
+        "current_setting",
+        "SELECT current_setting('pgiam_test.secret')",
+        Oracle::Leak(SECRET),
+    ),
+    (
+        "qualified current_setting",
+        "SELECT pg_catalog.current_setting('pgiam_test.secret', true)",
+        Oracle::Leak(SECRET),
+    ),
+    (
+        "pg_settings",
+        "SELECT setting FROM pg_settings WHERE name = 'application_name'",
+        Oracle::Leak(SETTING_SECRET),
+    ),
+    (
+        "pg_show_all_settings",
+        "SELECT setting FROM pg_show_all_settings() WHERE name = 'application_name'",
+        Oracle::Leak(SETTING_SECRET),
+    ),
+    ("for update", "SELECT * FROM items FOR UPDATE", LOCKED),
+    (
+        "for no key update",
+        "SELECT * FROM items FOR NO KEY UPDATE",
+        LOCKED,
+    ),
+    ("for share", "SELECT * FROM items FOR SHARE", LOCKED),
+    ("for key share", "SELECT * FROM items FOR KEY SHARE", LOCKED),
+    (
+        "for update of",
+        "SELECT * FROM items i FOR UPDATE OF i NOWAIT",
+        LOCKED,
+    ),
+    (
+        "skip locked",
+        "SELECT * FROM items FOR UPDATE SKIP LOCKED",
+        LOCKED,
+    ),
+    (
+        "locking subquery",
+        "SELECT * FROM (SELECT * FROM items FOR UPDATE) s",
+        LOCKED,
+    ),
+    (
+        "locking cte",
+        "WITH x AS (SELECT * FROM items FOR SHARE) SELECT * FROM x",
+        LOCKED,
+    ),
+];
+
+/// Rows of `items` carry a locker's transaction id.
+const LOCKED: Oracle = Oracle::Exists("SELECT bool_or(xmax::text <> '0') FROM items");
 
 /// What the database is asked afterwards.
 #[derive(Clone, Copy, Debug)]
@@ -289,7 +359,7 @@ const STATEMENTS: &[(&str, &str, Oracle)] = &[
 
 fn cases() -> Vec<Case> {
     let mut out = Vec::new();
-    for &(name, sql, oracle) in STATEMENTS {
+    for &(name, sql, oracle) in STATEMENTS.iter().chain(CLASSES) {
         let single = !sql.contains("; ");
         // The extended protocol's Parse takes one statement.
         for (route, step) in [("simple", Step::Q(sql)), ("extended", Step::X(sql))] {
@@ -1063,6 +1133,13 @@ fn prepare(env: &Env) {
             ),
         )
         .unwrap();
+    // A secret held in a setting, as an application's database-level custom setting would be.
+    env.pg
+        .psql(&format!(
+            "ALTER DATABASE {DB} SET pgiam_test.secret = '{SECRET}'; \
+             ALTER DATABASE {DB} SET application_name = '{SETTING_SECRET}'"
+        ))
+        .unwrap();
     let file = env.pg.data_dir.join("pgiam_secret.txt");
     std::fs::write(&file, FILE_SECRET).unwrap();
 }
@@ -1350,6 +1427,64 @@ fn pg_dump_through_pgiam() {
 
 const GATEWAY_ROLE: &str = "pgiam_gw";
 
+/// pgiam in gateway mode (logged in as a NOINHERIT gateway role, SET ROLE to the mapped one)
+/// with `setup`'s policy; the directory holds the gateway's password.
+fn gateway_env(setup: Setup) -> (Env, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let pw = pgiam_tests::write_file(dir.path(), "gw.password", "gw-secret", 0o600);
+    let env = Env::with(Setup {
+        upstream: Some(format!(
+            "host = \"127.0.0.1\"\nport = PGPORT\nmode = \"gateway\"\ngateway_role = \"{GATEWAY_ROLE}\""
+        )),
+        extra: format!("[roles.{GATEWAY_ROLE}]\npassword_file = \"{}\"\n", pw.display()),
+        ..setup
+    });
+    env.pg
+        .psql(&format!(
+            "CREATE ROLE {GATEWAY_ROLE} LOGIN NOINHERIT PASSWORD 'gw-secret'; \
+             GRANT {ROLE} TO {GATEWAY_ROLE}"
+        ))
+        .unwrap();
+    (env, dir)
+}
+
+/// The statement classes in gateway mode too: no setting read, no row lock through pgiam.
+#[test]
+fn statement_classes_hold_in_gateway_mode() {
+    let (env, _dir) = gateway_env(Setup {
+        policy: POLICY.into(),
+        ..Setup::default()
+    });
+    prepare(&env);
+    let cases: Vec<Case> = cases()
+        .into_iter()
+        .filter(|c| {
+            CLASSES
+                .iter()
+                .any(|(name, ..)| c.name.starts_with(&format!("{name} (")))
+        })
+        .collect();
+    assert_eq!(cases.len(), CLASSES.len() * 2);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut verdicts = Verdicts::default();
+    for case in &cases {
+        for direct in [false, true] {
+            reset(&env);
+            let target = Target {
+                env: &env,
+                direct,
+                gateway: true,
+            };
+            let (text, user) = rt.block_on(attack(&target, case));
+            let fired = fired(&env, case.oracle, &text, user.as_deref());
+            verdicts.judge(direct, fired, || {
+                format!("{}: {text} / user {user:?}", case.name)
+            });
+        }
+    }
+    verdicts.assert_clean();
+}
+
 /// Every way a session can change its role, in gateway mode (pgiam logs in as a NOINHERIT
 /// gateway role and SET ROLEs to the mapped one) and with a policy that permits everything: no
 /// policy can let a client leave the mapped role.
@@ -1358,21 +1493,7 @@ fn gateway_mode_never_leaves_the_mapped_role() {
     // pgiam refuses FunctionCall messages in gateway mode whatever the function; no lasting
     // role change through one could be shown directly here, so it is not a case.
     use Step::*;
-    let dir = tempfile::tempdir().unwrap();
-    let pw = pgiam_tests::write_file(dir.path(), "gw.password", "gw-secret", 0o600);
-    let env = Env::with(Setup {
-        upstream: Some(format!(
-            "host = \"127.0.0.1\"\nport = PGPORT\nmode = \"gateway\"\ngateway_role = \"{GATEWAY_ROLE}\""
-        )),
-        extra: format!("[roles.{GATEWAY_ROLE}]\npassword_file = \"{}\"\n", pw.display()),
-        ..Setup::default()
-    });
-    env.pg
-        .psql(&format!(
-            "CREATE ROLE {GATEWAY_ROLE} LOGIN NOINHERIT PASSWORD 'gw-secret'; \
-             GRANT {ROLE} TO {GATEWAY_ROLE}"
-        ))
-        .unwrap();
+    let (env, _dir) = gateway_env(Setup::default());
     env.pg
         .psql_db(DB, &format!("GRANT CREATE ON SCHEMA public TO {ROLE}"))
         .unwrap();
