@@ -35,6 +35,9 @@ struct Entry {
     /// `None` until the session's upstream connection exists (it opens at the first message).
     target: Option<Target>,
     pending: Pending,
+    /// [`Pending::reads`] when a cancel for the session was last forwarded: another cancel
+    /// before the client sent anything new can only be for the same statement.
+    cancelled_at: Option<u64>,
 }
 
 /// Whether a session holds client bytes it read and has not forwarded yet, and since when.
@@ -47,6 +50,9 @@ pub struct Pending(Arc<PendingState>);
 pub struct PendingState {
     since: Mutex<Option<Instant>>,
     forwarded: tokio::sync::Notify,
+    /// How many times the session started holding bytes: a new statement (or part of one)
+    /// since a count means a cancel now may be for something new.
+    reads: std::sync::atomic::AtomicU64,
 }
 
 impl Pending {
@@ -58,7 +64,12 @@ impl Pending {
     pub fn set(&self, holding: bool) {
         let mut since = self.since();
         match (holding, *since) {
-            (true, None) => *since = Some(Instant::now()),
+            (true, None) => {
+                *since = Some(Instant::now());
+                self.0
+                    .reads
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             (false, Some(_)) => {
                 *since = None;
                 drop(since);
@@ -99,6 +110,29 @@ impl Pending {
 #[derive(Default)]
 pub struct CancelRegistry {
     sessions: Mutex<HashMap<(i32, i32), Entry>>,
+    /// Keys whose cancel is being forwarded now: another cancel for the same session meanwhile
+    /// is the same request (a client or an attacker repeating it), and opens no connection.
+    forwarding: Mutex<std::collections::HashSet<(i32, i32)>>,
+}
+
+/// The most cancels forwarded at once, for all sessions together: each is a connection to the
+/// server, which must not be flooded through pgiam.
+pub const MAX_FORWARDING: usize = 64;
+
+/// A cancel being forwarded; dropping it lets the next one for its key through.
+pub struct Forwarding<'a> {
+    registry: &'a CancelRegistry,
+    key: (i32, i32),
+}
+
+impl Drop for Forwarding<'_> {
+    fn drop(&mut self) {
+        self.registry
+            .forwarding
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
+    }
 }
 
 /// A session's key; dropping it makes the key stale.
@@ -164,6 +198,7 @@ impl CancelRegistry {
             Entry {
                 target: None,
                 pending: Pending::default(),
+                cancelled_at: None,
             },
         );
         Registration {
@@ -189,6 +224,35 @@ impl CancelRegistry {
         let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
         let entry = sessions.get(&(process_id, secret_key))?;
         Some((entry.target.clone(), entry.pending.clone()))
+    }
+
+    /// Claims the forwarding of a cancel for this key; `None`, and the cancel is dropped
+    /// (PostgreSQL answers a cancel with nothing either way): one is under way for it already,
+    /// or one was forwarded and the client has sent nothing since (it can only be for the same
+    /// statement), or [`MAX_FORWARDING`] are under way.
+    pub fn begin_forwarding(&self, process_id: i32, secret_key: i32) -> Option<Forwarding<'_>> {
+        let key = (process_id, secret_key);
+        {
+            let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+            let entry = sessions.get_mut(&key)?;
+            let reads = entry
+                .pending
+                .0
+                .reads
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if entry.cancelled_at == Some(reads) {
+                return None;
+            }
+            let mut forwarding = self.forwarding.lock().unwrap_or_else(|e| e.into_inner());
+            if forwarding.len() >= MAX_FORWARDING || !forwarding.insert(key) {
+                return None;
+            }
+            entry.cancelled_at = Some(reads);
+        }
+        Some(Forwarding {
+            registry: self,
+            key: (process_id, secret_key),
+        })
     }
 
     pub fn len(&self) -> usize {

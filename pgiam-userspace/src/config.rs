@@ -296,6 +296,15 @@ pub struct Limits {
     /// writes its end record) before it exits anyway.
     #[serde(default = "default_shutdown_timeout_secs")]
     pub shutdown_timeout_secs: u64,
+    /// How long a client may leave a message half sent: a session whose client sent part of
+    /// a message and then nothing for this long is ended (08P01), so that it does not hold its
+    /// server connection for ever.
+    #[serde(default = "default_message_timeout_secs")]
+    pub message_timeout_secs: u64,
+}
+
+fn default_message_timeout_secs() -> u64 {
+    30
 }
 
 fn default_shutdown_timeout_secs() -> u64 {
@@ -316,6 +325,7 @@ impl Default for Limits {
             max_message_size: default_max_message_size(),
             startup_timeout_secs: default_startup_timeout_secs(),
             shutdown_timeout_secs: default_shutdown_timeout_secs(),
+            message_timeout_secs: default_message_timeout_secs(),
         }
     }
 }
@@ -569,6 +579,9 @@ impl Config {
         }
         if self.limits.max_message_size < 1024 {
             return Err("limits.max_message_size must be at least 1024".into());
+        }
+        if self.limits.message_timeout_secs == 0 {
+            return Err("limits.message_timeout_secs must be at least 1".into());
         }
         if self.limits.startup_timeout_secs == 0 {
             return Err("limits.startup_timeout_secs must be at least 1".into());

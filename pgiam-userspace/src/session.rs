@@ -822,9 +822,17 @@ async fn direct_tls(
 
 async fn forward_cancel(shared: &Shared, process_id: i32, secret_key: i32) {
     // After the statement it cancels: what the session has read is forwarded first.
-    if let Some((_, pending)) = shared.cancels.lookup_entry(process_id, secret_key) {
-        pending.forwarded(CANCEL_WAIT_MAX).await;
-    }
+    let Some((_, pending)) = shared.cancels.lookup_entry(process_id, secret_key) else {
+        // PostgreSQL answers nothing either way, so a prober learns nothing from the reply.
+        warn!(process_id, "cancel request with an unknown key ignored");
+        return;
+    };
+    // Repeats of a cancel under way are the same request: one connection to the server.
+    let Some(_forwarding) = shared.cancels.begin_forwarding(process_id, secret_key) else {
+        info!(process_id, "cancel request coalesced with one under way");
+        return;
+    };
+    pending.forwarded(CANCEL_WAIT_MAX).await;
     match shared.cancels.lookup(process_id, secret_key) {
         Some(target) => {
             info!(backend_pid = target.process_id, "forwarding cancel request");
@@ -857,7 +865,14 @@ async fn relay(
     session: &mut Session,
     upstream: BoxStream,
 ) -> String {
-    let max = shared.settings.current().config.limits.max_message_size;
+    let (max, stalled_after) = {
+        let current = shared.settings.current();
+        let limits = &current.config.limits;
+        (
+            limits.max_message_size,
+            Duration::from_secs(limits.message_timeout_secs),
+        )
+    };
     let stream = std::mem::replace(&mut client.stream, Box::new(tokio::io::empty()));
     let mut cbuf = std::mem::take(&mut client.buf);
     let peer = &client.peer;
@@ -1006,9 +1021,21 @@ async fn relay(
                 // Everything forwardable is forwarded: a cancel may go now, unless part of a
                 // message is still held (it may be the statement the cancel is for).
                 pending.set(!cbuf.is_empty());
+                // Part of a message held: the rest must come within the limit. (Boxed, and made
+                // only then: a timer is hundreds of bytes an idle session need not hold.)
+                let stall = (!cbuf.is_empty()).then(|| Box::pin(tokio::time::sleep(stalled_after)));
                 let read = tokio::select! {
                     r = read_when_ready(&mut client_rd, &mut cbuf, &mut client_size) => r,
                     Ok(()) = woken.changed() => continue,
+                    () = async { match stall { Some(s) => s.await, None => std::future::pending().await } } => {
+                        return Err(PgError::fatal(
+                            "08P01",
+                            format!(
+                                "pgiam: the client sent part of a message and nothing more for {}s",
+                                stalled_after.as_secs()
+                            ),
+                        ));
+                    }
                 };
                 if let Ok(n) = read {
                     pending.set(n > 0);

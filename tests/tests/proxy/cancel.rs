@@ -172,3 +172,46 @@ fn a_cancel_does_not_overtake_its_statement() {
         assert!(err.contains("57014"), "{err}");
     }
 }
+
+#[test]
+fn repeated_cancels_for_one_statement_open_one_server_connection() {
+    let env = Env::start();
+    let mut raw = Raw::connect(env.tcp);
+    raw.startup();
+    let (pid, key) = key_data(&raw.until_ready());
+    // Directly, every CancelRequest is a connection of its own (what pgiam must not pass on).
+    let before = env.connections_received();
+    for _ in 0..5 {
+        let mut direct = Raw::connect(format!("127.0.0.1:{}", env.pg.port).parse().unwrap());
+        direct.send(&cancel_request(pid, key));
+        direct.expect_closed();
+    }
+    assert_eq!(env.connections_received() - before, 5);
+
+    raw.send(&query_bytes("select pg_sleep(60)"));
+    wait_for_sleep(&env);
+    let before = env.connections_received();
+    // 200 cancels for the one statement, from 8 clients at once.
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                for _ in 0..25 {
+                    send_cancel(&env, pid, key);
+                }
+            });
+        }
+    });
+    let err = result_of_query(&mut raw).expect_err("the query must be cancelled");
+    assert!(err.contains("57014"), "{err}");
+    assert_eq!(
+        env.connections_received() - before,
+        1,
+        "one cancel reached the server"
+    );
+    // A new statement can be cancelled again.
+    raw.send(&query_bytes("select pg_sleep(60)"));
+    wait_for_sleep(&env);
+    send_cancel(&env, pid, key);
+    let err = result_of_query(&mut raw).expect_err("the second query must be cancelled");
+    assert!(err.contains("57014"), "{err}");
+}

@@ -302,3 +302,36 @@ fn a_syntax_error_says_where_as_the_server_does() {
     assert!(!caret(&direct).is_empty(), "{direct}");
     assert_eq!(caret(&through), caret(&direct), "{through}\n{direct}");
 }
+
+#[test]
+fn a_message_left_half_sent_ends_the_session_instead_of_holding_its_backend() {
+    let env = Env::with(Setup {
+        limits: "message_timeout_secs = 1".into(),
+        ..Setup::default()
+    });
+    let backends = || {
+        env.direct(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = '{ROLE}'"
+        ))
+    };
+    // A Query header promising 100 bytes, and 5 of them.
+    let half: Vec<u8> = [&b"Q"[..], &104i32.to_be_bytes(), b"SELEC"].concat();
+
+    // (PostgreSQL itself has no such bound: a backend waits for the rest of a message as long
+    // as its connection lives.)
+    let mut raw = Raw::connect(env.tcp);
+    raw.startup();
+    raw.until_ready();
+    assert_eq!(backends(), "1");
+    raw.send(&half);
+    let (code, message) = raw.expect_fatal();
+    assert_eq!(code, "08P01");
+    assert!(message.contains("part of a message"), "{message}");
+    for _ in 0..100 {
+        if backends() == "0" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(backends(), "0", "the server connection was closed");
+}
