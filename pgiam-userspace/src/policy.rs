@@ -1313,18 +1313,21 @@ mod tests {
         assert_eq!(r.relation_schemas(&q), ["x"]);
     }
 
+    /// The decision on a query string, every statement's asks together.
+    fn decide_sql(policy: &Policy, r: &Resolver, sql: &str) -> Decision {
+        let asks: Vec<Ask> = crate::sql::classify(sql, true)
+            .unwrap()
+            .iter()
+            .flat_map(|s| r.asks(s))
+            .collect();
+        policy.decide_all(&principal(), &asks)
+    }
+
     #[test]
     fn reading_a_setting_is_one_action_however_it_is_read() {
         // POLICY permits every function and reading public tables, nothing of settings.
-        let decide = |policy: &Policy, sql: &str| {
-            let r = Resolver::new(&["public".into()], "billing");
-            let asks: Vec<Ask> = crate::sql::classify(sql, true)
-                .unwrap()
-                .iter()
-                .flat_map(|s| r.asks(s))
-                .collect();
-            policy.decide_all(&principal(), &asks)
-        };
+        let r = Resolver::new(&["public".into()], "billing");
+        let decide = |policy: &Policy, sql: &str| decide_sql(policy, &r, sql);
         let none = Policy::parse(POLICY).unwrap();
         for sql in [
             "SHOW app.secret",
@@ -1395,14 +1398,7 @@ mod tests {
         ))
         .unwrap();
         let mut r = Resolver::new(&["public".into()], "billing");
-        let decide = |r: &Resolver, sql: &str| {
-            let asks: Vec<Ask> = crate::sql::classify(sql, true)
-                .unwrap()
-                .iter()
-                .flat_map(|s| r.asks(s))
-                .collect();
-            policy.decide_all(&principal(), &asks)
-        };
+        let decide = |r: &Resolver, sql: &str| decide_sql(&policy, r, sql);
         assert!(decide(&r, "SELECT * FROM accounts").allowed);
         widen(&mut r, "SET search_path = other").unwrap();
         let d = decide(&r, "SELECT * FROM accounts");

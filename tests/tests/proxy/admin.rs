@@ -341,15 +341,7 @@ permit(principal, action == PgIam::Action::"select", resource == PgIam::Table::"
         .into(),
         ..Setup::default()
     });
-    env.pg
-        .psql_db(
-            DB,
-            &format!(
-                "CREATE TABLE items (id int); INSERT INTO items VALUES (1), (2); \
-                 GRANT ALL ON items TO {ROLE}"
-            ),
-        )
-        .unwrap();
+    env.items("(1), (2)");
     let before = scrape(&addr);
     assert_eq!(metric(&before, "pgiam_sessions_open"), 0.0, "{before}");
 

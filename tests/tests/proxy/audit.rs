@@ -535,15 +535,7 @@ permit(principal, action == PgIam::Action::"select", resource == PgIam::Table::"
         .into(),
         ..Setup::default()
     });
-    env.pg
-        .psql_db(
-            DB,
-            &format!(
-                "CREATE TABLE items (id int); INSERT INTO items VALUES (1); \
-                 GRANT ALL ON items TO {ROLE}"
-            ),
-        )
-        .unwrap();
+    env.items("(1)");
     let client = tokio_client(&env.tcp_dsn("")).await;
     let select = client.prepare("SELECT id FROM items").await.unwrap();
     assert_eq!(client.query(&select, &[]).await.unwrap().len(), 1);

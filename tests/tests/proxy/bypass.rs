@@ -1158,23 +1158,7 @@ fn no_bypass_through_pgiam_and_every_oracle_fires_directly() {
         cases.len()
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut verdicts = Verdicts::default();
-    for case in &cases {
-        for direct in [false, true] {
-            reset(&env);
-            let target = Target {
-                env: &env,
-                direct,
-                gateway: false,
-            };
-            let (text, user) = rt.block_on(attack(&target, case));
-            let fired = fired(&env, case.oracle, &text, user.as_deref());
-            verdicts.judge(direct, fired, || {
-                format!("{}: {text} / user {user:?}", case.name)
-            });
-        }
-    }
-    verdicts.assert_clean();
+    run_cases(&rt, &env, &cases, false).assert_clean();
     // What the policy allows still works through every route.
     reset(&env);
     let dsn = env.tcp_dsn("");
@@ -1466,23 +1450,28 @@ fn statement_classes_hold_in_gateway_mode() {
         .collect();
     assert_eq!(cases.len(), CLASSES.len() * 2);
     let rt = tokio::runtime::Runtime::new().unwrap();
+    run_cases(&rt, &env, &cases, true).assert_clean();
+}
+
+/// Runs every case through pgiam and directly (from a fresh state each time) and judges it.
+fn run_cases(rt: &tokio::runtime::Runtime, env: &Env, cases: &[Case], gateway: bool) -> Verdicts {
     let mut verdicts = Verdicts::default();
-    for case in &cases {
+    for case in cases {
         for direct in [false, true] {
-            reset(&env);
+            reset(env);
             let target = Target {
-                env: &env,
+                env,
                 direct,
-                gateway: true,
+                gateway,
             };
             let (text, user) = rt.block_on(attack(&target, case));
-            let fired = fired(&env, case.oracle, &text, user.as_deref());
+            let fired = fired(env, case.oracle, &text, user.as_deref());
             verdicts.judge(direct, fired, || {
                 format!("{}: {text} / user {user:?}", case.name)
             });
         }
     }
-    verdicts.assert_clean();
+    verdicts
 }
 
 /// Every way a session can change its role, in gateway mode (pgiam logs in as a NOINHERIT

@@ -186,6 +186,20 @@ path = "{audit}"
         )
     }
 
+    /// A table `items (id int)` in the test database holding `rows` (`"(1), (2)"`), which the
+    /// mapped role may use.
+    pub fn items(&self, rows: &str) {
+        self.pg
+            .psql_db(
+                DB,
+                &format!(
+                    "CREATE TABLE items (id int); INSERT INTO items VALUES {rows}; \
+                     GRANT ALL ON items TO {ROLE}"
+                ),
+            )
+            .unwrap();
+    }
+
     /// The superuser's view, straight to PostgreSQL.
     pub fn direct(&self, sql: &str) -> String {
         self.pg.psql(sql).expect("direct psql")
