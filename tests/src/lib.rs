@@ -293,7 +293,8 @@ fn path(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
 }
 
-fn run_checked(cmd: &mut Command) -> anyhow::Result<String> {
+/// Runs `cmd` to completion; its stdout, or an error with both outputs when it fails.
+pub fn run_checked(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd
         .stdin(Stdio::null())
         .output()

@@ -78,7 +78,7 @@ pub fn run_package(args: &[String]) -> anyhow::Result<()> {
     let opts = parse_args(args)?;
     let root = workspace_root();
     let meta = workspace_metadata(&root)?;
-    let arch = command_stdout(Command::new("dpkg").arg("--print-architecture"))
+    let arch = pgiam_tests::run_checked(Command::new("dpkg").arg("--print-architecture"))
         .context("dpkg --print-architecture (is this a Debian-family system?)")?
         .trim()
         .to_owned();
@@ -214,7 +214,7 @@ fn debian_version(cargo_version: &str) -> String {
 
 /// A `--binary` from another checkout or an old build would be shipped under the wrong version.
 fn check_binary_version(binary: &Path, version: &str) -> anyhow::Result<()> {
-    let out = command_stdout(Command::new(binary).arg("--version"))
+    let out = pgiam_tests::run_checked(Command::new(binary).arg("--version"))
         .with_context(|| format!("{} --version", binary.display()))?;
     let first = out.lines().next().unwrap_or_default();
     if first.split_whitespace().last() != Some(version) {
@@ -312,7 +312,7 @@ fn copyright(license: &str) -> anyhow::Result<String> {
 /// The Depends field, from the libraries the ELF file asks for and the glibc symbol versions it
 /// uses (what dpkg-shlibdeps would find, without needing dpkg-dev and a debian/ directory).
 fn depends(binary: &Path) -> anyhow::Result<String> {
-    let headers = command_stdout(Command::new("objdump").arg("-p").arg(binary))
+    let headers = pgiam_tests::run_checked(Command::new("objdump").arg("-p").arg(binary))
         .context("objdump -p (objdump is in binutils)")?;
     let mut packages = Vec::new();
     for line in headers.lines() {
@@ -334,8 +334,8 @@ fn depends(binary: &Path) -> anyhow::Result<String> {
     packages.sort();
     packages.dedup();
 
-    let symbols =
-        command_stdout(Command::new("objdump").arg("-T").arg(binary)).context("objdump -T")?;
+    let symbols = pgiam_tests::run_checked(Command::new("objdump").arg("-T").arg(binary))
+        .context("objdump -T")?;
     // The newest symbol version used from each library is the oldest package that has it.
     let newest = |prefix: &str| {
         symbols
@@ -425,8 +425,8 @@ fn write_md5sums(tree: &Path) -> anyhow::Result<()> {
         .filter(|f| !f.starts_with("DEBIAN"))
         .filter(|f| !CONFFILES.contains(&format!("/{}", f.display()).as_str()))
         .collect();
-    let sums =
-        command_stdout(Command::new("md5sum").current_dir(tree).args(&files)).context("md5sum")?;
+    let sums = pgiam_tests::run_checked(Command::new("md5sum").current_dir(tree).args(&files))
+        .context("md5sum")?;
     write(&tree.join("DEBIAN/md5sums"), &sums, 0o644)
 }
 
@@ -502,21 +502,6 @@ fn gzip(from: &Path, to: &Path) -> anyhow::Result<()> {
     run(Command::new("gzip").arg("-9n").stdin(input).stdout(output))
         .with_context(|| format!("gzip {}", from.display()))?;
     set_mode(to, 0o644)
-}
-
-fn command_stdout(cmd: &mut Command) -> anyhow::Result<String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    String::from_utf8(out.stdout).with_context(|| format!("{cmd:?} printed non-UTF-8"))
 }
 
 /// Advice, not a gate: lintian is not installed everywhere, and its opinions (a native package
