@@ -488,6 +488,17 @@ impl Pgiam {
         tcp: SocketAddr,
         cgroup: Option<&TestCgroup>,
     ) -> anyhow::Result<Pgiam> {
+        Self::start_with_env(bin, config, tcp, cgroup, &[])
+    }
+
+    /// [`Pgiam::start_in`] with more environment variables (e.g. `NOTIFY_SOCKET`).
+    pub fn start_with_env(
+        bin: PathBuf,
+        config: &str,
+        tcp: SocketAddr,
+        cgroup: Option<&TestCgroup>,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> anyhow::Result<Pgiam> {
         let dir = tempfile::Builder::new()
             .prefix("pgiam-run-")
             .tempdir()?
@@ -505,6 +516,7 @@ impl Pgiam {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -280,6 +280,28 @@ async fn status_reports_policy_audit_sessions_and_upstream() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_every_session_with_57p01_and_their_end_records() {
     let mut env = Env::start();
+    // Run again as systemd runs it (Type=notify), to see what it is told and in which order.
+    let notify_path = env.dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let config = std::fs::read_to_string(&env.pgiam.config_path).unwrap();
+    env.pgiam.stop();
+    env.pgiam = pgiam_tests::Pgiam::start_with_env(
+        env.pgiam.bin.clone(),
+        &config,
+        env.tcp,
+        None,
+        &[("NOTIFY_SOCKET", notify_path.as_os_str())],
+    )
+    .unwrap();
+    let told = |notify: &std::os::unix::net::UnixDatagram| {
+        let mut buf = [0u8; 256];
+        let n = notify.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(told(&notify), "READY=1");
     let mut raw = Raw::connect(env.tcp);
     raw.startup();
     raw.until_ready();
@@ -290,6 +312,8 @@ async fn sigterm_drains_every_session_with_57p01_and_their_end_records() {
     });
 
     kill(Pid::from_raw(env.pgiam.pid()), Signal::SIGTERM).unwrap();
+    // systemd hears of the stop before any session is ended.
+    assert_eq!(told(&notify), "STOPPING=1");
     let (code, message) = raw.expect_fatal();
     assert_eq!(code, "57P01");
     assert!(message.contains("administrator command"), "{message}");
