@@ -571,13 +571,24 @@ async fn establish(
         State::NotConnected,
     );
     // Registered before its allow record: once the drain has begun, no session starts.
-    let registration = shared.registry.register(live.clone()).map_err(|e| {
-        crate::metrics::get().refused("shutting_down");
-        PgError::fatal(
-            "57P03",
-            format!("pgiam: the database system is shutting down ({e})"),
-        )
-    })?;
+    let registration = match shared.registry.register(live.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            let e = PgError::fatal(
+                "57P03",
+                format!("pgiam: the database system is shutting down ({e})"),
+            );
+            return Err(audited_refusal(
+                shared,
+                &client.peer,
+                identity,
+                Some(&checked.database),
+                e,
+                "shutting_down",
+            )
+            .await);
+        }
+    };
     // Checked again once registered: a revocation or a reload that ordered sessions out just
     // before this one registered saw no entry to order, so this one looks for itself. (Both
     // change their state before they order, and registration is under the registry's lock.)
@@ -848,6 +859,9 @@ async fn forward_cancel(shared: &Shared, process_id: i32, secret_key: i32) {
         None => warn!(process_id, "cancel request with an unknown key ignored"),
     }
 }
+
+/// How long the server has to close a session pgiam is ending.
+const ENDING_GRACE: Duration = Duration::from_secs(5);
 
 /// The longest a cancel waits for its session to forward what it holds.
 const CANCEL_WAIT_MAX: Duration = Duration::from_secs(5);
@@ -1205,10 +1219,21 @@ async fn relay(
 
         let mut server_side_done = false;
         let mut ended_by = String::new();
+        // Once a session is being ended, the server has this long to close its side (after the
+        // cancel and the Terminate); a server that does not is cut off, so that an order always
+        // ends the session.
+        let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         loop {
             tokio::select! {
+                () = async { grace.as_mut().expect("guarded").await }, if grace.is_some() => {
+                    warn!(peer = %peer, session = %live.facts.id, "the server did not close the ended session within {}s: cut off", ENDING_GRACE.as_secs());
+                    break;
+                }
                 r = &mut to_server, if !server_side_done => {
                     server_side_done = true;
+                    if ending.load(Ordering::Relaxed) {
+                        grace = Some(Box::pin(tokio::time::sleep(ENDING_GRACE)));
+                    }
                     match r {
                         Ok(why) => {
                             debug!(peer = %peer, session = %live.facts.id, "{why}");
