@@ -472,3 +472,33 @@ fn metrics_are_refused_off_loopback() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("loopback"), "{}", stderr(&out));
 }
+
+#[test]
+fn kill_ends_a_session_whose_server_does_not_answer() {
+    let env = Env::start();
+    let mut raw = Raw::connect(env.tcp);
+    raw.startup();
+    let key = raw.until_ready();
+    let (_, body) = key.iter().find(|(t, _)| *t == b'K').unwrap();
+    let backend = i32::from_be_bytes(body[0..4].try_into().unwrap());
+    raw.send(&query_bytes("SELECT pg_sleep(60)"));
+    wait_for_sleep(&env);
+    // The backend stops answering anything: no cancel, no Terminate reaches it.
+    kill(Pid::from_raw(backend), Signal::SIGSTOP).unwrap();
+    struct Resume(i32);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            let _ = kill(Pid::from_raw(self.0), Signal::SIGCONT);
+        }
+    }
+    let _resume = Resume(backend);
+    let id = sessions(&env)[0]["id"].as_str().unwrap().to_owned();
+    ok(env.pgiam.cli(&["kill", &id]));
+    // Cut off after the grace, well before the statement or the stopped backend would end it
+    // (Raw's reads give up after 15 s).
+    let mut rest = Vec::new();
+    use std::io::Read;
+    let closed = raw.stream.read_to_end(&mut rest);
+    assert!(closed.is_ok(), "the session was not cut off: {closed:?}");
+    sessions_until(&env, |s| s.is_empty());
+}
