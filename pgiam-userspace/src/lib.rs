@@ -11,6 +11,8 @@ pub mod config;
 pub mod identity;
 pub mod metrics;
 pub mod policy;
+#[cfg(test)]
+mod properties;
 pub mod redirect;
 pub mod server;
 pub mod session;

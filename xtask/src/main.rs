@@ -6,6 +6,7 @@
 //! - `test`: formatting, lints, and every test against real PostgreSQL clusters
 //! - `driver-suite`: asyncpg's own test suite, directly and through pgiam, compared test by test
 //! - `package`: a Debian package of pgiam (`target/debian/pgiam_VERSION_ARCH.deb`)
+//! - `fuzz --minutes N`: the property tests of the decoders and the classifier, for N minutes
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -15,6 +16,7 @@ use anyhow::{bail, Context};
 mod bench;
 mod demo;
 mod driver_suite;
+mod fuzz;
 mod package;
 
 /// Debian packages: PostgreSQL and its clients for the tests and demo, PgBouncer for the
@@ -57,9 +59,10 @@ fn main() -> ExitCode {
         // Used by the benchmark: runs inside a cgroup, holds N sessions idle.
         Some("hold-connections") => bench::hold_connections(&args[1..]),
         Some("package") => package::run_package(&args[1..]),
+        Some("fuzz") => fuzz::run_fuzz(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <install-deps | build-ebpf | demo | test [-- cargo test args] | bench [--short] | driver-suite [--sslmode MODE] [-- pytest args] | package [--binary PATH] [--out DIR]>"
+                "usage: cargo xtask <install-deps | build-ebpf | demo | test [-- cargo test args] | bench [--short] | driver-suite [--sslmode MODE] [-- pytest args] | package [--binary PATH] [--out DIR] | fuzz [--minutes N]>"
             );
             return ExitCode::from(2);
         }

@@ -382,6 +382,46 @@ mod tests {
         out
     }
 
+    proptest::proptest! {
+        /// Whatever the server sends, against whatever was forwarded, in any chunking: the
+        /// matcher answers with an error or steps through, never panics, and never passes more
+        /// bytes than it was given.
+        #[test]
+        fn the_matcher_never_panics_on_any_server_bytes(
+            kinds in proptest::collection::vec(0..9usize, 0..6),
+            refused in proptest::collection::vec(proptest::bool::ANY, 6),
+            data in proptest::collection::vec(proptest::num::u8::ANY, 0..200),
+            chunk in 1..64usize,
+        ) {
+            use ExpectKind::*;
+            let all = [Query, FunctionCall, Parse, Bind, Execute, Describe, Close, Sync, CopyEnd];
+            let mut r = Responses::default();
+            for (i, k) in kinds.iter().enumerate() {
+                r.push(expect(all[*k], "r-1", refused[i]));
+            }
+            let mut buf = Vec::new();
+            'feed: for piece in data.chunks(chunk) {
+                buf.extend_from_slice(piece);
+                let mut pos = 0;
+                loop {
+                    match r.step(&buf[pos..]) {
+                        Ok(Step::Pass(n)) => {
+                            proptest::prop_assert!(pos + n <= buf.len());
+                            pos += n;
+                        }
+                        Ok(Step::Replace { len, .. }) => {
+                            proptest::prop_assert!(pos + len <= buf.len());
+                            pos += len;
+                        }
+                        Ok(Step::NeedMore) => break,
+                        Err(_) => break 'feed,
+                    }
+                }
+                buf.drain(..pos);
+            }
+        }
+    }
+
     fn completions(r: &Responses) -> Vec<(String, Option<String>, Option<u64>)> {
         r.events
             .iter()
