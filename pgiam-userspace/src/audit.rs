@@ -206,6 +206,12 @@ struct State {
     /// busy log does not pay a wake-up per completion.
     flusher_idle: bool,
     broken: Option<AuditError>,
+    /// The log broke on a write (a full disk, say), and the file is known good up to
+    /// `good_len`: the flush thread retries, and the log recovers without a restart. (Not after
+    /// a failed flush: what the kernel dropped then cannot be known.)
+    recoverable: bool,
+    /// The file's length after the last complete write.
+    good_len: u64,
     /// The current file's size and age, when the log rotates.
     rotation: Option<rotate::Rotation>,
 }
@@ -237,6 +243,7 @@ impl State {
         // Written by whoever holds the lock, so lines reach the file in the order sealed.
         match (&*self.file).write_all(&self.held) {
             Ok(()) => {
+                self.good_len += self.held.len() as u64;
                 if let Some(r) = &mut self.rotation {
                     r.bytes += self.held.len() as u64;
                 }
@@ -248,7 +255,11 @@ impl State {
                 self.written = self.sealed;
                 Ok(())
             }
-            Err(e) => Err(self.break_with(e)),
+            Err(e) => {
+                let e = self.break_with(e);
+                self.recoverable = true;
+                Err(e)
+            }
         }
     }
 
@@ -256,7 +267,36 @@ impl State {
         let e = AuditError::Write(e.to_string());
         tracing::error!("{e}: refusing everything that needs an audit record");
         self.broken = Some(e.clone());
+        self.recoverable = false;
         e
+    }
+
+    /// After a failed write: cuts what the write left of a line off the file and writes what
+    /// is held again. `true`: the log takes records again.
+    fn try_recover(&mut self, ring: bool) -> bool {
+        if !self.recoverable {
+            return false;
+        }
+        let rewritten = self
+            .file
+            .set_len(self.good_len)
+            .and_then(|()| (&*self.file).write_all(&self.held));
+        match rewritten {
+            Ok(()) => {
+                self.good_len += self.held.len() as u64;
+                if ring {
+                    self.unsynced.extend_from_slice(&self.held);
+                }
+                self.held.clear();
+                self.held_since = None;
+                self.written = self.sealed;
+                self.broken = None;
+                self.recoverable = false;
+                tracing::info!("audit: the log takes records again");
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     fn seal(&mut self, record: Record) {
@@ -318,6 +358,7 @@ impl State {
             r.bytes = 0;
             r.since = now;
         }
+        self.good_len = 0;
         self.continue_chain(&rotated);
         if let Err(e) = self.write_out(ring) {
             return Err(Rotation::Flush(std::io::Error::other(e)));
@@ -490,6 +531,8 @@ impl AuditLog {
             wanted: 0,
             flusher_idle: true,
             broken: None,
+            recoverable: false,
+            good_len: meta.len(),
             rotation,
         };
         if let Some(p) = &predecessor {
@@ -562,6 +605,9 @@ impl AuditLog {
         if let Some(e) = &state.broken {
             return Err(e.clone());
         }
+        // Undone if the write fails: these records' statements are then not forwarded, and
+        // the chain goes on (once the log recovers) as if they had never been sealed.
+        let before = (state.prev.clone(), state.sealed, state.held.len());
         for r in records {
             state.seal(r);
         }
@@ -581,6 +627,8 @@ impl AuditLog {
             state.write_out(true)
         };
         if written.is_err() {
+            (state.prev, state.sealed) = (before.0, before.1);
+            state.held.truncate(before.2);
             // Whoever waits for an earlier record's flush is told too.
             self.inner.wake.notify_one();
         }
@@ -810,6 +858,13 @@ fn flusher(inner: std::sync::Weak<Inner>, mut ring: Option<ring::Ring>) {
     loop {
         let Some(inner) = inner.upgrade() else { return };
         let mut state = inner.lock();
+        // A write failed (a full disk): tried again every interval, until the disk has room.
+        if state.recoverable && Instant::now() >= last_flush + inner.interval {
+            last_flush = Instant::now();
+            if state.try_recover(inner.durability != Durability::Buffered) {
+                inner.synced.send_modify(|s| s.failed = None);
+            }
+        }
         // By age, also while no record comes.
         state.rotate_if_due(inner.durability != Durability::Buffered);
         let now = Instant::now();

@@ -2,6 +2,7 @@
 //! effect; the log's hash chain catches edits; a failing log refuses sessions.
 
 use std::process::Command;
+use std::time::Duration;
 
 use crate::fixture::*;
 
@@ -370,6 +371,59 @@ async fn no_answer_reaches_the_client_before_its_record_is_on_disk() {
         executes >= answered,
         "{answered} answers, {executes} records"
     );
+}
+
+/// A full disk stops statements (58030) and, once it has room again, the log takes records
+/// again without a restart: the torn line the failed write left is cut off, and the chain is
+/// intact across the gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_recovers_once_the_disk_has_room_again() {
+    let fs = TinyFs::mount(256);
+    let audit = fs.path("audit.jsonl");
+    let env = Env::with(Setup {
+        audit_path: Some(audit.display().to_string()),
+        ..Setup::default()
+    });
+    let client = tokio_client(&env.tcp_dsn("")).await;
+    client.simple_query("SELECT 1").await.unwrap();
+    fs.fill();
+    let mut tries = 0;
+    let err = loop {
+        match client.simple_query("SELECT 'x'").await {
+            Ok(_) => {
+                tries += 1;
+                assert!(tries < 2000, "the full disk never failed a statement");
+            }
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(
+        err.as_db_error().map(|e| e.code().code()),
+        Some("58030"),
+        "{err}"
+    );
+    // Still full: still refused.
+    let refused = psql(&env.tcp_dsn("sslmode=disable"), "SELECT 1");
+    assert!(!refused.status.success());
+    std::fs::remove_file(fs.path("filler")).unwrap();
+    // Room again: within a few flush intervals, statements go through, with no restart.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = psql(&env.tcp_dsn("sslmode=disable"), "SELECT 'back'");
+        if out.status.success() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", stderr(&out));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(env.pgiam.log().contains("the log takes records again"));
+    let text = std::fs::read_to_string(&audit).unwrap();
+    assert!(
+        text.contains("SELECT 'back'"),
+        "the statement after recovery is recorded"
+    );
+    let (intact, report) = verify(&audit);
+    assert!(intact, "{report}");
 }
 
 /// A shutdown writes what the audit writer still held: the completion of the last statement
