@@ -1,0 +1,711 @@
+//! The relay of an established session: client messages framed, authorized, recorded and
+//! forwarded; the server's answers matched to the requests they answer and passed back; the
+//! reads that give their buffers back while a direction is idle.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::{debug, warn};
+
+use super::durability::{self, Wait};
+use super::ending::{ordered_out, revoke};
+use super::{
+    protocol_violation, responses, statements, Client, Session, Shared, CLIENT_TERMINATED,
+};
+use crate::admin::registry::State;
+use crate::stream::{BoxStream, Split, Stream};
+use crate::wire::{self, FrontendMessage, PgError, WireError};
+
+/// How long the server has to close a session pgiam is ending.
+const ENDING_GRACE: Duration = Duration::from_secs(5);
+
+/// Moves bytes both ways until either side ends. Client messages are framed, validated and
+/// authorized before they are forwarded; server messages stream through, matched to the
+/// requests they answer.
+/// Returns why the session ended. (Its state is borrowed: what the relay's future holds is
+/// its own.)
+pub(super) async fn relay(
+    shared: &Shared,
+    client: &mut Client,
+    session: &mut Session,
+    upstream: BoxStream,
+) -> String {
+    let (max, stalled_after) = {
+        let current = shared.settings.current();
+        let limits = &current.config.limits;
+        (
+            limits.max_message_size,
+            Duration::from_secs(limits.message_timeout_secs),
+        )
+    };
+    let stream = std::mem::replace(&mut client.stream, Box::new(tokio::io::empty()));
+    let mut cbuf = std::mem::take(&mut client.buf);
+    let peer = &client.peer;
+    let (client_io, server_io) = (Split::new(stream), Split::new(upstream));
+    let (mut client_rd, mut client_wr) = client_io.halves();
+    let (mut server_rd, mut server_wr) = server_io.halves();
+    let session_ids = session.ids();
+    let pending = session.cancel_key.pending();
+    let live = session.registration.live();
+    let metrics = crate::metrics::get();
+    {
+        let gate = &mut session.gate;
+        // What the server says about standard_conforming_strings, for classifying what follows.
+        let standard_conforming_strings = AtomicBool::new(session.standard_conforming_strings);
+        // The client-to-server direction never writes to the client: a fatal error it finds is
+        // handed to the other direction, which writes it once the server has gone quiet, so it can
+        // never land in the middle of a server message.
+        // (A slot, not a channel: an idle session would hold the channel's block.)
+        let fatal = std::sync::Mutex::new(None::<Box<PgError>>);
+        // Set when the session is being ended (an order, a revocation): from then on nothing
+        // more of the server's reaches the client.
+        let ending = AtomicBool::new(false);
+        // Requests forwarded, in order, for the direction that reads the answers; and back from
+        // it, prepared statements the server did not create after all. Both directions run in this
+        // one task, so these locks are never contended; no guard is held across an await. (Not
+        // channels: an idle session would hold their preallocated blocks.)
+        let responses = std::sync::Mutex::new(responses::Responses::default());
+        let unprepared = std::sync::Mutex::new(Vec::<(Vec<u8>, u64)>::new());
+        // The client_encoding the server last reported, for the gate.
+        let reported_encoding = std::sync::Mutex::new(None::<String>);
+        // Decision records of statements forwarded before their records were on disk (statements
+        // that change nothing): no answer reaches the client before they are.
+        let in_flight = std::sync::Mutex::new(Vec::<crate::audit::Written>::new());
+        let audit = shared.audit.as_ref();
+        let mut woken = shared.registry.subscribe();
+
+        let mut to_server = std::pin::pin!(async {
+            let mut client_size = ReadSize::default();
+            let mut checked = Vec::new();
+            let mut expects = Vec::new();
+            let result: Result<&'static str, PgError> = async {
+            loop {
+                if let Some(order) = live.order() {
+                    ending.store(true, Ordering::Relaxed);
+                    return Err(Box::pin(ordered_out(shared, &session_ids, order)).await);
+                }
+                // A new policy is checked before anything more is forwarded under it.
+                if gate.refresh_policy() {
+                    let d = gate.may_connect();
+                    if !d.allowed {
+                        let database = gate.database().to_owned();
+                        ending.store(true, Ordering::Relaxed);
+                        return Err(Box::pin(revoke(shared, &session_ids, &database, d)).await);
+                    }
+                }
+                for (name, generation) in std::mem::take(&mut *locked(&unprepared)) {
+                    gate.forget_prepared(&name, generation);
+                }
+                if let Some(e) = locked(&reported_encoding).take() {
+                    gate.client_encoding_reported(&e);
+                }
+                // Forward what was complete and valid before a bad message, as a server would
+                // have executed it; nothing from the bad message on.
+                let framed = frame_client_messages(&cbuf, max, |message, range| {
+                    let frame = &cbuf[range.clone()];
+                    // (Read here, not held: both directions run in this task, so it does not
+                    // change while a run is framed.)
+                    let scs = standard_conforming_strings.load(Ordering::Relaxed);
+                    let decided = crate::metrics::timed(&metrics.decision, || {
+                        gate.check(message, frame, scs, &mut expects)
+                    });
+                    checked.push((range, decided));
+                });
+                if framed.len > 0 {
+                    // Every decision is in the audit log (the kernel's copy) before what it
+                    // decided is forwarded; without the log, nothing is. Whether the device
+                    // flush comes first too is the durability mode's call.
+                    let batch = gate.take_records();
+                    if let (Some(audit), false) = (&audit, batch.records.is_empty()) {
+                        let unavailable = |e: crate::audit::AuditError| {
+                            PgError::fatal(
+                                "58030",
+                                "pgiam: the audit log is unavailable; the statement was not forwarded",
+                            )
+                            .with_detail(e.to_string())
+                        };
+                        let records = batch.records.len();
+                        let end = audit.append(batch.records).map_err(unavailable)?;
+                        let in_block = locked(&responses).idle_in_block();
+                        match durability::wait_for(
+                            audit.durability(),
+                            batch.effect,
+                            in_block,
+                            end,
+                            records,
+                            batch.must_sync,
+                        ) {
+                            Wait::Nothing => {}
+                            Wait::Answer(upto) => locked(&in_flight).push(audit.durable(upto)),
+                            Wait::Forward(upto) => {
+                                live.set_state(State::WaitingForAudit);
+                                audit.durable(upto).wait().await.map_err(unavailable)?
+                            }
+                        }
+                    }
+                    {
+                        // Taken, not drained: an idle session keeps no room for a pipeline.
+                        let mut r = locked(&responses);
+                        for e in std::mem::take(&mut expects) {
+                            r.push(e);
+                        }
+                    }
+                    // Before the write: its answer may come back while the write is awaited.
+                    live.set_state(State::Active);
+                    live.bytes_in(framed.len);
+                    metrics.bytes_from_clients.inc_by(framed.len as u64);
+                    let chunk = cbuf.split_to(framed.len);
+                    // Flushed: a TLS writer may keep the tail of what it accepted (the socket was
+                    // full) until it is flushed, and nothing else would push it out. (Boxed, as
+                    // are the other waits that only a busy session makes: the relay is sized by
+                    // its largest wait, and an idle session holds only its reads.)
+                    Box::pin(async {
+                        write_checked(&mut server_wr, &chunk, &mut checked).await?;
+                        server_wr.flush().await
+                    })
+                    .await
+                    .map_err(|e| PgError::fatal("08006", format!("pgiam: server write: {e}")))?;
+                }
+                if let Some(e) = framed.error {
+                    return Err(protocol_violation(e));
+                }
+                if framed.terminate {
+                    return Ok(CLIENT_TERMINATED);
+                }
+                // A message whose header says how long it is gets room for all of it at once.
+                if let Ok(Some(h)) = wire::peek_header(&cbuf, max) {
+                    if h.total > cbuf.len() {
+                        cbuf.reserve(h.total - cbuf.len());
+                    }
+                }
+                // Nothing is left of what was checked: an idle session keeps no room for it.
+                checked = Vec::new();
+                // Waiting for the client is also waiting for the policy to change: a session
+                // whose access is revoked ends now (at the top of the loop), not at its next
+                // statement.
+                // Everything forwardable is forwarded: a cancel may go now, unless part of a
+                // message is still held (it may be the statement the cancel is for).
+                pending.set(!cbuf.is_empty());
+                // Part of a message held: the rest must come within the limit. (Boxed, and made
+                // only then: a timer is hundreds of bytes an idle session need not hold.)
+                let stall = (!cbuf.is_empty()).then(|| Box::pin(tokio::time::sleep(stalled_after)));
+                let read = tokio::select! {
+                    r = read_when_ready(&mut client_rd, &mut cbuf, &mut client_size) => r,
+                    Ok(()) = woken.changed() => continue,
+                    () = async { match stall { Some(s) => s.await, None => std::future::pending().await } } => {
+                        return Err(PgError::fatal(
+                            "08P01",
+                            format!(
+                                "pgiam: the client sent part of a message and nothing more for {}s",
+                                stalled_after.as_secs()
+                            ),
+                        ));
+                    }
+                };
+                if let Ok(n) = read {
+                    pending.set(n > 0);
+                }
+                match read {
+                    Ok(0) if cbuf.is_empty() => return Ok("client closed"),
+                    Ok(0) => {
+                        return Err(PgError::fatal(
+                            "08P01",
+                            "pgiam: client closed the connection in the middle of a message",
+                        ))
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        return Err(PgError::fatal("08006", format!("pgiam: client read: {e}")))
+                    }
+                }
+            }
+        }
+        .await;
+            // Whatever ended this direction, the server is told the session is over.
+            if result != Ok(CLIENT_TERMINATED) {
+                let mut t = BytesMut::new();
+                postgres_protocol::message::frontend::terminate(&mut t);
+                let _ = server_wr.write_all(&t).await;
+            }
+            let _ = server_wr.shutdown().await;
+            if let Err(e) = &result {
+                *locked(&fatal) = Some(Box::new(e.clone()));
+            }
+            result
+        });
+
+        let mut to_client = std::pin::pin!(async {
+            let mut sbuf = BytesMut::new();
+            let mut size = ReadSize::default();
+            // Why an answer was held back for good: the audit record it waited for failed.
+            let mut withheld: Option<Box<PgError>> = None;
+            let end = 'relay: loop {
+                match read_when_ready(&mut server_rd, &mut sbuf, &mut size).await {
+                    Ok(0) => break "server closed",
+                    Ok(_) => {}
+                    Err(_) => break "server read failed",
+                }
+                // Ended by an order or a revocation: the server's answer to the cancel is not
+                // the client's; the FATAL that says why is its last word, as when PostgreSQL
+                // terminates a backend. (Looked at again after the audit wait below.)
+                if ending.load(Ordering::Relaxed) {
+                    sbuf.clear();
+                    continue;
+                }
+                // Whatever this answers was forwarded, its record handed to the writer, before it
+                // was read: nothing of it is written to the client before that record is on disk.
+                if let Err(e) = all_written(&in_flight).await {
+                    warn!(peer = %peer, session = %live.facts.id, "{e}: the answer is withheld and the session ends");
+                    withheld = Some(Box::new(
+                        PgError::fatal(
+                            "58030",
+                            "pgiam: the audit log is unavailable; the statement's result was withheld",
+                        )
+                        .with_detail(e.to_string()),
+                    ));
+                    break 'relay "audit log unavailable";
+                }
+                if ending.load(Ordering::Relaxed) {
+                    sbuf.clear();
+                    continue;
+                }
+                // What to write: runs of the server's bytes, with pgiam's errors in place of the
+                // sentinels'. Decided under the lock, written after it.
+                let mut replaced: Vec<(std::ops::Range<usize>, Bytes)> = Vec::new();
+                let mut pos = 0;
+                let mut failed = false;
+                let events = {
+                    let mut r = locked(&responses);
+                    loop {
+                        match r.step(&sbuf[pos..]) {
+                            Ok(responses::Step::Pass(n)) => pos += n,
+                            Ok(responses::Step::Replace { len, with }) => {
+                                replaced.push((pos..pos + len, with));
+                                pos += len;
+                            }
+                            Ok(responses::Step::NeedMore) => break,
+                            Err(e) => {
+                                warn!(peer = %peer, session = %live.facts.id, "invalid data from the server: {e}");
+                                failed = true;
+                                break;
+                            }
+                        }
+                    }
+                    r.release();
+                    live.set_state(match (r.idle(), r.in_block()) {
+                        (false, _) => State::Active,
+                        (true, true) => State::InTransaction,
+                        (true, false) => State::Idle,
+                    });
+                    std::mem::take(&mut r.events)
+                };
+                // Flushed for the same reason as the other direction: a TLS writer that met a
+                // full socket keeps the tail of the answer until it is flushed, and the server
+                // has nothing more to say that would push it out. (An answer with replacements
+                // is written in a boxed wait, the larger one: see the other direction.)
+                let written = if replaced.is_empty() {
+                    async {
+                        client_wr.write_all(&sbuf[..pos]).await?;
+                        client_wr.flush().await
+                    }
+                    .await
+                } else {
+                    Box::pin(write_replaced(&mut client_wr, &sbuf[..pos], replaced)).await
+                };
+                if written.is_err() {
+                    return "client write failed";
+                }
+                live.bytes_out(pos);
+                metrics.bytes_to_clients.inc_by(pos as u64);
+                let _ = sbuf.split_to(pos);
+                for event in events {
+                    match event {
+                        responses::Event::Completed {
+                            record,
+                            sqlstate,
+                            rows,
+                            tag,
+                            micros,
+                        } => {
+                            if let Some(audit) = &audit {
+                                audit.record_later(statements::completion_record(
+                                    &record,
+                                    sqlstate.as_deref(),
+                                    rows,
+                                    tag.as_deref(),
+                                    micros,
+                                ));
+                            }
+                        }
+                        responses::Event::NotPrepared { name, generation } => {
+                            locked(&unprepared).push((name, generation));
+                        }
+                        responses::Event::StandardConformingStrings(on) => {
+                            standard_conforming_strings.store(on, Ordering::Relaxed)
+                        }
+                        responses::Event::ClientEncoding(value) => {
+                            *locked(&reported_encoding) = Some(value)
+                        }
+                        responses::Event::UnsafeClientEncoding(value) => {
+                            warn!(peer = %peer, session = %live.facts.id, "server switched client_encoding to {value}: ending the session");
+                            failed = true;
+                        }
+                    }
+                }
+                if failed {
+                    break "invalid data from the server, or an encoding pgiam cannot read";
+                }
+            };
+            // The last word, written only between two of the server's messages: why the answer
+            // was withheld, or the error that ended the other direction once the server is drained.
+            let last_word = withheld.or_else(|| sbuf.is_empty().then(|| locked(&fatal).take())?);
+            if let Some(e) = last_word.filter(|_| locked(&responses).at_boundary()) {
+                let mut b = BytesMut::new();
+                e.encode(&mut b);
+                let _ = client_wr.write_all(&b).await;
+            }
+            let _ = client_wr.shutdown().await;
+            end
+        });
+
+        let mut server_side_done = false;
+        let mut ended_by = String::new();
+        // Once a session is being ended, the server has this long to close its side (after the
+        // cancel and the Terminate); a server that does not is cut off, so that an order always
+        // ends the session.
+        let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+        loop {
+            tokio::select! {
+                () = async { grace.as_mut().expect("guarded").await }, if grace.is_some() => {
+                    warn!(peer = %peer, session = %live.facts.id, "the server did not close the ended session within {}s: cut off", ENDING_GRACE.as_secs());
+                    break;
+                }
+                r = &mut to_server, if !server_side_done => {
+                    server_side_done = true;
+                    if ending.load(Ordering::Relaxed) {
+                        grace = Some(Box::pin(tokio::time::sleep(ENDING_GRACE)));
+                    }
+                    match r {
+                        Ok(why) => {
+                            debug!(peer = %peer, session = %live.facts.id, "{why}");
+                            ended_by = why.to_owned();
+                        }
+                        Err(e) => {
+                            warn!(peer = %peer, session = %live.facts.id, code = e.code, "closing session: {}", e.message);
+                            ended_by = e.message.clone();
+                        }
+                    }
+                }
+                why = &mut to_client => {
+                    debug!(peer = %peer, session = %live.facts.id, "{why}");
+                    if ended_by.is_empty() {
+                        ended_by = why.to_owned();
+                    }
+                    break;
+                }
+            }
+        }
+        ended_by
+    }
+}
+
+/// The lock's contents, even if a panic poisoned it (the data is a queue, always consistent
+/// between operations).
+pub(super) fn locked<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Writes a framed run of client messages: as one write when all were authorized as they are,
+/// else piecewise with the sentinels in place of the refused ones.
+async fn write_checked<W: AsyncWriteExt + Unpin>(
+    server: &mut W,
+    chunk: &[u8],
+    checked: &mut Vec<(std::ops::Range<usize>, statements::Checked)>,
+) -> std::io::Result<()> {
+    let mut at = 0;
+    for (range, c) in checked.drain(..) {
+        match c {
+            statements::Checked::Forward(statements::Authorized { .. }) => {}
+            statements::Checked::Substitute(with) => {
+                server.write_all(&chunk[at..range.start]).await?;
+                server.write_all(&with).await?;
+                at = range.end;
+            }
+        }
+    }
+    server.write_all(&chunk[at..]).await
+}
+
+/// Waits for the records of what an answer is for (taken from `in_flight`), in order: the
+/// first failure, if any. The wait is boxed, and made only if there is something to wait for.
+fn all_written(
+    in_flight: &std::sync::Mutex<Vec<crate::audit::Written>>,
+) -> impl std::future::Future<Output = Result<(), crate::audit::AuditError>> {
+    let waiting = std::mem::take(&mut *locked(in_flight));
+    let wait = (!waiting.is_empty()).then(|| {
+        Box::pin(async move {
+            for written in waiting {
+                written.wait().await?;
+            }
+            Ok(())
+        })
+    });
+    async move {
+        match wait {
+            Some(wait) => wait.await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// Writes the server's answer with pgiam's errors in place of the runs `replaced` names, and
+/// flushes.
+async fn write_replaced<W: AsyncWriteExt + Unpin>(
+    client: &mut W,
+    answer: &[u8],
+    replaced: Vec<(std::ops::Range<usize>, Bytes)>,
+) -> std::io::Result<()> {
+    let mut start = 0;
+    for (range, with) in replaced {
+        client.write_all(&answer[start..range.start]).await?;
+        client.write_all(&with).await?;
+        start = range.end;
+    }
+    client.write_all(&answer[start..]).await?;
+    client.flush().await
+}
+
+/// The run of complete, valid client messages at the front of a buffer.
+#[derive(Debug, PartialEq, Eq)]
+struct Framed {
+    /// Bytes that may be forwarded.
+    len: usize,
+    /// The run ends with a Terminate.
+    terminate: bool,
+    /// The message after the run is invalid.
+    error: Option<WireError>,
+}
+
+/// Frames and validates client messages after login. Every byte pgiam forwards has passed
+/// here; nothing after a Terminate or an invalid message is included. `visit` sees each message
+/// that will be forwarded, decoded once.
+fn frame_client_messages(
+    buf: &[u8],
+    max: usize,
+    mut visit: impl FnMut(&FrontendMessage<'_>, std::ops::Range<usize>),
+) -> Framed {
+    let mut at = 0;
+    let done = |len, terminate, error| Framed {
+        len,
+        terminate,
+        error,
+    };
+    loop {
+        let header = match wire::peek_header(&buf[at..], max) {
+            Ok(Some(h)) if buf.len() - at >= h.total => h,
+            Ok(_) => return done(at, false, None),
+            Err(e) => return done(at, false, Some(e)),
+        };
+        let message = match wire::decode_frontend(header.tag, &buf[at + 5..at + header.total]) {
+            Ok(m) => m,
+            Err(e) => return done(at, false, Some(e)),
+        };
+        match message {
+            FrontendMessage::AuthResponse(_) => {
+                let e = WireError::Malformed {
+                    what: "PasswordMessage",
+                    detail: "not expected after authentication",
+                };
+                return done(at, false, Some(e));
+            }
+            FrontendMessage::Terminate => return done(at + header.total, true, None),
+            _ => {
+                visit(&message, at..at + header.total);
+                at += header.total;
+            }
+        }
+    }
+}
+
+/// Reads what the peer sends next into `buf`, `size` at a time. A read that would wait, with
+/// nothing held in `buf`, gives `buf`'s room back and waits for the stream to be readable: an
+/// idle session holds no read buffers. While bytes keep coming the room is kept and reused.
+/// (Not an `async fn`: the future is only the references it polls with.)
+pub(super) fn read_when_ready<'a, S: Stream>(
+    stream: &'a mut S,
+    buf: &'a mut BytesMut,
+    size: &'a mut ReadSize,
+) -> impl std::future::Future<Output = std::io::Result<usize>> + 'a {
+    use std::future::Future;
+    use std::task::{ready, Poll};
+    std::future::poll_fn(move |cx| {
+        if buf.capacity() == 0 {
+            ready!(stream.poll_read_ready(cx))?;
+        }
+        size.prepare(buf);
+        let free = buf.capacity() - buf.len();
+        let read = std::pin::pin!(stream.read_buf(buf)).poll(cx);
+        match read {
+            Poll::Ready(Ok(n)) => {
+                size.observe(n, free);
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending if buf.is_empty() => {
+                *buf = BytesMut::new();
+                Poll::Pending
+            }
+            other => other,
+        }
+    })
+}
+
+/// How much to read at a time: doubles while reads fill the buffer (a result set streaming),
+/// halves when they come back small, so a session that reads little makes little room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct ReadSize(usize);
+
+impl ReadSize {
+    pub(super) const MIN: usize = 512;
+    const MAX: usize = 256 * 1024;
+
+    /// Makes room for the next read, giving back an empty buffer far larger than needed.
+    fn prepare(self, buf: &mut BytesMut) {
+        if buf.is_empty() && buf.capacity() > 4 * self.0 {
+            *buf = BytesMut::with_capacity(self.0);
+        }
+        if buf.capacity() - buf.len() < self.0 / 2 {
+            buf.reserve(self.0);
+        }
+    }
+
+    /// Learns from a read of `n` bytes into `free` bytes of room.
+    fn observe(&mut self, n: usize, free: usize) {
+        if n >= free {
+            self.0 = (self.0 * 2).min(Self::MAX);
+        } else if n < self.0 / 4 {
+            self.0 = (self.0 / 2).max(Self::MIN);
+        }
+    }
+}
+
+impl Default for ReadSize {
+    fn default() -> Self {
+        ReadSize(Self::MIN)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A read that would wait, with nothing held, gives its room back; what comes next is read
+    /// whole, and room held for a partial message is kept.
+    #[tokio::test]
+    async fn an_idle_read_holds_no_buffer() {
+        use std::future::Future;
+        let (mut near, mut far) = tokio::io::duplex(1 << 16);
+        let mut buf = BytesMut::new();
+        let mut size = ReadSize::default();
+        far.write_all(b"hello").await.unwrap();
+        assert_eq!(
+            read_when_ready(&mut near, &mut buf, &mut size)
+                .await
+                .unwrap(),
+            5
+        );
+        assert_eq!(&buf[..], b"hello");
+        let _ = buf.split();
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        {
+            let idle = std::pin::pin!(read_when_ready(&mut near, &mut buf, &mut size));
+            assert!(idle.poll(&mut cx).is_pending());
+        }
+        assert_eq!(buf.capacity(), 0, "an idle session holds no read buffer");
+        far.write_all(b"again").await.unwrap();
+        assert_eq!(
+            read_when_ready(&mut near, &mut buf, &mut size)
+                .await
+                .unwrap(),
+            5
+        );
+        assert_eq!(&buf[..], b"again");
+        // Part of a message is held: the room stays while the rest is awaited.
+        {
+            let waiting = std::pin::pin!(read_when_ready(&mut near, &mut buf, &mut size));
+            assert!(waiting.poll(&mut cx).is_pending());
+        }
+        assert_eq!(&buf[..], b"again");
+        far.write_all(b"!").await.unwrap();
+        read_when_ready(&mut near, &mut buf, &mut size)
+            .await
+            .unwrap();
+        assert_eq!(&buf[..], b"again!");
+    }
+
+    #[test]
+    fn read_size_grows_while_streaming_and_shrinks_when_quiet() {
+        let mut size = ReadSize::default();
+        let mut buf = BytesMut::new();
+        for _ in 0..10 {
+            size.prepare(&mut buf);
+            let free = buf.capacity() - buf.len();
+            size.observe(free, free);
+            buf.clear();
+        }
+        assert_eq!(size, ReadSize(ReadSize::MAX));
+        assert!(buf.capacity() >= ReadSize::MAX / 2);
+        for _ in 0..10 {
+            size.prepare(&mut buf);
+            size.observe(5, buf.capacity());
+            buf.clear();
+        }
+        assert_eq!(size, ReadSize(ReadSize::MIN));
+        size.prepare(&mut buf);
+        assert!(buf.capacity() <= 4 * ReadSize::MIN, "{}", buf.capacity());
+    }
+
+    #[test]
+    fn client_framing_stops_before_a_bad_message_and_after_terminate() {
+        use postgres_protocol::message::frontend;
+        let mut b = BytesMut::new();
+        frontend::sync(&mut b);
+        let good = b.len();
+        b.extend_from_slice(b"S\0\0\0\x05x");
+        let f = frame_client_messages(&b, 1 << 20, |_, _| {});
+        assert_eq!(f.len, good);
+        assert!(matches!(f.error, Some(WireError::Malformed { .. })));
+
+        let mut b = BytesMut::new();
+        frontend::sync(&mut b);
+        frontend::password_message(b"pw", &mut b).unwrap();
+        let f = frame_client_messages(&b, 1 << 20, |_, _| {});
+        assert_eq!(f.len, 5, "a password after login is never forwarded");
+        assert!(f.error.is_some());
+
+        let mut b = BytesMut::new();
+        frontend::terminate(&mut b);
+        frontend::sync(&mut b);
+        let f = frame_client_messages(&b, 1 << 20, |_, _| {});
+        assert_eq!((f.len, f.terminate, f.error), (5, true, None));
+
+        let mut b = BytesMut::new();
+        frontend::query("select 1", &mut b).unwrap();
+        let whole = b.len();
+        b.extend_from_slice(b"Q\0\0");
+        let f = frame_client_messages(&b, 1 << 20, |_, _| {});
+        assert_eq!(
+            (f.len, f.terminate, f.error),
+            (whole, false, None),
+            "partial: wait"
+        );
+        assert!(
+            frame_client_messages(b"Q\0\0\x10\0", 1024, |_, _| {})
+                .error
+                .is_some(),
+            "too large"
+        );
+    }
+}
