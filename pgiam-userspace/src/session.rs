@@ -531,31 +531,6 @@ async fn establish(
         )
         .await);
     }
-    // An operator's revocation stands above the policy.
-    let names =
-        std::iter::once(mapping.principal.as_str()).chain(principals.iter().map(String::as_str));
-    if let Some(r) = shared.revocations.find(names) {
-        warn!(peer = %client.peer, %identity, principal = %r.principal, "session refused: principal revoked");
-        let mut e = PgError::fatal(
-            "42501",
-            format!(
-                "pgiam: permission denied: the access of {} is revoked",
-                r.principal
-            ),
-        );
-        if let Some(reason) = &r.reason {
-            e = e.with_detail(format!("reason: {reason}"));
-        }
-        return Err(audited_refusal(
-            shared,
-            &client.peer,
-            identity,
-            Some(&checked.database),
-            e,
-            "revoked",
-        )
-        .await);
-    }
     let id = match &shared.audit {
         Some(audit) => audit.next_id(),
         None => shared.registry.local_id(),
@@ -593,33 +568,46 @@ async fn establish(
             .await);
         }
     };
-    // Checked again once registered: a revocation or a reload that ordered sessions out just
-    // before this one registered saw no entry to order, so this one looks for itself. (Both
-    // change their state before they order, and registration is under the registry's lock.)
+    // An operator's revocation stands above the policy, and the mapping must still be the
+    // one in force. Both are looked at once registered: a revocation or a reload that ordered
+    // sessions out just before this one registered saw no entry to order, so this one looks
+    // for itself (both change their state before they order, and registration is under the
+    // registry's lock).
     let names =
         std::iter::once(mapping.principal.as_str()).chain(principals.iter().map(String::as_str));
-    let revoked = shared.revocations.find(names).map(|r| r.principal);
-    let now = shared.settings.current();
-    let still_mapped = now
+    let revoked = shared.revocations.find(names);
+    let still_mapped = shared
+        .settings
+        .current()
         .config
         .find_mapping(&principals, &checked.database)
         .is_some_and(|m| m.principal == mapping.principal && m.role == mapping.role);
-    if revoked.is_some() || !still_mapped {
-        let e = PgError::fatal(
-            "42501",
-            match &revoked {
-                Some(p) => format!("pgiam: permission denied: the access of {p} is revoked"),
-                None => {
-                    "pgiam: permission denied: the configuration changed while the session started"
-                        .to_owned()
-                }
-            },
-        );
-        let reason = if revoked.is_some() {
-            "revoked"
-        } else {
-            "no_mapping"
-        };
+    let refused = match (&revoked, still_mapped) {
+        (Some(r), _) => {
+            warn!(peer = %client.peer, %identity, principal = %r.principal, "session refused: principal revoked");
+            let e = PgError::fatal(
+                "42501",
+                format!(
+                    "pgiam: permission denied: the access of {} is revoked",
+                    r.principal
+                ),
+            );
+            let e = match &r.reason {
+                Some(reason) => e.with_detail(format!("reason: {reason}")),
+                None => e,
+            };
+            Some((e, "revoked"))
+        }
+        (None, false) => Some((
+            PgError::fatal(
+                "42501",
+                "pgiam: permission denied: the configuration changed while the session started",
+            ),
+            "no_mapping",
+        )),
+        (None, true) => None,
+    };
+    if let Some((e, reason)) = refused {
         drop(registration);
         return Err(audited_refusal(
             shared,
