@@ -258,6 +258,31 @@ impl PgCluster {
         .map(|_| ())
     }
 
+    /// Restarts the server the way an operator does (`pg_ctl restart -m fast`): every session
+    /// is terminated (57P01) and the server is back on the same port.
+    pub fn restart(&self) -> anyhow::Result<()> {
+        run_checked(self.command("pg_ctl").args([
+            "-D",
+            path(&self.data_dir),
+            "-l",
+            path(&self.log_path),
+            "-m",
+            "fast",
+            "-w",
+            "-t",
+            "60",
+            "restart",
+        ]))
+        .map(|_| ())
+        .with_context(|| {
+            format!(
+                "pg_ctl restart; log:
+{}",
+                self.log()
+            )
+        })
+    }
+
     pub fn stop(&mut self) {
         if !self.stopped {
             let _ = self

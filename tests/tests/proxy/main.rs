@@ -10,6 +10,7 @@ mod cancel;
 mod clients;
 mod deferred;
 mod dump;
+mod faults;
 mod malformed;
 mod policy;
 mod refusals;
