@@ -21,6 +21,11 @@ use crate::wire::{self, FrontendMessage, PgError, WireError};
 /// How long the server has to close a session pgiam is ending.
 const ENDING_GRACE: Duration = Duration::from_secs(5);
 
+/// Requests forwarded and unanswered beyond which a client is read no further. Well above
+/// what a server holds back unflushed (its 8 KiB output buffer of 5-byte answers, ~1,640), so
+/// a client that sends Sync only at the end still gets there; each costs pgiam ~200 bytes.
+const MAX_OUTSTANDING: usize = 16_384;
+
 /// Moves bytes both ways until either side ends. Client messages are framed, validated and
 /// authorized before they are forwarded; server messages stream through, matched to the
 /// requests they answer.
@@ -62,6 +67,8 @@ pub(super) async fn relay(
         // Set when the session is being ended (an order, a revocation): from then on nothing
         // more of the server's reaches the client.
         let ending = AtomicBool::new(false);
+        // Signalled as answers are read, for a direction that stopped reading its client.
+        let drained = tokio::sync::Notify::new();
         // Requests forwarded, in order, for the direction that reads the answers; and back from
         // it, prepared statements the server did not create after all. Both directions run in this
         // one task, so these locks are never contended; no guard is held across an await. (Not
@@ -188,6 +195,22 @@ pub(super) async fn relay(
                 // Everything forwardable is forwarded: a cancel may go now, unless part of a
                 // message is still held (it may be the statement the cancel is for).
                 pending.set(!cbuf.is_empty());
+                // A client that pipelines without waiting for answers (no Sync, or answers it
+                // has not read yet) is read no further while this many requests are unanswered:
+                // what pgiam keeps per request stays bounded, and the client's sends block, as
+                // they would against a server that stops reading.
+                if locked(&responses).outstanding() >= MAX_OUTSTANDING {
+                    pending.set(!cbuf.is_empty());
+                    // (Boxed: only a session held back pays for the wait's room.)
+                    Box::pin(async {
+                        tokio::select! {
+                            () = drained.notified() => {}
+                            Ok(()) = woken.changed() => {}
+                        }
+                    })
+                    .await;
+                    continue;
+                }
                 // Part of a message held: the rest must come within the limit. (Boxed, and made
                 // only then: a timer is hundreds of bytes an idle session need not hold.)
                 let stall = (!cbuf.is_empty()).then(|| Box::pin(tokio::time::sleep(stalled_after)));
@@ -357,6 +380,8 @@ pub(super) async fn relay(
                 if failed {
                     break "invalid data from the server, or an encoding pgiam cannot read";
                 }
+                // Answers read: a client held back for its pipeline may be read again.
+                drained.notify_one();
             };
             // The last word, written only between two of the server's messages: why the answer
             // was withheld, or the error that ended the other direction once the server is drained.

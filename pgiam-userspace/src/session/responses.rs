@@ -119,6 +119,11 @@ impl Responses {
         self.idle() && self.in_block
     }
 
+    /// Requests forwarded and not answered yet.
+    pub fn outstanding(&self) -> usize {
+        self.expects.len()
+    }
+
     /// Everything forwarded has been answered.
     pub fn idle(&self) -> bool {
         self.expects.is_empty() && self.remaining == 0 && !self.skipping

@@ -335,3 +335,79 @@ fn a_message_left_half_sent_ends_the_session_instead_of_holding_its_backend() {
     }
     assert_eq!(backends(), "0", "the server connection was closed");
 }
+
+/// pgiam's peak resident memory, in KiB.
+fn peak_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Sends `statements` × (Parse, Bind, Execute) and then one Sync, reading the answers as they
+/// come (as a driver's reader does), until the ReadyForQuery that answers the Sync.
+fn pipeline_without_sync(raw: &mut Raw, statements: usize) {
+    use std::io::{Read, Write};
+    let frame = |tag: u8, body: &[u8]| {
+        let mut m = vec![tag];
+        m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    };
+    let one = [
+        frame(b'P', b"\0SELECT 1\0\0\0"),
+        frame(b'B', b"\0\0\0\0\0\0\0\0"),
+        frame(b'E', b"\0\0\0\0\0"),
+    ]
+    .concat();
+    let mut writer = raw.stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let chunk = one.repeat(1000);
+        for _ in 0..statements / 1000 {
+            writer.write_all(&chunk).unwrap();
+        }
+        writer.write_all(&[b'S', 0, 0, 0, 4]).unwrap();
+    });
+    let mut tail = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = raw.stream.read(&mut buf).unwrap();
+        assert!(n > 0, "closed before ReadyForQuery");
+        tail.extend_from_slice(&buf[..n]);
+        if tail.ends_with(&[b'Z', 0, 0, 0, 5, b'I']) {
+            break;
+        }
+        let keep = tail.len().saturating_sub(16);
+        tail.drain(..keep);
+    }
+    sender.join().unwrap();
+}
+
+/// A client that pipelines far ahead of the server (no Sync until the end) is read no further
+/// once 16,384 requests are unanswered: pgiam's memory stays bounded (~200 bytes a request
+/// would otherwise pile up: 120,000 statements are 360,000 requests, ~75 MB).
+#[test]
+fn a_pipeline_far_ahead_of_the_server_is_pushed_back_not_buffered() {
+    // `buffered`: no write-ahead ring, whose batches between two flushes would be measured
+    // too (they follow the disk's speed, not the pipeline).
+    let env = Env::with(Setup {
+        extra: "durability = \"buffered\"".into(),
+        ..Setup::default()
+    });
+    let mut raw = Raw::connect(env.tcp);
+    raw.startup();
+    raw.until_ready();
+    // Warmed up first: the audit log's ring and the buffers are allocated once, not per request.
+    pipeline_without_sync(&mut raw, 10_000);
+    let before = peak_kib(env.pgiam.pid());
+    pipeline_without_sync(&mut raw, 120_000);
+    let grown = peak_kib(env.pgiam.pid()).saturating_sub(before);
+    eprintln!("pgiam's peak grew {grown} KiB for 120,000 pipelined statements");
+    // (~19 MiB with the cap here, ~60 MiB without it.)
+    assert!(grown < 36 * 1024, "pgiam held the pipeline: {grown} KiB");
+    // And the session still works.
+    raw.send(&query_bytes("SELECT 1"));
+    raw.until_ready();
+}
