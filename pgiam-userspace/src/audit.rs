@@ -398,6 +398,9 @@ impl Drop for Inner {
     }
 }
 
+/// The most room a flushed batch keeps for the next one.
+const BATCH_ROOM_KEPT: usize = 1 << 20;
+
 /// Why a rotation did not happen.
 enum Rotation {
     /// Making the log durable failed: the log is broken.
@@ -927,8 +930,9 @@ fn flusher(inner: std::sync::Weak<Inner>, mut ring: Option<ring::Ring>) {
         let mut batch = batch;
         batch.clear();
         let mut state = inner.lock();
-        if state.unsynced.is_empty() {
-            // Its room is kept for the next batch.
+        // Its room is kept for the next batch, unless a stall (a long flush, records piling up
+        // meanwhile) made it large: that room would otherwise stay taken for good.
+        if state.unsynced.is_empty() && batch.capacity() <= BATCH_ROOM_KEPT {
             state.unsynced = batch;
         }
         match flushed {
@@ -1150,6 +1154,22 @@ mod tests {
     }
 
     /// A flush (at shutdown) writes the records still held back, and no line of its own.
+    #[tokio::test]
+    async fn a_large_batch_gives_its_room_back_once_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path, Durability::Changes, INTERVAL).unwrap();
+        // One batch of ~2.5 MB between two flushes, as a stalled flush leaves behind.
+        let records = (0..5000)
+            .map(|n| crate::audit_fields! {"kind" => "test", "n" => n, "pad" => "x".repeat(400)})
+            .collect();
+        let at = log.append(records).unwrap();
+        log.durable(at).wait().await.unwrap();
+        let room = log.inner.lock().unsynced.capacity();
+        assert!(room <= BATCH_ROOM_KEPT, "{room} bytes kept");
+        assert_eq!(verify(&path).unwrap(), Verified::Intact { records: 5000 });
+    }
+
     #[tokio::test]
     async fn a_flush_writes_what_is_held_back() {
         let dir = tempfile::tempdir().unwrap();
