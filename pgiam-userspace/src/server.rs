@@ -82,7 +82,8 @@ pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
     };
     let admin_socket = match &config.admin {
         Some(a) => {
-            let listener = crate::admin::socket::bind(a)?;
+            let listener = bind_unix(&a.socket, a.socket_mode)?;
+            crate::admin::socket::give_to_group(&a.socket, a.group.as_deref())?;
             info!(path = %a.socket.display(), group = ?a.group, "admin socket open");
             Some((listener, a.socket.clone()))
         }
@@ -360,13 +361,18 @@ fn sd_notify(state: &str) {
     }
 }
 
-/// Binds the unix socket, replacing a stale socket file left by an earlier run (never any other
-/// kind of file).
+/// Binds a unix socket, replacing a stale socket file left by an earlier run (never any other
+/// kind of file, nor a socket someone still answers on: another pgiam's).
 fn bind_unix(path: &Path, mode: u32) -> anyhow::Result<UnixListener> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         anyhow::ensure!(
             meta.file_type().is_socket(),
             "{} exists and is not a socket; refusing to replace it",
+            path.display()
+        );
+        anyhow::ensure!(
+            std::os::unix::net::UnixStream::connect(path).is_err(),
+            "{} is the socket of a running pgiam; refusing to take it over",
             path.display()
         );
         std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;

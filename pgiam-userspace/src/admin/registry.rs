@@ -103,16 +103,6 @@ impl State {
             _ => State::NotConnected,
         }
     }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Idle => "idle",
-            State::Active => "active",
-            State::InTransaction => "in transaction",
-            State::WaitingForAudit => "waiting for audit",
-            State::NotConnected => "not connected",
-        }
-    }
 }
 
 /// The facts a session is established with; they do not change for its life.

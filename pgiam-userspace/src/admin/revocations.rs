@@ -143,12 +143,7 @@ impl Revocations {
         f.sync_all().map_err(io)?;
         std::fs::rename(&tmp, &self.path).map_err(io)?;
         // The rename itself must survive a crash too.
-        if let Some(dir) = self.path.parent() {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io)?;
-        }
-        Ok(())
+        crate::audit::rotate::sync_dir(&self.path).map_err(io)
     }
 }
 

@@ -3,7 +3,7 @@
 //! (uid, and the peer's groups as the kernel holds them), never from anything the client says.
 
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -36,37 +36,14 @@ struct Allowed {
     group: Option<(String, u32)>,
 }
 
-/// Binds the socket (replacing a stale one), owned by root and the admin group.
-pub fn bind(config: &crate::config::Admin) -> anyhow::Result<UnixListener> {
-    let path = &config.socket;
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        use std::os::unix::fs::FileTypeExt;
-        anyhow::ensure!(
-            meta.file_type().is_socket(),
-            "{} exists and is not a socket; refusing to replace it",
-            path.display()
-        );
-        // A socket someone answers on is another pgiam's, not a stale file.
-        anyhow::ensure!(
-            std::os::unix::net::UnixStream::connect(path).is_err(),
-            "{} is the admin socket of a running pgiam; refusing to take it over",
-            path.display()
-        );
-        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
-    }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let listener = UnixListener::bind(path)
-        .with_context(|| format!("cannot listen on admin socket {}", path.display()))?;
-    if let Some(group) = &config.group {
-        let gid = group_id(group)?;
-        nix::unistd::chown(path.as_path(), None, Some(nix::unistd::Gid::from_raw(gid)))
-            .with_context(|| format!("chgrp {group} {}", path.display()))?;
-    }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(config.socket_mode))
-        .with_context(|| format!("chmod {}", path.display()))?;
-    Ok(listener)
+/// Gives the bound socket file to the admin group, whose members may then open it.
+pub fn give_to_group(path: &Path, group: Option<&str>) -> anyhow::Result<()> {
+    let Some(group) = group else {
+        return Ok(());
+    };
+    let gid = group_id(group)?;
+    nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
+        .with_context(|| format!("chgrp {group} {}", path.display()))
 }
 
 fn group_id(name: &str) -> anyhow::Result<u32> {

@@ -16,25 +16,20 @@ pub(super) async fn revoke(
     database: &str,
     decision: crate::policy::Decision,
 ) -> PgError {
-    cancel_running(shared, *process_id, *secret_key).await;
-    let mut error = PgError::fatal(
+    let error = PgError::fatal(
         "57P01",
         format!("pgiam: terminating connection: access to database {database} was revoked"),
     );
-    if let Some(audit) = &shared.audit {
-        let id = audit.next_id();
-        let record = crate::audit_fields! {
+    let error = end(shared, *process_id, *secret_key, error, |id| {
+        crate::audit_fields! {
             "id" => id,
             "kind" => "session_revoked",
             "session" => session_id,
             "denied" => decision.denied,
             "policies" => decision.policies,
-        };
-        if let Err(e) = audit.record(record).await {
-            warn!("audit record for a revocation was not written: {e}");
         }
-        error = error.with_audit_id(&id);
-    }
+    })
+    .await;
     crate::metrics::get().ended_by("policy");
     info!(database, "session ended: access revoked by the policy");
     error
@@ -47,7 +42,6 @@ pub(super) async fn ordered_out(
     (session_id, process_id, secret_key): &(Option<String>, i32, i32),
     order: Order,
 ) -> PgError {
-    cancel_running(shared, *process_id, *secret_key).await;
     let (message, detail) = match &order {
         Order::Kill { by } => (
             "pgiam: terminating connection due to administrator command".to_owned(),
@@ -73,16 +67,15 @@ pub(super) async fn ordered_out(
             "pgiam.toml was reloaded without the mapping this session was established under.".to_owned(),
         ),
     };
-    let mut error = PgError::fatal("57P01", message).with_detail(detail);
-    if let Some(audit) = &shared.audit {
-        let id = audit.next_id();
-        let (principal, reason) = match &order {
-            Order::Revoke {
-                principal, reason, ..
-            } => (Some(principal.as_str()), reason.as_deref()),
-            _ => (None, None),
-        };
-        let record = crate::audit_fields! {
+    let (principal, reason) = match &order {
+        Order::Revoke {
+            principal, reason, ..
+        } => (Some(principal.as_str()), reason.as_deref()),
+        _ => (None, None),
+    };
+    let error = PgError::fatal("57P01", message).with_detail(detail);
+    let error = end(shared, *process_id, *secret_key, error, |id| {
+        crate::audit_fields! {
             "id" => id,
             "kind" => "session_killed",
             "session" => session_id,
@@ -90,12 +83,9 @@ pub(super) async fn ordered_out(
             "by" => order.operator(),
             "principal" => principal,
             "reason" => reason,
-        };
-        if let Err(e) = audit.record(record).await {
-            warn!("audit record for an ended session was not written: {e}");
         }
-        error = error.with_audit_id(&id);
-    }
+    })
+    .await;
     crate::metrics::get().ended_by(order.kind());
     info!(
         session = session_id.as_deref().unwrap_or("-"),
@@ -104,6 +94,26 @@ pub(super) async fn ordered_out(
         error.message
     );
     error
+}
+
+/// What every ending does: the running statement cancelled, the ending's record (built for
+/// its id) written, and the client's error pointing at that record.
+async fn end(
+    shared: &Shared,
+    process_id: i32,
+    secret_key: i32,
+    error: PgError,
+    record: impl FnOnce(&str) -> crate::audit::Record,
+) -> PgError {
+    cancel_running(shared, process_id, secret_key).await;
+    let Some(audit) = &shared.audit else {
+        return error;
+    };
+    let id = audit.next_id();
+    if let Err(e) = audit.record(record(&id)).await {
+        warn!("the audit record of an ended session was not written: {e}");
+    }
+    error.with_audit_id(&id)
 }
 
 /// Cancels whatever the session's backend is running (best effort: the session ends anyway).
