@@ -49,6 +49,9 @@ pub struct Config {
     pub policy: PolicyConfig,
     /// The admin socket; absent: no `pgiam sessions`, `kill`, `revoke`, `status`.
     pub admin: Option<Admin>,
+    /// Limits of the backend pools that mappings with `pool = "session"` draw from.
+    #[serde(default)]
+    pub pool: Pool,
     /// `text` (the default) or `json`: one JSON object per line, for journald and log
     /// pipelines, with the session id in each session's lines.
     #[serde(default)]
@@ -466,6 +469,91 @@ pub struct Mapping {
     pub database: String,
     /// The database role pgiam logs in as.
     pub role: String,
+    /// Whether a backend outlives its client (`session`: reset and kept for the next client
+    /// with the same login) or closes with it (`none`, the default).
+    #[serde(default)]
+    pub pool: PoolMode,
+}
+
+/// How a mapping's sessions get their backends.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum PoolMode {
+    /// Each session opens its own backend and closes it at its end.
+    #[default]
+    None,
+    /// A backend whose client has left is reset (DISCARD ALL, then a check that it is back to
+    /// its login state) and kept for the next session with the same login role, database,
+    /// startup parameters and server.
+    Session,
+}
+
+/// `[pool]`: the limits every pooled mapping shares.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Pool {
+    /// Idle backends kept per login (role, database, startup parameters, server).
+    #[serde(default = "default_pool_size")]
+    pub size: usize,
+    /// The most backends pooled mappings hold open to one server, in use and idle; a session
+    /// that needs one beyond it waits in a queue.
+    #[serde(default = "default_pool_max_backends")]
+    pub max_backends: usize,
+    /// How long a session waits in that queue before it is refused (53300).
+    #[serde(default = "default_pool_queue_timeout_secs")]
+    pub queue_timeout_secs: u64,
+    /// An idle backend unused this long is closed.
+    #[serde(default = "default_pool_idle_timeout_secs")]
+    pub idle_timeout_secs: u64,
+    /// A backend older than this is closed when its client leaves, not reused.
+    #[serde(default = "default_pool_max_lifetime_secs")]
+    pub max_lifetime_secs: u64,
+}
+
+fn default_pool_size() -> usize {
+    20
+}
+
+fn default_pool_max_backends() -> usize {
+    100
+}
+
+fn default_pool_queue_timeout_secs() -> u64 {
+    10
+}
+
+fn default_pool_idle_timeout_secs() -> u64 {
+    300
+}
+
+fn default_pool_max_lifetime_secs() -> u64 {
+    3600
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool {
+            size: default_pool_size(),
+            max_backends: default_pool_max_backends(),
+            queue_timeout_secs: default_pool_queue_timeout_secs(),
+            idle_timeout_secs: default_pool_idle_timeout_secs(),
+            max_lifetime_secs: default_pool_max_lifetime_secs(),
+        }
+    }
+}
+
+impl Pool {
+    pub fn queue_timeout(&self) -> Duration {
+        Duration::from_secs(self.queue_timeout_secs)
+    }
+
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+
+    pub fn max_lifetime(&self) -> Duration {
+        Duration::from_secs(self.max_lifetime_secs)
+    }
 }
 
 impl Mapping {
@@ -576,6 +664,21 @@ impl Config {
             if a.socket_mode & !0o777 != 0 {
                 return Err("admin.socket_mode takes permission bits only (e.g. 0o660)".into());
             }
+        }
+        if self.pool.size == 0 && self.mappings.iter().any(|m| m.pool != PoolMode::None) {
+            return Err("pool.size must be at least 1 when a mapping pools".into());
+        }
+        if self.pool.max_backends == 0 {
+            return Err("pool.max_backends must be at least 1".into());
+        }
+        if self.pool.queue_timeout_secs == 0
+            || self.pool.idle_timeout_secs == 0
+            || self.pool.max_lifetime_secs == 0
+        {
+            return Err(
+                "pool.queue_timeout_secs, idle_timeout_secs and max_lifetime_secs must be at least 1"
+                    .into(),
+            );
         }
         if self.limits.max_message_size < 1024 {
             return Err("limits.max_message_size must be at least 1024".into());

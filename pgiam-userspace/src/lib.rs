@@ -11,6 +11,7 @@ pub mod config;
 pub mod identity;
 pub mod metrics;
 pub mod policy;
+pub mod pool;
 #[cfg(test)]
 mod properties;
 pub mod redirect;

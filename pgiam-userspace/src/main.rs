@@ -473,6 +473,12 @@ fn status_text(s: &serde_json::Value) -> String {
         "sessions:     {} live, {} since start; {} principal(s) revoked",
         s["sessions"]["live"], s["sessions"]["total"], s["revocations"]
     );
+    let pool = &s["pool"];
+    let _ = writeln!(
+        out,
+        "pool:         {} backend(s) in use, {} idle; {} session(s) waiting",
+        pool["in_use"], pool["idle"], pool["waiting"]
+    );
     let i = &s["interception"];
     if i.is_null() {
         let _ = writeln!(out, "interception: off (explicit clients only)");

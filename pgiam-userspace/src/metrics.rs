@@ -42,6 +42,10 @@ pub struct Metrics {
     pub bytes_to_clients: Counter,
     /// Reloads, by what and outcome.
     pub reloads: Family<Static<2>, Counter>,
+    /// Pooled backends handed to sessions, by outcome (reused, opened, timeout).
+    pub pool_checkouts: Family<Static<1>, Counter>,
+    /// Resets of pooled backends, by outcome (clean, failed).
+    pub pool_resets: Family<Static<1>, Counter>,
 }
 
 /// The process's metrics.
@@ -68,6 +72,8 @@ pub fn get() -> &'static Metrics {
             bytes_from_clients,
             bytes_to_clients,
             reloads: Family::default(),
+            pool_checkouts: Family::default(),
+            pool_resets: Family::default(),
         }
     })
 }
@@ -98,6 +104,19 @@ impl Metrics {
         let outcome = if ok { "ok" } else { "failed" };
         self.reloads
             .get_or_create(&[("what", what), ("outcome", outcome)])
+            .inc();
+    }
+
+    pub fn pool_checkout(&self, outcome: &'static str) {
+        self.pool_checkouts
+            .get_or_create(&[("outcome", outcome)])
+            .inc();
+    }
+
+    pub fn pool_reset(&self, clean: bool) {
+        let outcome = if clean { "clean" } else { "failed" };
+        self.pool_resets
+            .get_or_create(&[("outcome", outcome)])
             .inc();
     }
 
@@ -163,6 +182,16 @@ impl Metrics {
             "reloads",
             "Reloads of the policy, by outcome",
             self.reloads.clone(),
+        );
+        r.register(
+            "pool_checkouts",
+            "Pooled backends asked for by sessions, by outcome: reused, opened, or timeout (the queue's wait ran out)",
+            self.pool_checkouts.clone(),
+        );
+        r.register(
+            "pool_resets",
+            "Resets of pooled backends whose sessions ended, by outcome: clean (kept) or failed (closed)",
+            self.pool_resets.clone(),
         );
     }
 }

@@ -70,6 +70,18 @@ pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
         policies: policies.clone(),
         registry: Arc::new(Registry::default()),
         revocations,
+        pools: Arc::new(crate::pool::Pools::default()),
+    });
+    // Idle pooled backends past their time are closed as it passes, not at the next checkout.
+    tokio::spawn({
+        let shared = shared.clone();
+        async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                shared.pools.reap(&shared.settings.current().config.pool);
+            }
+        }
     });
     // Metrics before the listeners: a port that cannot be had fails the start, not later.
     let metrics = match config.admin.as_ref().and_then(|a| a.metrics) {
@@ -146,6 +158,7 @@ pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
             shared.revocations.clone(),
             shared.audit.clone(),
             config.interception.as_ref().map(|i| i.bpffs_dir.clone()),
+            shared.pools.clone(),
         ));
     }
     let admin_path = admin_socket.map(|(listener, path)| {
@@ -155,6 +168,7 @@ pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
             revocations: shared.revocations.clone(),
             audit: shared.audit.clone(),
             policies: policies.clone(),
+            pools: shared.pools.clone(),
             started: std::time::Instant::now(),
         });
         tokio::spawn(crate::admin::socket::serve(listener, admin));
@@ -195,6 +209,7 @@ pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(path);
     }
     drain(&shared).await;
+    shared.pools.shut().await;
     if let Some(path) = admin_path {
         let _ = std::fs::remove_file(path);
     }
@@ -256,6 +271,8 @@ fn reload_settings(shared: &Shared, endpoints_changed: &tokio::sync::Notify) {
         }
     };
     metrics.reloaded("config", true);
+    // Backends logged in under the old settings (credentials, TLS, server) are not handed on.
+    shared.pools.renew();
     let config = shared.settings.current().config.clone();
     info!(
         generation = reloaded.generation,

@@ -42,6 +42,8 @@ pub struct Shared {
     pub registry: Arc<Registry>,
     /// Principals an operator has revoked.
     pub revocations: Arc<crate::admin::revocations::Revocations>,
+    /// Backends kept for the next session of pooled mappings.
+    pub pools: Arc<crate::pool::Pools>,
 }
 
 /// Who the client is, and where it was going.
@@ -207,8 +209,27 @@ pub fn run(
                 Err(ended_by) => return session.finish(&shared, &client.peer, ended_by),
             }
         };
-        let ended_by = Box::pin(relay(&shared, &mut client, &mut session, upstream)).await;
-        session.finish(&shared, &client.peer, ended_by);
+        let ended = Box::pin(relay(&shared, &mut client, &mut session, upstream)).await;
+        Box::pin(conclude(&shared, &client.peer, session, ended)).await;
+    }
+}
+
+/// A session's end: its end record, and its backend reset for the next client (pooled, and
+/// given back by the relay) or closed.
+async fn conclude(shared: &Shared, peer: &str, session: Session, ended: relay::Ended) {
+    session.finish(shared, peer, ended.why);
+    if let Some((lease, released)) = ended.released {
+        let current = shared.settings.current();
+        let config = &current.config;
+        shared
+            .pools
+            .checkin(
+                *lease,
+                released,
+                &config.pool,
+                config.limits.max_message_size,
+            )
+            .await;
     }
 }
 
@@ -317,7 +338,7 @@ async fn open_deferred(
     session: &mut Session,
     deferred: Box<login::Deferred>,
     woke: Woke,
-) -> Result<BoxStream, String> {
+) -> Result<login::Backend, String> {
     match woke {
         // What it said is held until the backend exists: a cancel waits for it.
         Woke::Spoke => session.cancel_key.pending().set(true),
@@ -344,19 +365,26 @@ async fn open_deferred(
         return Err(end_with(client, Refusal::Client(protocol_violation(e))).await);
     }
     let timeout = shared.settings.current().config.limits.startup_timeout();
-    let connected =
-        tokio::time::timeout(timeout, login::connect(shared, &deferred.key, &client.peer))
-            .await
-            .unwrap_or_else(|_| {
-                Err(Refusal::Client(PgError::fatal(
-                    "08006",
-                    format!(
-                        "pgiam: no connection to the database within {}s",
-                        timeout.as_secs()
-                    ),
-                )))
-            });
-    let (established, upstream) = match connected {
+    let connected = tokio::time::timeout(
+        timeout,
+        login::connect(
+            shared,
+            &deferred.key,
+            &client.peer,
+            session.registration.live().facts.pooled,
+        ),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(Refusal::Client(PgError::fatal(
+            "08006",
+            format!(
+                "pgiam: no connection to the database within {}s",
+                timeout.as_secs()
+            ),
+        )))
+    });
+    let (established, upstream, lease) = match connected {
         Ok(e) => e,
         Err(refusal) => return Err(end_with(client, refusal).await),
     };
@@ -373,7 +401,10 @@ async fn open_deferred(
             .await
             .map_err(|e| format!("client write: {e}"))?;
     }
-    Ok(established.stream)
+    Ok(login::Backend {
+        stream: established.stream,
+        lease: lease.map(Box::new),
+    })
 }
 
 /// Ends a session that is past login but has no relay: tells the client (if the refusal says
@@ -546,6 +577,7 @@ async fn establish(
             upstream: current.upstream.describe(origin.destination),
             peer: client.peer.clone(),
             tls: client.tls,
+            pooled: mapping.pool == crate::config::PoolMode::Session,
         },
         State::NotConnected,
     );
@@ -665,6 +697,7 @@ async fn establish(
         crate::config::UpstreamConnect::AtLogin => None,
     };
     let key = Arc::new(key);
+    let pooled = live.facts.pooled;
     let mut hello = BytesMut::with_capacity(512);
     wire::authentication_ok(&mut hello);
     // The client is told its backend's real pid (pgiam's own secret beside it); a deferred
@@ -680,7 +713,8 @@ async fn establish(
             (link, scs, wire::TransactionStatus::Idle, cancel_key)
         }
         None => {
-            let (established, upstream) = login::connect(shared, &key, &client.peer).await?;
+            let (established, upstream, lease) =
+                login::connect(shared, &key, &client.peer, pooled).await?;
             let cancel_key = shared.cancels.register(Some(established.process_id));
             login::reach(upstream, &key, &cancel_key, &established);
             established.parameters.encode_news(None, &mut hello);
@@ -692,7 +726,10 @@ async fn establish(
                 .map(str::to_owned);
             live.set_state(State::Idle);
             (
-                login::Link::Open(established.stream),
+                login::Link::Open(login::Backend {
+                    stream: established.stream,
+                    lease: lease.map(Box::new),
+                }),
                 scs,
                 established.status,
                 cancel_key,
@@ -856,6 +893,7 @@ async fn forward_cancel(shared: &Shared, process_id: i32, secret_key: i32) {
 const CANCEL_WAIT_MAX: Duration = Duration::from_secs(5);
 
 const CLIENT_TERMINATED: &str = "client terminated";
+const CLIENT_CLOSED: &str = "client closed";
 
 impl Session {
     fn ids(&self) -> (Option<String>, i32, i32) {
@@ -894,20 +932,22 @@ mod tests {
     /// What a session holds while it is idle is mostly its futures' own size. tokio allocates
     /// a task as one cell, 128-byte aligned, of the future and 104 bytes of its own: a client
     /// that has not spoken (the run future, waiting inline) fits in 512 bytes up to 408. The
-    /// relay is boxed beside it once the session has spoken.
+    /// relay is boxed beside it once the session has spoken (1,792 bytes before pooling; what
+    /// it keeps to hand a backend back to its pool takes it to 1,888).
     #[test]
     fn an_idle_session_s_futures_stay_small() {
         fn returned<F: FnOnce(A, B, C, D, E) -> R, A, B, C, D, E, R>(_: F) -> usize {
             std::mem::size_of::<R>()
         }
-        fn returned4<F: FnOnce(A, B, C, D) -> R, A, B, C, D, R>(_: F) -> usize {
-            std::mem::size_of::<R>()
-        }
+
         assert!(
             returned(run) <= 408,
             "the task of a waiting client: {}",
             returned(run)
         );
-        assert!(returned4(relay) <= 1792, "the relay: {}", returned4(relay));
+        fn returned4<F: FnOnce(A, B, C, D) -> R, A, B, C, D, R>(_: F) -> usize {
+            std::mem::size_of::<R>()
+        }
+        assert!(returned4(relay) <= 1888, "the relay: {}", returned4(relay));
     }
 }

@@ -82,6 +82,11 @@ impl<S> Split<S> {
         Split(Mutex::new(stream))
     }
 
+    /// The stream back, once its halves are gone.
+    pub fn into_inner(self) -> S {
+        self.0.into_inner().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn halves(&self) -> (Half<'_, S>, Half<'_, S>) {
         (Half(&self.0), Half(&self.0))
     }

@@ -110,6 +110,8 @@ enum Target {
     PgiamAlways,
     PgiamNoAudit,
     PgiamNoFastPath,
+    /// As deployed, with `pool = "session"`: backends reused across clients.
+    PgiamPooled,
 }
 
 impl Target {
@@ -121,13 +123,14 @@ impl Target {
             Target::PgiamAlways => "pgiam -always",
             Target::PgiamNoAudit => "pgiam -audit",
             Target::PgiamNoFastPath => "pgiam -fastpath",
+            Target::PgiamPooled => "pgiam pooled",
         }
     }
 
     /// `[audit] durability`, or no audit.
     fn durability(self) -> Option<&'static str> {
         match self {
-            Target::Pgiam | Target::PgiamNoFastPath => Some("changes"),
+            Target::Pgiam | Target::PgiamNoFastPath | Target::PgiamPooled => Some("changes"),
             Target::PgiamAlways => Some("always"),
             Target::Direct | Target::PgBouncer | Target::PgiamNoAudit => None,
         }
@@ -365,7 +368,7 @@ fn start_variant(
          [upstream]\nhost = \"127.0.0.1\"\nport = {pg_port}\nconnect = \"deferred\"\n\
          [policy]\nfile = \"{policy}\"\n\
          [roles.bench]\npassword_file = \"{pw}\"\n\
-         [[mapping]]\nprincipal = \"cgroup:{app}\"\ndatabase = \"app\"\nrole = \"bench\"\n\
+         [[mapping]]\nprincipal = \"cgroup:{app}\"\ndatabase = \"app\"\nrole = \"bench\"\npool = \"{pool}\"\n\
          [interception]\ncgroup = \"{cg}\"\nendpoints = [\"127.0.0.1\"]\nports = [{pg_port}]\n\
          fast_path = {fast}\nbpffs_dir = \"/sys/fs/bpf/{bpffs}\"\n{audit}",
         dir = dir.display(),
@@ -374,6 +377,11 @@ fn start_variant(
         app = app.path,
         cg = cg.path,
         fast = target != Target::PgiamNoFastPath,
+        pool = if target == Target::PgiamPooled {
+            "session"
+        } else {
+            "none"
+        },
         bpffs = cg.path.trim_start_matches('/').replace('/', "-"),
     );
     let config_path = write_file(dir, &format!("{name}.toml"), &config, 0o600);
@@ -561,10 +569,10 @@ fn print_table(
         String::new()
     };
     println!(
-        "\n| workload | direct {unit} | pgbouncer {unit} | pgiam {unit} | pgiam/direct | pgiam/pgbouncer | pgiam -always {unit} | -always/pgbouncer | pgiam -audit {unit} |{fastpath_header} {latency} direct / pgbouncer / pgiam | audit B/stmt pgiam / -always |"
+        "\n| workload | direct {unit} | pgbouncer {unit} | pgiam {unit} | pgiam/direct | pgiam/pgbouncer | pgiam -always {unit} | -always/pgbouncer | pgiam -audit {unit} |{fastpath_header} pgiam pooled {unit} | pooled/direct | pooled/pgbouncer | {latency} direct / pgbouncer / pgiam | audit B/stmt pgiam / -always |"
     );
     println!(
-        "|---|---|---|---|---|---|---|---|---|{}---|---|",
+        "|---|---|---|---|---|---|---|---|---|{}---|---|---|---|---|",
         if fastpath { "---|" } else { "" }
     );
     for &(wi, w) in workloads {
@@ -576,6 +584,7 @@ fn print_table(
             rate(Target::Pgiam),
             rate(Target::PgiamAlways),
         );
+        let pooled = rate(Target::PgiamPooled);
         let fastpath_cell = if fastpath {
             format!(" {} |", fmt(rate(Target::PgiamNoFastPath)))
         } else {
@@ -583,7 +592,7 @@ fn print_table(
         };
         let bytes = |t| audit_per_statement(wi, t);
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |{fastpath_cell} {:.3} / {:.3} / {:.3} | {} / {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |{fastpath_cell} {} | {} | {} | {:.3} / {:.3} / {:.3} | {} / {} |",
             w.name,
             fmt(d),
             fmt(b),
@@ -593,6 +602,9 @@ fn print_table(
             fmt(a),
             ratio(a, b),
             fmt(rate(Target::PgiamNoAudit)),
+            fmt(pooled),
+            ratio(pooled, d),
+            ratio(pooled, b),
             lat(Target::Direct),
             lat(Target::PgBouncer),
             lat(Target::Pgiam),
@@ -687,6 +699,7 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
         Target::Pgiam,
         Target::PgiamAlways,
         Target::PgiamNoAudit,
+        Target::PgiamPooled,
     ];
     if opts.fastpath {
         targets.push(Target::PgiamNoFastPath);

@@ -22,6 +22,7 @@ use tracing::warn;
 use super::registry::Registry as Sessions;
 use super::revocations::Revocations;
 use crate::audit::AuditLog;
+use crate::pool::Pools;
 
 /// What is read at each scrape.
 struct Scraped {
@@ -29,6 +30,7 @@ struct Scraped {
     revocations: Arc<Revocations>,
     audit: Option<AuditLog>,
     bpffs: Option<PathBuf>,
+    pools: Arc<Pools>,
 }
 
 /// (A [`Collector`] must be `Debug`.)
@@ -63,6 +65,25 @@ impl Collector for Scraped {
             "revocations",
             "Principals revoked now",
             self.revocations.list().len() as i64,
+        )?;
+        let pooled = self.pools.occupancy();
+        {
+            let family = ConstGauge::new(0i64);
+            let mut m = e.encode_descriptor(
+                "pool_backends",
+                "Pooled backends open now, by state: in_use (a session's, or being reset) or idle",
+                None,
+                family.metric_type(),
+            )?;
+            for (state, n) in [("in_use", pooled.in_use), ("idle", pooled.idle)] {
+                ConstGauge::new(n as i64).encode(m.encode_family(&[("state", state)])?)?;
+            }
+        }
+        gauge(
+            &mut e,
+            "pool_waiting_sessions",
+            "Sessions waiting in a pool's queue for a backend",
+            pooled.waiting as i64,
         )?;
         if let Some(log) = &self.audit {
             let s = log.status();
@@ -127,6 +148,7 @@ pub async fn serve(
     revocations: Arc<Revocations>,
     audit: Option<AuditLog>,
     bpffs: Option<PathBuf>,
+    pools: Arc<Pools>,
 ) {
     let mut registry = Registry::with_prefix("pgiam");
     crate::metrics::get().register(&mut registry);
@@ -135,6 +157,7 @@ pub async fn serve(
         revocations,
         audit,
         bpffs,
+        pools,
     }));
     let registry = Arc::new(registry);
     loop {

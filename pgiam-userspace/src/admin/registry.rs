@@ -118,6 +118,8 @@ pub struct Facts {
     pub upstream: String,
     pub peer: String,
     pub tls: bool,
+    /// Its backend comes from, and goes back to, a pool (`pool = "session"`).
+    pub pooled: bool,
 }
 
 /// One live session.
@@ -220,6 +222,7 @@ impl Live {
             upstream: f.upstream.clone(),
             client: f.peer.clone(),
             tls: f.tls,
+            pooled: f.pooled,
             state: self.state(),
             since_ms: unix_ms(self.since),
             last_statement_ms: (last > 0).then_some(last),
@@ -242,6 +245,7 @@ pub struct SessionView {
     pub upstream: String,
     pub client: String,
     pub tls: bool,
+    pub pooled: bool,
     pub state: State,
     pub since_ms: u64,
     pub last_statement_ms: Option<u64>,
@@ -438,6 +442,7 @@ mod tests {
             upstream: "127.0.0.1:5432".into(),
             peer: "unix".into(),
             tls: false,
+            pooled: false,
         }
     }
 

@@ -27,6 +27,7 @@ pub struct Admin {
     pub revocations: Arc<Revocations>,
     pub audit: Option<AuditLog>,
     pub policies: Arc<PolicyStore>,
+    pub pools: Arc<crate::pool::Pools>,
     pub started: Instant,
 }
 
@@ -348,6 +349,7 @@ async fn status(admin: &Admin) -> serde_json::Value {
         },
         "sessions": { "live": admin.registry.len(), "total": admin.registry.total() },
         "revocations": admin.revocations.list().len(),
+        "pool": admin.pools.occupancy(),
         "interception": interception,
         "audit": audit,
         "upstream": upstream,

@@ -14,14 +14,22 @@ use tracing::{info, warn};
 
 use super::{startup, Refusal, Shared};
 use crate::cancel::{Registration, Target};
+use crate::pool::{Lease, PoolError};
 use crate::stream::BoxStream;
 use crate::upstream::{Established, LoginKey, Parameters, Upstream, UpstreamError};
 use crate::wire::PgError;
 
 /// How the session reaches its server.
 pub enum Link {
-    Open(BoxStream),
+    Open(Backend),
     Deferred(Box<Deferred>),
+}
+
+/// The session's server connection, and for a pooled mapping its hold on it (the backend
+/// goes back to the pool with it).
+pub struct Backend {
+    pub stream: BoxStream,
+    pub lease: Option<Box<Lease>>,
 }
 
 /// A login not yet made, and what the client was told about it.
@@ -31,14 +39,16 @@ pub struct Deferred {
 }
 
 /// Logs in as the key says: the role's credentials, the server's encoding checked, the
-/// mapped role assumed in gateway mode. A successful login's greeting is remembered for the
-/// next one with the same key. The session's cancel key is the caller's to point at the
+/// mapped role assumed in gateway mode; for a pooled mapping, a backend of its pool's (reset
+/// since its last session) when there is one. A successful login's greeting is remembered for
+/// the next one with the same key. The session's cancel key is the caller's to point at the
 /// backend ([`reach`]): a session that logs in now gets its key from the backend's pid.
 pub async fn connect(
     shared: &Shared,
     key: &Arc<LoginKey>,
     peer: &str,
-) -> Result<(Established, Arc<Upstream>), Refusal> {
+    pooled: bool,
+) -> Result<(Established, Arc<Upstream>, Option<Lease>), Refusal> {
     let failed = |e: UpstreamError| {
         warn!(peer = %peer, role = %key.role, "upstream login failed: {e}");
         match e {
@@ -62,25 +72,63 @@ pub async fn connect(
         )));
     };
     let upstream = &current.upstream;
-    let metrics = crate::metrics::get();
-    let started = std::time::Instant::now();
-    let login = upstream
-        .login(&key.role, credentials, &key.params, key.target)
-        .await;
-    metrics
-        .upstream_connect
-        .observe(started.elapsed().as_secs_f64());
-    if login.is_err() {
-        metrics.upstream_errors.inc();
-    }
-    let mut established = login.map_err(failed)?;
-    // A role or database default can choose the encoding too; pgiam reads statements as the
-    // server will only in encodings whose characters never contain ASCII bytes.
-    if let Some(e) = established.parameters.get("client_encoding") {
-        if crate::sql::is_unsafe_encoding(e) {
-            return Err(startup::unsafe_encoding(e).into());
+    let log_in = || async {
+        let metrics = crate::metrics::get();
+        let started = std::time::Instant::now();
+        let login = upstream
+            .login(&key.role, credentials, &key.params, key.target)
+            .await;
+        metrics
+            .upstream_connect
+            .observe(started.elapsed().as_secs_f64());
+        if login.is_err() {
+            metrics.upstream_errors.inc();
         }
-    }
+        let established = login.map_err(failed)?;
+        // A role or database default can choose the encoding too; pgiam reads statements as
+        // the server will only in encodings whose characters never contain ASCII bytes.
+        if let Some(e) = established.parameters.get("client_encoding") {
+            if crate::sql::is_unsafe_encoding(e) {
+                return Err(startup::unsafe_encoding(e).into());
+            }
+        }
+        Ok::<_, Refusal>(established)
+    };
+    let (mut established, lease) = if pooled {
+        // Pooled by login: in gateway mode one backend serves every role it may assume, as
+        // the reset takes it back to the gateway role before it is handed on.
+        let login = LoginKey {
+            assume: None,
+            ..(**key).clone()
+        };
+        match shared
+            .pools
+            .checkout(login, &current.config.pool, log_in)
+            .await
+        {
+            Ok((lease, established)) => (established, Some(lease)),
+            Err(PoolError::Open(refusal)) => return Err(refusal),
+            Err(PoolError::Full(waited)) => {
+                let full = format!(
+                    "no backend came free within {}s: the pool's cap on backends to the server is reached",
+                    waited.as_secs()
+                );
+                warn!(peer = %peer, role = %key.role, "no pooled backend: {full}");
+                return Err(Refusal::Client(
+                    PgError::fatal(
+                        "53300",
+                        "pgiam: too many connections to the database: no backend came free in time",
+                    )
+                    .with_detail(full)
+                    .with_hint(
+                        "Raise pool.max_backends or pool.queue_timeout_secs, or end idle sessions.",
+                    ),
+                ));
+            }
+        }
+    } else {
+        (log_in().await?, None)
+    };
     if let Some(role) = &key.assume {
         upstream
             .assume_role(&mut established, role)
@@ -88,8 +136,13 @@ pub async fn connect(
             .map_err(failed)?;
     }
     upstream.remember(key, &established.parameters);
-    info!(peer = %peer, backend_pid = established.process_id, "connected upstream");
-    Ok((established, upstream.clone()))
+    match &lease {
+        Some(l) if l.reused => {
+            info!(peer = %peer, backend_pid = established.process_id, "pooled backend taken")
+        }
+        _ => info!(peer = %peer, backend_pid = established.process_id, "connected upstream"),
+    }
+    Ok((established, upstream.clone(), lease))
 }
 
 /// Points the session's cancel key at its backend: a CancelRequest with the key now reaches it.

@@ -12,9 +12,11 @@ use tracing::{debug, warn};
 use super::durability::{self, Wait};
 use super::ending::{ordered_out, revoke};
 use super::{
-    protocol_violation, responses, statements, Client, Session, Shared, CLIENT_TERMINATED,
+    protocol_violation, responses, statements, Client, Session, Shared, CLIENT_CLOSED,
+    CLIENT_TERMINATED,
 };
 use crate::admin::registry::State;
+use crate::pool::Released;
 use crate::stream::{BoxStream, Split, Stream};
 use crate::wire::{self, FrontendMessage, PgError, WireError};
 
@@ -26,17 +28,37 @@ const ENDING_GRACE: Duration = Duration::from_secs(5);
 /// a client that sends Sync only at the end still gets there; each costs pgiam ~200 bytes.
 const MAX_OUTSTANDING: usize = 16_384;
 
+/// How a relay ended: why, and the backend if it outlives the session (pooled, and nothing
+/// outstanding when the client left).
+pub(super) struct Ended {
+    pub why: String,
+    pub released: Option<(Box<crate::pool::Lease>, Released)>,
+}
+
 /// Moves bytes both ways until either side ends. Client messages are framed, validated and
 /// authorized before they are forwarded; server messages stream through, matched to the
 /// requests they answer.
 /// Returns why the session ended. (Its state is borrowed: what the relay's future holds is
 /// its own.)
-pub(super) async fn relay(
+pub(super) fn relay<'a>(
+    shared: &'a Shared,
+    client: &'a mut Client,
+    session: &'a mut Session,
+    upstream: super::login::Backend,
+) -> impl std::future::Future<Output = Ended> + Send + 'a {
+    // Taken apart before the relay's future exists: an `async fn` would keep the whole
+    // argument beside its parts.
+    let super::login::Backend { stream, lease } = upstream;
+    relay_backend(shared, client, session, stream, lease)
+}
+
+async fn relay_backend(
     shared: &Shared,
     client: &mut Client,
     session: &mut Session,
     upstream: BoxStream,
-) -> String {
+    lease: Option<Box<crate::pool::Lease>>,
+) -> Ended {
     let (max, stalled_after) = {
         let current = shared.settings.current();
         let limits = &current.config.limits;
@@ -55,7 +77,15 @@ pub(super) async fn relay(
     let pending = session.cancel_key.pending();
     let live = session.registration.live();
     let metrics = crate::metrics::get();
-    {
+    let pooled = lease.is_some();
+    // The server's bytes read and not yet passed on (outside the direction that reads them,
+    // so that a backend given back to its pool keeps them).
+    let mut sbuf = BytesMut::new();
+    // A pooled session whose client left with nothing outstanding gives its backend back
+    // (and whether a transaction block was open on it).
+    let released = AtomicBool::new(false);
+    let released_in_block = AtomicBool::new(false);
+    let why = {
         let gate = &mut session.gate;
         // What the server says about standard_conforming_strings, for classifying what follows.
         let standard_conforming_strings = AtomicBool::new(session.standard_conforming_strings);
@@ -83,6 +113,9 @@ pub(super) async fn relay(
         let audit = shared.audit.as_ref();
         let mut woken = shared.registry.subscribe();
 
+        // Whether the server direction waits for the server with nothing of its own in hand
+        // (what it holds is then only the start of a message no request asked for).
+        let parked = AtomicBool::new(false);
         let mut to_server = std::pin::pin!(async {
             let mut client_size = ReadSize::default();
             let mut checked = Vec::new();
@@ -163,7 +196,12 @@ pub(super) async fn relay(
                     live.set_state(State::Active);
                     live.bytes_in(framed.len);
                     metrics.bytes_from_clients.inc_by(framed.len as u64);
-                    let chunk = cbuf.split_to(framed.len);
+                    let mut chunk = cbuf.split_to(framed.len);
+                    // A pooled backend outlives its client: the client's Terminate is not
+                    // the server's.
+                    if pooled && framed.terminate {
+                        chunk.truncate(chunk.len() - wire::TERMINATE.len());
+                    }
                     // Flushed: a TLS writer may keep the tail of what it accepted (the socket was
                     // full) until it is flushed, and nothing else would push it out. (Boxed, as
                     // are the other waits that only a busy session makes: the relay is sized by
@@ -231,7 +269,7 @@ pub(super) async fn relay(
                     pending.set(n > 0);
                 }
                 match read {
-                    Ok(0) if cbuf.is_empty() => return Ok("client closed"),
+                    Ok(0) if cbuf.is_empty() => return Ok(CLIENT_CLOSED),
                     Ok(0) => {
                         return Err(PgError::fatal(
                             "08P01",
@@ -246,8 +284,23 @@ pub(super) async fn relay(
             }
         }
         .await;
-            // Whatever ended this direction, the server is told the session is over.
-            if result != Ok(CLIENT_TERMINATED) {
+            // A pooled backend whose client left cleanly, with every request answered and
+            // nothing of a server message half passed on, goes back to its pool.
+            if pooled
+                && matches!(result, Ok(CLIENT_TERMINATED) | Ok(CLIENT_CLOSED))
+                && !ending.load(Ordering::Relaxed)
+                && parked.load(Ordering::Relaxed)
+            {
+                let r = locked(&responses);
+                if r.idle() && r.at_boundary() {
+                    released_in_block.store(r.in_block(), Ordering::Relaxed);
+                    released.store(true, Ordering::Relaxed);
+                    return result;
+                }
+            }
+            // Whatever ended this direction, the server is told the session is over (a
+            // pooled session's Terminate was held back for the pool).
+            if result != Ok(CLIENT_TERMINATED) || pooled {
                 let mut t = BytesMut::new();
                 postgres_protocol::message::frontend::terminate(&mut t);
                 let _ = server_wr.write_all(&t).await;
@@ -260,12 +313,15 @@ pub(super) async fn relay(
         });
 
         let mut to_client = std::pin::pin!(async {
-            let mut sbuf = BytesMut::new();
+            let sbuf = &mut sbuf;
             let mut size = ReadSize::default();
             // Why an answer was held back for good: the audit record it waited for failed.
             let mut withheld: Option<Box<PgError>> = None;
             let end = 'relay: loop {
-                match read_when_ready(&mut server_rd, &mut sbuf, &mut size).await {
+                parked.store(true, Ordering::Relaxed);
+                let read = read_when_ready(&mut server_rd, sbuf, &mut size).await;
+                parked.store(false, Ordering::Relaxed);
+                match read {
                     Ok(0) => break "server closed",
                     Ok(_) => {}
                     Err(_) => break "server read failed",
@@ -412,6 +468,7 @@ pub(super) async fn relay(
                     if ending.load(Ordering::Relaxed) {
                         grace = Some(Box::pin(tokio::time::sleep(ENDING_GRACE)));
                     }
+                    let given_back = released.load(Ordering::Relaxed);
                     match r {
                         Ok(why) => {
                             debug!(peer = %peer, session = %live.facts.id, "{why}");
@@ -421,6 +478,10 @@ pub(super) async fn relay(
                             warn!(peer = %peer, session = %live.facts.id, code = e.code, "closing session: {}", e.message);
                             ended_by = e.message.clone();
                         }
+                    }
+                    // Nothing more will come from the server for this session.
+                    if given_back {
+                        break;
                     }
                 }
                 why = &mut to_client => {
@@ -433,7 +494,19 @@ pub(super) async fn relay(
             }
         }
         ended_by
-    }
+    };
+    let released = match lease {
+        Some(lease) if released.load(Ordering::Relaxed) => Some((
+            lease,
+            Released {
+                stream: server_io.into_inner(),
+                leftover: sbuf,
+                in_block: released_in_block.load(Ordering::Relaxed),
+            },
+        )),
+        _ => None,
+    };
+    Ended { why, released }
 }
 
 /// The lock's contents, even if a panic poisoned it (the data is a queue, always consistent

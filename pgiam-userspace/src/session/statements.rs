@@ -1228,6 +1228,7 @@ mod tests {
                 upstream: "127.0.0.1:5432".into(),
                 peer: "test".into(),
                 tls: false,
+                pooled: false,
             },
             crate::admin::registry::State::Idle,
         )

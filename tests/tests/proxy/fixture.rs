@@ -43,6 +43,10 @@ pub struct Setup {
     pub policy: String,
     /// More of `[admin]` than its socket (`admin.sock` in the test's directory).
     pub admin: String,
+    /// More keys of the standard mapping (e.g. `pool = "session"`).
+    pub mapping: String,
+    /// Environment variables for pgiam.
+    pub env: Vec<(&'static str, String)>,
 }
 
 pub const ALLOW_ALL: &str = "@id(\"test-allow-all\")\npermit(principal, action, resource);\n";
@@ -59,6 +63,8 @@ impl Default for Setup {
             audit_path: None,
             policy: ALLOW_ALL.into(),
             admin: String::new(),
+            mapping: String::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -117,6 +123,7 @@ password_file = "{pw}"
 principal = "{principal}"
 database = "{DB}"
 role = "{ROLE}"
+{mapping}
 [policy]
 file = "{policy}"
 [admin]
@@ -132,6 +139,7 @@ path = "{audit}"
             limits = setup.limits,
             admin_socket = dir.path().join("admin.sock").display(),
             admin = setup.admin,
+            mapping = setup.mapping,
             client_tls = setup.client_tls,
             pw = pw.display(),
             principal = setup.principal,
@@ -146,8 +154,13 @@ path = "{audit}"
         // port of some client): then pgiam is started again on another.
         let mut config = config;
         let mut attempts = 0;
+        let env: Vec<(&str, &std::ffi::OsStr)> = setup
+            .env
+            .iter()
+            .map(|(k, v)| (*k, std::ffi::OsStr::new(v.as_str())))
+            .collect();
         let pgiam = loop {
-            match Pgiam::start(&config, tcp) {
+            match Pgiam::start_with_env(pgiam_tests::pgiam_bin(), &config, tcp, None, &env) {
                 Ok(p) => break p,
                 Err(e) if attempts < 3 && format!("{e:#}").contains("Address already in use") => {
                     attempts += 1;

@@ -13,6 +13,7 @@ mod dump;
 mod faults;
 mod malformed;
 mod policy;
+mod pooling;
 mod refusals;
 mod reload;
 mod settings;

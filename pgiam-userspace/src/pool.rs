@@ -1,0 +1,594 @@
+//! Backends that outlive their sessions: the pools that mappings with `pool = "session"` draw
+//! from, per server and login (role, database, startup parameters).
+//!
+//! A backend is handed to the next session only after [`reset`] has undone its last
+//! session's state and the backend itself has confirmed it is back to its login state; one
+//! that fails is closed. What pgiam holds open to one server is capped (`pool.max_backends`):
+//! a session that needs a backend beyond the cap takes an idle one of another login's (closed
+//! to make room) or waits in a queue, and is refused (53300) when the wait runs out. A reload
+//! of the settings starts a new generation: idle backends are closed, and those in use are
+//! closed when their sessions end, so no backend outlives the settings it logged in under.
+
+pub mod reset;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, warn};
+
+use crate::config;
+use crate::stream::BoxStream;
+use crate::upstream::{self, Established, LoginKey, Parameters};
+use crate::wire::TransactionStatus;
+
+/// How long a reset may take before the backend is given up.
+const RESET_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Every pool of the process.
+pub struct Pools {
+    state: Mutex<State>,
+    /// A backend went idle or room was made: sessions in the queue look again.
+    changed: Notify,
+    generation: AtomicU64,
+    nonces: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    servers: HashMap<Option<SocketAddr>, Server>,
+}
+
+/// What pgiam holds open to one server (`None`: the configured upstream).
+struct Server {
+    /// One permit per backend, in use or idle.
+    room: Arc<Semaphore>,
+    cap: usize,
+    /// Idle backends per login, the most recently used last.
+    idle: HashMap<Arc<LoginKey>, Vec<Idle>>,
+    in_use: usize,
+    waiting: usize,
+}
+
+struct Idle {
+    backend: Backend,
+    room: OwnedSemaphorePermit,
+    since: Instant,
+}
+
+/// A backend between two sessions.
+struct Backend {
+    stream: BoxStream,
+    parameters: Parameters,
+    process_id: i32,
+    secret_key: i32,
+    born: Instant,
+    generation: u64,
+}
+
+/// A session's hold on a pooled backend: its place under the server's cap, and what the
+/// pool needs to take the backend back. (The stream is the session's while it runs.)
+pub struct Lease {
+    pools: Arc<Pools>,
+    key: Arc<LoginKey>,
+    /// The backend's reports as of its login state (before any role is assumed).
+    parameters: Parameters,
+    process_id: i32,
+    secret_key: i32,
+    born: Instant,
+    generation: u64,
+    room: Option<OwnedSemaphorePermit>,
+    /// Whether the backend had served a session before this one.
+    pub reused: bool,
+}
+
+/// A backend whose session ended with nothing outstanding, given back.
+pub struct Released {
+    pub stream: BoxStream,
+    /// Bytes the session read from the server and did not pass on: the start of a message
+    /// no request asked for (a notification), which the reset reads on from.
+    pub leftover: BytesMut,
+    /// The server's last word was that a transaction block is open (or failed).
+    pub in_block: bool,
+}
+
+/// Why no backend was had.
+#[derive(Debug)]
+pub enum PoolError<E> {
+    /// The queue's wait (this long) ran out: the cap on backends to the server is reached.
+    Full(Duration),
+    /// Opening a new backend failed.
+    Open(E),
+}
+
+/// A snapshot for `pgiam status` and metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Occupancy {
+    pub in_use: usize,
+    pub idle: usize,
+    pub waiting: usize,
+}
+
+enum Found {
+    Idle(Backend, OwnedSemaphorePermit),
+    Room(OwnedSemaphorePermit),
+    Full,
+}
+
+impl Default for Pools {
+    fn default() -> Self {
+        Pools {
+            state: Mutex::default(),
+            changed: Notify::new(),
+            generation: AtomicU64::new(0),
+            nonces: AtomicU64::new(rand::random()),
+        }
+    }
+}
+
+impl Pools {
+    fn locked(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A backend for `key`: an idle one, or a new one from `open` while there is room; else
+    /// a place in the queue until one comes free or `limits.queue_timeout_secs` pass.
+    pub async fn checkout<E, F, Fut>(
+        self: &Arc<Self>,
+        key: LoginKey,
+        limits: &config::Pool,
+        open: F,
+    ) -> Result<(Lease, Established), PoolError<E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<Established, E>>,
+    {
+        let key = Arc::new(key);
+        let deadline = tokio::time::Instant::now() + limits.queue_timeout();
+        let mut queued = false;
+        let found = loop {
+            // Listening before looking: what frees a backend after the look wakes this.
+            let changed = self.changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            changed.as_mut().enable();
+            let (found, closing) = self.take(&key, limits, !queued);
+            close_all(closing);
+            match found {
+                Found::Full => {
+                    queued = true;
+                    if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                        break None;
+                    }
+                }
+                found => break Some(found),
+            }
+        };
+        if queued {
+            let mut state = self.locked();
+            if let Some(server) = state.servers.get_mut(&key.target) {
+                server.waiting = server.waiting.saturating_sub(1);
+            }
+        }
+        let metrics = crate::metrics::get();
+        match found {
+            None => {
+                metrics.pool_checkout("timeout");
+                Err(PoolError::Full(limits.queue_timeout()))
+            }
+            Some(Found::Idle(backend, room)) => {
+                metrics.pool_checkout("reused");
+                debug!(backend_pid = backend.process_id, "pooled backend reused");
+                let mut lease = self.lease(
+                    key,
+                    &backend.parameters,
+                    backend.born,
+                    backend.generation,
+                    room,
+                    true,
+                );
+                (lease.process_id, lease.secret_key) = (backend.process_id, backend.secret_key);
+                Ok((
+                    lease,
+                    Established {
+                        stream: backend.stream,
+                        parameters: backend.parameters,
+                        notices: BytesMut::new(),
+                        process_id: backend.process_id,
+                        secret_key: backend.secret_key,
+                        status: TransactionStatus::Idle,
+                    },
+                ))
+            }
+            Some(Found::Room(room)) => {
+                let generation = self.generation.load(Ordering::Acquire);
+                // Counted in use while it opens: the room is taken.
+                let lease = self.lease(
+                    key,
+                    &Parameters::default(),
+                    Instant::now(),
+                    generation,
+                    room,
+                    false,
+                );
+                match open().await {
+                    Ok(established) => {
+                        metrics.pool_checkout("opened");
+                        let mut lease = lease;
+                        lease.parameters = established.parameters.clone();
+                        (lease.process_id, lease.secret_key) =
+                            (established.process_id, established.secret_key);
+                        Ok((lease, established))
+                    }
+                    Err(e) => Err(PoolError::Open(e)),
+                }
+            }
+            Some(Found::Full) => unreachable!("the queue loop ends only on another outcome"),
+        }
+    }
+
+    fn lease(
+        self: &Arc<Self>,
+        key: Arc<LoginKey>,
+        parameters: &Parameters,
+        born: Instant,
+        generation: u64,
+        room: OwnedSemaphorePermit,
+        reused: bool,
+    ) -> Lease {
+        Lease {
+            pools: self.clone(),
+            key,
+            parameters: parameters.clone(),
+            process_id: 0,
+            secret_key: 0,
+            born,
+            generation,
+            room: Some(room),
+            reused,
+        }
+    }
+
+    /// One look at the pool (under its lock): an idle backend of this login, room for a new
+    /// one (closing an idle backend of another login's if that is what it takes), or neither.
+    /// Expired backends met on the way are returned to be closed.
+    fn take(
+        &self,
+        key: &Arc<LoginKey>,
+        limits: &config::Pool,
+        first_look: bool,
+    ) -> (Found, Vec<Backend>) {
+        let generation = self.generation.load(Ordering::Acquire);
+        let mut state = self.locked();
+        let server = state
+            .servers
+            .entry(key.target)
+            .or_insert_with(|| Server::new(limits.max_backends));
+        server.resize(limits.max_backends);
+        let mut closing = server.expire(Instant::now(), limits, generation);
+        if let Some(idle) = server.idle.get_mut(key).and_then(Vec::pop) {
+            server.forget_empty(key);
+            server.in_use += 1;
+            return (Found::Idle(idle.backend, idle.room), closing);
+        }
+        let room = match server.room.clone().try_acquire_owned() {
+            Ok(room) => Some(room),
+            Err(_) => match server.oldest_idle() {
+                Some(victim) => {
+                    drop(victim.room);
+                    closing.push(victim.backend);
+                    server.room.clone().try_acquire_owned().ok()
+                }
+                None => None,
+            },
+        };
+        match room {
+            Some(room) => {
+                server.in_use += 1;
+                (Found::Room(room), closing)
+            }
+            None => {
+                if first_look {
+                    server.waiting += 1;
+                }
+                (Found::Full, closing)
+            }
+        }
+    }
+
+    /// Takes a backend back from its ended session: reset, checked, and kept for the next
+    /// session with its login, or closed if any of that fails or it has served long enough.
+    pub async fn checkin(
+        &self,
+        mut lease: Lease,
+        released: Released,
+        limits: &config::Pool,
+        max_message_size: usize,
+    ) {
+        let Released {
+            mut stream,
+            leftover,
+            in_block,
+        } = released;
+        let metrics = crate::metrics::get();
+        if lease.generation != self.generation.load(Ordering::Acquire)
+            || lease.born.elapsed() >= limits.max_lifetime()
+        {
+            debug!("pooled backend retired (settings reloaded, or past its lifetime)");
+            close(stream).await;
+            return;
+        }
+        let nonce = self.nonces.fetch_add(1, Ordering::Relaxed);
+        let reset = tokio::time::timeout(
+            RESET_TIMEOUT,
+            reset(
+                &mut stream,
+                leftover,
+                in_block,
+                &lease.key.role,
+                nonce,
+                &mut lease.parameters,
+                max_message_size,
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {}s", RESET_TIMEOUT.as_secs())));
+        if let Err(e) = reset {
+            metrics.pool_reset(false);
+            warn!(role = %lease.key.role, "a pooled backend failed its reset and is closed: {e}");
+            close(stream).await;
+            return;
+        }
+        metrics.pool_reset(true);
+        let backend = Backend {
+            stream,
+            parameters: std::mem::take(&mut lease.parameters),
+            process_id: lease.process_id,
+            secret_key: lease.secret_key,
+            born: lease.born,
+            generation: lease.generation,
+        };
+        let surplus = {
+            let mut state = self.locked();
+            match (state.servers.get_mut(&lease.key.target), lease.room.take()) {
+                (Some(server), Some(room))
+                    if server.idle.get(&lease.key).map_or(0, Vec::len) < limits.size =>
+                {
+                    server
+                        .idle
+                        .entry(lease.key.clone())
+                        .or_default()
+                        .push(Idle {
+                            backend,
+                            room,
+                            since: Instant::now(),
+                        });
+                    None
+                }
+                _ => Some(backend),
+            }
+        };
+        // The lease ends here: the queue hears of the idle backend, or of the room its close
+        // makes.
+        drop(lease);
+        if let Some(backend) = surplus {
+            close(backend.stream).await;
+        }
+    }
+
+    /// Closes idle backends past their idle timeout or lifetime (run every second or so).
+    pub fn reap(&self, limits: &config::Pool) {
+        let generation = self.generation.load(Ordering::Acquire);
+        let closing: Vec<Backend> = {
+            let mut state = self.locked();
+            let now = Instant::now();
+            state
+                .servers
+                .values_mut()
+                .flat_map(|s| s.expire(now, limits, generation))
+                .collect()
+        };
+        if !closing.is_empty() {
+            debug!(backends = closing.len(), "idle pooled backends closed");
+            self.changed.notify_waiters();
+        }
+        close_all(closing);
+    }
+
+    /// New settings are in force: idle backends are closed, and those in use are not kept when
+    /// their sessions end.
+    pub fn renew(&self) {
+        close_all(self.retire());
+        self.changed.notify_waiters();
+    }
+
+    /// pgiam is stopping: every idle backend is told goodbye before the process ends.
+    pub async fn shut(&self) {
+        let closing = self.retire();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            for b in closing {
+                close(b.stream).await;
+            }
+        })
+        .await;
+    }
+
+    /// Starts a new generation and takes out every idle backend.
+    fn retire(&self) -> Vec<Backend> {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let mut state = self.locked();
+        state
+            .servers
+            .values_mut()
+            .flat_map(|s| s.idle.drain().flat_map(|(_, v)| v).map(|i| i.backend))
+            .collect()
+    }
+
+    /// Backends in use and idle, and sessions waiting, over every server.
+    pub fn occupancy(&self) -> Occupancy {
+        let state = self.locked();
+        state
+            .servers
+            .values()
+            .fold(Occupancy::default(), |o, s| Occupancy {
+                in_use: o.in_use + s.in_use,
+                idle: o.idle + s.idle.values().map(Vec::len).sum::<usize>(),
+                waiting: o.waiting + s.waiting,
+            })
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        // The room first: a session woken below must find it free.
+        drop(self.room.take());
+        {
+            let mut state = self.pools.locked();
+            if let Some(server) = state.servers.get_mut(&self.key.target) {
+                server.in_use = server.in_use.saturating_sub(1);
+            }
+        }
+        self.pools.changed.notify_waiters();
+    }
+}
+
+impl Server {
+    fn new(cap: usize) -> Server {
+        Server {
+            room: Arc::new(Semaphore::new(cap)),
+            cap,
+            idle: HashMap::new(),
+            in_use: 0,
+            waiting: 0,
+        }
+    }
+
+    /// Follows a reloaded cap: more room at once; less as backends leave.
+    fn resize(&mut self, cap: usize) {
+        if cap > self.cap {
+            self.room.add_permits(cap - self.cap);
+        } else if cap < self.cap {
+            let gone = self.room.forget_permits(self.cap - cap);
+            // What could not be taken back now is held by backends: the cap falls as they
+            // close (the difference is forgotten from the next resize on).
+            self.cap -= gone;
+            return;
+        }
+        self.cap = cap;
+    }
+
+    /// Takes out idle backends past their idle timeout or lifetime, or of older settings.
+    fn expire(&mut self, now: Instant, limits: &config::Pool, generation: u64) -> Vec<Backend> {
+        let mut out = Vec::new();
+        for list in self.idle.values_mut() {
+            let (keep, gone): (Vec<Idle>, Vec<Idle>) =
+                std::mem::take(list).into_iter().partition(|i| {
+                    i.backend.generation == generation
+                        && now.duration_since(i.since) < limits.idle_timeout()
+                        && now.duration_since(i.backend.born) < limits.max_lifetime()
+                });
+            *list = keep;
+            out.extend(gone.into_iter().map(|i| i.backend));
+        }
+        self.idle.retain(|_, v| !v.is_empty());
+        out
+    }
+
+    fn forget_empty(&mut self, key: &Arc<LoginKey>) {
+        if self.idle.get(key).is_some_and(Vec::is_empty) {
+            self.idle.remove(key);
+        }
+    }
+
+    /// The idle backend unused longest, of any login.
+    fn oldest_idle(&mut self) -> Option<Idle> {
+        let key = self
+            .idle
+            .iter()
+            .filter_map(|(k, v)| v.first().map(|i| (k.clone(), i.since)))
+            .min_by_key(|(_, since)| *since)?
+            .0;
+        let list = self.idle.get_mut(&key)?;
+        let oldest = list.remove(0);
+        self.forget_empty(&key);
+        Some(oldest)
+    }
+}
+
+/// Puts a backend through the reset and reads its verdict. Errors are for the log.
+async fn reset(
+    stream: &mut BoxStream,
+    leftover: BytesMut,
+    in_block: bool,
+    login_role: &str,
+    nonce: u64,
+    parameters: &mut Parameters,
+    max_message_size: usize,
+) -> Result<(), String> {
+    if reset_disabled_for_tests() {
+        return Ok(());
+    }
+    let mut out = BytesMut::new();
+    let mut check = reset::Reset::new(login_role, in_block, nonce, &mut out);
+    stream.write_all(&out).await.map_err(|e| e.to_string())?;
+    stream.flush().await.map_err(|e| e.to_string())?;
+    let mut buf = leftover;
+    loop {
+        let (tag, body) = upstream::read_message(stream, &mut buf, max_message_size)
+            .await
+            .map_err(|e| e.to_string())?;
+        if check
+            .step(tag, &body, parameters)
+            .map_err(|e| e.to_string())?
+            == reset::Progress::Clean
+        {
+            if !buf.is_empty() {
+                return Err("the server sent more after the check".into());
+            }
+            return Ok(());
+        }
+    }
+}
+
+/// The role-safety tests prove each case leaks without the reset: a debug build only may be
+/// told to skip it. A release build has no way to.
+fn reset_disabled_for_tests() -> bool {
+    #[cfg(debug_assertions)]
+    {
+        static DISABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let disabled = *DISABLED
+            .get_or_init(|| std::env::var_os("PGIAM_TEST_UNSAFE_SKIP_POOL_RESET").is_some());
+        if disabled {
+            warn!("PGIAM_TEST_UNSAFE_SKIP_POOL_RESET: a pooled backend is handed on without its reset");
+        }
+        disabled
+    }
+    #[cfg(not(debug_assertions))]
+    false
+}
+
+fn close_all(backends: Vec<Backend>) {
+    if backends.is_empty() {
+        return;
+    }
+    tokio::spawn(async move {
+        for b in backends {
+            close(b.stream).await;
+        }
+    });
+}
+
+/// Says goodbye to a backend (Terminate), briefly: one that does not take it is dropped.
+async fn close(mut stream: BoxStream) {
+    let mut t = BytesMut::new();
+    postgres_protocol::message::frontend::terminate(&mut t);
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        stream.write_all(&t).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
