@@ -13,6 +13,7 @@
 #include <linux/socket.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
 
 #include "pgiam.h"
 
@@ -26,6 +27,34 @@
 #define SOCK_STREAM 1
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/*
+ * The kernel types the caller's executable is read through, with only the fields read.
+ * preserve_access_index makes every access a CO-RE relocation, resolved against the running
+ * kernel's BTF when the object is loaded: no vmlinux.h, and no build-time tie to the build
+ * host's kernel. Read only when user space sets PGIAM_F_EXE (it does when the kernel has BTF);
+ * without BTF the accesses are never executed.
+ */
+struct super_block {
+	__u32 s_dev;
+} __attribute__((preserve_access_index));
+
+struct inode {
+	unsigned long i_ino;
+	struct super_block *i_sb;
+} __attribute__((preserve_access_index));
+
+struct file {
+	struct inode *f_inode;
+} __attribute__((preserve_access_index));
+
+struct mm_struct {
+	struct file *exe_file;
+} __attribute__((preserve_access_index));
+
+struct task_struct {
+	struct mm_struct *mm;
+} __attribute__((preserve_access_index));
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -142,6 +171,24 @@ static __always_inline int is_v4_mapped(const __u32 ip6[4])
 }
 
 /*
+ * The executable of the process calling connect(), as the kernel holds it: unlike
+ * /proc/<pid>/exe read later, it cannot be swapped by an exec() between connect() and pgiam's
+ * accept(). bpf_get_current_task and bpf_probe_read_kernel are base helpers for programs
+ * loaded with CAP_PERFMON (which bpf_get_current_comm already needs here). A kernel thread,
+ * or a read that fails, leaves exe_ino 0: user space then grants no exe: principal.
+ */
+static __always_inline void read_exe(struct pgiam_origin *origin)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct inode *inode = BPF_CORE_READ(task, mm, exe_file, f_inode);
+
+	if (!inode)
+		return;
+	origin->exe_ino = BPF_CORE_READ(inode, i_ino);
+	origin->exe_dev = BPF_CORE_READ(inode, i_sb, s_dev);
+}
+
+/*
  * Decides whether this connect() is one pgiam takes, and if so records its origin. The caller
  * rewrites the destination.
  */
@@ -180,6 +227,8 @@ static __always_inline int take(struct bpf_sock_addr *ctx, const struct pgiam_co
 	origin.gid = uid_gid >> 32;
 	origin.cgroup_id = bpf_get_current_cgroup_id();
 	bpf_get_current_comm(origin.comm, sizeof(origin.comm));
+	if (cfg->flags & PGIAM_F_EXE)
+		read_exe(&origin);
 	cookie = bpf_get_socket_cookie(ctx);
 	if (bpf_map_update_elem(&pgiam_origins, &cookie, &origin, BPF_ANY))
 		return 0;

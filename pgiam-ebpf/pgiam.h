@@ -17,6 +17,7 @@
 #define PGIAM_F_ENABLED   (1U << 0) /* intercept at all (cleared on a fail-open shutdown) */
 #define PGIAM_F_FAST_PATH (1U << 1) /* sk_msg socket-to-socket redirect */
 #define PGIAM_F_BOUND_DEV (1U << 2) /* also intercept sockets bound to a device */
+#define PGIAM_F_EXE       (1U << 3) /* record the caller's executable (the kernel has BTF) */
 
 /* pgiam_stats indexes */
 #define PGIAM_STAT_CONNECT      0 /* connect() rewritten to the proxy */
@@ -58,6 +59,9 @@ struct pgiam_origin {
 	__u32 _pad;
 	__u64 cgroup_id;     /* cgroup v2 id: the inode of the cgroup directory */
 	char comm[PGIAM_COMM_LEN];
+	__u64 exe_ino;       /* the caller's executable (mm->exe_file): its inode; 0: not read */
+	__u32 exe_dev;       /* and its filesystem's device, kernel encoding (major << 20 | minor) */
+	__u32 _pad2;
 };
 
 /* The application socket's own address: the peer address pgiam sees on accept(). */

@@ -9,6 +9,8 @@ pub const COMM_LEN: usize = 16;
 pub const F_ENABLED: u32 = 1 << 0;
 pub const F_FAST_PATH: u32 = 1 << 1;
 pub const F_BOUND_DEV: u32 = 1 << 2;
+/// Record the caller's executable at connect() (set when the kernel has BTF).
+pub const F_EXE: u32 = 1 << 3;
 
 pub const STAT_CONNECT: u32 = 0;
 pub const STAT_ESTABLISHED: u32 = 1;
@@ -60,6 +62,11 @@ pub struct Origin {
     pub _pad: u32,
     pub cgroup_id: u64,
     pub comm: [u8; COMM_LEN],
+    /// The caller's executable's inode (0: not read) and its filesystem's device in the
+    /// kernel's encoding (major << 20 | minor).
+    pub exe_ino: u64,
+    pub exe_dev: u32,
+    pub _pad2: u32,
 }
 
 /// `struct pgiam_peer_key`: the application socket's address, as pgiam's accept() sees it.
@@ -100,10 +107,11 @@ mod tests {
     use std::process::Command;
 
     /// The header's constants, in the order of `values` in the test below.
-    const CONSTANTS: [&str; 9] = [
+    const CONSTANTS: [&str; 10] = [
         "PGIAM_F_ENABLED",
         "PGIAM_F_FAST_PATH",
         "PGIAM_F_BOUND_DEV",
+        "PGIAM_F_EXE",
         "PGIAM_STAT_CONNECT",
         "PGIAM_STAT_ESTABLISHED",
         "PGIAM_STAT_GETPEERNAME",
@@ -145,6 +153,8 @@ mod tests {
                     "gid",
                     "cgroup_id",
                     "comm",
+                    "exe_ino",
+                    "exe_dev",
                 ],
             ),
             ("pgiam_peer_key", &["addr", "port"]),
@@ -218,6 +228,8 @@ mod tests {
             ("pgiam_origin.gid", offset_of!(Origin, gid)),
             ("pgiam_origin.cgroup_id", offset_of!(Origin, cgroup_id)),
             ("pgiam_origin.comm", offset_of!(Origin, comm)),
+            ("pgiam_origin.exe_ino", offset_of!(Origin, exe_ino)),
+            ("pgiam_origin.exe_dev", offset_of!(Origin, exe_dev)),
             ("pgiam_peer_key", size_of::<PeerKey>()),
             ("pgiam_peer_key.addr", offset_of!(PeerKey, addr)),
             ("pgiam_peer_key.port", offset_of!(PeerKey, port)),
@@ -234,6 +246,7 @@ mod tests {
             F_ENABLED,
             F_FAST_PATH,
             F_BOUND_DEV,
+            F_EXE,
             STAT_CONNECT,
             STAT_ESTABLISHED,
             STAT_GETPEERNAME,

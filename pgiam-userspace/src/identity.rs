@@ -90,22 +90,40 @@ impl Identity {
     }
 
     /// The identity the eBPF connect hook recorded. The cgroup is the one the process was in at
-    /// connect() time, resolved from its id, not where it may have moved since.
-    pub fn from_origin(origin: &pgiam_common::Origin) -> Identity {
+    /// connect() time, resolved from its id, not where it may have moved since. The executable
+    /// is the one that called connect(): `exe_recorded` says the kernel recorded it (it has BTF),
+    /// and then /proc's path counts only if it still names that very file (an exec() since,
+    /// to borrow a trusted binary's name, leaves the session without an exe: principal).
+    /// Without a record, /proc's path at this moment is all there is.
+    pub fn from_origin(origin: &pgiam_common::Origin, exe_recorded: bool) -> Identity {
         let comm_len = origin
             .comm
             .iter()
             .position(|&b| b == 0)
             .unwrap_or(origin.comm.len());
         let comm = String::from_utf8_lossy(&origin.comm[..comm_len]).into_owned();
-        Identity::enrich(
+        let mut id = Identity::enrich(
             Source::Kernel,
             origin.uid,
             origin.gid,
             Some(origin.tgid as i32),
             cgroup_path_by_id(origin.cgroup_id),
             Some(comm),
-        )
+        );
+        if exe_recorded {
+            let now = id.exe.take();
+            id.exe = now
+                .clone()
+                .filter(|path| is_recorded_file(path, origin.exe_dev, origin.exe_ino));
+            if let (Some(now), None) = (now, &id.exe) {
+                tracing::warn!(
+                    pid = origin.tgid,
+                    exe = %now.display(),
+                    "the process runs another executable than the one that connected: no exe: principal"
+                );
+            }
+        }
+        id
     }
 
     fn enrich(
@@ -225,6 +243,20 @@ impl serde::Serialize for Identity {
         m.serialize_entry("comm", &self.comm)?;
         m.end()
     }
+}
+
+/// Whether `path` is the file the kernel recorded: its inode, on the filesystem whose device
+/// the kernel encodes as `major << 20 | minor` (stat encodes it otherwise).
+fn is_recorded_file(path: &Path, kernel_dev: u32, ino: u64) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if ino == 0 {
+        return false;
+    }
+    let Ok(meta) = std::fs::metadata(path) else {
+        return false;
+    };
+    let (major, minor) = (libc::major(meta.dev()), libc::minor(meta.dev()));
+    meta.ino() == ino && kernel_dev >> 20 == major && kernel_dev & 0xf_ffff == minor
 }
 
 /// Identity of the process at the other end of a unix socket.
@@ -536,6 +568,29 @@ mod tests {
             Some(PathBuf::from("/sys/fs/cgroup"))
         );
         assert_eq!(cgroup2_mount_in("proc /proc proc rw 0 0\n"), None);
+    }
+
+    #[test]
+    fn a_recorded_executable_counts_only_while_its_path_names_that_file() {
+        use std::os::unix::fs::MetadataExt;
+        let me = std::env::current_exe().unwrap();
+        let meta = std::fs::metadata(&me).unwrap();
+        let kernel_dev = (libc::major(meta.dev()) << 20) | libc::minor(meta.dev());
+        assert!(is_recorded_file(&me, kernel_dev, meta.ino()));
+        assert!(
+            !is_recorded_file(&me, kernel_dev, meta.ino() + 1),
+            "another inode"
+        );
+        assert!(
+            !is_recorded_file(&me, kernel_dev + 1, meta.ino()),
+            "another device"
+        );
+        assert!(!is_recorded_file(&me, kernel_dev, 0), "nothing recorded");
+        assert!(!is_recorded_file(
+            Path::new("/nonexistent/pgiam"),
+            kernel_dev,
+            meta.ino()
+        ));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The eBPF side of interception: load the programs, pin them under bpffs so interception
 //! survives a restart of pgiam, attach them to a cgroup, and read the kernel's records.
 //!
-//! Pins live in a versioned directory (`<bpffs_dir>/v1`): programs and maps of an incompatible
+//! Pins live in a versioned directory (`<bpffs_dir>/v2`): programs and maps of an incompatible
 //! layout never meet. A restarted pgiam reopens the pinned maps and finds the pinned cgroup
 //! links, so it never attaches twice.
 
@@ -20,8 +20,16 @@ use crate::config::Interception as InterceptionConfig;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/pgiam.bpf.o"));
 
+/// Whether the running kernel describes its own types (BTF), which reading the caller's
+/// executable needs.
+pub fn kernel_has_btf() -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| Path::new("/sys/kernel/btf/vmlinux").exists())
+}
+
 /// Bumped when map layouts or program semantics change incompatibly.
-const PIN_VERSION: &str = "v1";
+/// (v2: the origin record carries the caller's executable.)
+const PIN_VERSION: &str = "v2";
 
 const CGROUP_PROGRAMS: &[&str] = &[
     "pgiam_connect4",
@@ -220,6 +228,17 @@ impl Interception {
         }
         if cfg.intercept_bound_devices {
             config.flags |= common::F_BOUND_DEV;
+        }
+        // The executable is read through the kernel's own types, which only its BTF
+        // describes; without it, exe: principals come from /proc at accept time, as before.
+        if kernel_has_btf() {
+            config.flags |= common::F_EXE;
+        } else {
+            tracing::warn!(
+                "the kernel has no BTF (/sys/kernel/btf/vmlinux): the executable of an intercepted \
+                 client is read from /proc when pgiam accepts it, which an exec() after connect() \
+                 can change; exe: principals are only as strong as that"
+            );
         }
         let IpAddr::V4(ip4) = listen4.ip() else {
             return Err(RedirectError::Bpffs(

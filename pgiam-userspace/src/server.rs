@@ -439,7 +439,7 @@ async fn accept_tcp(listener: TcpListener, shared: Arc<Shared>, interception: Sh
         });
         let identity = IdentitySource::Lookup(Box::new(move || match origin {
             Some(origin) => Ok(ClientOrigin {
-                identity: Identity::from_origin(&origin),
+                identity: Identity::from_origin(&origin, redirect::kernel_has_btf()),
                 destination: Some(redirect::original_destination(&origin)),
             }),
             None => identity::from_loopback_tcp(peer, local).map(ClientOrigin::from),

@@ -784,7 +784,7 @@ fn fast_path_falls_back_to_tcp_when_the_peer_leaves_the_sockhash() {
     use std::process::Stdio;
 
     let env = Env::start(true);
-    let socks = env.bpffs_dir.join("v1").join("pgiam_socks");
+    let socks = env.bpffs_dir.join("v2").join("pgiam_socks");
     let before = env.stats()["fallback"];
     // Either end may leave first: the application's socket (then pgiam's writes must fall
     // back), or pgiam's (then the application's must).
@@ -1010,5 +1010,67 @@ fn a_reload_changes_the_intercepted_ports_live_and_metrics_show_the_kernel_count
         ),
         2.0,
         "{scraped}"
+    );
+}
+
+/// An `exe:` principal is the executable that called connect(), as the kernel recorded it: a
+/// process that connects and then execs a trusted binary, keeping the socket, does not borrow
+/// that binary's name, though /proc names it by the time pgiam accepts (shown: the borrowed
+/// process reads its own /proc entry as the trusted binary's). The binary connecting itself is
+/// mapped.
+#[test]
+fn an_exe_principal_cannot_be_borrowed_by_an_exec_after_connect() {
+    let mut env = Env::start(false);
+    let python = std::fs::canonicalize("/usr/bin/python3").expect("python3");
+    let config = env.config().replace(
+        "[interception]",
+        &format!(
+            "[[mapping]]\nprincipal = \"exe:{}\"\ndatabase = \"{DB}\"\nrole = \"{RW}\"\n[interception]",
+            python.display()
+        ),
+    );
+    std::fs::write(&env.config_path, config).unwrap();
+    env.stop_pgiam();
+    env.start_pgiam();
+    // Speaks a startup packet on fd argv[1], or on its own connection; prints its /proc exe
+    // and the first byte of pgiam's answer ('R': logged in, 'E': refused).
+    let script = write_file(
+        env._dir.path(),
+        "startup.py",
+        &format!(
+            "import os, socket, struct, sys\n\
+             s = socket.socket(fileno=int(sys.argv[1])) if len(sys.argv) > 1 else \
+             socket.create_connection(('127.0.0.1', {port}))\n\
+             body = struct.pack('!i', 196608) + b'user\\0x\\0database\\0{DB}\\0\\0'\n\
+             s.sendall(struct.pack('!i', len(body) + 4) + body)\n\
+             print(os.readlink('/proc/self/exe'), s.recv(1).decode())\n",
+            port = env.pg.port
+        ),
+        0o644,
+    );
+    let own = output(env.other.command(&python).arg(&script));
+    assert_eq!(
+        text(&own).trim(),
+        format!("{} R", python.display()),
+        "the trusted binary connecting itself is mapped"
+    );
+    let borrowed = output(env.other.command("bash").args([
+        "-c",
+        &format!(
+            "exec 3<>/dev/tcp/127.0.0.1/{}; exec {} {} 3",
+            env.pg.port,
+            python.display(),
+            script.display()
+        ),
+    ]));
+    assert_eq!(
+        text(&borrowed).trim(),
+        format!("{} E", python.display()),
+        "bash connected, then became the trusted binary: /proc names it, pgiam must not"
+    );
+    let log = env.log();
+    assert!(
+        log.contains("runs another executable than the one that connected"),
+        "{log}"
     );
 }
