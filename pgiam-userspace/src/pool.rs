@@ -150,17 +150,23 @@ impl Pools {
     {
         let key = Arc::new(key);
         let deadline = tokio::time::Instant::now() + limits.queue_timeout();
-        let mut queued = false;
+        // Counted among the waiting from its first look that finds no room until it leaves the
+        // queue, however it leaves (a session dropped while it waits, by its startup timeout,
+        // included).
+        let mut queued: Option<Queued<'_>> = None;
         let found = loop {
             // Listening before looking: what frees a backend after the look wakes this.
             let changed = self.changed.notified();
             let mut changed = std::pin::pin!(changed);
             changed.as_mut().enable();
-            let (found, closing) = self.take(&key, limits, !queued);
+            let (found, closing) = self.take(&key, limits, queued.is_none());
             close_all(closing);
             match found {
                 Found::Full => {
-                    queued = true;
+                    queued.get_or_insert(Queued {
+                        pools: self,
+                        target: key.target,
+                    });
                     if tokio::time::timeout_at(deadline, changed).await.is_err() {
                         break None;
                     }
@@ -168,12 +174,7 @@ impl Pools {
                 found => break Some(found),
             }
         };
-        if queued {
-            let mut state = self.locked();
-            if let Some(server) = state.servers.get_mut(&key.target) {
-                server.waiting = server.waiting.saturating_sub(1);
-            }
-        }
+        drop(queued);
         let metrics = crate::metrics::get();
         match found {
             None => {
@@ -439,6 +440,21 @@ impl Pools {
                 idle: o.idle + s.idle.values().map(Vec::len).sum::<usize>(),
                 waiting: o.waiting + s.waiting,
             })
+    }
+}
+
+/// A session in a server's queue; leaving it (any way) counts it out.
+struct Queued<'a> {
+    pools: &'a Pools,
+    target: Option<SocketAddr>,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        let mut state = self.pools.locked();
+        if let Some(server) = state.servers.get_mut(&self.target) {
+            server.waiting = server.waiting.saturating_sub(1);
+        }
     }
 }
 

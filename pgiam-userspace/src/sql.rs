@@ -25,6 +25,9 @@ pub enum SqlError {
         /// Where the parser stopped: 1-based, in characters, as PostgreSQL reports it.
         position: Option<u32>,
     },
+    /// The text is not valid in the client's encoding (the server would refuse it too).
+    #[error("{0}")]
+    Encoding(String),
 }
 
 /// How a statement touches a relation.

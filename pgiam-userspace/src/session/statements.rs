@@ -531,11 +531,10 @@ impl Gate {
                         e.name()
                     )
                 };
-                let error = sql::SqlError::Syntax {
-                    message,
-                    position: None,
-                };
-                (Err(error), String::from_utf8_lossy(sql))
+                (
+                    Err(sql::SqlError::Encoding(message)),
+                    String::from_utf8_lossy(sql),
+                )
             }
         }
     }
@@ -639,6 +638,11 @@ impl Gate {
                     "42501",
                 )
             }
+            // As the server reports it: bytes that are not characters, then syntax.
+            Err(e @ sql::SqlError::Encoding(_)) => (
+                Decision::refuse("parse", format!("pgiam cannot read the statement: {e}")),
+                "22021",
+            ),
             Err(e) => (
                 Decision::refuse("parse", format!("pgiam cannot parse the statement: {e}")),
                 "42601",
@@ -1152,7 +1156,7 @@ fn parse_param_types(frame: &[u8]) -> Option<Vec<u32>> {
 fn syntax_error_position(classified: &Classified) -> Option<u32> {
     match classified {
         Err(sql::SqlError::Syntax { position, .. }) => *position,
-        Ok(_) => None,
+        Err(sql::SqlError::Encoding(_)) | Ok(_) => None,
     }
 }
 

@@ -8,6 +8,7 @@ mod audit;
 mod bypass;
 mod cancel;
 mod clients;
+mod corpus;
 mod deferred;
 mod dump;
 mod faults;

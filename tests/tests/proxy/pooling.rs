@@ -520,3 +520,24 @@ fn a_backend_whose_client_left_mid_statement_is_not_reused() {
         "the backend A left mid-statement was reused"
     );
 }
+
+/// A session whose login gives up while it waits in the queue (its startup timeout is shorter
+/// than the queue's) leaves the queue: the waiting count goes back down.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_that_gives_up_waiting_leaves_the_queue() {
+    let env = Env::with(Setup {
+        mapping: "pool = \"session\"".into(),
+        limits: "startup_timeout_secs = 1".into(),
+        extra: "[pool]\nmax_backends = 1\nqueue_timeout_secs = 30\n".into(),
+        ..Setup::default()
+    });
+    let holder = tokio_client(&dsn(&env)).await;
+    holder.simple_query("SELECT 1").await.unwrap();
+    let gave_up = tokio_postgres::connect(&dsn(&env), tokio_postgres::NoTls).await;
+    let err = gave_up
+        .err()
+        .expect("no backend within the startup timeout");
+    let db = err.as_db_error().expect("a server error");
+    assert_eq!(db.code().code(), "08006", "{db:?}");
+    pool_until(&env, |p| p["waiting"] == 0 && p["in_use"] == 1);
+}
