@@ -1074,3 +1074,81 @@ fn an_exe_principal_cannot_be_borrowed_by_an_exec_after_connect() {
         "{log}"
     );
 }
+
+/// pgiam SIGKILLed in the middle of a pgbench run, then started again: while it is down the
+/// pinned interception refuses connections (fail closed: nothing reaches the database around
+/// it), every transaction the database committed has its statement's allow record in the audit
+/// log (a record reaches the kernel before its statement is forwarded), the log verifies, and
+/// sessions work again at once.
+#[test]
+fn sigkill_under_load_then_restart_leaves_nothing_unaudited() {
+    use nix::sys::signal::{kill, Signal};
+    let mut env = Env::start(true);
+    let audit = env._dir.path().join("audit.jsonl");
+    let config = env.config() + &format!("[audit]\npath = \"{}\"\n", audit.display());
+    std::fs::write(&env.config_path, config).unwrap();
+    env.stop_pgiam();
+    env.start_pgiam();
+    env.pg.pgbench_init(DB, 1).unwrap();
+    env.pg
+        .psql_db(
+            DB,
+            &format!("GRANT ALL ON ALL TABLES IN SCHEMA public TO {RW}"),
+        )
+        .unwrap();
+    let dsn = env.db_dsn("127.0.0.1", "");
+    let mut bench = env
+        .app
+        .command(pg_bin_dir().join("pgbench"))
+        .args(["-n", "-c", "4", "-j", "2", "-T", "5", &dsn])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let mut killed = env.pgiam.take().expect("pgiam running");
+    kill(nix::unistd::Pid::from_raw(killed.pid()), Signal::SIGKILL).unwrap();
+    killed.stop();
+    let out = psql_in(&env.app, &dsn, "select 1", None);
+    assert!(
+        !out.status.success() && text(&out).contains("Connection refused"),
+        "while pgiam is down: {}",
+        text(&out)
+    );
+    let _ = bench.wait();
+    drop(killed);
+
+    env.start_pgiam();
+    assert_eq!(psql_ok_in(&env.app, &dsn, "select current_user"), RW);
+    let committed: usize = env
+        .pg
+        .psql_db(DB, "SELECT count(*) FROM pgbench_history")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let log = std::fs::read_to_string(&audit).unwrap();
+    let audited = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| {
+            r["kind"] == "statement"
+                && r["decision"] == "allow"
+                && r["sql"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("INSERT INTO pgbench_history"))
+        })
+        .count();
+    eprintln!("{committed} transactions committed, {audited} history inserts audited");
+    assert!(committed > 0, "the load ran");
+    assert!(
+        audited >= committed,
+        "{committed} history rows in the database, {audited} audited inserts"
+    );
+    let verify = output(
+        Command::new(pgiam_bin())
+            .args(["audit", "verify"])
+            .arg(&audit),
+    );
+    assert!(verify.status.success(), "{}", text(&verify));
+}

@@ -1,5 +1,5 @@
 //! Faults around pgiam: the database restarted under a live session, an upstream that accepts
-//! connections and never answers. Clients get a clean error, pgiam keeps serving, and nothing
+//! connections and never answers, a client that stops reading a large result. Clients get a clean error, pgiam keeps serving, and nothing
 //! of the ended sessions is left behind.
 
 use std::time::{Duration, Instant};
@@ -70,4 +70,64 @@ fn an_upstream_that_never_answers_fails_the_login_within_its_bound() {
     // pgiam itself still answers (its admin socket, here).
     assert!(env.pgiam.cli(&["status", "--json"]).status.success());
     drop(silent);
+}
+
+/// pgiam's resident peak, in KiB.
+fn peak_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A client that asks for a ~1 GB result and reads none of it: pgiam holds no more than its
+/// buffers (it stops reading the server once the client's socket is full), the backend waits
+/// on its own write (back-pressured, not buffering in pgiam), other sessions are served, and
+/// when the client goes the backend goes with it.
+#[test]
+fn a_client_that_stops_reading_a_large_result_holds_pgiam_memory_bounded() {
+    let env = Env::start();
+    let before = peak_kib(env.pgiam.pid());
+    let mut raw = Raw::connect(env.tcp);
+    raw.startup();
+    raw.until_ready();
+    raw.send(&query_bytes(
+        "SELECT repeat('x', 1000) FROM generate_series(1, 1000000)",
+    ));
+    // The backend fills the socket buffers on both sides of pgiam, then waits to write.
+    let mut waiting = String::new();
+    for _ in 0..200 {
+        waiting = env.direct(&format!(
+            "SELECT wait_event FROM pg_stat_activity WHERE usename = '{ROLE}' AND state = 'active'"
+        ));
+        if waiting == "ClientWrite" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(waiting, "ClientWrite", "the backend is held back by pgiam");
+    std::thread::sleep(Duration::from_secs(1));
+    let grown = peak_kib(env.pgiam.pid()).saturating_sub(before);
+    eprintln!("pgiam's peak grew {grown} KiB while a ~1 GB result waited for its reader");
+    assert!(grown < 16 * 1024, "pgiam buffered the result: {grown} KiB");
+    assert_eq!(
+        psql_ok(&env.tcp_dsn(""), "SELECT 7"),
+        "7",
+        "others are served"
+    );
+
+    drop(raw);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = env.direct(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = '{ROLE}'"
+        ));
+        if n == "0" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the abandoned backend remains");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
