@@ -131,3 +131,97 @@ fn a_client_that_stops_reading_a_large_result_holds_pgiam_memory_bounded() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// 10,000 clients logged in at once over the unix socket and left idle (connect = "deferred":
+/// no backend each): pgiam serves every one within its file-descriptor limit, holds a few KB
+/// for each, still answers a new client, and lets them all go when they leave.
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_thousand_concurrent_clients_are_served_and_let_go() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const CLIENTS: usize = 10_000;
+    // This test process holds one end of each connection (pgiam raises its own limit the same
+    // way: soft to hard).
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    assert!(
+        hard >= CLIENTS as u64 + 512,
+        "the open file hard limit ({hard}) is below what {CLIENTS} clients need"
+    );
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).expect("raise the open file limit");
+    let env = Env::with(Setup {
+        upstream: Some("host = \"127.0.0.1\"\nport = PGPORT\nconnect = \"deferred\"".into()),
+        ..Setup::default()
+    });
+    let path = env.unix_dir.join(format!(".s.PGSQL.{}", env.unix_port));
+    let startup = Raw::startup_bytes(3 << 16, &[("user", "x"), ("database", DB)]);
+    let login = |path: std::path::PathBuf, startup: Vec<u8>| async move {
+        let mut s = tokio::net::UnixStream::connect(&path).await?;
+        s.write_all(&startup).await?;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(&[b'Z', 0, 0, 0, 5, b'I']) {
+            let n = s.read(&mut buf).await?;
+            if n == 0 {
+                return Err(std::io::Error::other("closed during login"));
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        Ok::<_, std::io::Error>(s)
+    };
+    // The first login is made (and its greeting remembered); the rest are answered from it.
+    let first = login(path.clone(), startup.clone()).await.unwrap();
+    let before = rss_kib(env.pgiam.pid());
+    let mut clients = vec![first];
+    while clients.len() < CLIENTS {
+        let mut batch = tokio::task::JoinSet::new();
+        for _ in 0..500.min(CLIENTS - clients.len()) {
+            batch.spawn(login(path.clone(), startup.clone()));
+        }
+        while let Some(r) = batch.join_next().await {
+            clients.push(r.unwrap().expect("a client logged in"));
+        }
+    }
+    let grown = rss_kib(env.pgiam.pid()).saturating_sub(before);
+    let per_session = grown * 1024 / CLIENTS as u64;
+    eprintln!("{CLIENTS} idle clients: pgiam grew {grown} KiB ({per_session} bytes each)");
+    assert!(
+        per_session < 16 * 1024,
+        "{per_session} bytes per idle session"
+    );
+    let status: serde_json::Value =
+        serde_json::from_slice(&env.pgiam.cli(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(status["sessions"]["live"], CLIENTS, "{status}");
+    let backends = env.direct(&format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE usename = '{ROLE}'"
+    ));
+    assert!(
+        backends.parse::<u32>().unwrap() <= 1,
+        "{backends} backends for idle clients"
+    );
+    assert_eq!(
+        psql_ok(&env.unix_dsn(""), "SELECT 5"),
+        "5",
+        "a new client is served"
+    );
+
+    drop(clients);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status: serde_json::Value =
+            serde_json::from_slice(&env.pgiam.cli(&["status", "--json"]).stdout).unwrap();
+        if status["sessions"]["live"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "sessions left: {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
