@@ -632,6 +632,17 @@ impl Drop for Pgiam {
     }
 }
 
+/// A memory figure of `/proc/<pid>/status` (`VmRSS`: resident now, `VmHWM`: the peak), in
+/// KiB; 0 when the process is gone.
+pub fn status_kib(pid: i32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// One scrape of `/metrics`, by hand (HTTP/1.1, the connection closed after it).
 pub fn scrape(addr: &str) -> String {
     use std::io::{Read, Write};

@@ -289,15 +289,6 @@ impl Drop for PgBouncer {
     }
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// One pgiam with interception over its own cgroup subtree.
 struct PgiamVariant {
     target: Target,
@@ -864,9 +855,9 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
     // Idle clients: logged in, nothing sent since (a pool's spare connections). Behind both,
     // they hold no server connection.
     let idle_clients = |pid: u32, make: &dyn Fn() -> Command, dsn: &str| {
-        let before = rss_kib(pid);
+        let before = pgiam_tests::status_kib(pid as i32, "VmRSS");
         let holder = hold(make, dsn, opts.idle, "login")?;
-        let during = rss_kib(pid);
+        let during = pgiam_tests::status_kib(pid as i32, "VmRSS");
         release(vec![holder])?;
         anyhow::Ok((before, during))
     };
@@ -875,9 +866,9 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
     // that earlier workloads left with free space.
     let held_sessions = |pid: u32, make: &dyn Fn() -> Command, dsn: &str| {
         let first = hold(make, dsn, opts.held, "query")?;
-        let before = rss_kib(pid);
+        let before = pgiam_tests::status_kib(pid as i32, "VmRSS");
         let second = hold(make, dsn, opts.held, "query")?;
-        let during = rss_kib(pid);
+        let during = pgiam_tests::status_kib(pid as i32, "VmRSS");
         release(vec![first, second])?;
         anyhow::Ok((before, during))
     };

@@ -130,6 +130,17 @@ bpffs_dir = "{bpffs}"
         std::fs::read_to_string(&self.config_path).unwrap()
     }
 
+    /// pgbench's tables (scale 1), for the role the app cgroup maps to.
+    fn pgbench_tables(&self) {
+        self.pg.pgbench_init(DB, 1).unwrap();
+        self.pg
+            .psql_db(
+                DB,
+                &format!("GRANT ALL ON ALL TABLES IN SCHEMA public TO {RW}"),
+            )
+            .unwrap();
+    }
+
     fn start_pgiam(&mut self) {
         let pgiam = Pgiam::start_in(pgiam_bin(), &self.config(), self.listen, Some(&self.proxy))
             .expect("start pgiam with interception");
@@ -278,13 +289,7 @@ fn unmodified_clients_in_the_cgroup_go_through_pgiam() {
     assert!(env.stats()["getpeername"] >= 1);
 
     // pgbench, unmodified, zero failures.
-    env.pg.pgbench_init(DB, 1).unwrap();
-    env.pg
-        .psql_db(
-            DB,
-            &format!("GRANT ALL ON ALL TABLES IN SCHEMA public TO {RW}"),
-        )
-        .unwrap();
+    env.pgbench_tables();
     let out = output(
         env.app
             .command(pg_bin_dir().join("pgbench"))
@@ -1089,13 +1094,7 @@ fn sigkill_under_load_then_restart_leaves_nothing_unaudited() {
     std::fs::write(&env.config_path, config).unwrap();
     env.stop_pgiam();
     env.start_pgiam();
-    env.pg.pgbench_init(DB, 1).unwrap();
-    env.pg
-        .psql_db(
-            DB,
-            &format!("GRANT ALL ON ALL TABLES IN SCHEMA public TO {RW}"),
-        )
-        .unwrap();
+    env.pgbench_tables();
     let dsn = env.db_dsn("127.0.0.1", "");
     let mut bench = env
         .app

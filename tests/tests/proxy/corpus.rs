@@ -551,15 +551,6 @@ fn leak(s: String) -> &'static str {
     Box::leak(s.into_boxed_str())
 }
 
-fn peak_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 #[test]
 fn every_input_of_the_corpus_ends_as_it_should_and_nothing_else_is_touched() {
     let env = Env::with(Setup {
@@ -571,7 +562,7 @@ fn every_input_of_the_corpus_ends_as_it_should_and_nothing_else_is_touched() {
     let mut live = Raw::connect(env.tcp);
     live.startup();
     live.until_ready();
-    let memory_before = peak_kib(env.pgiam.pid());
+    let memory_before = pgiam_tests::status_kib(env.pgiam.pid(), "VmHWM");
     let inputs: Vec<Input> = startup_inputs()
         .into_iter()
         .chain(session_inputs())
@@ -626,7 +617,7 @@ fn every_input_of_the_corpus_ends_as_it_should_and_nothing_else_is_touched() {
         env.pg.psql_db(DB, "SELECT count(*) FROM items").unwrap(),
         "2"
     );
-    let grown = peak_kib(env.pgiam.pid()).saturating_sub(memory_before);
+    let grown = pgiam_tests::status_kib(env.pgiam.pid(), "VmHWM").saturating_sub(memory_before);
     eprintln!("{total} inputs; pgiam's peak grew {grown} KiB");
     assert!(grown < 32 * 1024, "pgiam's peak grew {grown} KiB");
     live.send(&query_bytes("select 42"));

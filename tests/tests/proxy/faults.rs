@@ -72,16 +72,6 @@ fn an_upstream_that_never_answers_fails_the_login_within_its_bound() {
     drop(silent);
 }
 
-/// pgiam's resident peak, in KiB.
-fn peak_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// A client that asks for a ~1 GB result and reads none of it: pgiam holds no more than its
 /// buffers (it stops reading the server once the client's socket is full), the backend waits
 /// on its own write (back-pressured, not buffering in pgiam), other sessions are served, and
@@ -89,7 +79,7 @@ fn peak_kib(pid: i32) -> u64 {
 #[test]
 fn a_client_that_stops_reading_a_large_result_holds_pgiam_memory_bounded() {
     let env = Env::start();
-    let before = peak_kib(env.pgiam.pid());
+    let before = pgiam_tests::status_kib(env.pgiam.pid(), "VmHWM");
     let mut raw = Raw::connect(env.tcp);
     raw.startup();
     raw.until_ready();
@@ -97,19 +87,15 @@ fn a_client_that_stops_reading_a_large_result_holds_pgiam_memory_bounded() {
         "SELECT repeat('x', 1000) FROM generate_series(1, 1000000)",
     ));
     // The backend fills the socket buffers on both sides of pgiam, then waits to write.
-    let mut waiting = String::new();
-    for _ in 0..200 {
-        waiting = env.direct(&format!(
+    let waiting = env.direct_until(
+        &format!(
             "SELECT wait_event FROM pg_stat_activity WHERE usename = '{ROLE}' AND state = 'active'"
-        ));
-        if waiting == "ClientWrite" {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        ),
+        "ClientWrite",
+    );
     assert_eq!(waiting, "ClientWrite", "the backend is held back by pgiam");
     std::thread::sleep(Duration::from_secs(1));
-    let grown = peak_kib(env.pgiam.pid()).saturating_sub(before);
+    let grown = pgiam_tests::status_kib(env.pgiam.pid(), "VmHWM").saturating_sub(before);
     eprintln!("pgiam's peak grew {grown} KiB while a ~1 GB result waited for its reader");
     assert!(grown < 16 * 1024, "pgiam buffered the result: {grown} KiB");
     assert_eq!(
@@ -119,26 +105,11 @@ fn a_client_that_stops_reading_a_large_result_holds_pgiam_memory_bounded() {
     );
 
     drop(raw);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let n = env.direct(&format!(
-            "SELECT count(*) FROM pg_stat_activity WHERE usename = '{ROLE}'"
-        ));
-        if n == "0" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the abandoned backend remains");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn rss_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
+    let left = env.direct_until(
+        &format!("SELECT count(*) FROM pg_stat_activity WHERE usename = '{ROLE}'"),
+        "0",
+    );
+    assert_eq!(left, "0", "the abandoned backend remains");
 }
 
 /// 10,000 clients logged in at once over the unix socket and left idle (connect = "deferred":
@@ -179,7 +150,7 @@ async fn ten_thousand_concurrent_clients_are_served_and_let_go() {
     };
     // The first login is made (and its greeting remembered); the rest are answered from it.
     let first = login(path.clone(), startup.clone()).await.unwrap();
-    let before = rss_kib(env.pgiam.pid());
+    let before = pgiam_tests::status_kib(env.pgiam.pid(), "VmRSS");
     let mut clients = vec![first];
     while clients.len() < CLIENTS {
         let mut batch = tokio::task::JoinSet::new();
@@ -190,7 +161,7 @@ async fn ten_thousand_concurrent_clients_are_served_and_let_go() {
             clients.push(r.unwrap().expect("a client logged in"));
         }
     }
-    let grown = rss_kib(env.pgiam.pid()).saturating_sub(before);
+    let grown = pgiam_tests::status_kib(env.pgiam.pid(), "VmRSS").saturating_sub(before);
     let per_session = grown * 1024 / CLIENTS as u64;
     eprintln!("{CLIENTS} idle clients: pgiam grew {grown} KiB ({per_session} bytes each)");
     assert!(

@@ -218,6 +218,31 @@ path = "{audit}"
         self.pg.psql(sql).expect("direct psql")
     }
 
+    /// The superuser's answer to `sql` once it is `want`, or the last answer after 10 s (for
+    /// what settles a moment after a client is done: a backend leaving, a wait beginning).
+    pub fn direct_until(&self, sql: &str, want: &str) -> String {
+        let mut answer = String::new();
+        for _ in 0..200 {
+            answer = self.direct(sql);
+            if answer == want {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        answer
+    }
+
+    /// pgbench's tables (scale 1) in the test database, for the mapped role.
+    pub fn pgbench_tables(&self) {
+        self.pg.pgbench_init(DB, 1).unwrap();
+        self.pg
+            .psql_db(
+                DB,
+                &format!("GRANT ALL ON ALL TABLES IN SCHEMA public TO {ROLE}"),
+            )
+            .unwrap();
+    }
+
     pub fn audit_path(&self) -> PathBuf {
         self.dir.path().join("audit.jsonl")
     }

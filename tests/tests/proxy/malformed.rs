@@ -1,7 +1,6 @@
 //! Malformed input closes that client with a clear error, and nothing else.
 
 use std::net::Shutdown;
-use std::time::Duration;
 
 use crate::fixture::*;
 
@@ -195,16 +194,10 @@ fn malformed_messages_in_a_session() {
     );
 
     // Only the live session's backend remains.
-    let mut remaining = String::new();
-    for _ in 0..200 {
-        remaining = env.direct(&format!(
-            "select count(*) from pg_stat_activity where usename = '{ROLE}'"
-        ));
-        if remaining == "1" {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
+    let remaining = env.direct_until(
+        &format!("select count(*) from pg_stat_activity where usename = '{ROLE}'"),
+        "1",
+    );
     assert_eq!(remaining, "1", "backends of closed clients must be gone");
     still_works(&env, &mut live);
 }
@@ -336,16 +329,6 @@ fn a_message_left_half_sent_ends_the_session_instead_of_holding_its_backend() {
     assert_eq!(backends(), "0", "the server connection was closed");
 }
 
-/// pgiam's peak resident memory, in KiB.
-fn peak_kib(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 /// Sends `statements` × (Parse, Bind, Execute) and then one Sync, reading the answers as they
 /// come (as a driver's reader does), until the ReadyForQuery that answers the Sync.
 fn pipeline_without_sync(raw: &mut Raw, statements: usize) {
@@ -401,9 +384,9 @@ fn a_pipeline_far_ahead_of_the_server_is_pushed_back_not_buffered() {
     raw.until_ready();
     // Warmed up first: the audit log's ring and the buffers are allocated once, not per request.
     pipeline_without_sync(&mut raw, 10_000);
-    let before = peak_kib(env.pgiam.pid());
+    let before = pgiam_tests::status_kib(env.pgiam.pid(), "VmHWM");
     pipeline_without_sync(&mut raw, 120_000);
-    let grown = peak_kib(env.pgiam.pid()).saturating_sub(before);
+    let grown = pgiam_tests::status_kib(env.pgiam.pid(), "VmHWM").saturating_sub(before);
     eprintln!("pgiam's peak grew {grown} KiB for 120,000 pipelined statements");
     // (~19 MiB with the cap here, ~60 MiB without it.)
     assert!(grown < 36 * 1024, "pgiam held the pipeline: {grown} KiB");

@@ -195,13 +195,7 @@ fn pgbench_through_every_route_under_a_policy_that_allows_just_it() {
         policy: PGBENCH.into(),
         ..Setup::default()
     });
-    env.pg.pgbench_init(DB, 1).unwrap();
-    env.pg
-        .psql_db(
-            DB,
-            &format!("GRANT ALL ON ALL TABLES IN SCHEMA public TO {ROLE}"),
-        )
-        .unwrap();
+    env.pgbench_tables();
     for mode in ["simple", "extended", "prepared"] {
         let (ok, text) = pgbench(&env, mode);
         assert!(

@@ -372,13 +372,7 @@ fn sessions_reuse_backends_and_idle_ones_close() {
         admin: format!("metrics = \"{metrics_addr}\""),
         ..Setup::default()
     });
-    env.pg.pgbench_init(DB, 1).unwrap();
-    env.pg
-        .psql_db(
-            DB,
-            &format!("GRANT ALL ON ALL TABLES IN SCHEMA public TO {ROLE}"),
-        )
-        .unwrap();
+    env.pgbench_tables();
     let before = env.connections_received();
     let mut pids = std::collections::BTreeSet::new();
     for _ in 0..10 {
@@ -437,16 +431,11 @@ fn sessions_reuse_backends_and_idle_ones_close() {
 
     // Nothing used for idle_timeout_secs: closed, in pgiam and in the database.
     pool_until(&env, |p| p["idle"] == 0);
-    for _ in 0..100 {
-        let n = env.direct(&format!(
-            "SELECT count(*) FROM pg_stat_activity WHERE usename = '{ROLE}'"
-        ));
-        if n.trim() == "0" {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("the idle backends' server processes remain");
+    let left = env.direct_until(
+        &format!("SELECT count(*) FROM pg_stat_activity WHERE usename = '{ROLE}'"),
+        "0",
+    );
+    assert_eq!(left, "0", "the idle backends' server processes remain");
 }
 
 /// The cap on backends: a session beyond it waits in the queue (shown by status), gets a
