@@ -88,6 +88,7 @@ pub fn sessions_table(sessions: &[Value], now_ms: u64) -> String {
         "STATE",
         "CLIENT",
         "TLS",
+        "POOLED",
         "SINCE",
         "LAST",
         "ALLOWED",
@@ -120,6 +121,12 @@ pub fn sessions_table(sessions: &[Value], now_ms: u64) -> String {
                 s["state"].as_str().unwrap_or("-").replace('_', " "),
                 text("client"),
                 if s["tls"].as_bool() == Some(true) {
+                    "yes"
+                } else {
+                    "no"
+                }
+                .into(),
+                if s["pooled"].as_bool() == Some(true) {
                     "yes"
                 } else {
                     "no"
@@ -168,7 +175,7 @@ mod tests {
             "id": "r1-3", "principal": "unit:billing.service",
             "identity": {"uid": 1000, "unit": "billing.service", "user": "billing"},
             "role": "billing", "database": "app", "state": "in_transaction",
-            "client": "127.0.0.1:5000", "tls": true, "since_ms": 1_000, "last_statement_ms": null,
+            "client": "127.0.0.1:5000", "tls": true, "pooled": false, "since_ms": 1_000, "last_statement_ms": null,
             "allowed": 3, "refused": 1, "bytes_in": 100, "bytes_out": 2000
         })
     }
@@ -196,7 +203,11 @@ mod tests {
         let t = sessions_table(&[session()], 11_000);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 2);
-        assert!(lines[0].starts_with("ID"));
+        assert!(lines[0].starts_with("ID") && lines[0].contains("POOLED"));
+        assert!(
+            lines[1].contains("yes") && lines[1].contains("no"),
+            "TLS, not pooled"
+        );
         for cell in [
             "r1-3",
             "uid=1000 unit=billing.service",
