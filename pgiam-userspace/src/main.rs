@@ -275,6 +275,13 @@ fn main() -> anyhow::Result<()> {
                 .block_on(pgiam::server::run(config, &path))
         }
         command => {
+            // A command's output piped into `head` ends quietly when the reader goes, as
+            // other command-line tools do (Rust ignores SIGPIPE, so a print would panic).
+            // Not for `run`: a client that goes must never end the proxy.
+            // SAFETY: before any thread exists; restores the default disposition only.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            }
             init_logging(pgiam::config::LogFormat::Text);
             tool(command)
         }

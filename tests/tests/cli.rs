@@ -201,3 +201,26 @@ fn sql_classify_shows_what_a_statement_touches() {
     assert!(!ok);
     assert!(out.contains("syntax error"), "{out}");
 }
+
+/// Output piped into a reader that stops early (`pgiam … | head`) ends the command quietly
+/// by SIGPIPE, as other tools end, not with a panic.
+#[test]
+fn a_reader_that_stops_early_ends_a_command_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(pgiam_bin())
+        .args(["policy", "schema"])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        out.status.signal(),
+        Some(nix::sys::signal::Signal::SIGPIPE as i32),
+        "{:?} {err}",
+        out.status
+    );
+}
