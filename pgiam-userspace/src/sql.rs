@@ -249,6 +249,16 @@ const FILE_FUNCTIONS: &[&str] = &[
 
 /// Functions that run SQL given as text (or read a whole table or schema named by a value),
 /// which pgiam cannot classify: treated like a DO block.
+/// Functions that name the sequence they act on by their first argument (regclass, usually a
+/// string), and the access PostgreSQL asks of it (UPDATE or USAGE to advance or set it,
+/// SELECT or USAGE to read it).
+const SEQUENCE_FUNCTIONS: &[(&str, Access)] = &[
+    ("nextval", Access::Update),
+    ("setval", Access::Update),
+    ("currval", Access::Select),
+    ("pg_sequence_last_value", Access::Select),
+];
+
 const DYNAMIC_SQL_FUNCTIONS: &[&str] = &[
     "query_to_xml",
     "query_to_xmlschema",
@@ -344,6 +354,13 @@ fn truncate_identifier(mut name: String) -> String {
 /// 63 bytes. An empty value names nothing. `None`: the server rejects the value, or might read
 /// it differently from pgiam (a vertical tab is whitespace to PostgreSQL 16 and later only).
 pub fn parse_search_path(value: &str) -> Option<Vec<String>> {
+    split_identifiers(value, ',')
+}
+
+/// A list of names separated by `separator`, read as the server's `SplitIdentifierString`
+/// reads it (see [`parse_search_path`]): `,` for search_path, `.` for a qualified name given as
+/// text (regclass input).
+fn split_identifiers(value: &str, separator: char) -> Option<Vec<String>> {
     if value.contains('\u{b}') {
         return None;
     }
@@ -375,7 +392,7 @@ pub fn parse_search_path(value: &str) -> Option<Vec<String>> {
             name
         } else {
             let end = rest
-                .find(|c: char| c == ',' || space(c))
+                .find(|c: char| c == separator || space(c))
                 .unwrap_or(rest.len());
             if end == 0 {
                 return None;
@@ -386,7 +403,7 @@ pub fn parse_search_path(value: &str) -> Option<Vec<String>> {
         };
         names.push(truncate_identifier(name));
         rest = rest.trim_start_matches(space);
-        match rest.strip_prefix(',') {
+        match rest.strip_prefix(separator) {
             Some(more) => rest = more.trim_start_matches(space),
             None if rest.is_empty() => return Some(names),
             None => return None,
@@ -412,6 +429,26 @@ fn set_argument_schema(arg: &Value) -> Option<String> {
     };
     let mut names = parse_search_path(&text)?;
     (names.len() == 1).then(|| names.remove(0))
+}
+
+/// The relation a regclass argument names: a string constant (cast or not) read as regclass
+/// input reads it. `None` for anything the parse tree cannot resolve: a computed name, a
+/// parameter, an OID (all digits), a name with a database part.
+fn relation_named_by(arg: &Value) -> Option<QualifiedName> {
+    let node = arg.get("node").unwrap_or(arg);
+    let text = match node.get("TypeCast") {
+        Some(cast) => string_constant(cast.get("arg")?)?,
+        None => string_constant(arg)?,
+    };
+    let mut parts = split_identifiers(text, '.')?;
+    let name = parts.pop()?;
+    if parts.len() > 1 || name.is_empty() || name.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(QualifiedName {
+        schema: parts.pop(),
+        name,
+    })
 }
 
 /// Is this argument SQL NULL?
@@ -1302,6 +1339,28 @@ impl Walker<'_> {
         if DYNAMIC_SQL_FUNCTIONS.contains(&lower.as_str()) {
             self.out.do_block = true;
         }
+        // The built-in sequence functions (the name resolves to pg_catalog's first): the
+        // sequence is a relation the statement touches, as if the query named it. One the
+        // parse tree cannot name is decided at run time, as dynamic SQL is.
+        let builtin = schema.is_empty() || schema == ["pg_catalog"];
+        if let Some((_, access)) = SEQUENCE_FUNCTIONS
+            .iter()
+            .find(|(n, _)| builtin && *n == lower)
+        {
+            let first = m
+                .get("args")
+                .and_then(Value::as_array)
+                .and_then(|a| a.first());
+            match first.and_then(relation_named_by) {
+                Some(name) => {
+                    self.out.relations.insert(Relation {
+                        name,
+                        access: *access,
+                    });
+                }
+                None => self.out.do_block = true,
+            }
+        }
         if lower == "current_setting" {
             let first = m
                 .get("args")
@@ -1701,6 +1760,34 @@ mod tests {
         for bad in [",", "a,", ",a", "a b", "\"a", "\"a\"b", "a,,b", "a\u{b}"] {
             assert_eq!(p(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn sequences_named_by_text_are_relations() {
+        assert_eq!(rels("SELECT nextval('s')"), [r("s", Update)]);
+        assert_eq!(
+            rels(r#"SELECT pg_catalog.setval('App."Seq"', 5)"#),
+            [r("app.Seq", Update)]
+        );
+        assert_eq!(rels("SELECT currval('s'::regclass)"), [r("s", Select)]);
+        assert_eq!(
+            rels("SELECT nextval(' public . s ')"),
+            [r("public.s", Update)]
+        );
+        for dynamic in [
+            "SELECT nextval('s' || 'x')",
+            "SELECT nextval('16384')",
+            "SELECT nextval('db.public.s')",
+            "SELECT nextval($1)",
+            "SELECT nextval(('s'::regclass)::oid::regclass)",
+            r#"SELECT nextval('"unterminated')"#,
+        ] {
+            let s = one(dynamic);
+            assert!(s.do_block && s.relations.is_empty(), "{dynamic}: {s:?}");
+        }
+        // Another schema's function of the same name is an ordinary function.
+        let s = one("SELECT other.nextval('s')");
+        assert!(s.relations.is_empty() && !s.do_block, "{s:?}");
     }
 
     #[test]

@@ -98,10 +98,38 @@ const CLASSES: &[(&str, &str, Oracle)] = &[
         "WITH x AS (SELECT * FROM items FOR SHARE) SELECT * FROM x",
         LOCKED,
     ),
+    // A sequence named by text is a relation the call touches: advancing it is an update
+    // the policy must permit, whatever `execute` allows.
+    ("nextval", "SELECT nextval('secret_seq')", SEQUENCE_MOVED),
+    (
+        "nextval quoted and qualified",
+        r#"SELECT pg_catalog.nextval('PUBLIC."secret_seq"')"#,
+        SEQUENCE_MOVED,
+    ),
+    (
+        "nextval of a regclass",
+        "SELECT nextval('secret_seq'::regclass)",
+        SEQUENCE_MOVED,
+    ),
+    ("setval", "SELECT setval('secret_seq', 100)", SEQUENCE_MOVED),
+    (
+        "nextval of a computed name",
+        "SELECT nextval('secret' || '_seq')",
+        SEQUENCE_MOVED,
+    ),
+    (
+        "nextval by oid",
+        "SELECT nextval(('secret_seq'::regclass)::oid::regclass)",
+        SEQUENCE_MOVED,
+    ),
 ];
 
 /// Rows of `items` carry a locker's transaction id.
 const LOCKED: Oracle = Oracle::Exists("SELECT bool_or(xmax::text <> '0') FROM items");
+
+/// `secret_seq` moved from where the reset left it (1, not yet called).
+const SEQUENCE_MOVED: Oracle =
+    Oracle::Exists("SELECT last_value <> 1 OR is_called FROM secret_seq");
 
 /// What the database is asked afterwards.
 #[derive(Clone, Copy, Debug)]
@@ -1087,7 +1115,8 @@ fn reset(env: &Env) {
                  CREATE TABLE canary (v int); INSERT INTO canary VALUES (1); \
                  ALTER TABLE canary OWNER TO {ROLE}; \
                  DELETE FROM items; INSERT INTO items VALUES (1, 'one'); \
-                 SELECT count(lo_unlink(oid)) FROM pg_largeobject_metadata"
+                 SELECT count(lo_unlink(oid)) FROM pg_largeobject_metadata; \
+                 SELECT setval('secret_seq', 1, false)"
             ),
         )
         .unwrap();
@@ -1129,7 +1158,8 @@ fn prepare(env: &Env) {
                  GRANT ALL ON ALL TABLES IN SCHEMA public, other TO {ROLE}; \
                  GRANT EXECUTE ON FUNCTION pg_read_file(text), pg_read_binary_file(text), \
                    lo_import(text) TO {ROLE}; \
-                 GRANT USAGE, CREATE ON SCHEMA public, other TO {ROLE}"
+                 GRANT USAGE, CREATE ON SCHEMA public, other TO {ROLE}; \
+                 CREATE SEQUENCE secret_seq; GRANT ALL ON SEQUENCE secret_seq TO {ROLE}"
             ),
         )
         .unwrap();
