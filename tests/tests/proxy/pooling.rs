@@ -184,7 +184,8 @@ fn fresh_pool(env: &Env, reloads: &mut usize) {
     .unwrap();
     *reloads += 1;
     for _ in 0..500 {
-        if env.pgiam.log().matches("reloaded").count() >= *reloads {
+        // One line per SIGHUP, written after the pools were renewed.
+        if env.pgiam.log().matches("SIGHUP: policy reloaded").count() >= *reloads {
             return;
         }
         std::thread::sleep(Duration::from_millis(20));
