@@ -517,7 +517,7 @@ fn a_backend_whose_client_left_mid_statement_is_not_reused() {
 async fn a_session_that_gives_up_waiting_leaves_the_queue() {
     let env = Env::with(Setup {
         mapping: "pool = \"session\"".into(),
-        limits: "startup_timeout_secs = 1".into(),
+        limits: "startup_timeout_secs = 3".into(),
         extra: "[pool]\nmax_backends = 1\nqueue_timeout_secs = 30\n".into(),
         ..Setup::default()
     });
