@@ -651,6 +651,7 @@ async fn establish(
         )
         .await);
     }
+    registration.started();
     crate::metrics::get().session(&mapping.role);
     // With durability `always` the decision is on disk before anything reaches the database;
     // without a working audit log nothing does.

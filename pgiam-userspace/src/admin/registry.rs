@@ -325,7 +325,6 @@ impl Registry {
             }
             sessions.insert(key, live.clone());
         }
-        self.total.fetch_add(1, Ordering::Relaxed);
         Ok(Registration {
             registry: self.clone(),
             key,
@@ -348,7 +347,7 @@ impl Registry {
         self.len() == 0
     }
 
-    /// Sessions registered since start.
+    /// Sessions started since start (registered, and past the checks made once registered).
     pub fn total(&self) -> u64 {
         self.total.load(Ordering::Relaxed)
     }
@@ -406,6 +405,11 @@ pub struct Registration {
 impl Registration {
     pub fn live(&self) -> &Arc<Live> {
         &self.live
+    }
+
+    /// The session passed the checks made once it was registered: it counts as started.
+    pub fn started(&self) {
+        self.registry.total.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -478,6 +482,14 @@ mod tests {
         let a = registry
             .register(Live::new(facts("a", 1000), State::Active))
             .unwrap();
+        // Registered and refused by the checks made once registered: not a started session.
+        drop(
+            registry
+                .register(Live::new(facts("refused", 1000), State::Idle))
+                .unwrap(),
+        );
+        assert_eq!(registry.total(), 0);
+        a.started();
         assert_eq!(registry.close(), 1);
         assert!(matches!(a.live().order(), Some(Order::Shutdown)));
         assert!(registry
