@@ -211,6 +211,14 @@ impl Interception {
         }
         let pins = pin_dir(&cfg.bpffs_dir);
         ensure_bpffs(&pins)?;
+        // An upgrade from another layout: its programs stay attached through their pinned
+        // links until the pins go, and would intercept beside these with records pgiam no
+        // longer reads.
+        for old in other_layouts(&cfg.bpffs_dir) {
+            let n = remove_pins(&old)
+                .map_err(|e| RedirectError::Bpffs(format!("removing {}: {e}", old.display())))?;
+            tracing::warn!(dir = %old.display(), pins = n, "removed the interception pins of another pgiam version");
+        }
 
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pins)
@@ -458,16 +466,43 @@ pub fn original_destination(origin: &common::Origin) -> SocketAddr {
 
 /// Removes every pin: cgroup links (which detaches the programs), maps, the directory.
 pub fn uninstall(bpffs_dir: &Path) -> std::io::Result<usize> {
-    let dir = pin_dir(bpffs_dir);
+    let mut removed = remove_pins(&pin_dir(bpffs_dir))?;
+    for old in other_layouts(bpffs_dir) {
+        removed += remove_pins(&old)?;
+    }
+    let _ = std::fs::remove_dir(bpffs_dir);
+    Ok(removed)
+}
+
+/// Pin directories of other layouts (`v<N>` beside this version's) under `bpffs_dir`.
+fn other_layouts(bpffs_dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(bpffs_dir) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name != PIN_VERSION
+                && name
+                    .strip_prefix('v')
+                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .map(|e| e.path())
+        .collect()
+}
+
+/// Removes one layout's pins (a pinned link detaches its program as it goes) and its
+/// directory; how many pins there were.
+fn remove_pins(dir: &Path) -> std::io::Result<usize> {
     let mut removed = 0;
-    match std::fs::read_dir(&dir) {
+    match std::fs::read_dir(dir) {
         Ok(rd) => {
             for e in rd.flatten() {
                 std::fs::remove_file(e.path())?;
                 removed += 1;
             }
-            std::fs::remove_dir(&dir)?;
-            let _ = std::fs::remove_dir(bpffs_dir);
+            std::fs::remove_dir(dir)?;
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),

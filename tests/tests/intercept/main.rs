@@ -382,7 +382,37 @@ fn restart_reuses_pins_and_refuses_while_down() {
     assert!(!out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("Connection refused"), "{}", text(&out));
 
+    // Pins an older pgiam layout left (an upgrade): removed at start, so its programs do not
+    // intercept beside these.
+    let old = env.bpffs_dir.join("v1");
+    std::fs::create_dir_all(&old).unwrap();
+    let made = output(
+        Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(old.join("pgiam_config"))
+            .args([
+                "type",
+                "array",
+                "key",
+                "4",
+                "value",
+                "4",
+                "entries",
+                "1",
+                "name",
+                "pgiam_config",
+            ]),
+    );
+    assert!(made.status.success(), "{}", text(&made));
+
     env.start_pgiam();
+    assert!(!old.exists(), "the older layout's pins remain");
+    assert!(
+        env.log()
+            .contains("removed the interception pins of another pgiam version"),
+        "{}",
+        env.log()
+    );
     assert_eq!(psql_ok_in(&env.app, &dsn, "select current_user"), RW);
     assert_eq!(
         env.log().matches("already attached").count(),

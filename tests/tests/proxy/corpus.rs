@@ -7,6 +7,7 @@
 //! refused opens no server connection, pgiam's memory stays bounded, and a session opened
 //! before it all still works.
 
+use std::io::Write;
 use std::time::Duration;
 
 use crate::fixture::*;
@@ -627,5 +628,3 @@ fn every_input_of_the_corpus_ends_as_it_should_and_nothing_else_is_touched() {
         "{msgs:?}"
     );
 }
-
-use std::io::Write;
