@@ -639,14 +639,20 @@ impl Gate {
                 )
             }
             // As the server reports it: bytes that are not characters, then syntax.
-            Err(e @ sql::SqlError::Encoding(_)) => (
-                Decision::refuse("parse", format!("pgiam cannot read the statement: {e}")),
+            Err(sql::SqlError::Encoding(message)) => (
+                Decision::refuse("parse", format!("cannot read the statement: {message}")),
                 "22021",
             ),
-            Err(e) => (
-                Decision::refuse("parse", format!("pgiam cannot parse the statement: {e}")),
-                "42601",
-            ),
+            Err(sql::SqlError::Syntax { message, .. }) => {
+                // The parser's own words, as the server would say them.
+                let said = message
+                    .strip_prefix("Invalid statement: ")
+                    .unwrap_or(message);
+                (
+                    Decision::refuse("parse", format!("cannot parse the statement: {said}")),
+                    "42601",
+                )
+            }
         }
     }
 
@@ -1050,10 +1056,18 @@ fn effect(statements: &[Statement]) -> Effect {
 /// record in the hint; never the policy's text.
 fn refusal(code: &'static str, decision: &Decision, record: Option<&str>) -> PgError {
     let what = decision.denied.as_deref().unwrap_or("statement");
-    let mut e = PgError::error(code, format!("pgiam: permission denied: {what}"));
-    if let Some(reason) = &decision.reason {
-        e = e.with_detail(reason.clone());
-    }
+    let e = match (code, &decision.reason) {
+        // Text pgiam cannot read or parse is answered as the server answers it: what is
+        // wrong with it, not a permission.
+        (c, Some(reason)) if c != "42501" => PgError::error(code, format!("pgiam: {reason}")),
+        (_, reason) => {
+            let e = PgError::error(code, format!("pgiam: permission denied: {what}"));
+            match reason {
+                Some(reason) => e.with_detail(reason.clone()),
+                None => e,
+            }
+        }
+    };
     match record {
         Some(id) => e.with_audit_id(id),
         None => e,

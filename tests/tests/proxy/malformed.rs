@@ -278,6 +278,11 @@ fn a_syntax_error_says_where_as_the_server_does() {
         .unwrap_or_else(|| panic!("{msgs:?}"));
     let fields = error_fields(body);
     assert_eq!(fields[&b'C'], "42601");
+    // What is wrong with it, as the server says, not a permission.
+    assert_eq!(
+        fields[&b'M'],
+        "pgiam: cannot parse the statement: syntax error at or near \"items\""
+    );
     assert_eq!(
         fields.get(&b'P').map(String::as_str),
         Some("20"),
