@@ -554,6 +554,7 @@ fn leak(s: String) -> &'static str {
 
 #[test]
 fn every_input_of_the_corpus_ends_as_it_should_and_nothing_else_is_touched() {
+    let _alone = measuring_alone();
     let env = Env::with(Setup {
         limits: "max_message_size = 65536\nstartup_timeout_secs = 2".into(),
         policy: POLICY.into(),

@@ -78,6 +78,7 @@ fn an_upstream_that_never_answers_fails_the_login_within_its_bound() {
 /// when the client goes the backend goes with it.
 #[test]
 fn a_client_that_stops_reading_a_large_result_holds_pgiam_memory_bounded() {
+    let _alone = measuring_alone();
     let env = Env::start();
     let before = pgiam_tests::status_kib(env.pgiam.pid(), "VmHWM");
     let mut raw = Raw::connect(env.tcp);
@@ -115,8 +116,15 @@ fn a_client_that_stops_reading_a_large_result_holds_pgiam_memory_bounded() {
 /// 10,000 clients logged in at once over the unix socket and left idle (connect = "deferred":
 /// no backend each): pgiam serves every one within its file-descriptor limit, holds a few KB
 /// for each, still answers a new client, and lets them all go when they leave.
-#[tokio::test(flavor = "multi_thread")]
-async fn ten_thousand_concurrent_clients_are_served_and_let_go() {
+#[test]
+fn ten_thousand_concurrent_clients_are_served_and_let_go() {
+    let _alone = measuring_alone();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(ten_thousand_clients());
+}
+
+async fn ten_thousand_clients() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const CLIENTS: usize = 10_000;

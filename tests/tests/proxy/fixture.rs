@@ -278,6 +278,14 @@ path = "{audit}"
     }
 }
 
+/// Held by the tests that measure pgiam's memory and by the one that loads the machine most
+/// (10,000 clients), so that none of them runs beside another: a measurement taken while the
+/// machine is saturated says more about the machine than about pgiam.
+pub fn measuring_alone() -> std::sync::MutexGuard<'static, ()> {
+    static ALONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ALONE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Runs a real client program and returns its output.
 pub fn run(program: &str, args: &[&str]) -> Output {
     let path = pg_bin_dir().join(program);

@@ -378,6 +378,7 @@ fn pipeline_without_sync(raw: &mut Raw, statements: usize) {
 /// would otherwise pile up: 120,000 statements are 360,000 requests, ~75 MB).
 #[test]
 fn a_pipeline_far_ahead_of_the_server_is_pushed_back_not_buffered() {
+    let _alone = measuring_alone();
     // `buffered`: no write-ahead ring, whose batches between two flushes would be measured
     // too (they follow the disk's speed, not the pipeline).
     let env = Env::with(Setup {
