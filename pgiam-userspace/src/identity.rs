@@ -111,16 +111,16 @@ impl Identity {
             Some(comm),
         );
         if exe_recorded {
-            let now = id.exe.take();
-            id.exe = now
-                .clone()
-                .filter(|path| is_recorded_file(path, origin.exe_dev, origin.exe_ino));
-            if let (Some(now), None) = (now, &id.exe) {
-                tracing::warn!(
-                    pid = origin.tgid,
-                    exe = %now.display(),
-                    "the process runs another executable than the one that connected: no exe: principal"
-                );
+            if let Some(now) = id.exe.take() {
+                if is_recorded_file(&now, origin.exe_dev, origin.exe_ino) {
+                    id.exe = Some(now);
+                } else {
+                    tracing::warn!(
+                        pid = origin.tgid,
+                        exe = %now.display(),
+                        "the process runs another executable than the one that connected: no exe: principal"
+                    );
+                }
             }
         }
         id

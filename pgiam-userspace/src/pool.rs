@@ -64,11 +64,38 @@ struct Idle {
 /// A backend between two sessions.
 struct Backend {
     stream: BoxStream,
+    facts: Facts,
+}
+
+/// What the pool knows of a backend, idle or leased.
+struct Facts {
+    /// The backend's reports as of its login state (before any role is assumed).
     parameters: Parameters,
     process_id: i32,
     secret_key: i32,
     born: Instant,
+    /// The settings' generation it logged in under.
     generation: u64,
+}
+
+impl Facts {
+    /// A backend about to be opened under the settings of `generation`.
+    fn opening(generation: u64) -> Facts {
+        Facts {
+            parameters: Parameters::default(),
+            process_id: 0,
+            secret_key: 0,
+            born: Instant::now(),
+            generation,
+        }
+    }
+
+    /// What its login told.
+    fn learn(&mut self, established: &Established) {
+        self.parameters = established.parameters.clone();
+        self.process_id = established.process_id;
+        self.secret_key = established.secret_key;
+    }
 }
 
 /// A session's hold on a pooled backend: its place under the server's cap, and what the
@@ -76,12 +103,7 @@ struct Backend {
 pub struct Lease {
     pools: Arc<Pools>,
     key: Arc<LoginKey>,
-    /// The backend's reports as of its login state (before any role is assumed).
-    parameters: Parameters,
-    process_id: i32,
-    secret_key: i32,
-    born: Instant,
-    generation: u64,
+    facts: Facts,
     room: Option<OwnedSemaphorePermit>,
     /// Whether the backend had served a session before this one.
     pub reused: bool,
@@ -114,10 +136,10 @@ pub struct Occupancy {
     pub waiting: usize,
 }
 
+/// What one look at a server's pool found: a backend, or room to open one.
 enum Found {
     Idle(Backend, OwnedSemaphorePermit),
     Room(OwnedSemaphorePermit),
-    Full,
 }
 
 impl Default for Pools {
@@ -159,19 +181,14 @@ impl Pools {
             let changed = self.changed.notified();
             let mut changed = std::pin::pin!(changed);
             changed.as_mut().enable();
-            let (found, closing) = self.take(&key, limits, queued.is_none());
+            let (found, closing) = self.take(&key, limits);
             close_all(closing);
-            match found {
-                Found::Full => {
-                    queued.get_or_insert(Queued {
-                        pools: self,
-                        target: key.target,
-                    });
-                    if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                        break None;
-                    }
-                }
-                found => break Some(found),
+            if found.is_some() {
+                break found;
+            }
+            queued.get_or_insert_with(|| Queued::join(self, key.target));
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                break None;
             }
         };
         drop(queued);
@@ -183,72 +200,44 @@ impl Pools {
             }
             Some(Found::Idle(backend, room)) => {
                 metrics.pool_checkout("reused");
-                debug!(backend_pid = backend.process_id, "pooled backend reused");
-                let mut lease = self.lease(
-                    key,
-                    &backend.parameters,
-                    backend.born,
-                    backend.generation,
-                    room,
-                    true,
+                debug!(
+                    backend_pid = backend.facts.process_id,
+                    "pooled backend reused"
                 );
-                (lease.process_id, lease.secret_key) = (backend.process_id, backend.secret_key);
-                Ok((
-                    lease,
-                    Established {
-                        stream: backend.stream,
-                        parameters: backend.parameters,
-                        notices: BytesMut::new(),
-                        process_id: backend.process_id,
-                        secret_key: backend.secret_key,
-                        status: TransactionStatus::Idle,
-                    },
-                ))
+                let established = Established {
+                    stream: backend.stream,
+                    parameters: backend.facts.parameters.clone(),
+                    notices: BytesMut::new(),
+                    process_id: backend.facts.process_id,
+                    secret_key: backend.facts.secret_key,
+                    status: TransactionStatus::Idle,
+                };
+                Ok((self.lease(key, backend.facts, room, true), established))
             }
             Some(Found::Room(room)) => {
+                // Counted in use while it opens (the room is taken), under the settings in
+                // force as it opens.
                 let generation = self.generation.load(Ordering::Acquire);
-                // Counted in use while it opens: the room is taken.
-                let lease = self.lease(
-                    key,
-                    &Parameters::default(),
-                    Instant::now(),
-                    generation,
-                    room,
-                    false,
-                );
-                match open().await {
-                    Ok(established) => {
-                        metrics.pool_checkout("opened");
-                        let mut lease = lease;
-                        lease.parameters = established.parameters.clone();
-                        (lease.process_id, lease.secret_key) =
-                            (established.process_id, established.secret_key);
-                        Ok((lease, established))
-                    }
-                    Err(e) => Err(PoolError::Open(e)),
-                }
+                let mut lease = self.lease(key, Facts::opening(generation), room, false);
+                let established = open().await.map_err(PoolError::Open)?;
+                metrics.pool_checkout("opened");
+                lease.facts.learn(&established);
+                Ok((lease, established))
             }
-            Some(Found::Full) => unreachable!("the queue loop ends only on another outcome"),
         }
     }
 
     fn lease(
         self: &Arc<Self>,
         key: Arc<LoginKey>,
-        parameters: &Parameters,
-        born: Instant,
-        generation: u64,
+        facts: Facts,
         room: OwnedSemaphorePermit,
         reused: bool,
     ) -> Lease {
         Lease {
             pools: self.clone(),
             key,
-            parameters: parameters.clone(),
-            process_id: 0,
-            secret_key: 0,
-            born,
-            generation,
+            facts,
             room: Some(room),
             reused,
         }
@@ -257,12 +246,7 @@ impl Pools {
     /// One look at the pool (under its lock): an idle backend of this login, room for a new
     /// one (closing an idle backend of another login's if that is what it takes), or neither.
     /// Expired backends met on the way are returned to be closed.
-    fn take(
-        &self,
-        key: &Arc<LoginKey>,
-        limits: &config::Pool,
-        first_look: bool,
-    ) -> (Found, Vec<Backend>) {
+    fn take(&self, key: &Arc<LoginKey>, limits: &config::Pool) -> (Option<Found>, Vec<Backend>) {
         let generation = self.generation.load(Ordering::Acquire);
         let mut state = self.locked();
         let server = state
@@ -274,7 +258,7 @@ impl Pools {
         if let Some(idle) = server.idle.get_mut(key).and_then(Vec::pop) {
             server.forget_empty(key);
             server.in_use += 1;
-            return (Found::Idle(idle.backend, idle.room), closing);
+            return (Some(Found::Idle(idle.backend, idle.room)), closing);
         }
         let room = match server.room.clone().try_acquire_owned() {
             Ok(room) => Some(room),
@@ -287,18 +271,10 @@ impl Pools {
                 None => None,
             },
         };
-        match room {
-            Some(room) => {
-                server.in_use += 1;
-                (Found::Room(room), closing)
-            }
-            None => {
-                if first_look {
-                    server.waiting += 1;
-                }
-                (Found::Full, closing)
-            }
+        if room.is_some() {
+            server.in_use += 1;
         }
+        (room.map(Found::Room), closing)
     }
 
     /// Takes a backend back from its ended session: reset, checked, and kept for the next
@@ -316,8 +292,8 @@ impl Pools {
             in_block,
         } = released;
         let metrics = crate::metrics::get();
-        if lease.generation != self.generation.load(Ordering::Acquire)
-            || lease.born.elapsed() >= limits.max_lifetime()
+        if lease.facts.generation != self.generation.load(Ordering::Acquire)
+            || lease.facts.born.elapsed() >= limits.max_lifetime()
         {
             debug!("pooled backend retired (settings reloaded, or past its lifetime)");
             close(stream).await;
@@ -332,7 +308,7 @@ impl Pools {
                 in_block,
                 &lease.key.role,
                 nonce,
-                &mut lease.parameters,
+                &mut lease.facts.parameters,
                 max_message_size,
             ),
         )
@@ -347,11 +323,10 @@ impl Pools {
         metrics.pool_reset(true);
         let backend = Backend {
             stream,
-            parameters: std::mem::take(&mut lease.parameters),
-            process_id: lease.process_id,
-            secret_key: lease.secret_key,
-            born: lease.born,
-            generation: lease.generation,
+            facts: Facts {
+                parameters: std::mem::take(&mut lease.facts.parameters),
+                ..lease.facts
+            },
         };
         let surplus = {
             let mut state = self.locked();
@@ -449,6 +424,15 @@ struct Queued<'a> {
     target: Option<SocketAddr>,
 }
 
+impl<'a> Queued<'a> {
+    fn join(pools: &'a Pools, target: Option<SocketAddr>) -> Queued<'a> {
+        if let Some(server) = pools.locked().servers.get_mut(&target) {
+            server.waiting += 1;
+        }
+        Queued { pools, target }
+    }
+}
+
 impl Drop for Queued<'_> {
     fn drop(&mut self) {
         let mut state = self.pools.locked();
@@ -503,9 +487,9 @@ impl Server {
         for list in self.idle.values_mut() {
             let (keep, gone): (Vec<Idle>, Vec<Idle>) =
                 std::mem::take(list).into_iter().partition(|i| {
-                    i.backend.generation == generation
+                    i.backend.facts.generation == generation
                         && now.duration_since(i.since) < limits.idle_timeout()
-                        && now.duration_since(i.backend.born) < limits.max_lifetime()
+                        && now.duration_since(i.backend.facts.born) < limits.max_lifetime()
                 });
             *list = keep;
             out.extend(gone.into_iter().map(|i| i.backend));

@@ -113,8 +113,8 @@ async fn relay_backend(
         let audit = shared.audit.as_ref();
         let mut woken = shared.registry.subscribe();
 
-        // Whether the server direction waits for the server with nothing of its own in hand
-        // (what it holds is then only the start of a message no request asked for).
+        // Whether the direction that reads the server waits for it with nothing of its own in
+        // hand (what it holds is then only the start of a message no request asked for).
         let parked = AtomicBool::new(false);
         let mut to_server = std::pin::pin!(async {
             let mut client_size = ReadSize::default();
