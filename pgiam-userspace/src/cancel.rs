@@ -155,6 +155,19 @@ impl Registration {
         }
     }
 
+    /// The session has no backend any more (a transaction-pooled session between two
+    /// transactions): a cancel with this key reaches none, least of all the next session's.
+    pub fn disconnect(&self) {
+        let mut sessions = self
+            .registry
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = sessions.get_mut(&(self.process_id, self.secret_key)) {
+            entry.target = None;
+        }
+    }
+
     /// The session's side of [`Pending`].
     pub fn pending(&self) -> Pending {
         self.registry

@@ -476,7 +476,7 @@ pub struct Mapping {
 }
 
 /// How a mapping's sessions get their backends.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum PoolMode {
     /// Each session opens its own backend and closes it at its end.
@@ -486,6 +486,13 @@ pub enum PoolMode {
     /// its login state) and kept for the next session with the same login role, database,
     /// startup parameters and server.
     Session,
+    /// As `session`, and besides, between two transactions of a session its backend goes
+    /// back to the pool for the next transaction of any session of the same principal (the
+    /// identity the mapping matched), role, database and startup parameters. A session that
+    /// leaves state in its backend that must outlive the transaction (session SET, LISTEN,
+    /// temporary objects, WITH HOLD cursors, SQL PREPARE, session advisory locks) keeps the
+    /// backend until it ends. A backend goes to another principal only after the reset.
+    Transaction,
 }
 
 /// `[pool]`: the limits every pooled mapping shares.

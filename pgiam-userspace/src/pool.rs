@@ -1,9 +1,13 @@
-//! Backends that outlive their sessions: the pools that mappings with `pool = "session"` draw
-//! from, per server and login (role, database, startup parameters).
+//! Backends that outlive their sessions: the pools that mappings with `pool = "session"` or
+//! `"transaction"` draw from, per server and login (role, database, startup parameters).
 //!
 //! A backend is handed to the next session only after [`reset`] has undone its last
 //! session's state and the backend itself has confirmed it is back to its login state; one
-//! that fails is closed. What pgiam holds open to one server is capped (`pool.max_backends`):
+//! that fails is closed. The one exception is a transaction-pooled session's backend between
+//! two of its transactions ([`Pools::park`]): it is kept *owned* by the session's principal,
+//! and goes without a reset only to the next transaction of that same principal (whose
+//! own state it may carry, as a session's backend carries it from one transaction to the
+//! next); to anyone else only after the reset. What pgiam holds open to one server is capped (`pool.max_backends`):
 //! a session that needs a backend beyond the cap takes an idle one of another login's (closed
 //! to make room) or waits in a queue, and is refused (53300) when the wait runs out. A reload
 //! of the settings starts a new generation: idle backends are closed, and those in use are
@@ -26,6 +30,10 @@ use crate::config;
 use crate::stream::BoxStream;
 use crate::upstream::{self, Established, LoginKey, Parameters};
 use crate::wire::TransactionStatus;
+
+/// What a backend holds under each prepared statement name (transaction pooling), as the
+/// Parse that created it: the sessions that land on it bring it to what they hold.
+pub type Held = HashMap<Vec<u8>, bytes::Bytes>;
 
 /// How long a reset may take before the backend is given up.
 const RESET_TIMEOUT: Duration = Duration::from_secs(5);
@@ -59,6 +67,9 @@ struct Idle {
     backend: Backend,
     room: OwnedSemaphorePermit,
     since: Instant,
+    /// The principal whose transactions it served since its last reset (parked between two
+    /// of them); `None`: reset, fit for anyone.
+    owner: Option<Arc<str>>,
 }
 
 /// A backend between two sessions.
@@ -69,13 +80,18 @@ struct Backend {
 
 /// What the pool knows of a backend, idle or leased.
 struct Facts {
-    /// The backend's reports as of its login state (before any role is assumed).
+    /// The backend's reports as they stand (its login state's once reset; with the role
+    /// it assumed since, if any).
     parameters: Parameters,
     process_id: i32,
     secret_key: i32,
     born: Instant,
     /// The settings' generation it logged in under.
     generation: u64,
+    /// The role it has assumed since its last reset (gateway mode).
+    assumed: Option<String>,
+    /// The prepared statements transaction-pooled sessions left on it since its last reset.
+    held: Held,
 }
 
 impl Facts {
@@ -87,6 +103,8 @@ impl Facts {
             secret_key: 0,
             born: Instant::now(),
             generation,
+            assumed: None,
+            held: Held::new(),
         }
     }
 
@@ -105,8 +123,29 @@ pub struct Lease {
     key: Arc<LoginKey>,
     facts: Facts,
     room: Option<OwnedSemaphorePermit>,
+    /// The principal it serves (a transaction-pooled session's: it is parked owned by it).
+    owner: Option<Arc<str>>,
     /// Whether the backend had served a session before this one.
     pub reused: bool,
+}
+
+impl Lease {
+    /// The role the backend has assumed since its last reset, if any.
+    pub fn assumed(&self) -> Option<&str> {
+        self.facts.assumed.as_deref()
+    }
+
+    /// The prepared statements the backend holds, for the session on it to bring to its own.
+    pub fn held(&mut self) -> &mut Held {
+        &mut self.facts.held
+    }
+
+    /// Notes that the backend now acts as `role` (SET ROLE in gateway mode), and reports
+    /// `parameters` since.
+    pub fn assume(&mut self, role: &str, parameters: &Parameters) {
+        self.facts.assumed = Some(role.to_owned());
+        self.facts.parameters = parameters.clone();
+    }
 }
 
 /// A backend whose session ended with nothing outstanding, given back.
@@ -136,9 +175,14 @@ pub struct Occupancy {
     pub waiting: usize,
 }
 
-/// What one look at a server's pool found: a backend, or room to open one.
+/// What one look at a server's pool found: a backend (which must be reset first if another
+/// principal's transactions left it parked), or room to open one.
 enum Found {
-    Idle(Backend, OwnedSemaphorePermit),
+    Idle {
+        backend: Backend,
+        room: OwnedSemaphorePermit,
+        foreign: bool,
+    },
     Room(OwnedSemaphorePermit),
 }
 
@@ -158,12 +202,16 @@ impl Pools {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A backend for `key`: an idle one, or a new one from `open` while there is room; else
-    /// a place in the queue until one comes free or `limits.queue_timeout_secs` pass.
+    /// A backend for `key`, serving `owner` (a transaction-pooled session's principal): an
+    /// idle one (`owner`'s own parked one first, then a reset one, then another principal's,
+    /// reset now), or a new one from `open` while there is room; else a place in the queue
+    /// until one comes free or `limits.queue_timeout_secs` pass.
     pub async fn checkout<E, F, Fut>(
         self: &Arc<Self>,
         key: LoginKey,
+        owner: Option<Arc<str>>,
         limits: &config::Pool,
+        max_message_size: usize,
         open: F,
     ) -> Result<(Lease, Established), PoolError<E>>
     where
@@ -181,24 +229,52 @@ impl Pools {
             let changed = self.changed.notified();
             let mut changed = std::pin::pin!(changed);
             changed.as_mut().enable();
-            let (found, closing) = self.take(&key, limits);
+            let (found, closing) = self.take(&key, owner.as_deref(), limits, queued.is_some());
             close_all(closing);
-            if found.is_some() {
-                break found;
+            match found {
+                // Another principal's: undone before this one sees it. One that fails its
+                // reset is closed, and the look starts again.
+                Some(Found::Idle {
+                    mut backend,
+                    room,
+                    foreign: true,
+                }) => match self
+                    .reset_foreign(&key, &mut backend, max_message_size)
+                    .await
+                {
+                    Ok(()) => {
+                        break Some(Found::Idle {
+                            backend,
+                            room,
+                            foreign: false,
+                        })
+                    }
+                    Err(()) => {
+                        self.release_room(&key, room);
+                        close(backend.stream).await;
+                        continue;
+                    }
+                },
+                Some(found) => break Some(found),
+                None => {}
             }
             queued.get_or_insert_with(|| Queued::join(self, key.target));
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 break None;
             }
         };
-        drop(queued);
+        // Served from the queue: the next in line looks too, if there is more to take (one
+        // backend announced wakes one session).
+        if queued.take().is_some() && found.is_some() && self.more_for_the_queue(key.target) {
+            self.changed.notify_one();
+        }
         let metrics = crate::metrics::get();
         match found {
             None => {
                 metrics.pool_checkout("timeout");
                 Err(PoolError::Full(limits.queue_timeout()))
             }
-            Some(Found::Idle(backend, room)) => {
+            Some(Found::Idle { backend, room, .. }) => {
                 metrics.pool_checkout("reused");
                 debug!(
                     backend_pid = backend.facts.process_id,
@@ -212,13 +288,16 @@ impl Pools {
                     secret_key: backend.facts.secret_key,
                     status: TransactionStatus::Idle,
                 };
-                Ok((self.lease(key, backend.facts, room, true), established))
+                Ok((
+                    self.lease(key, owner, backend.facts, room, true),
+                    established,
+                ))
             }
             Some(Found::Room(room)) => {
                 // Counted in use while it opens (the room is taken), under the settings in
                 // force as it opens.
                 let generation = self.generation.load(Ordering::Acquire);
-                let mut lease = self.lease(key, Facts::opening(generation), room, false);
+                let mut lease = self.lease(key, owner, Facts::opening(generation), room, false);
                 let established = open().await.map_err(PoolError::Open)?;
                 metrics.pool_checkout("opened");
                 lease.facts.learn(&established);
@@ -230,6 +309,7 @@ impl Pools {
     fn lease(
         self: &Arc<Self>,
         key: Arc<LoginKey>,
+        owner: Option<Arc<str>>,
         facts: Facts,
         room: OwnedSemaphorePermit,
         reused: bool,
@@ -239,14 +319,79 @@ impl Pools {
             key,
             facts,
             room: Some(room),
+            owner,
             reused,
         }
     }
 
-    /// One look at the pool (under its lock): an idle backend of this login, room for a new
-    /// one (closing an idle backend of another login's if that is what it takes), or neither.
-    /// Expired backends met on the way are returned to be closed.
-    fn take(&self, key: &Arc<LoginKey>, limits: &config::Pool) -> (Option<Found>, Vec<Backend>) {
+    /// Resets a backend another principal's transactions left parked. `Err`: it failed, and
+    /// is to be closed.
+    async fn reset_foreign(
+        &self,
+        key: &LoginKey,
+        backend: &mut Backend,
+        max_message_size: usize,
+    ) -> Result<(), ()> {
+        let nonce = self.nonces.fetch_add(1, Ordering::Relaxed);
+        let reset = tokio::time::timeout(
+            RESET_TIMEOUT,
+            reset(
+                &mut backend.stream,
+                BytesMut::new(),
+                false,
+                &key.role,
+                nonce,
+                &mut backend.facts.parameters,
+                max_message_size,
+            ),
+        )
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {}s", RESET_TIMEOUT.as_secs())));
+        crate::metrics::get().pool_reset(reset.is_ok());
+        match reset {
+            Ok(()) => {
+                backend.facts.assumed = None;
+                backend.facts.held.clear();
+                Ok(())
+            }
+            Err(e) => {
+                warn!(role = %key.role, "a parked backend failed its reset and is closed: {e}");
+                Err(())
+            }
+        }
+    }
+
+    /// Sessions wait for a server that has an idle backend or room for one.
+    fn more_for_the_queue(&self, target: Option<SocketAddr>) -> bool {
+        self.locked().servers.get(&target).is_some_and(|s| {
+            s.waiting > 0 && (!s.idle.is_empty() || s.room.available_permits() > 0)
+        })
+    }
+
+    /// Gives back the room a backend taken from the pool held, for one that is closed before
+    /// it was leased.
+    fn release_room(&self, key: &LoginKey, room: OwnedSemaphorePermit) {
+        drop(room);
+        if let Some(server) = self.locked().servers.get_mut(&key.target) {
+            server.in_use = server.in_use.saturating_sub(1);
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// One look at the pool (under its lock): an idle backend of this login (see
+    /// [`Server::pick`]), room for a new one (closing an idle backend of another login's if
+    /// that is what it takes), or neither. Expired backends met on the way are returned to
+    /// be closed.
+    /// A session that is not queued yet takes nothing while others are: they come first
+    /// (else sessions coming back for their next transaction would keep the backends from
+    /// those queued, for ever).
+    fn take(
+        &self,
+        key: &Arc<LoginKey>,
+        owner: Option<&str>,
+        limits: &config::Pool,
+        queued: bool,
+    ) -> (Option<Found>, Vec<Backend>) {
         let generation = self.generation.load(Ordering::Acquire);
         let mut state = self.locked();
         let server = state
@@ -255,10 +400,19 @@ impl Pools {
             .or_insert_with(|| Server::new(limits.max_backends));
         server.resize(limits.max_backends);
         let mut closing = server.expire(Instant::now(), limits, generation);
-        if let Some(idle) = server.idle.get_mut(key).and_then(Vec::pop) {
-            server.forget_empty(key);
+        if !queued && server.waiting > 0 {
+            return (None, closing);
+        }
+        if let Some((idle, foreign)) = server.pick(key, owner) {
             server.in_use += 1;
-            return (Some(Found::Idle(idle.backend, idle.room)), closing);
+            return (
+                Some(Found::Idle {
+                    backend: idle.backend,
+                    room: idle.room,
+                    foreign,
+                }),
+                closing,
+            );
         }
         let room = match server.room.clone().try_acquire_owned() {
             Ok(room) => Some(room),
@@ -321,10 +475,43 @@ impl Pools {
             return;
         }
         metrics.pool_reset(true);
+        lease.facts.assumed = None;
+        lease.facts.held.clear();
+        self.keep(lease, stream, None, limits).await;
+    }
+
+    /// Takes a backend back between two transactions of a transaction-pooled session: kept,
+    /// without a reset, owned by the session's principal (see the module's doc), or closed if
+    /// it has served long enough or holds part of a message.
+    pub async fn park(&self, mut lease: Lease, released: Released, limits: &config::Pool) {
+        if lease.facts.generation != self.generation.load(Ordering::Acquire)
+            || lease.facts.born.elapsed() >= limits.max_lifetime()
+            || !released.leftover.is_empty()
+            || released.in_block
+        {
+            debug!("parked backend retired (settings reloaded, past its lifetime, or not quiet)");
+            close(released.stream).await;
+            return;
+        }
+        let owner = lease.owner.take();
+        self.keep(lease, released.stream, owner, limits).await;
+    }
+
+    /// Puts a backend among the idle ones of its login (owned by `owner`), unless there are
+    /// `limits.size` already: then it is closed.
+    async fn keep(
+        &self,
+        mut lease: Lease,
+        stream: BoxStream,
+        owner: Option<Arc<str>>,
+        limits: &config::Pool,
+    ) {
         let backend = Backend {
             stream,
             facts: Facts {
                 parameters: std::mem::take(&mut lease.facts.parameters),
+                assumed: lease.facts.assumed.take(),
+                held: std::mem::take(&mut lease.facts.held),
                 ..lease.facts
             },
         };
@@ -342,15 +529,24 @@ impl Pools {
                             backend,
                             room,
                             since: Instant::now(),
+                            owner,
                         });
                     None
                 }
-                _ => Some(backend),
+                (_, room) => {
+                    // Closed below: its room goes with the lease.
+                    lease.room = room;
+                    Some(backend)
+                }
             }
         };
-        // The lease ends here: the queue hears of the idle backend, or of the room its close
-        // makes.
+        // The lease ends here: one session in the queue hears of the idle backend (any
+        // session can use it), or all of them of the room its close makes.
+        let kept = surplus.is_none();
         drop(lease);
+        if kept {
+            self.changed.notify_one();
+        }
         if let Some(backend) = surplus {
             close(backend.stream).await;
         }
@@ -445,14 +641,19 @@ impl Drop for Queued<'_> {
 impl Drop for Lease {
     fn drop(&mut self) {
         // The room first: a session woken below must find it free.
-        drop(self.room.take());
+        let freed = self.room.take().is_some();
         {
             let mut state = self.pools.locked();
             if let Some(server) = state.servers.get_mut(&self.key.target) {
                 server.in_use = server.in_use.saturating_sub(1);
             }
         }
-        self.pools.changed.notify_waiters();
+        // Room freed: every session in the queue may use it (for another login too). A
+        // backend kept idle instead is announced by whoever kept it, to one session: with
+        // thousands queued, waking them all for each would cost more than the work.
+        if freed {
+            self.pools.changed.notify_waiters();
+        }
     }
 }
 
@@ -496,6 +697,22 @@ impl Server {
         }
         self.idle.retain(|_, v| !v.is_empty());
         out
+    }
+
+    /// Takes an idle backend of `key` for `owner`: the most recently used one `owner` parked
+    /// itself (no reset needed), else the most recent reset one, else the most recent of
+    /// another principal's (`true`: it must be reset first).
+    fn pick(&mut self, key: &Arc<LoginKey>, owner: Option<&str>) -> Option<(Idle, bool)> {
+        let list = self.idle.get_mut(key)?;
+        let at = |want: &dyn Fn(&Idle) -> bool| list.iter().rposition(want);
+        let own = owner.and_then(|o| at(&|i: &Idle| i.owner.as_deref() == Some(o)));
+        let (index, foreign) = match own.or_else(|| at(&|i: &Idle| i.owner.is_none())) {
+            Some(i) => (i, false),
+            None => (list.len().checked_sub(1)?, true),
+        };
+        let idle = list.remove(index);
+        self.forget_empty(key);
+        Some((idle, foreign))
     }
 
     fn forget_empty(&mut self, key: &Arc<LoginKey>) {

@@ -20,6 +20,7 @@ use crate::stream::{BoxStream, Rewind};
 use crate::tls::ALPN_POSTGRESQL;
 use crate::wire::{self, PgError, StartupPacket, WireError};
 
+mod carried;
 mod durability;
 mod ending;
 use ending::{ordered_out, revoke};
@@ -197,21 +198,51 @@ pub fn run(
                 return Box::pin(refuse(&mut client, refusal)).await;
             }
         };
-        let upstream = 'upstream: {
-            let deferred = match std::convert::identity(link) {
-                login::Link::Open(upstream) => break 'upstream upstream,
-                login::Link::Deferred(deferred) => deferred,
+        let mut link = link;
+        loop {
+            let upstream = 'upstream: {
+                let deferred = match std::convert::identity(link) {
+                    login::Link::Open(upstream) => break 'upstream upstream,
+                    login::Link::Deferred(deferred) => deferred,
+                };
+                let woke = first_message(&shared, &mut client, &mut session).await;
+                let opened = open_deferred(&shared, &mut client, &mut session, deferred, woke);
+                match Box::pin(opened).await {
+                    Ok(upstream) => upstream,
+                    Err(ended_by) => return session.finish(&shared, &client.peer, ended_by),
+                }
             };
-            let woke = first_message(&shared, &mut client, &mut session).await;
-            let opened = open_deferred(&shared, &mut client, &mut session, deferred, woke);
-            match Box::pin(opened).await {
-                Ok(upstream) => upstream,
-                Err(ended_by) => return session.finish(&shared, &client.peer, ended_by),
+            let ended = Box::pin(relay(&shared, &mut client, &mut session, upstream)).await;
+            if ended.between_transactions && session.transactions.is_some() {
+                link = Box::pin(between_transactions(&shared, &session, ended)).await;
+                continue;
             }
-        };
-        let ended = Box::pin(relay(&shared, &mut client, &mut session, upstream)).await;
-        Box::pin(conclude(&shared, &client.peer, session, ended)).await;
+            return Box::pin(conclude(&shared, &client.peer, session, ended)).await;
+        }
     }
+}
+
+/// A transaction-pooled session between two transactions: its backend goes back to the pool
+/// (owned by its principal), and it waits for its next message as a deferred session does.
+async fn between_transactions(
+    shared: &Shared,
+    session: &Session,
+    ended: relay::Ended,
+) -> login::Link {
+    let transactions = session
+        .transactions
+        .as_ref()
+        .expect("a transaction-pooled session");
+    if let Some((lease, released)) = ended.released {
+        // A cancel sent now has nothing of this session's to cancel.
+        session.cancel_key.disconnect();
+        let current = shared.settings.current();
+        shared
+            .pools
+            .park(*lease, released, &current.config.pool)
+            .await;
+    }
+    login::Link::Deferred(Box::new(transactions.reattach.clone()))
 }
 
 /// A session's end: its end record, and its backend reset for the next client (pooled, and
@@ -371,7 +402,8 @@ async fn open_deferred(
             shared,
             &deferred.key,
             &client.peer,
-            session.registration.live().facts.pooled,
+            session.registration.live().facts.pool,
+            session.transactions.as_ref().map(|t| &t.principal),
         ),
     )
     .await
@@ -432,7 +464,20 @@ struct Session {
     standard_conforming_strings: bool,
     /// Its entry among the live sessions: how an operator sees it and orders it out.
     registration: Registration,
-    started: std::time::Instant,
+    /// What a transaction-pooled session keeps between its transactions (boxed: the session
+    /// sits inline in the task).
+    transactions: Option<Box<Transactions>>,
+}
+
+/// What a transaction-pooled session keeps from one transaction to the next.
+struct Transactions {
+    /// The principal its mapping matched: whose transactions its backends may go on to
+    /// without a reset.
+    principal: Arc<str>,
+    /// How it logs in again for its next transaction.
+    reattach: login::Deferred,
+    /// Its prepared statements, for the backends it lands on.
+    carried: carried::Carried,
 }
 
 /// Negotiation, startup checks, mapping and upstream login (or what stands in for it until the
@@ -577,7 +622,7 @@ async fn establish(
             upstream: current.upstream.describe(origin.destination),
             peer: client.peer.clone(),
             tls: client.tls,
-            pooled: mapping.pool == crate::config::PoolMode::Session,
+            pool: mapping.pool,
         },
         State::NotConnected,
     );
@@ -698,25 +743,39 @@ async fn establish(
         crate::config::UpstreamConnect::AtLogin => None,
     };
     let key = Arc::new(key);
-    let pooled = live.facts.pooled;
+    let pool = live.facts.pool;
+    let owner: Arc<str> = Arc::from(mapping.principal.as_str());
+    let owner_of_backends = (pool == crate::config::PoolMode::Transaction).then_some(&owner);
     let mut hello = BytesMut::with_capacity(512);
     wire::authentication_ok(&mut hello);
     // The client is told its backend's real pid (pgiam's own secret beside it); a deferred
     // session has no backend yet, and is told a pid pgiam makes up.
     let encoding_at_login;
+    // What a transaction-pooled session logs in with again, after each of its transactions.
+    let reattach;
+    let transaction_pooled = pool == crate::config::PoolMode::Transaction;
     let (link, scs_at_login, status, cancel_key) = match remembered {
         Some((key, told)) => {
             told.encode_news(None, &mut hello);
             let scs = told.standard_conforming_strings();
             encoding_at_login = told.get("client_encoding").map(str::to_owned);
-            let link = login::Link::Deferred(Box::new(login::Deferred { key, told }));
+            let deferred = Box::new(login::Deferred { key, told });
+            reattach = transaction_pooled.then(|| (*deferred).clone());
+            let link = login::Link::Deferred(deferred);
             let cancel_key = shared.cancels.register(None);
             (link, scs, wire::TransactionStatus::Idle, cancel_key)
         }
         None => {
             let (established, upstream, lease) =
-                login::connect(shared, &key, &client.peer, pooled).await?;
-            let cancel_key = shared.cancels.register(Some(established.process_id));
+                login::connect(shared, &key, &client.peer, pool, owner_of_backends).await?;
+            // A transaction-pooled session's backend changes between its transactions: the
+            // pid it is told is pgiam's, whichever backend a cancel then reaches.
+            let told_pid = (!transaction_pooled).then_some(established.process_id);
+            let cancel_key = shared.cancels.register(told_pid);
+            reattach = transaction_pooled.then(|| login::Deferred {
+                key: key.clone(),
+                told: Arc::new(established.parameters.clone()),
+            });
             login::reach(upstream, &key, &cancel_key, &established);
             established.parameters.encode_news(None, &mut hello);
             hello.extend_from_slice(&established.notices);
@@ -762,7 +821,13 @@ async fn establish(
         )),
         standard_conforming_strings: scs_at_login,
         registration,
-        started: std::time::Instant::now(),
+        transactions: reattach.map(|reattach| {
+            Box::new(Transactions {
+                principal: owner,
+                reattach,
+                carried: carried::Carried::default(),
+            })
+        }),
     };
     session
         .gate
@@ -912,7 +977,7 @@ impl Session {
                 "id" => audit.next_id(),
                 "kind" => "session_end",
                 "session" => session_id,
-                "duration_ms" => self.started.elapsed().as_millis() as u64,
+                "duration_ms" => self.registration.live().age().as_millis() as u64,
                 "ended_by" => ended_by,
             });
         }
@@ -934,7 +999,8 @@ mod tests {
     /// a task as one cell, 128-byte aligned, of the future and 104 bytes of its own: a client
     /// that has not spoken (the run future, waiting inline) fits in 512 bytes up to 408. The
     /// relay is boxed beside it once the session has spoken (1,792 bytes before pooling; what
-    /// it keeps to hand a backend back to its pool takes it to 1,888).
+    /// it keeps to hand a backend back to its pool takes it to 1,888, and what transaction
+    /// pooling adds, to 2,016; a transaction-pooled session holds no relay while it is idle).
     #[test]
     fn an_idle_session_s_futures_stay_small() {
         fn returned<F: FnOnce(A, B, C, D, E) -> R, A, B, C, D, E, R>(_: F) -> usize {
@@ -949,6 +1015,6 @@ mod tests {
         fn returned4<F: FnOnce(A, B, C, D) -> R, A, B, C, D, R>(_: F) -> usize {
             std::mem::size_of::<R>()
         }
-        assert!(returned4(relay) <= 1888, "the relay: {}", returned4(relay));
+        assert!(returned4(relay) <= 2016, "the relay: {}", returned4(relay));
     }
 }

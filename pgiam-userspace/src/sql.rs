@@ -11,6 +11,7 @@ use std::collections::BTreeSet;
 
 mod encoding;
 mod position;
+mod session_state;
 
 pub use encoding::ClientEncoding;
 
@@ -134,6 +135,11 @@ pub struct Statement {
     /// may resolve to pg_temp.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub temp: bool,
+    /// Leaves state in the session that outlives its transaction, as far as the statement
+    /// itself says: a temporary relation, SET or RESET (not LOCAL), LISTEN, PREPARE, LOAD,
+    /// DECLARE … WITH HOLD, a session advisory lock, set_config() not provably local.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub session_state: bool,
     /// Every value the statement gives client_encoding anywhere in it (SET, SET LOCAL, SET
     /// NAMES, RESET, RESET ALL, DISCARD ALL, set_config(), a function's SET clause, ALTER
     /// ROLE/DATABASE/SYSTEM … SET), in order: the session follows which encodings its
@@ -1013,6 +1019,7 @@ impl Walker<'_> {
             || m.get("schemaname").and_then(Value::as_str) == Some("pg_temp")
         {
             self.out.temp = true;
+            self.out.session_state = true;
         }
     }
 
@@ -1103,6 +1110,11 @@ impl Walker<'_> {
     }
 
     fn visit_node_in_context(&mut self, node: &str, body: &Value, access: Access) {
+        if self.set_context == SetContext::Session
+            && session_state::node_outlives_transaction(node, body)
+        {
+            self.out.session_state = true;
+        }
         // Statements with a WITH clause: its CTEs are in scope for the rest of the statement.
         let pushed = self.with_clause(body);
         match node {
@@ -1333,6 +1345,14 @@ impl Walker<'_> {
             return;
         };
         let lower = name.to_ascii_lowercase();
+        let builtin = schema.is_empty() || schema == ["pg_catalog"];
+        let args = m
+            .get("args")
+            .and_then(Value::as_array)
+            .map_or(&[][..], Vec::as_slice);
+        if session_state::call_outlives_transaction(&lower, builtin, args) {
+            self.out.session_state = true;
+        }
         if FILE_FUNCTIONS.contains(&lower.as_str()) {
             self.out.server_files = true;
         }
@@ -1342,7 +1362,6 @@ impl Walker<'_> {
         // The built-in sequence functions (the name resolves to pg_catalog's first): the
         // sequence is a relation the statement touches, as if the query named it. One the
         // parse tree cannot name is decided at run time, as dynamic SQL is.
-        let builtin = schema.is_empty() || schema == ["pg_catalog"];
         if let Some((_, access)) = SEQUENCE_FUNCTIONS
             .iter()
             .find(|(n, _)| builtin && *n == lower)

@@ -112,7 +112,14 @@ enum Target {
     PgiamNoFastPath,
     /// As deployed, with `pool = "session"`: backends reused across clients.
     PgiamPooled,
+    /// PgBouncer in transaction mode, capped at [`TX_BACKENDS`] server connections.
+    PgBouncerTransaction,
+    /// As deployed, with `pool = "transaction"` and `max_backends` [`TX_BACKENDS`].
+    PgiamTransaction,
 }
+
+/// The server connections both transaction poolers may hold.
+const TX_BACKENDS: usize = 50;
 
 impl Target {
     fn label(self) -> &'static str {
@@ -124,15 +131,23 @@ impl Target {
             Target::PgiamNoAudit => "pgiam -audit",
             Target::PgiamNoFastPath => "pgiam -fastpath",
             Target::PgiamPooled => "pgiam pooled",
+            Target::PgBouncerTransaction => "pgbouncer tx",
+            Target::PgiamTransaction => "pgiam tx",
         }
     }
 
     /// `[audit] durability`, or no audit.
     fn durability(self) -> Option<&'static str> {
         match self {
-            Target::Pgiam | Target::PgiamNoFastPath | Target::PgiamPooled => Some("changes"),
+            Target::Pgiam
+            | Target::PgiamNoFastPath
+            | Target::PgiamPooled
+            | Target::PgiamTransaction => Some("changes"),
             Target::PgiamAlways => Some("always"),
-            Target::Direct | Target::PgBouncer | Target::PgiamNoAudit => None,
+            Target::Direct
+            | Target::PgBouncer
+            | Target::PgBouncerTransaction
+            | Target::PgiamNoAudit => None,
         }
     }
 }
@@ -155,11 +170,13 @@ struct Options {
     fastpath: bool,
     /// Also the per-statement classification and authorization benchmark.
     classify: bool,
+    /// Clients at once in the transaction pooling runs (0: no such runs).
+    many: usize,
 }
 
 const USAGE: &str =
     "options: --short, --duration SECS, --rounds N, --scale N, --idle N, --held N, \
-     --bulk-rows N, --bulk-repeat N, --fastpath, --workloads NAME[,NAME]";
+     --bulk-rows N, --bulk-repeat N, --many N, --fastpath, --workloads NAME[,NAME]";
 
 fn parse_options(args: &[String]) -> anyhow::Result<Options> {
     let mut o = Options {
@@ -173,6 +190,7 @@ fn parse_options(args: &[String]) -> anyhow::Result<Options> {
         workloads: WORKLOADS.iter().collect(),
         fastpath: false,
         classify: true,
+        many: 10_000,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -185,6 +203,7 @@ fn parse_options(args: &[String]) -> anyhow::Result<Options> {
                 o.scale = 1;
                 o.bulk_repeat = 1;
                 o.classify = false;
+                o.many = 1000;
             }
             "--duration" => o.duration = value()?.parse()?,
             "--rounds" => o.rounds = value()?.parse()?,
@@ -193,14 +212,19 @@ fn parse_options(args: &[String]) -> anyhow::Result<Options> {
             "--held" => o.held = value()?.parse()?,
             "--bulk-rows" => o.bulk_rows = value()?.parse()?,
             "--bulk-repeat" => o.bulk_repeat = value()?.parse()?,
+            "--many" => o.many = value()?.parse()?,
             "--fastpath" => o.fastpath = true,
             "--workloads" => {
                 let wanted = value()?;
+                // The transaction pooling runs are named "transaction".
+                if !wanted.split(',').any(|n| "transaction".contains(n.trim())) {
+                    o.many = 0;
+                }
                 o.workloads = WORKLOADS
                     .iter()
                     .filter(|w| wanted.split(',').any(|n| w.name.contains(n.trim())))
                     .collect();
-                if o.workloads.is_empty() {
+                if o.workloads.is_empty() && o.many == 0 {
                     bail!("no workload matches {wanted:?}");
                 }
             }
@@ -225,11 +249,15 @@ struct PgBouncer {
 
 impl PgBouncer {
     /// `pool_size`: session mode gives each client a server connection of its own.
+    /// Transaction mode (`transaction`) takes its clients without a password (`trust`), as
+    /// pgiam takes them on their kernel identity: ten thousand SCRAM logins would measure
+    /// PgBouncer's one core hashing, not its pooling.
     fn start(
         pg_port: u16,
         user: &str,
         password: &str,
         pool_size: usize,
+        transaction: bool,
     ) -> anyhow::Result<PgBouncer> {
         let dir = tempfile::Builder::new()
             .prefix("pgiam-bench-pgb-")
@@ -244,10 +272,12 @@ impl PgBouncer {
         let ini = format!(
             "[databases]\napp = host=127.0.0.1 port={pg_port} dbname=app\n\
              [pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
-             auth_type = scram-sha-256\nauth_file = {dir}/userlist.txt\npool_mode = session\n\
+             auth_type = {auth}\nauth_file = {dir}/userlist.txt\npool_mode = {mode}\n\
              max_client_conn = 100000\ndefault_pool_size = {pool_size}\nlogfile = {dir}/pgbouncer.log\n\
              ignore_startup_parameters = extra_float_digits\n",
-            dir = dir.path().display()
+            dir = dir.path().display(),
+            auth = if transaction { "trust" } else { "scram-sha-256" },
+            mode = if transaction { "transaction" } else { "session" },
         );
         let ini_path = write_file(dir.path(), "pgbouncer.ini", &ini, 0o600);
         if nix::unistd::geteuid().is_root() {
@@ -296,6 +326,8 @@ struct PgiamVariant {
     config_path: PathBuf,
     /// The audit log, when the variant has one.
     audit_path: Option<PathBuf>,
+    /// Where its Prometheus metrics are served, when they are.
+    metrics: Option<String>,
     app: TestCgroup,
     _proxy: TestCgroup,
     // Last: removed after its children.
@@ -351,6 +383,9 @@ fn start_variant(
         _ => String::new(),
     };
     let policy = write_file(dir, "bench-policy.cedar", BENCH_POLICY, 0o644);
+    // The transaction pooler's metrics: how many backends it opened.
+    let metrics =
+        (target == Target::PgiamTransaction).then(|| format!("127.0.0.1:{}", free_port()));
     // `connect = "deferred"`: logins are answered without a server connection, as PgBouncer
     // answers them, so idle clients and connection churn compare like with like (the default,
     // `at-login`, opens a backend per client as direct PostgreSQL does).
@@ -361,19 +396,27 @@ fn start_variant(
          [roles.bench]\npassword_file = \"{pw}\"\n\
          [[mapping]]\nprincipal = \"cgroup:{app}\"\ndatabase = \"app\"\nrole = \"bench\"\npool = \"{pool}\"\n\
          [interception]\ncgroup = \"{cg}\"\nendpoints = [\"127.0.0.1\"]\nports = [{pg_port}]\n\
-         fast_path = {fast}\nbpffs_dir = \"/sys/fs/bpf/{bpffs}\"\n{audit}",
+         fast_path = {fast}\nbpffs_dir = \"/sys/fs/bpf/{bpffs}\"\n{audit}{transaction}",
         dir = dir.display(),
         policy = policy.display(),
         pw = password_file.display(),
         app = app.path,
         cg = cg.path,
         fast = target != Target::PgiamNoFastPath,
-        pool = if target == Target::PgiamPooled {
-            "session"
-        } else {
-            "none"
+        pool = match target {
+            Target::PgiamPooled => "session",
+            Target::PgiamTransaction => "transaction",
+            _ => "none",
         },
         bpffs = cg.path.trim_start_matches('/').replace('/', "-"),
+        transaction = match &metrics {
+            Some(addr) => format!(
+                "[pool]\nsize = {TX_BACKENDS}\nmax_backends = {TX_BACKENDS}\nqueue_timeout_secs = 60\n\
+                 [admin]\nsocket = \"{dir}/{name}-admin.sock\"\nmetrics = \"{addr}\"\n",
+                dir = dir.display()
+            ),
+            None => String::new(),
+        },
     );
     let config_path = write_file(dir, &format!("{name}.toml"), &config, 0o600);
     let pgiam = Pgiam::start_in(
@@ -387,6 +430,7 @@ fn start_variant(
         pgiam: Some(pgiam),
         config_path,
         audit_path,
+        metrics,
         app,
         _proxy: proxy,
         _cgroup: cg,
@@ -681,8 +725,8 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
 
     let dir = tempfile::Builder::new().prefix("pgiam-bench-").tempdir()?;
     let pw = write_file(dir.path(), "bench.password", &password, 0o600);
-    raise_fd_limit(opts.idle + 2 * opts.held + 1024)?;
-    let bouncer = PgBouncer::start(pg.port, "bench", &password, 2 * opts.held + 32)?;
+    raise_fd_limit(opts.idle.max(opts.many) + 2 * opts.held + 1024)?;
+    let bouncer = PgBouncer::start(pg.port, "bench", &password, 2 * opts.held + 32, false)?;
     let root = TestCgroup::new("pgiam-bench");
     let mut targets = vec![
         Target::Direct,
@@ -814,6 +858,10 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
             stalls.join("; ")
         );
     }
+    let mut transaction_logs = Vec::new();
+    if opts.many > 0 {
+        transaction_logs = transaction_pooling(&opts, pg.port, &password, &root, dir.path(), &pw)?;
+    }
     // Memory per session: resident set before and while sessions are held open.
     let pgiam_pid = variants[0]
         .pgiam
@@ -908,6 +956,7 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
     let audit_logs: Vec<(Target, PathBuf)> = variants
         .iter()
         .filter_map(|v| Some((v.target, v.audit_path.clone()?)))
+        .chain(transaction_logs)
         .collect();
     // Stopped first: everything pgiam wrote is in the files.
     drop(variants);
@@ -921,6 +970,134 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
         run(crate::cargo().args(["bench", "-p", "pgiam-userspace", "--bench", "classify"]))?;
     }
     Ok(())
+}
+
+/// Transaction pooling: `opts.many` clients at once through [`TX_BACKENDS`] server
+/// connections, pgiam (`pool = "transaction"`) against PgBouncer in transaction mode,
+/// select-only in each query mode (PgBouncer 1.18 has no protocol-level prepared statements in
+/// transaction mode: pgiam alone runs `-M prepared`); and connection churn through both.
+/// Interleaved rounds, medians. Returns pgiam's audit log, pgiam stopped.
+fn transaction_pooling(
+    opts: &Options,
+    pg_port: u16,
+    password: &str,
+    root: &TestCgroup,
+    dir: &Path,
+    pw: &Path,
+) -> anyhow::Result<Vec<(Target, PathBuf)>> {
+    let bouncer = PgBouncer::start(pg_port, "bench", password, TX_BACKENDS, true)?;
+    let variant = start_variant(Target::PgiamTransaction, root, pg_port, dir, pw)?;
+    let many = opts.many.to_string();
+    let select = |mode: &'static str| -> Vec<String> {
+        ["-S", "-M", mode, "-c", &many, "-j", "2"]
+            .map(str::to_owned)
+            .to_vec()
+    };
+    let runs: Vec<(String, Vec<String>, bool)> = vec![
+        (format!("select simple c{many}"), select("simple"), true),
+        (format!("select extended c{many}"), select("extended"), true),
+        (
+            format!("select prepared c{many}"),
+            select("prepared"),
+            false,
+        ),
+        (
+            "connect churn c8".into(),
+            ["-S", "-C", "-c", "8", "-j", "2"]
+                .map(str::to_owned)
+                .to_vec(),
+            true,
+        ),
+    ];
+    // Thousands of logins take seconds before the first transaction: the run is long enough
+    // that they are a small part of it (pgbench's rate leaves them out).
+    let many_duration = opts.duration.max(10) + 10;
+    let bouncer_dsn = format!("host=127.0.0.1 port={} dbname=app user=bench", bouncer.port);
+    let intercepted_dsn =
+        format!("host=127.0.0.1 port={pg_port} dbname=app user=bench sslmode=disable");
+    let pgbench_bin = pg_bin_dir().join("pgbench");
+    let mut results = Results::new();
+    for round in 1..=opts.rounds {
+        for (i, (name, args, bouncer_too)) in runs.iter().enumerate() {
+            for t in [Target::PgBouncerTransaction, Target::PgiamTransaction] {
+                if t == Target::PgBouncerTransaction && !bouncer_too {
+                    continue;
+                }
+                let (mut cmd, dsn) = match t {
+                    Target::PgBouncerTransaction => (Command::new(&pgbench_bin), &bouncer_dsn),
+                    _ => (variant.app.command(&pgbench_bin), &intercepted_dsn),
+                };
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let duration = if args.contains(&"-C") {
+                    opts.duration
+                } else {
+                    many_duration
+                };
+                let sample = pgbench(&mut cmd, name, &args, 1, duration, dsn)?;
+                eprintln!(
+                    "bench: round {round} {name:<26} {:<16} {:>10.0} tps {:>8.3} ms",
+                    t.label(),
+                    sample.rate,
+                    sample.latency_ms
+                );
+                results.entry((i, t)).or_default().push(sample);
+            }
+        }
+    }
+    let opened = variant.metrics.as_deref().map(|addr| {
+        pgiam_tests::metric(
+            &pgiam_tests::scrape(addr),
+            "pgiam_pool_checkouts_total{outcome=\"opened\"}",
+        )
+    });
+    let version = Command::new("/usr/sbin/pgbouncer")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    println!(
+        "\nTransaction pooling: {} clients at once, at most {TX_BACKENDS} server connections \
+         ({version} in transaction mode, trust; pgiam `pool = \"transaction\"`, as deployed); \
+         medians of {} rounds:\n",
+        opts.many, opts.rounds
+    );
+    println!("| workload | pgbouncer tx tps | pgiam tx tps | pgiam/pgbouncer | latency ms pgbouncer / pgiam |");
+    println!("|---|---|---|---|---|");
+    let med = |i: usize, t: Target, f: fn(&Sample) -> f64| {
+        results
+            .get(&(i, t))
+            .map(|s| median(s.iter().map(f).collect()))
+    };
+    for (i, (name, _, _)) in runs.iter().enumerate() {
+        let (b, p) = (
+            med(i, Target::PgBouncerTransaction, |s| s.rate),
+            med(i, Target::PgiamTransaction, |s| s.rate),
+        );
+        let fmt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
+        let lat = |t| med(i, t, |s| s.latency_ms).map_or("-".into(), |v| format!("{v:.3}"));
+        println!(
+            "| {name} | {} | {} | {} | {} / {} |",
+            fmt(b),
+            fmt(p),
+            match (p, b) {
+                (Some(p), Some(b)) if b > 0.0 => format!("{:.2}", p / b),
+                _ => "-".into(),
+            },
+            lat(Target::PgBouncerTransaction),
+            lat(Target::PgiamTransaction),
+        );
+    }
+    if let Some(n) = opened {
+        println!(
+            "\npgiam tx opened {n:.0} server connections over all its runs (cap {TX_BACKENDS})."
+        );
+    }
+    let log = variant.audit_path.clone();
+    drop(variant);
+    drop(bouncer);
+    Ok(log
+        .map(|p| vec![(Target::PgiamTransaction, p)])
+        .unwrap_or_default())
 }
 
 /// `hold-connections N login|query DSN`: opens N sessions (with `query`, each does a round

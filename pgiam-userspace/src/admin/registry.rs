@@ -118,14 +118,17 @@ pub struct Facts {
     pub upstream: String,
     pub peer: String,
     pub tls: bool,
-    /// Its backend comes from, and goes back to, a pool (`pool = "session"`).
-    pub pooled: bool,
+    /// Where its backends come from: its own, or a pool it gives them back to at its end
+    /// (`session`) or between its transactions too (`transaction`).
+    pub pool: crate::config::PoolMode,
 }
 
 /// One live session.
 pub struct Live {
     pub facts: Facts,
     since: SystemTime,
+    /// The same moment on the monotonic clock, for how long the session lasted.
+    started: std::time::Instant,
     state: AtomicU8,
     allowed: AtomicU64,
     refused: AtomicU64,
@@ -141,6 +144,7 @@ impl Live {
         Arc::new(Live {
             facts,
             since: SystemTime::now(),
+            started: std::time::Instant::now(),
             state: AtomicU8::new(state as u8),
             allowed: AtomicU64::new(0),
             refused: AtomicU64::new(0),
@@ -149,6 +153,11 @@ impl Live {
             last_statement_ms: AtomicU64::new(0),
             order: Mutex::new(None),
         })
+    }
+
+    /// How long since the session was established.
+    pub fn age(&self) -> Duration {
+        self.started.elapsed()
     }
 
     /// The id statement records name as their session: `None` without a session record.
@@ -222,7 +231,7 @@ impl Live {
             upstream: f.upstream.clone(),
             client: f.peer.clone(),
             tls: f.tls,
-            pooled: f.pooled,
+            pool: f.pool,
             state: self.state(),
             since_ms: unix_ms(self.since),
             last_statement_ms: (last > 0).then_some(last),
@@ -245,7 +254,7 @@ pub struct SessionView {
     pub upstream: String,
     pub client: String,
     pub tls: bool,
-    pub pooled: bool,
+    pub pool: crate::config::PoolMode,
     pub state: State,
     pub since_ms: u64,
     pub last_statement_ms: Option<u64>,
@@ -446,7 +455,7 @@ mod tests {
             upstream: "127.0.0.1:5432".into(),
             peer: "unix".into(),
             tls: false,
-            pooled: false,
+            pool: crate::config::PoolMode::None,
         }
     }
 

@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use super::{startup, Refusal, Shared};
 use crate::cancel::{Registration, Target};
+use crate::config::PoolMode;
 use crate::pool::{Lease, PoolError};
 use crate::stream::BoxStream;
 use crate::upstream::{Established, LoginKey, Parameters, Upstream, UpstreamError};
@@ -33,6 +34,7 @@ pub struct Backend {
 }
 
 /// A login not yet made, and what the client was told about it.
+#[derive(Clone)]
 pub struct Deferred {
     pub key: Arc<LoginKey>,
     pub told: Arc<Parameters>,
@@ -40,14 +42,16 @@ pub struct Deferred {
 
 /// Logs in as the key says: the role's credentials, the server's encoding checked, the
 /// mapped role assumed in gateway mode; for a pooled mapping, a backend of its pool's (reset
-/// since its last session) when there is one. A successful login's greeting is remembered for
+/// since its last session, or parked by `owner`'s last transaction: a transaction-pooled
+/// session's principal) when there is one. A successful login's greeting is remembered for
 /// the next one with the same key. The session's cancel key is the caller's to point at the
 /// backend ([`reach`]): a session that logs in now gets its key from the backend's pid.
 pub async fn connect(
     shared: &Shared,
     key: &Arc<LoginKey>,
     peer: &str,
-    pooled: bool,
+    pool: PoolMode,
+    owner: Option<&Arc<str>>,
 ) -> Result<(Established, Arc<Upstream>, Option<Lease>), Refusal> {
     let failed = |e: UpstreamError| {
         warn!(peer = %peer, role = %key.role, "upstream login failed: {e}");
@@ -94,7 +98,7 @@ pub async fn connect(
         }
         Ok::<_, Refusal>(established)
     };
-    let (mut established, lease) = if pooled {
+    let (mut established, mut lease) = if pool != PoolMode::None {
         // Pooled by login: in gateway mode one backend serves every role it may assume, as
         // the reset takes it back to the gateway role before it is handed on.
         let login = LoginKey {
@@ -103,7 +107,13 @@ pub async fn connect(
         };
         match shared
             .pools
-            .checkout(login, &current.config.pool, log_in)
+            .checkout(
+                login,
+                owner.cloned(),
+                &current.config.pool,
+                current.config.limits.max_message_size,
+                log_in,
+            )
             .await
         {
             Ok((lease, established)) => (established, Some(lease)),
@@ -129,11 +139,17 @@ pub async fn connect(
     } else {
         (log_in().await?, None)
     };
+    // (A backend parked by this principal's last transaction acts as its role already.)
     if let Some(role) = &key.assume {
-        upstream
-            .assume_role(&mut established, role)
-            .await
-            .map_err(failed)?;
+        if lease.as_ref().and_then(|l| l.assumed()) != Some(role.as_str()) {
+            upstream
+                .assume_role(&mut established, role)
+                .await
+                .map_err(failed)?;
+            if let Some(lease) = &mut lease {
+                lease.assume(role, &established.parameters);
+            }
+        }
     }
     upstream.remember(key, &established.parameters);
     match &lease {

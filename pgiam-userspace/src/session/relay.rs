@@ -28,12 +28,19 @@ const ENDING_GRACE: Duration = Duration::from_secs(5);
 /// a client that sends Sync only at the end still gets there; each costs pgiam ~200 bytes.
 const MAX_OUTSTANDING: usize = 16_384;
 
-/// How a relay ended: why, and the backend if it outlives the session (pooled, and nothing
-/// outstanding when the client left).
+/// How a relay ended: why, and the backend if it outlives the relay (pooled, and nothing
+/// outstanding when the client left, or between two transactions of a transaction-pooled
+/// session).
 pub(super) struct Ended {
     pub why: String,
     pub released: Option<(Box<crate::pool::Lease>, Released)>,
+    /// The session goes on: only its transaction ended (transaction pooling), and the backend
+    /// goes back to the pool until the client sends its next message.
+    pub between_transactions: bool,
 }
+
+/// Why a transaction-pooled session's relay ends while the session goes on.
+const BETWEEN_TRANSACTIONS: &str = "between transactions";
 
 /// Moves bytes both ways until either side ends. Client messages are framed, validated and
 /// authorized before they are forwarded; server messages stream through, matched to the
@@ -57,7 +64,7 @@ async fn relay_backend(
     client: &mut Client,
     session: &mut Session,
     upstream: BoxStream,
-    lease: Option<Box<crate::pool::Lease>>,
+    mut lease: Option<Box<crate::pool::Lease>>,
 ) -> Ended {
     let (max, stalled_after) = {
         let current = shared.settings.current();
@@ -78,6 +85,9 @@ async fn relay_backend(
     let live = session.registration.live();
     let metrics = crate::metrics::get();
     let pooled = lease.is_some();
+    // The backend is given back whenever the session is between two transactions and holds
+    // nothing in it that a later transaction needs.
+    let transaction_pooled = pooled && live.facts.pool == crate::config::PoolMode::Transaction;
     // The server's bytes read and not yet passed on (outside the direction that reads them,
     // so that a backend given back to its pool keeps them).
     let mut sbuf = BytesMut::new();
@@ -87,6 +97,14 @@ async fn relay_backend(
     let released_in_block = AtomicBool::new(false);
     let why = {
         let gate = &mut session.gate;
+        // A transaction-pooled session's prepared statements, and what this backend holds.
+        let mut carried = match (&mut session.transactions, lease.as_deref_mut()) {
+            (Some(t), Some(lease)) if transaction_pooled => {
+                t.carried.landed();
+                Some((&mut t.carried, lease.held()))
+            }
+            _ => None,
+        };
         // What the server says about standard_conforming_strings, for classifying what follows.
         let standard_conforming_strings = AtomicBool::new(session.standard_conforming_strings);
         // The client-to-server direction never writes to the client: a fatal error it finds is
@@ -114,8 +132,10 @@ async fn relay_backend(
         let mut woken = shared.registry.subscribe();
 
         // Whether the direction that reads the server waits for it with nothing of its own in
-        // hand (what it holds is then only the start of a message no request asked for).
+        // hand (what it holds is then only the start of a message no request asked for), and
+        // whether it holds nothing at all.
         let parked = AtomicBool::new(false);
+        let parked_empty = AtomicBool::new(false);
         let mut to_server = std::pin::pin!(async {
             let mut client_size = ReadSize::default();
             let mut checked = Vec::new();
@@ -136,6 +156,9 @@ async fn relay_backend(
                     }
                 }
                 for (name, generation) in std::mem::take(&mut *locked(&unprepared)) {
+                    if let Some((carried, held)) = carried.as_mut() {
+                        carried.not_prepared(&name, held);
+                    }
                     gate.forget_prepared(&name, generation);
                 }
                 if let Some(e) = locked(&reported_encoding).take() {
@@ -148,9 +171,29 @@ async fn relay_backend(
                     // (Read here, not held: both directions run in this task, so it does not
                     // change while a run is framed.)
                     let scs = standard_conforming_strings.load(Ordering::Relaxed);
+                    // A transaction-pooled session's statements may not be on this backend:
+                    // what the client parsed (and pgiam authorized) under the name a message
+                    // uses goes ahead of it. What runs is decided at Execute, as always.
+                    if let Some((carried, held)) = carried.as_mut() {
+                        for (kind, ahead) in carried.ahead_of(message, held) {
+                            expects.push(statements::Expect {
+                                kind,
+                                record: None,
+                                refused: None,
+                                creates: Vec::new(),
+                                started: std::time::Instant::now(),
+                            });
+                            let at = range.start;
+                            checked.push((at..at, statements::Checked::Substitute(ahead)));
+                        }
+                    }
                     let decided = crate::metrics::timed(&metrics.decision, || {
                         gate.check(message, frame, scs, &mut expects)
                     });
+                    if let Some((carried, held)) = carried.as_mut() {
+                        let authorized = matches!(decided, statements::Checked::Forward(_));
+                        carried.forwarded(message, frame, authorized, held);
+                    }
                     checked.push((range, decided));
                 });
                 if framed.len > 0 {
@@ -227,6 +270,20 @@ async fn relay_backend(
                 }
                 // Nothing is left of what was checked: an idle session keeps no room for it.
                 checked = Vec::new();
+                // Between two transactions, with everything answered and nothing half sent
+                // either way, a transaction-pooled session's backend goes back to the pool.
+                if transaction_pooled
+                    && cbuf.is_empty()
+                    && !gate.holds_session_state()
+                    && parked_empty.load(Ordering::Relaxed)
+                    && locked(&in_flight).is_empty()
+                {
+                    let r = locked(&responses);
+                    if r.idle() && r.at_boundary() && !r.in_block() {
+                        released.store(true, Ordering::Relaxed);
+                        return Ok(BETWEEN_TRANSACTIONS);
+                    }
+                }
                 // Waiting for the client is also waiting for the policy to change: a session
                 // whose access is revoked ends now (at the top of the loop), not at its next
                 // statement.
@@ -252,9 +309,12 @@ async fn relay_backend(
                 // Part of a message held: the rest must come within the limit. (Boxed, and made
                 // only then: a timer is hundreds of bytes an idle session need not hold.)
                 let stall = (!cbuf.is_empty()).then(|| Box::pin(tokio::time::sleep(stalled_after)));
+                // Answers read may end the transaction (transaction pooling; boxed likewise).
+                let answered = transaction_pooled.then(|| Box::pin(drained.notified()));
                 let read = tokio::select! {
                     r = read_when_ready(&mut client_rd, &mut cbuf, &mut client_size) => r,
                     Ok(()) = woken.changed() => continue,
+                    () = async { match answered { Some(a) => a.await, None => std::future::pending().await } } => continue,
                     () = async { match stall { Some(s) => s.await, None => std::future::pending().await } } => {
                         return Err(PgError::fatal(
                             "08P01",
@@ -284,6 +344,9 @@ async fn relay_backend(
             }
         }
         .await;
+            if result == Ok(BETWEEN_TRANSACTIONS) {
+                return result;
+            }
             // A pooled backend whose client left cleanly, with every request answered and
             // nothing of a server message half passed on, goes back to its pool.
             if pooled
@@ -317,10 +380,18 @@ async fn relay_backend(
             let mut size = ReadSize::default();
             // Why an answer was held back for good: the audit record it waited for failed.
             let mut withheld: Option<Box<PgError>> = None;
+            // A transaction-pooled session may be between transactions from the start (a
+            // backend opened at login, or one whose client has nothing more to say): the
+            // other direction looks once this one waits.
+            if transaction_pooled {
+                drained.notify_one();
+            }
             let end = 'relay: loop {
                 parked.store(true, Ordering::Relaxed);
+                parked_empty.store(sbuf.is_empty(), Ordering::Relaxed);
                 let read = read_when_ready(&mut server_rd, sbuf, &mut size).await;
                 parked.store(false, Ordering::Relaxed);
+                parked_empty.store(false, Ordering::Relaxed);
                 match read {
                     Ok(0) => break "server closed",
                     Ok(_) => {}
@@ -495,6 +566,12 @@ async fn relay_backend(
         }
         ended_by
     };
+    let between_transactions = why == BETWEEN_TRANSACTIONS;
+    if between_transactions {
+        // The session goes on: the client is its own again, with what it has sent since.
+        client.stream = client_io.into_inner();
+        client.buf = cbuf;
+    }
     let released = match lease {
         Some(lease) if released.load(Ordering::Relaxed) => Some((
             lease,
@@ -506,7 +583,11 @@ async fn relay_backend(
         )),
         _ => None,
     };
-    Ended { why, released }
+    Ended {
+        why,
+        released,
+        between_transactions,
+    }
 }
 
 /// The lock's contents, even if a panic poisoned it (the data is a queue, always consistent

@@ -158,6 +158,20 @@ impl Responses {
                 None => Step::Pass(h.total),
             });
         }
+        if matches!(
+            (h.tag, self.front_kind()),
+            (b'1', Some(ExpectKind::Reparse)) | (b'3', Some(ExpectKind::Preclose))
+        ) {
+            // pgiam's own Parse or Close: its answer goes no further.
+            if buf.len() < h.total {
+                return Ok(Step::NeedMore);
+            }
+            self.complete(Some("00000"), None, None);
+            return Ok(Step::Replace {
+                len: h.total,
+                with: Bytes::new(),
+            });
+        }
         self.other(h.tag);
         if buf.len() >= h.total {
             Ok(Step::Pass(h.total))
@@ -393,13 +407,13 @@ mod tests {
         /// bytes than it was given.
         #[test]
         fn the_matcher_never_panics_on_any_server_bytes(
-            kinds in proptest::collection::vec(0..9usize, 0..6),
+            kinds in proptest::collection::vec(0..11usize, 0..6),
             refused in proptest::collection::vec(proptest::bool::ANY, 6),
             data in proptest::collection::vec(proptest::num::u8::ANY, 0..200),
             chunk in 1..64usize,
         ) {
             use ExpectKind::*;
-            let all = [Query, FunctionCall, Parse, Bind, Execute, Describe, Close, Sync, CopyEnd];
+            let all = [Query, FunctionCall, Parse, Bind, Execute, Describe, Close, Sync, CopyEnd, Reparse, Preclose];
             let mut r = Responses::default();
             for (i, k) in kinds.iter().enumerate() {
                 r.push(expect(all[*k], "r-1", refused[i]));
@@ -459,6 +473,42 @@ mod tests {
         r.push(expect(ExpectKind::Query, "s", false));
         run(&mut r, &server, 1000);
         assert_eq!(completions(&r).len(), 3);
+    }
+
+    /// pgiam's own Parse of the client's unnamed statement: its ParseComplete never reaches
+    /// the client, its error does (and the client's Bind behind it is skipped).
+    #[test]
+    fn a_reparse_is_answered_to_pgiam_alone_unless_it_fails() {
+        for chunk in [1, 4, 1000] {
+            let mut r = Responses::default();
+            r.push(expect(ExpectKind::Reparse, "", false));
+            r.push(expect(ExpectKind::Bind, "", false));
+            r.push(expect(ExpectKind::Execute, "e", false));
+            r.push(expect(ExpectKind::Sync, "", false));
+            let mut client = BytesMut::new();
+            client.extend_from_slice(b"2\0\0\0\x04");
+            wire::command_complete(b"SELECT 1", &mut client);
+            wire::ready_for_query(wire::TransactionStatus::Idle, &mut client);
+            let server = [&b"1\0\0\0\x04"[..], &client].concat();
+            assert_eq!(run(&mut r, &server, chunk), &client[..], "chunk {chunk}");
+            assert_eq!(
+                completions(&r),
+                [("e".into(), Some("00000".into()), Some(1))]
+            );
+            assert!(r.idle());
+
+            let mut r = Responses::default();
+            r.push(expect(ExpectKind::Reparse, "", false));
+            r.push(expect(ExpectKind::Bind, "", false));
+            r.push(expect(ExpectKind::Execute, "e", false));
+            r.push(expect(ExpectKind::Sync, "", false));
+            let mut z = BytesMut::new();
+            wire::ready_for_query(wire::TransactionStatus::Idle, &mut z);
+            let server = [&error("42P01")[..], &z].concat();
+            assert_eq!(run(&mut r, &server, chunk), server, "chunk {chunk}");
+            assert_eq!(completions(&r), [("e".into(), None, None)]);
+            assert!(r.idle());
+        }
     }
 
     #[test]

@@ -99,6 +99,13 @@ pub enum ExpectKind {
     Describe,
     Close,
     Sync,
+    /// A Parse pgiam sends itself, of what the client last parsed as its unnamed statement,
+    /// onto a backend that may hold another's (transaction pooling): its ParseComplete is
+    /// not the client's; an error is (it is why the client's message fails).
+    Reparse,
+    /// A Close pgiam sends itself, of what a backend holds under a name the session is about
+    /// to use for its own statement: its CloseComplete is not the client's.
+    Preclose,
     /// The client ended a COPY FROM STDIN (CopyDone or CopyFail). The server owes nothing for
     /// it; it marks where a copy-in ends, because the server ignores every Sync (and Flush) the
     /// client sends while it is in copy-in mode (drivers send Bind, Execute, Sync before they
@@ -208,6 +215,10 @@ pub struct Gate {
     /// standard_conforming_strings at login (the value the first message is checked with).
     scs_at_login: Option<bool>,
     encodings: Encodings,
+    /// A statement forwarded may have left state in the backend that outlives its
+    /// transaction (see [`Statement::session_state`]): the session's later transactions need
+    /// that backend. (Prepared statements follow the session: see `carried`.)
+    holds_session_state: bool,
 }
 
 /// Decision records to write before (or while) the messages they decide are forwarded.
@@ -259,7 +270,14 @@ impl Gate {
                 current: ClientEncoding::Utf8,
                 non_utf8: None,
             },
+            holds_session_state: false,
         }
+    }
+
+    /// Whether a statement forwarded may have left state in the backend that its later
+    /// transactions need (once set, for the rest of the session).
+    pub fn holds_session_state(&self) -> bool {
+        self.holds_session_state
     }
 
     /// The client_encoding the server reported at login (`None`: it reported none, and
@@ -484,6 +502,7 @@ impl Gate {
             if s.temp {
                 self.resolver.temp = true;
             }
+            self.holds_session_state |= s.session_state;
             if let Some(name) = &s.prepares {
                 // Its record is the whole query string's: its executions carry their own text.
                 let plan = || Plan {
@@ -1246,7 +1265,7 @@ mod tests {
                 upstream: "127.0.0.1:5432".into(),
                 peer: "test".into(),
                 tls: false,
-                pooled: false,
+                pool: crate::config::PoolMode::None,
             },
             crate::admin::registry::State::Idle,
         )

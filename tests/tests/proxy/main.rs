@@ -19,3 +19,4 @@ mod refusals;
 mod reload;
 mod settings;
 mod tls;
+mod transactions;
