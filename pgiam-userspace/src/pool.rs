@@ -208,7 +208,7 @@ impl Pools {
     /// until one comes free or `limits.queue_timeout_secs` pass.
     pub async fn checkout<E, F, Fut>(
         self: &Arc<Self>,
-        key: LoginKey,
+        key: Arc<LoginKey>,
         owner: Option<Arc<str>>,
         limits: &config::Pool,
         max_message_size: usize,
@@ -218,7 +218,6 @@ impl Pools {
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = Result<Established, E>>,
     {
-        let key = Arc::new(key);
         let deadline = tokio::time::Instant::now() + limits.queue_timeout();
         // Counted among the waiting from its first look that finds no room until it leaves the
         // queue, however it leaves (a session dropped while it waits, by its startup timeout,

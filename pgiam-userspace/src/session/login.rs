@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{startup, Refusal, Shared};
 use crate::cancel::{Registration, Target};
@@ -101,9 +101,12 @@ pub async fn connect(
     let (mut established, mut lease) = if pool != PoolMode::None {
         // Pooled by login: in gateway mode one backend serves every role it may assume, as
         // the reset takes it back to the gateway role before it is handed on.
-        let login = LoginKey {
-            assume: None,
-            ..(**key).clone()
+        let login = match key.assume {
+            None => key.clone(),
+            Some(_) => Arc::new(LoginKey {
+                assume: None,
+                ..(**key).clone()
+            }),
         };
         match shared
             .pools
@@ -151,12 +154,16 @@ pub async fn connect(
             }
         }
     }
-    upstream.remember(key, &established.parameters);
+    // (A pooled backend taken again is told nothing new: logged at debug, as a transaction-
+    // pooled session takes one per transaction.)
     match &lease {
         Some(l) if l.reused => {
-            info!(peer = %peer, backend_pid = established.process_id, "pooled backend taken")
+            debug!(peer = %peer, backend_pid = established.process_id, "pooled backend taken")
         }
-        _ => info!(peer = %peer, backend_pid = established.process_id, "connected upstream"),
+        _ => {
+            upstream.remember(key, &established.parameters);
+            info!(peer = %peer, backend_pid = established.process_id, "connected upstream")
+        }
     }
     Ok((established, upstream.clone(), lease))
 }

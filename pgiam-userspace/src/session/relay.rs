@@ -278,8 +278,7 @@ async fn relay_backend(
                     && parked_empty.load(Ordering::Relaxed)
                     && locked(&in_flight).is_empty()
                 {
-                    let r = locked(&responses);
-                    if r.idle() && r.at_boundary() && !r.in_block() {
+                    if locked(&responses).between_transactions() {
                         released.store(true, Ordering::Relaxed);
                         return Ok(BETWEEN_TRANSACTIONS);
                     }

@@ -69,6 +69,9 @@ pub struct Responses {
     error: Option<String>,
     /// The last ReadyForQuery said a transaction block is open (or failed).
     in_block: bool,
+    /// Something was forwarded since the server's last ReadyForQuery: until the next one the
+    /// server may be inside an implicit transaction (extended protocol without a Sync yet).
+    unsynced: bool,
     /// The server is in copy-in mode and the client has not ended the copy yet: the Syncs it
     /// sends until then are ignored by the server, so they are owed nothing.
     copy_in: bool,
@@ -77,6 +80,7 @@ pub struct Responses {
 
 impl Responses {
     pub fn push(&mut self, e: Expect) {
+        self.unsynced = true;
         if self.copy_in {
             match e.kind {
                 ExpectKind::Sync => return,
@@ -132,6 +136,12 @@ impl Responses {
     /// The server's last word was that a transaction block is open.
     pub fn in_block(&self) -> bool {
         self.in_block
+    }
+
+    /// Everything forwarded has been answered, and the server's last word was ReadyForQuery,
+    /// idle: the session is between two transactions, implicit ones included.
+    pub fn between_transactions(&self) -> bool {
+        self.idle() && self.at_boundary() && !self.in_block && !self.unsynced
     }
 
     pub fn step(&mut self, buf: &[u8]) -> Result<Step, WireError> {
@@ -347,6 +357,9 @@ impl Responses {
                     self.tag = None;
                     break;
                 }
+                // What was forwarded after this request may have opened an implicit
+                // transaction that only its own ReadyForQuery ends.
+                self.unsynced = !self.expects.is_empty();
                 Ok(None)
             }
             _ => Ok(None),
@@ -473,6 +486,45 @@ mod tests {
         r.push(expect(ExpectKind::Query, "s", false));
         run(&mut r, &server, 1000);
         assert_eq!(completions(&r).len(), 3);
+    }
+
+    /// Between two transactions only once the server has said ReadyForQuery idle after the
+    /// last thing forwarded: extended-protocol messages answered without a Sync still run in
+    /// an implicit transaction.
+    #[test]
+    fn between_transactions_waits_for_the_ready_for_query_that_follows_everything_sent() {
+        let mut idle = BytesMut::new();
+        wire::ready_for_query(wire::TransactionStatus::Idle, &mut idle);
+        let mut r = Responses::default();
+        assert!(r.between_transactions(), "nothing sent yet");
+        r.push(expect(ExpectKind::Query, "q", false));
+        // A pipeline: the Query, then Parse, Bind, Execute with a Flush and no Sync.
+        r.push(expect(ExpectKind::Parse, "", false));
+        r.push(expect(ExpectKind::Bind, "", false));
+        r.push(expect(ExpectKind::Execute, "e", false));
+        let mut answers = BytesMut::new();
+        wire::command_complete(b"SELECT 1", &mut answers);
+        answers.extend_from_slice(&idle);
+        answers.extend_from_slice(b"1\0\0\0\x042\0\0\0\x04");
+        wire::command_complete(b"INSERT 0 1", &mut answers);
+        run(&mut r, &answers, 1000);
+        assert!(r.idle());
+        assert!(
+            !r.between_transactions(),
+            "the implicit transaction is open"
+        );
+        r.push(expect(ExpectKind::Sync, "", false));
+        run(&mut r, &idle, 1000);
+        assert!(r.between_transactions());
+        let mut in_block = BytesMut::new();
+        wire::ready_for_query(wire::TransactionStatus::InTransaction, &mut in_block);
+        r.push(expect(ExpectKind::Query, "b", false));
+        run(
+            &mut r,
+            &[&b"C\0\0\0\x0aBEGIN\0"[..], &in_block].concat(),
+            1000,
+        );
+        assert!(!r.between_transactions(), "a transaction block is open");
     }
 
     /// pgiam's own Parse of the client's unnamed statement: its ParseComplete never reaches

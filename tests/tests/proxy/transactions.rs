@@ -164,6 +164,54 @@ fn the_unnamed_statement_follows_its_session_to_the_backend_it_lands_on() {
     );
 }
 
+/// Extended-protocol messages without a Sync run in an implicit transaction that lasts until
+/// the Sync: the backend stays with its session until then, even with every answer read (the
+/// server's last ReadyForQuery said idle).
+#[test]
+fn a_backend_stays_with_its_session_until_the_sync_ends_its_implicit_transaction() {
+    let env = transaction_pooled(1);
+    env.items("(1)");
+    let open = || {
+        let mut raw = Raw::connect(env.tcp);
+        raw.startup();
+        raw.until_ready();
+        raw
+    };
+    let mut a = open();
+    a.send(
+        &[
+            parse("", "INSERT INTO items VALUES (7)"),
+            bind(""),
+            execute(),
+            flush(),
+        ]
+        .concat(),
+    );
+    for want in [b'1', b'2', b'C'] {
+        let (tag, body) = a.read().expect("an answer before the Sync");
+        assert_eq!(tag, want, "{:?}", String::from_utf8_lossy(&body));
+    }
+    // Another session's statement waits for the backend: it must not run inside A's
+    // transaction (where it would see A's row, and its end would commit it).
+    let b = std::thread::spawn({
+        let dsn = env.tcp_dsn("");
+        move || psql_ok(&dsn, "SELECT count(*) FROM items")
+    });
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    assert!(
+        !b.is_finished(),
+        "another session ran inside an open implicit transaction"
+    );
+    a.send(&sync());
+    let tags: Vec<u8> = a.until_ready().iter().map(|m| m.0).collect();
+    assert_eq!(tags, b"Z");
+    assert_eq!(
+        b.join().unwrap(),
+        "2",
+        "the other session ran after A's Sync"
+    );
+}
+
 /// A cancel reaches the backend the session is on now, whatever the pid it was told.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cancel_reaches_the_backend_the_session_is_on() {
@@ -244,4 +292,8 @@ fn execute() -> Vec<u8> {
 
 fn sync() -> Vec<u8> {
     frame(b'S', b"")
+}
+
+fn flush() -> Vec<u8> {
+    frame(b'H', b"")
 }
