@@ -277,11 +277,10 @@ async fn relay_backend(
                     && !gate.holds_session_state()
                     && parked_empty.load(Ordering::Relaxed)
                     && locked(&in_flight).is_empty()
+                    && locked(&responses).between_transactions()
                 {
-                    if locked(&responses).between_transactions() {
-                        released.store(true, Ordering::Relaxed);
-                        return Ok(BETWEEN_TRANSACTIONS);
-                    }
+                    released.store(true, Ordering::Relaxed);
+                    return Ok(BETWEEN_TRANSACTIONS);
                 }
                 // Waiting for the client is also waiting for the policy to change: a session
                 // whose access is revoked ends now (at the top of the loop), not at its next
