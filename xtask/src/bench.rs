@@ -741,8 +741,10 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
     }
     // The first is pgiam as deployed: the memory measurement uses it.
     let mut variants = Vec::new();
-    for &t in &targets[2..] {
-        variants.push(start_variant(t, &root, pg.port, dir.path(), &pw)?);
+    if !opts.workloads.is_empty() {
+        for &t in &targets[2..] {
+            variants.push(start_variant(t, &root, pg.port, dir.path(), &pw)?);
+        }
     }
 
     let direct_dsn = format!("host=127.0.0.1 port={} dbname=app user=bench", pg.port);
@@ -862,96 +864,99 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
     if opts.many > 0 {
         transaction_logs = transaction_pooling(&opts, pg.port, &password, &root, dir.path(), &pw)?;
     }
-    // Memory per session: resident set before and while sessions are held open.
-    let pgiam_pid = variants[0]
-        .pgiam
-        .as_ref()
-        .map(|p| p.pid() as u32)
-        .unwrap_or(0);
-    let hold = |make: &dyn Fn() -> Command,
-                dsn: &str,
-                n: usize,
-                then: &str|
-     -> anyhow::Result<std::process::Child> {
-        let mut holder = make()
-            .arg("hold-connections")
-            .arg(n.to_string())
-            .arg(then)
-            .arg(dsn)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()?;
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(holder.stdout.as_mut().expect("piped")),
-            &mut line,
-        )?;
-        if line.trim() != "ready" {
-            bail!("holding {n} sessions failed: {line}");
+    // (Not when only the transaction pooling runs were asked for.)
+    if !variants.is_empty() {
+        // Memory per session: resident set before and while sessions are held open.
+        let pgiam_pid = variants[0]
+            .pgiam
+            .as_ref()
+            .map(|p| p.pid() as u32)
+            .unwrap_or(0);
+        let hold = |make: &dyn Fn() -> Command,
+                    dsn: &str,
+                    n: usize,
+                    then: &str|
+         -> anyhow::Result<std::process::Child> {
+            let mut holder = make()
+                .arg("hold-connections")
+                .arg(n.to_string())
+                .arg(then)
+                .arg(dsn)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()?;
+            let mut line = String::new();
+            std::io::BufRead::read_line(
+                &mut std::io::BufReader::new(holder.stdout.as_mut().expect("piped")),
+                &mut line,
+            )?;
+            if line.trim() != "ready" {
+                bail!("holding {n} sessions failed: {line}");
+            }
+            // Let allocators settle before reading.
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            Ok(holder)
+        };
+        let release = |holders: Vec<std::process::Child>| -> anyhow::Result<()> {
+            for mut h in holders.into_iter().rev() {
+                drop(h.stdin.take());
+                h.wait()?;
+            }
+            Ok(())
+        };
+        // Idle clients: logged in, nothing sent since (a pool's spare connections). Behind both,
+        // they hold no server connection.
+        let idle_clients = |pid: u32, make: &dyn Fn() -> Command, dsn: &str| {
+            let before = pgiam_tests::status_kib(pid as i32, "VmRSS");
+            let holder = hold(make, dsn, opts.idle, "login")?;
+            let during = pgiam_tests::status_kib(pid as i32, "VmRSS");
+            release(vec![holder])?;
+            anyhow::Ok((before, during))
+        };
+        // Sessions after a round trip. Two batches, the first still held while the second opens:
+        // the second batch's growth is the marginal cost of a session, not of refilling a heap
+        // that earlier workloads left with free space.
+        let held_sessions = |pid: u32, make: &dyn Fn() -> Command, dsn: &str| {
+            let first = hold(make, dsn, opts.held, "query")?;
+            let before = pgiam_tests::status_kib(pid as i32, "VmRSS");
+            let second = hold(make, dsn, opts.held, "query")?;
+            let during = pgiam_tests::status_kib(pid as i32, "VmRSS");
+            release(vec![first, second])?;
+            anyhow::Ok((before, during))
+        };
+        let xtask = std::env::current_exe()?;
+        let bouncer_login = format!("{bouncer_dsn} password={password}");
+        let direct_cmd = || Command::new(&xtask);
+        let app_cmd = || variants[0].app.command(&xtask);
+        let per = |(a, b): (u64, u64), n: usize| (b.saturating_sub(a) as f64) * 1024.0 / n as f64;
+        // Held sessions first: the idle batch, released, leaves free heap that would hide their
+        // growth.
+        for (what, n, measure) in [
+            (
+                "sessions after a round trip (a second batch, the first still open)",
+                opts.held,
+                &held_sessions
+                    as &dyn Fn(u32, &dyn Fn() -> Command, &str) -> anyhow::Result<(u64, u64)>,
+            ),
+            (
+                "idle clients (logged in, nothing sent)",
+                opts.idle,
+                &idle_clients,
+            ),
+        ] {
+            let b = measure(bouncer.child.id(), &direct_cmd, &bouncer_login)?;
+            let p = measure(pgiam_pid, &app_cmd, &intercepted_dsn)?;
+            println!(
+                "\n{n} {what}: pgiam {} -> {} KiB resident ({:.0} bytes per session); \
+                 pgbouncer {} -> {} KiB ({:.0} bytes per session)",
+                p.0,
+                p.1,
+                per(p, n),
+                b.0,
+                b.1,
+                per(b, n)
+            );
         }
-        // Let allocators settle before reading.
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        Ok(holder)
-    };
-    let release = |holders: Vec<std::process::Child>| -> anyhow::Result<()> {
-        for mut h in holders.into_iter().rev() {
-            drop(h.stdin.take());
-            h.wait()?;
-        }
-        Ok(())
-    };
-    // Idle clients: logged in, nothing sent since (a pool's spare connections). Behind both,
-    // they hold no server connection.
-    let idle_clients = |pid: u32, make: &dyn Fn() -> Command, dsn: &str| {
-        let before = pgiam_tests::status_kib(pid as i32, "VmRSS");
-        let holder = hold(make, dsn, opts.idle, "login")?;
-        let during = pgiam_tests::status_kib(pid as i32, "VmRSS");
-        release(vec![holder])?;
-        anyhow::Ok((before, during))
-    };
-    // Sessions after a round trip. Two batches, the first still held while the second opens:
-    // the second batch's growth is the marginal cost of a session, not of refilling a heap
-    // that earlier workloads left with free space.
-    let held_sessions = |pid: u32, make: &dyn Fn() -> Command, dsn: &str| {
-        let first = hold(make, dsn, opts.held, "query")?;
-        let before = pgiam_tests::status_kib(pid as i32, "VmRSS");
-        let second = hold(make, dsn, opts.held, "query")?;
-        let during = pgiam_tests::status_kib(pid as i32, "VmRSS");
-        release(vec![first, second])?;
-        anyhow::Ok((before, during))
-    };
-    let xtask = std::env::current_exe()?;
-    let bouncer_login = format!("{bouncer_dsn} password={password}");
-    let direct_cmd = || Command::new(&xtask);
-    let app_cmd = || variants[0].app.command(&xtask);
-    let per = |(a, b): (u64, u64), n: usize| (b.saturating_sub(a) as f64) * 1024.0 / n as f64;
-    // Held sessions first: the idle batch, released, leaves free heap that would hide their
-    // growth.
-    for (what, n, measure) in [
-        (
-            "sessions after a round trip (a second batch, the first still open)",
-            opts.held,
-            &held_sessions
-                as &dyn Fn(u32, &dyn Fn() -> Command, &str) -> anyhow::Result<(u64, u64)>,
-        ),
-        (
-            "idle clients (logged in, nothing sent)",
-            opts.idle,
-            &idle_clients,
-        ),
-    ] {
-        let b = measure(bouncer.child.id(), &direct_cmd, &bouncer_login)?;
-        let p = measure(pgiam_pid, &app_cmd, &intercepted_dsn)?;
-        println!(
-            "\n{n} {what}: pgiam {} -> {} KiB resident ({:.0} bytes per session); \
-             pgbouncer {} -> {} KiB ({:.0} bytes per session)",
-            p.0,
-            p.1,
-            per(p, n),
-            b.0,
-            b.1,
-            per(b, n)
-        );
     }
     let audit_logs: Vec<(Target, PathBuf)> = variants
         .iter()
