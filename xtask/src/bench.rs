@@ -1058,7 +1058,10 @@ fn transaction_pooling(
     let version = Command::new("/usr/sbin/pgbouncer")
         .arg("--version")
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .map(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            text.lines().next().unwrap_or_default().trim().to_owned()
+        })
         .unwrap_or_default();
     println!(
         "\nTransaction pooling: {} clients at once, at most {TX_BACKENDS} server connections \

@@ -30,15 +30,21 @@ const SESSION_FUNCTIONS: &[&str] = &[
     "dblink_connect_u",
 ];
 
-/// A statement node (`body`: its fields) whose effect outlives its transaction: SET or RESET
-/// of the session's value (not LOCAL, not a transaction's characteristics), LISTEN, PREPARE,
-/// LOAD, DECLARE … WITH HOLD. (Temporary relations are the walker's `temp`.)
+/// A statement node (`body`: its fields) whose effect outlives its transaction: SET of the
+/// session's value (not LOCAL, not a transaction's characteristics), LISTEN, PREPARE, LOAD,
+/// DEALLOCATE, DISCARD, DECLARE … WITH HOLD. (Temporary relations are the walker's `temp`.)
+/// RESET and SET … TO DEFAULT go back to the value the session logged in with, which a
+/// backend the session has not set anything on holds already: drivers run RESET ALL when a
+/// connection goes back to their own pool, and that must not keep the backend.
 pub(super) fn node_outlives_transaction(node: &str, body: &Value) -> bool {
     match node {
         "VariableSetStmt" => {
             let local = body.get("is_local").and_then(Value::as_bool) == Some(true);
             let name = body.get("name").and_then(Value::as_str).unwrap_or("");
+            // VariableSetKind: VAR_SET_DEFAULT 2, VAR_RESET 5, VAR_RESET_ALL 6.
+            let to_default = matches!(body.get("kind").and_then(Value::as_i64), Some(2 | 5 | 6));
             !local
+                && !to_default
                 && !TRANSACTION_SETTINGS
                     .iter()
                     .any(|s| s.eq_ignore_ascii_case(name))
@@ -89,8 +95,6 @@ mod tests {
         for sql in [
             "SET work_mem = '1MB'",
             "SET SESSION statement_timeout = 5",
-            "RESET work_mem",
-            "RESET ALL",
             "SET ROLE other",
             "SET SESSION AUTHORIZATION other",
             "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
@@ -126,6 +130,11 @@ mod tests {
             "SELECT set_config('app.x', 'y', true)",
             "SELECT set_config('app.x', 'y', 't')",
             "SELECT pg_advisory_xact_lock(1)",
+            "RESET work_mem",
+            "RESET ALL",
+            "SET work_mem TO DEFAULT",
+            "RESET ROLE",
+            "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;",
             "DECLARE c CURSOR FOR SELECT 1",
             "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET work_mem = '1MB' AS 'SELECT 1'",
             "ALTER ROLE r SET work_mem = '1MB'",

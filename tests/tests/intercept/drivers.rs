@@ -233,6 +233,40 @@ fn asyncpg_through_pgiam() {
     env.refused_without_trust("asyncpg", cmd, "CERTIFICATE_VERIFY_FAILED");
 }
 
+/// asyncpg through transaction pooling: an application's own pool of six connections, each
+/// preparing its statements (asyncpg names them itself), in transaction blocks, a cursor and
+/// executemany, on the two backends pgiam keeps; asyncpg's reset on release (RESET ALL among
+/// it) keeps no backend.
+#[test]
+fn asyncpg_through_transaction_pooling() {
+    let python = installed("venv/bin/python");
+    let mut env = Env::start(true);
+    env.stop_pgiam();
+    let config = env.config().replace(
+        &format!("role = \"{RW}\"\n"),
+        &format!("role = \"{RW}\"\npool = \"transaction\"\n"),
+    ) + "[pool]\nsize = 2\nmax_backends = 2\n";
+    std::fs::write(&env.config_path, config).unwrap();
+    env.start_pgiam();
+    let authorized = format!("connection authorized: user={RW} database={DB}");
+    let logins_before = env.pg.log().matches(&authorized).count();
+    let mut cmd = env.driver_command(&python);
+    cmd.arg(script("asyncpg_transactions.py"))
+        .args(&env.driver_args("disable")[..4]);
+    let out = output(&mut cmd);
+    assert!(
+        out.status.success() && text(&out).contains("all checks passed"),
+        "{}\n--- pgiam log ---\n{}",
+        text(&out),
+        env.log()
+    );
+    let logins = env.pg.log().matches(&authorized).count() - logins_before;
+    assert!(
+        logins <= 2,
+        "{logins} backends for seven connections, more than the cap"
+    );
+}
+
 #[test]
 fn node_postgres_through_pgiam() {
     let modules = installed("node/node_modules");
