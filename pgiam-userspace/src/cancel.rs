@@ -145,26 +145,30 @@ pub struct Registration {
 impl Registration {
     /// The session's backend now exists: a cancel with this key reaches it.
     pub fn connect(&self, target: Target) {
-        let mut sessions = self
-            .registry
-            .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(entry) = sessions.get_mut(&(self.process_id, self.secret_key)) {
-            entry.target = Some(target);
-        }
+        self.point_at(Some(target));
     }
 
     /// The session has no backend any more (a transaction-pooled session between two
     /// transactions): a cancel with this key reaches none, least of all the next session's.
-    pub fn disconnect(&self) {
+    /// Returns whether one is being forwarded now, which may already be on its way to the
+    /// backend the session had: that backend must then serve no one else.
+    pub fn disconnect(&self) -> bool {
+        self.point_at(None);
+        self.registry
+            .forwarding
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&(self.process_id, self.secret_key))
+    }
+
+    fn point_at(&self, target: Option<Target>) {
         let mut sessions = self
             .registry
             .sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         if let Some(entry) = sessions.get_mut(&(self.process_id, self.secret_key)) {
-            entry.target = None;
+            entry.target = target;
         }
     }
 
@@ -325,6 +329,30 @@ mod tests {
             "a stale key cancels nothing"
         );
         assert!(registry.is_empty());
+    }
+
+    /// A session that gives its backend up (transaction pooling) is told whether a cancel of
+    /// its is on its way, which could still reach that backend; after that, none goes.
+    #[test]
+    fn a_disconnected_key_cancels_nothing_and_says_if_a_cancel_was_under_way() {
+        let registry = Arc::new(CancelRegistry::default());
+        let reg = registry.register(None);
+        let target = || Target {
+            upstream: upstream(),
+            process_id: 4242,
+            secret_key: 99,
+            address: None,
+        };
+        reg.connect(target());
+        assert!(!reg.disconnect(), "no cancel under way");
+        assert!(registry.lookup(reg.process_id, reg.secret_key).is_none());
+        reg.connect(target());
+        let forwarding = registry
+            .begin_forwarding(reg.process_id, reg.secret_key)
+            .expect("the first cancel");
+        assert!(reg.disconnect(), "a cancel is being forwarded");
+        drop(forwarding);
+        assert!(!reg.disconnect());
     }
 
     #[test]

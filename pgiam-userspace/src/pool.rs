@@ -496,6 +496,13 @@ impl Pools {
         self.keep(lease, released.stream, owner, limits).await;
     }
 
+    /// Closes a leased backend instead of taking it back (one a cancel may still reach).
+    pub async fn discard(&self, lease: Lease, released: Released) {
+        debug!("pooled backend closed: a cancel may be on its way to it");
+        close(released.stream).await;
+        drop(lease);
+    }
+
     /// Puts a backend among the idle ones of its login (owned by `owner`), unless there are
     /// `limits.size` already: then it is closed.
     async fn keep(

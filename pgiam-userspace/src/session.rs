@@ -234,13 +234,17 @@ async fn between_transactions(
         .as_ref()
         .expect("a transaction-pooled session");
     if let Some((lease, released)) = ended.released {
-        // A cancel sent now has nothing of this session's to cancel.
-        session.cancel_key.disconnect();
-        let current = shared.settings.current();
-        shared
-            .pools
-            .park(*lease, released, &current.config.pool)
-            .await;
+        // A cancel sent from now on has nothing of this session's to cancel; one under way
+        // might reach the backend while another session's statement runs on it.
+        if session.cancel_key.disconnect() {
+            shared.pools.discard(*lease, released).await;
+        } else {
+            let current = shared.settings.current();
+            shared
+                .pools
+                .park(*lease, released, &current.config.pool)
+                .await;
+        }
     }
     login::Link::Deferred(Box::new(transactions.reattach.clone()))
 }
