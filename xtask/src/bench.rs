@@ -116,6 +116,8 @@ enum Target {
     PgBouncerTransaction,
     /// As deployed, with `pool = "transaction"` and `max_backends` [`TX_BACKENDS`].
     PgiamTransaction,
+    /// The same without `[audit]`: what the pooling costs apart from the audit.
+    PgiamTransactionNoAudit,
 }
 
 /// The server connections both transaction poolers may hold.
@@ -133,6 +135,7 @@ impl Target {
             Target::PgiamPooled => "pgiam pooled",
             Target::PgBouncerTransaction => "pgbouncer tx",
             Target::PgiamTransaction => "pgiam tx",
+            Target::PgiamTransactionNoAudit => "pgiam tx -audit",
         }
     }
 
@@ -147,7 +150,8 @@ impl Target {
             Target::Direct
             | Target::PgBouncer
             | Target::PgBouncerTransaction
-            | Target::PgiamNoAudit => None,
+            | Target::PgiamNoAudit
+            | Target::PgiamTransactionNoAudit => None,
         }
     }
 }
@@ -384,8 +388,11 @@ fn start_variant(
     };
     let policy = write_file(dir, "bench-policy.cedar", BENCH_POLICY, 0o644);
     // The transaction pooler's metrics: how many backends it opened.
-    let metrics =
-        (target == Target::PgiamTransaction).then(|| format!("127.0.0.1:{}", free_port()));
+    let metrics = matches!(
+        target,
+        Target::PgiamTransaction | Target::PgiamTransactionNoAudit
+    )
+    .then(|| format!("127.0.0.1:{}", free_port()));
     // `connect = "deferred"`: logins are answered without a server connection, as PgBouncer
     // answers them, so idle clients and connection churn compare like with like (the default,
     // `at-login`, opens a backend per client as direct PostgreSQL does).
@@ -405,7 +412,7 @@ fn start_variant(
         fast = target != Target::PgiamNoFastPath,
         pool = match target {
             Target::PgiamPooled => "session",
-            Target::PgiamTransaction => "transaction",
+            Target::PgiamTransaction | Target::PgiamTransactionNoAudit => "transaction",
             _ => "none",
         },
         bpffs = cg.path.trim_start_matches('/').replace('/', "-"),
@@ -991,7 +998,11 @@ fn transaction_pooling(
     pw: &Path,
 ) -> anyhow::Result<Vec<(Target, PathBuf)>> {
     let bouncer = PgBouncer::start(pg_port, "bench", password, TX_BACKENDS, true)?;
-    let variant = start_variant(Target::PgiamTransaction, root, pg_port, dir, pw)?;
+    let variants = [
+        start_variant(Target::PgiamTransaction, root, pg_port, dir, pw)?,
+        start_variant(Target::PgiamTransactionNoAudit, root, pg_port, dir, pw)?,
+    ];
+    let variant = &variants[0];
     let many = opts.many.to_string();
     let select = |mode: &'static str| -> Vec<String> {
         ["-S", "-M", mode, "-c", &many, "-j", "2"]
@@ -1024,13 +1035,17 @@ fn transaction_pooling(
     let mut results = Results::new();
     for round in 1..=opts.rounds {
         for (i, (name, args, bouncer_too)) in runs.iter().enumerate() {
-            for t in [Target::PgBouncerTransaction, Target::PgiamTransaction] {
+            for t in [
+                Target::PgBouncerTransaction,
+                Target::PgiamTransaction,
+                Target::PgiamTransactionNoAudit,
+            ] {
                 if t == Target::PgBouncerTransaction && !bouncer_too {
                     continue;
                 }
-                let (mut cmd, dsn) = match t {
-                    Target::PgBouncerTransaction => (Command::new(&pgbench_bin), &bouncer_dsn),
-                    _ => (variant.app.command(&pgbench_bin), &intercepted_dsn),
+                let (mut cmd, dsn) = match variants.iter().find(|v| v.target == t) {
+                    Some(v) => (v.app.command(&pgbench_bin), &intercepted_dsn),
+                    None => (Command::new(&pgbench_bin), &bouncer_dsn),
                 };
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 let duration = if args.contains(&"-C") {
@@ -1069,28 +1084,32 @@ fn transaction_pooling(
          medians of {} rounds:\n",
         opts.many, opts.rounds
     );
-    println!("| workload | pgbouncer tx tps | pgiam tx tps | pgiam/pgbouncer | latency ms pgbouncer / pgiam |");
-    println!("|---|---|---|---|---|");
+    println!("| workload | pgbouncer tx tps | pgiam tx tps | pgiam/pgbouncer | pgiam tx -audit tps | -audit/pgbouncer | latency ms pgbouncer / pgiam |");
+    println!("|---|---|---|---|---|---|---|");
     let med = |i: usize, t: Target, f: fn(&Sample) -> f64| {
         results
             .get(&(i, t))
             .map(|s| median(s.iter().map(f).collect()))
     };
     for (i, (name, _, _)) in runs.iter().enumerate() {
-        let (b, p) = (
+        let (b, p, n) = (
             med(i, Target::PgBouncerTransaction, |s| s.rate),
             med(i, Target::PgiamTransaction, |s| s.rate),
+            med(i, Target::PgiamTransactionNoAudit, |s| s.rate),
         );
         let fmt = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
+        let ratio = |a: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+            _ => "-".into(),
+        };
         let lat = |t| med(i, t, |s| s.latency_ms).map_or("-".into(), |v| format!("{v:.3}"));
         println!(
-            "| {name} | {} | {} | {} | {} / {} |",
+            "| {name} | {} | {} | {} | {} | {} | {} / {} |",
             fmt(b),
             fmt(p),
-            match (p, b) {
-                (Some(p), Some(b)) if b > 0.0 => format!("{:.2}", p / b),
-                _ => "-".into(),
-            },
+            ratio(p),
+            fmt(n),
+            ratio(n),
             lat(Target::PgBouncerTransaction),
             lat(Target::PgiamTransaction),
         );
@@ -1101,7 +1120,7 @@ fn transaction_pooling(
         );
     }
     let log = variant.audit_path.clone();
-    drop(variant);
+    drop(variants);
     drop(bouncer);
     Ok(log
         .map(|p| vec![(Target::PgiamTransaction, p)])
