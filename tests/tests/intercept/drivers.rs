@@ -233,38 +233,63 @@ fn asyncpg_through_pgiam() {
     env.refused_without_trust("asyncpg", cmd, "CERTIFICATE_VERIFY_FAILED");
 }
 
-/// asyncpg through transaction pooling: an application's own pool of six connections, each
-/// preparing its statements (asyncpg names them itself), in transaction blocks, a cursor and
-/// executemany, on the two backends pgiam keeps; asyncpg's reset on release (RESET ALL among
-/// it) keeps no backend.
+impl Env {
+    /// The app cgroup's mapping pooled by transaction, on two backends.
+    fn transaction_pooled(&mut self) {
+        self.stop_pgiam();
+        let config = self.config().replace(
+            &format!("role = \"{RW}\"\n"),
+            &format!("role = \"{RW}\"\npool = \"transaction\"\n"),
+        ) + "[pool]\nsize = 2\nmax_backends = 2\n";
+        std::fs::write(&self.config_path, config).unwrap();
+        self.start_pgiam();
+    }
+
+    /// Runs a driver's transaction pooling script (HOST PORT DBNAME USER, no TLS): every check
+    /// passes, and the database saw no more than the pool's two logins.
+    fn run_transactions_check(&self, driver: &str, mut cmd: Command) {
+        let authorized = format!("connection authorized: user={RW} database={DB}");
+        let logins_before = self.pg.log().matches(&authorized).count();
+        cmd.args(&self.driver_args("disable")[..4]);
+        let out = output(&mut cmd);
+        assert!(
+            out.status.success() && text(&out).contains("all checks passed"),
+            "{driver}:\n{}\n--- pgiam log ---\n{}",
+            text(&out),
+            self.log()
+        );
+        let logins = self.pg.log().matches(&authorized).count() - logins_before;
+        assert!(
+            logins <= 2,
+            "{driver}: {logins} backends, more than the cap"
+        );
+    }
+}
+
+/// Drivers through transaction pooling, each with more connections than pgiam's two backends:
+/// asyncpg (its own pool, the statements it names itself, explicit prepared statements used
+/// across other connections' transactions, transaction blocks, a cursor, executemany; its
+/// reset on release, RESET ALL among it, keeps no backend), psycopg 3 (every statement
+/// prepared, pipeline mode, transaction blocks, executemany) and node-postgres (its pool,
+/// named statements, transaction blocks).
 #[test]
-fn asyncpg_through_transaction_pooling() {
+fn drivers_through_transaction_pooling() {
     let python = installed("venv/bin/python");
+    let modules = installed("node/node_modules");
     let mut env = Env::start(true);
-    env.stop_pgiam();
-    let config = env.config().replace(
-        &format!("role = \"{RW}\"\n"),
-        &format!("role = \"{RW}\"\npool = \"transaction\"\n"),
-    ) + "[pool]\nsize = 2\nmax_backends = 2\n";
-    std::fs::write(&env.config_path, config).unwrap();
-    env.start_pgiam();
-    let authorized = format!("connection authorized: user={RW} database={DB}");
-    let logins_before = env.pg.log().matches(&authorized).count();
-    let mut cmd = env.driver_command(&python);
-    cmd.arg(script("asyncpg_transactions.py"))
-        .args(&env.driver_args("disable")[..4]);
-    let out = output(&mut cmd);
-    assert!(
-        out.status.success() && text(&out).contains("all checks passed"),
-        "{}\n--- pgiam log ---\n{}",
-        text(&out),
-        env.log()
-    );
-    let logins = env.pg.log().matches(&authorized).count() - logins_before;
-    assert!(
-        logins <= 2,
-        "{logins} backends for seven connections, more than the cap"
-    );
+    env.transaction_pooled();
+    for (driver, script_name) in [
+        ("asyncpg", "asyncpg_transactions.py"),
+        ("psycopg", "psycopg_transactions.py"),
+    ] {
+        let mut cmd = env.driver_command(&python);
+        cmd.arg(script(script_name));
+        env.run_transactions_check(driver, cmd);
+    }
+    let mut cmd = env.driver_command("node");
+    cmd.env("NODE_PATH", &modules)
+        .arg(script("pg_transactions.js"));
+    env.run_transactions_check("node-postgres", cmd);
 }
 
 #[test]
