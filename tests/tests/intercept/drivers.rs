@@ -245,12 +245,11 @@ impl Env {
         self.start_pgiam();
     }
 
-    /// Runs a driver's transaction pooling script (HOST PORT DBNAME USER, no TLS): every check
+    /// Runs a driver's transaction pooling check (its arguments given, no TLS): every check
     /// passes, and the database saw no more than the pool's two logins.
     fn run_transactions_check(&self, driver: &str, mut cmd: Command) {
         let authorized = format!("connection authorized: user={RW} database={DB}");
         let logins_before = self.pg.log().matches(&authorized).count();
-        cmd.args(&self.driver_args("disable")[..4]);
         let out = output(&mut cmd);
         assert!(
             out.status.success() && text(&out).contains("all checks passed"),
@@ -270,26 +269,39 @@ impl Env {
 /// asyncpg (its own pool, the statements it names itself, explicit prepared statements used
 /// across other connections' transactions, transaction blocks, a cursor, executemany; its
 /// reset on release, RESET ALL among it, keeps no backend), psycopg 3 (every statement
-/// prepared, pipeline mode, transaction blocks, executemany) and node-postgres (its pool,
-/// named statements, transaction blocks).
+/// prepared, pipeline mode, transaction blocks, executemany), node-postgres (its pool,
+/// named statements, transaction blocks) and pgJDBC (statements it prepares on the server once
+/// reused, under the same names in every connection for other SQL; transactions; a batch).
 #[test]
 fn drivers_through_transaction_pooling() {
     let python = installed("venv/bin/python");
     let modules = installed("node/node_modules");
+    let jar = system_file("/usr/share/java/postgresql.jar");
     let mut env = Env::start(true);
     env.transaction_pooled();
+    let args = env.driver_args("disable")[..4].to_vec();
     for (driver, script_name) in [
         ("asyncpg", "asyncpg_transactions.py"),
         ("psycopg", "psycopg_transactions.py"),
     ] {
         let mut cmd = env.driver_command(&python);
-        cmd.arg(script(script_name));
+        cmd.arg(script(script_name)).args(&args);
         env.run_transactions_check(driver, cmd);
     }
     let mut cmd = env.driver_command("node");
     cmd.env("NODE_PATH", &modules)
-        .arg(script("pg_transactions.js"));
+        .arg(script("pg_transactions.js"))
+        .args(&args);
     env.run_transactions_check("node-postgres", cmd);
+    let mut cmd = env.driver_command("java");
+    cmd.arg("-cp")
+        .arg(&jar)
+        .arg(script("JdbcTransactions.java"))
+        .arg(format!(
+            "jdbc:postgresql://127.0.0.1:{}/{DB}?user=whoever&sslmode=disable",
+            env.pg.port
+        ));
+    env.run_transactions_check("pgJDBC", cmd);
 }
 
 #[test]
