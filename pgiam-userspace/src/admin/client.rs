@@ -173,7 +173,7 @@ mod tests {
             "id": "r1-3", "principal": "unit:billing.service",
             "identity": {"uid": 1000, "unit": "billing.service", "user": "billing"},
             "role": "billing", "database": "app", "state": "in_transaction",
-            "client": "127.0.0.1:5000", "tls": true, "pool": "none", "since_ms": 1_000, "last_statement_ms": null,
+            "client": "127.0.0.1:5000", "tls": true, "pooled": false, "pool": "none", "since_ms": 1_000, "last_statement_ms": null,
             "allowed": 3, "refused": 1, "bytes_in": 100, "bytes_out": 2000
         })
     }

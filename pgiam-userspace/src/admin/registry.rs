@@ -231,6 +231,7 @@ impl Live {
             upstream: f.upstream.clone(),
             client: f.peer.clone(),
             tls: f.tls,
+            pooled: f.pool != crate::config::PoolMode::None,
             pool: f.pool,
             state: self.state(),
             since_ms: unix_ms(self.since),
@@ -254,6 +255,9 @@ pub struct SessionView {
     pub upstream: String,
     pub client: String,
     pub tls: bool,
+    /// Its backend comes from a pool (kept for the JSON's readers from before `pool`).
+    pub pooled: bool,
+    /// Which pooling: `none`, `session` or `transaction`.
     pub pool: crate::config::PoolMode,
     pub state: State,
     pub since_ms: u64,
