@@ -5,9 +5,11 @@
 //! session's state and the backend itself has confirmed it is back to its login state; one
 //! that fails is closed. The one exception is a transaction-pooled session's backend between
 //! two of its transactions ([`Pools::park`]): it is kept *owned* by the session's principal,
-//! and goes without a reset only to the next transaction of that same principal (whose
-//! own state it may carry, as a session's backend carries it from one transaction to the
-//! next); to anyone else only after the reset. What pgiam holds open to one server is capped (`pool.max_backends`):
+//! and goes without a reset only to the next transaction of that same principal (whose own
+//! state it may carry, as a session's backend carries it from one transaction to the next);
+//! to anyone else only after the reset.
+//!
+//! What pgiam holds open to one server is capped (`pool.max_backends`):
 //! a session that needs a backend beyond the cap takes an idle one of another login's (closed
 //! to make room) or waits in a queue, and is refused (53300) when the wait runs out. A reload
 //! of the settings starts a new generation: idle backends are closed, and those in use are
@@ -237,23 +239,29 @@ impl Pools {
                     mut backend,
                     room,
                     foreign: true,
-                }) => match self
-                    .reset_foreign(&key, &mut backend, max_message_size)
-                    .await
-                {
-                    Ok(()) => {
+                }) => {
+                    let Backend { stream, facts } = &mut backend;
+                    let clean = self
+                        .reset_backend(
+                            &key,
+                            stream,
+                            facts,
+                            BytesMut::new(),
+                            false,
+                            max_message_size,
+                        )
+                        .await;
+                    if clean {
                         break Some(Found::Idle {
                             backend,
                             room,
                             foreign: false,
-                        })
+                        });
                     }
-                    Err(()) => {
-                        self.release_room(&key, room);
-                        close(backend.stream).await;
-                        continue;
-                    }
-                },
+                    self.leave(key.target, Some(room));
+                    close(backend.stream).await;
+                    continue;
+                }
                 Some(found) => break Some(found),
                 None => {}
             }
@@ -323,24 +331,28 @@ impl Pools {
         }
     }
 
-    /// Resets a backend another principal's transactions left parked. `Err`: it failed, and
-    /// is to be closed.
-    async fn reset_foreign(
+    /// Puts a backend through the reset (within [`RESET_TIMEOUT`]), counted and, if it fails,
+    /// logged; a clean one has assumed no role and holds no statement since. `false`: it
+    /// failed, and is to be closed.
+    async fn reset_backend(
         &self,
         key: &LoginKey,
-        backend: &mut Backend,
+        stream: &mut BoxStream,
+        facts: &mut Facts,
+        leftover: BytesMut,
+        in_block: bool,
         max_message_size: usize,
-    ) -> Result<(), ()> {
+    ) -> bool {
         let nonce = self.nonces.fetch_add(1, Ordering::Relaxed);
         let reset = tokio::time::timeout(
             RESET_TIMEOUT,
             reset(
-                &mut backend.stream,
-                BytesMut::new(),
-                false,
+                stream,
+                leftover,
+                in_block,
                 &key.role,
                 nonce,
-                &mut backend.facts.parameters,
+                &mut facts.parameters,
                 max_message_size,
             ),
         )
@@ -349,15 +361,22 @@ impl Pools {
         crate::metrics::get().pool_reset(reset.is_ok());
         match reset {
             Ok(()) => {
-                backend.facts.assumed = None;
-                backend.facts.held.clear();
-                Ok(())
+                facts.assumed = None;
+                facts.held.clear();
+                true
             }
             Err(e) => {
-                warn!(role = %key.role, "a parked backend failed its reset and is closed: {e}");
-                Err(())
+                warn!(role = %key.role, "a pooled backend failed its reset and is closed: {e}");
+                false
             }
         }
+    }
+
+    /// A backend that must not be kept: logged in under settings since reloaded, or past its
+    /// lifetime.
+    fn retired(&self, facts: &Facts, limits: &config::Pool) -> bool {
+        facts.generation != self.generation.load(Ordering::Acquire)
+            || facts.born.elapsed() >= limits.max_lifetime()
     }
 
     /// Sessions wait for a server that has an idle backend or room for one.
@@ -367,20 +386,28 @@ impl Pools {
         })
     }
 
-    /// Gives back the room a backend taken from the pool held, for one that is closed before
-    /// it was leased.
-    fn release_room(&self, key: &LoginKey, room: OwnedSemaphorePermit) {
+    /// A backend counted in use leaves the count (a lease ends, or one taken from the pool is
+    /// closed before it was leased), with its room if it still holds it. Room freed: every
+    /// session in the queue may use it (for another login too). A backend kept idle instead is
+    /// announced by whoever kept it, to one session: with thousands queued, waking them all
+    /// for each would cost more than the work.
+    fn leave(&self, target: Option<SocketAddr>, room: Option<OwnedSemaphorePermit>) {
+        // The room first: a session woken below must find it free.
+        let freed = room.is_some();
         drop(room);
-        if let Some(server) = self.locked().servers.get_mut(&key.target) {
+        if let Some(server) = self.locked().servers.get_mut(&target) {
             server.in_use = server.in_use.saturating_sub(1);
         }
-        self.changed.notify_waiters();
+        if freed {
+            self.changed.notify_waiters();
+        }
     }
 
     /// One look at the pool (under its lock): an idle backend of this login (see
     /// [`Server::pick`]), room for a new one (closing an idle backend of another login's if
     /// that is what it takes), or neither. Expired backends met on the way are returned to
     /// be closed.
+    ///
     /// A session that is not queued yet takes nothing while others are: they come first
     /// (else sessions coming back for their next transaction would keep the backends from
     /// those queued, for ever).
@@ -444,38 +471,26 @@ impl Pools {
             leftover,
             in_block,
         } = released;
-        let metrics = crate::metrics::get();
-        if lease.facts.generation != self.generation.load(Ordering::Acquire)
-            || lease.facts.born.elapsed() >= limits.max_lifetime()
-        {
+        if self.retired(&lease.facts, limits) {
             debug!("pooled backend retired (settings reloaded, or past its lifetime)");
             close(stream).await;
             return;
         }
-        let nonce = self.nonces.fetch_add(1, Ordering::Relaxed);
-        let reset = tokio::time::timeout(
-            RESET_TIMEOUT,
-            reset(
+        let key = lease.key.clone();
+        let clean = self
+            .reset_backend(
+                &key,
                 &mut stream,
+                &mut lease.facts,
                 leftover,
                 in_block,
-                &lease.key.role,
-                nonce,
-                &mut lease.facts.parameters,
                 max_message_size,
-            ),
-        )
-        .await
-        .unwrap_or_else(|_| Err(format!("no answer within {}s", RESET_TIMEOUT.as_secs())));
-        if let Err(e) = reset {
-            metrics.pool_reset(false);
-            warn!(role = %lease.key.role, "a pooled backend failed its reset and is closed: {e}");
+            )
+            .await;
+        if !clean {
             close(stream).await;
             return;
         }
-        metrics.pool_reset(true);
-        lease.facts.assumed = None;
-        lease.facts.held.clear();
         self.keep(lease, stream, None, limits).await;
     }
 
@@ -483,10 +498,7 @@ impl Pools {
     /// without a reset, owned by the session's principal (see the module's doc), or closed if
     /// it has served long enough or holds part of a message.
     pub async fn park(&self, mut lease: Lease, released: Released, limits: &config::Pool) {
-        if lease.facts.generation != self.generation.load(Ordering::Acquire)
-            || lease.facts.born.elapsed() >= limits.max_lifetime()
-            || !released.leftover.is_empty()
-            || released.in_block
+        if self.retired(&lease.facts, limits) || !released.leftover.is_empty() || released.in_block
         {
             debug!("parked backend retired (settings reloaded, past its lifetime, or not quiet)");
             close(released.stream).await;
@@ -646,20 +658,7 @@ impl Drop for Queued<'_> {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        // The room first: a session woken below must find it free.
-        let freed = self.room.take().is_some();
-        {
-            let mut state = self.pools.locked();
-            if let Some(server) = state.servers.get_mut(&self.key.target) {
-                server.in_use = server.in_use.saturating_sub(1);
-            }
-        }
-        // Room freed: every session in the queue may use it (for another login too). A
-        // backend kept idle instead is announced by whoever kept it, to one session: with
-        // thousands queued, waking them all for each would cost more than the work.
-        if freed {
-            self.pools.changed.notify_waiters();
-        }
+        self.pools.leave(self.key.target, self.room.take());
     }
 }
 

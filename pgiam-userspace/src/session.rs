@@ -213,8 +213,9 @@ pub fn run(
                 }
             };
             let ended = Box::pin(relay(&shared, &mut client, &mut session, upstream)).await;
-            if ended.between_transactions && session.transactions.is_some() {
-                link = Box::pin(between_transactions(&shared, &session, ended)).await;
+            if let (true, Some(t)) = (ended.between_transactions, &session.transactions) {
+                let parked = between_transactions(&shared, &session.cancel_key, t, ended);
+                link = Box::pin(parked).await;
                 continue;
             }
             return Box::pin(conclude(&shared, &client.peer, session, ended)).await;
@@ -226,17 +227,14 @@ pub fn run(
 /// (owned by its principal), and it waits for its next message as a deferred session does.
 async fn between_transactions(
     shared: &Shared,
-    session: &Session,
+    cancel_key: &crate::cancel::Registration,
+    transactions: &Transactions,
     ended: relay::Ended,
 ) -> login::Link {
-    let transactions = session
-        .transactions
-        .as_ref()
-        .expect("a transaction-pooled session");
     if let Some((lease, released)) = ended.released {
         // A cancel sent from now on has nothing of this session's to cancel; one under way
         // might reach the backend while another session's statement runs on it.
-        if session.cancel_key.disconnect() {
+        if cancel_key.disconnect() {
             shared.pools.discard(*lease, released).await;
         } else {
             let current = shared.settings.current();
@@ -748,8 +746,9 @@ async fn establish(
     };
     let key = Arc::new(key);
     let pool = live.facts.pool;
+    let transaction_pooled = pool == crate::config::PoolMode::Transaction;
     let owner: Arc<str> = Arc::from(mapping.principal.as_str());
-    let owner_of_backends = (pool == crate::config::PoolMode::Transaction).then_some(&owner);
+    let owner_of_backends = transaction_pooled.then_some(&owner);
     let mut hello = BytesMut::with_capacity(512);
     wire::authentication_ok(&mut hello);
     // The client is told its backend's real pid (pgiam's own secret beside it); a deferred
@@ -757,7 +756,6 @@ async fn establish(
     let encoding_at_login;
     // What a transaction-pooled session logs in with again, after each of its transactions.
     let reattach;
-    let transaction_pooled = pool == crate::config::PoolMode::Transaction;
     let (link, scs_at_login, status, cancel_key) = match remembered {
         Some((key, told)) => {
             told.encode_news(None, &mut hello);
