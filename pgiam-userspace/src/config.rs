@@ -56,6 +56,132 @@ pub struct Config {
     /// pipelines, with the session id in each session's lines.
     #[serde(default)]
     pub log_format: LogFormat,
+    /// OpenID Connect issuers people log in with (`pgiam login`), or whose ID tokens a client
+    /// may give as its password.
+    #[serde(default, rename = "oidc")]
+    pub issuers: Vec<Issuer>,
+    /// `[people]`: the socket `pgiam login` speaks over.
+    #[serde(default)]
+    pub people: PeopleSettings,
+}
+
+/// `[[oidc]]`: an OpenID Connect provider whose people pgiam recognises.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Issuer {
+    /// The short name principals carry: `oidc:<alias>:<sub>`, `oidc-group:<alias>:<group>`.
+    pub alias: String,
+    /// The issuer URL exactly as its tokens' `iss` says it (discovery is read from
+    /// `<issuer>/.well-known/openid-configuration`). https, or http on a loopback address.
+    pub issuer: String,
+    /// The client pgiam's device flow and refreshes use (a public client, or a confidential
+    /// one with `client_secret_file`).
+    pub client_id: String,
+    /// File holding the client secret, for providers that make device-flow clients
+    /// confidential. A relative path is resolved against `$CREDENTIALS_DIRECTORY`.
+    pub client_secret_file: Option<PathBuf>,
+    /// `aud` values an ID token may carry; empty: `client_id` only.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Scopes the device flow asks for.
+    #[serde(default = "default_oidc_scopes")]
+    pub scopes: Vec<String>,
+    /// The claim holding the person's groups (a list of strings, or one string).
+    #[serde(default = "default_groups_claim")]
+    pub groups_claim: String,
+    /// `amr` values that show a second factor (RFC 8176): any of them makes `mfa` true.
+    #[serde(default = "default_mfa_amr")]
+    pub mfa_amr: Vec<String>,
+    /// `acr` values that show a second factor (for providers that say it there instead).
+    #[serde(default)]
+    pub mfa_acr: Vec<String>,
+    /// Keep a login alive with its refresh token until the issuer refuses it; off: a login
+    /// ends when its ID token expires.
+    #[serde(default = "default_true")]
+    pub refresh: bool,
+    /// A client may give an ID token of this issuer as its password (asked for only when no
+    /// mapping matches the client's workload identity, and only over TLS, a unix socket or an
+    /// intercepted connection).
+    #[serde(default)]
+    pub accept_passwords: bool,
+    /// Principals `email:<address>` from addresses the issuer has not verified too.
+    #[serde(default)]
+    pub trust_unverified_email: bool,
+}
+
+impl Issuer {
+    pub fn client_secret_path(&self) -> Option<PathBuf> {
+        credential_path(self.client_secret_file.as_ref()?)
+    }
+
+    /// The `aud` values accepted.
+    pub fn accepted_audiences(&self) -> Vec<String> {
+        if self.audiences.is_empty() {
+            vec![self.client_id.clone()]
+        } else {
+            self.audiences.clone()
+        }
+    }
+}
+
+fn default_oidc_scopes() -> Vec<String> {
+    ["openid", "email", "profile", "groups", "offline_access"]
+        .map(String::from)
+        .to_vec()
+}
+
+fn default_groups_claim() -> String {
+    "groups".into()
+}
+
+fn default_mfa_amr() -> Vec<String> {
+    // RFC 8176: "mfa" itself, and factors that are never the first one alone.
+    [
+        "mfa", "otp", "hwk", "swk", "sms", "tel", "fpt", "face", "iris", "retina", "sc",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// `[people]`
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PeopleSettings {
+    /// The unix socket `pgiam login`, `logout`, `whoami` and `token` speak over. Any local
+    /// user may open it: what it binds is decided by the peer's kernel credentials.
+    #[serde(default = "default_login_socket")]
+    pub socket: PathBuf,
+    /// The longest a device-flow login waits for the person's approval.
+    #[serde(default = "default_login_timeout_secs")]
+    pub login_timeout_secs: u64,
+}
+
+impl Default for PeopleSettings {
+    fn default() -> Self {
+        PeopleSettings {
+            socket: default_login_socket(),
+            login_timeout_secs: default_login_timeout_secs(),
+        }
+    }
+}
+
+pub fn default_login_socket() -> PathBuf {
+    "/run/pgiam/login.sock".into()
+}
+
+fn default_login_timeout_secs() -> u64 {
+    600
+}
+
+/// A credential file's path: a relative one is resolved against `$CREDENTIALS_DIRECTORY`
+/// (systemd `LoadCredential=`).
+fn credential_path(path: &Path) -> Option<PathBuf> {
+    if path.is_relative() {
+        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+            return Some(Path::new(&dir).join(path));
+        }
+    }
+    Some(path.to_owned())
 }
 
 /// How pgiam writes its own log lines.
@@ -448,13 +574,7 @@ pub struct RoleCredentials {
 
 impl RoleCredentials {
     pub fn password_path(&self) -> Option<PathBuf> {
-        let path = self.password_file.as_ref()?;
-        if path.is_relative() {
-            if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
-                return Some(Path::new(&dir).join(path));
-            }
-        }
-        Some(path.clone())
+        credential_path(self.password_file.as_ref()?)
     }
 }
 
@@ -579,6 +699,10 @@ pub const PRINCIPAL_KINDS: &[&str] = &[
     "cgroup",
     "container",
     "exe",
+    // People (`pgiam login`, or an ID token as password): see `people::Person::principals`.
+    "oidc",
+    "oidc-group",
+    "email",
 ];
 
 impl Config {
@@ -711,6 +835,7 @@ impl Config {
         {
             return Err("policy.search_path must list schema names".into());
         }
+        self.validate_issuers()?;
         let gateway = match (self.upstream.mode, &self.upstream.gateway_role) {
             (UpstreamMode::Gateway, Some(g)) => {
                 if !self.roles.contains_key(g) {
@@ -750,6 +875,84 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    fn validate_issuers(&self) -> Result<(), String> {
+        let mut aliases = std::collections::HashSet::new();
+        for i in &self.issuers {
+            let where_ = format!("[[oidc]] {:?}", i.alias);
+            if i.alias.is_empty()
+                || !i
+                    .alias
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+            {
+                return Err(format!(
+                    "{where_}: alias takes lower-case letters, digits, '-' and '_'"
+                ));
+            }
+            if !aliases.insert(&i.alias) {
+                return Err(format!("{where_}: alias used twice"));
+            }
+            let url = reqwest::Url::parse(&i.issuer)
+                .map_err(|e| format!("{where_}: issuer {:?} is not a URL: {e}", i.issuer))?;
+            let loopback = url.host_str().is_some_and(|h| {
+                h == "localhost"
+                    || h.trim_matches(['[', ']'])
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|a| a.is_loopback())
+            });
+            if url.scheme() != "https" && !(url.scheme() == "http" && loopback) {
+                return Err(format!(
+                    "{where_}: issuer must be https (http only on a loopback address)"
+                ));
+            }
+            if i.client_id.is_empty() {
+                return Err(format!("{where_}: client_id must not be empty"));
+            }
+            if !i.scopes.iter().any(|s| s == "openid") {
+                return Err(format!("{where_}: scopes must include \"openid\""));
+            }
+        }
+        if self.people.login_timeout_secs == 0 {
+            return Err("people.login_timeout_secs must be at least 1".into());
+        }
+        for m in &self.mappings {
+            let alias = match m.principal.split_once(':') {
+                Some(("oidc" | "oidc-group", rest)) => rest.split(':').next(),
+                _ => None,
+            };
+            if let Some(alias) = alias {
+                if !self.issuers.iter().any(|i| i.alias == alias) {
+                    return Err(format!(
+                        "mapping {}: no [[oidc]] issuer has alias {alias:?}",
+                        m.principal
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a person whose ID token is given as password could be mapped on `database`:
+    /// some mapping of it names a person (`oidc:`, `oidc-group:` of an issuer that accepts
+    /// tokens as passwords, or `email:` when one does).
+    pub fn token_password_may_map(&self, database: &str) -> bool {
+        let accepts = |alias: &str| {
+            self.issuers
+                .iter()
+                .any(|i| i.accept_passwords && (alias.is_empty() || i.alias == alias))
+        };
+        self.mappings.iter().any(|m| {
+            m.matches_database(database)
+                && match m.principal.split_once(':') {
+                    Some(("oidc" | "oidc-group", rest)) => {
+                        accepts(rest.split(':').next().unwrap_or_default())
+                    }
+                    Some(("email", _)) => accepts(""),
+                    _ => false,
+                }
+        })
     }
 
     /// The first mapping whose principal is one of `principals` and whose database matches.

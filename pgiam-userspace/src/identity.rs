@@ -60,6 +60,9 @@ pub struct Identity {
     pub exe: Option<PathBuf>,
     /// The thread name the kernel recorded (eBPF only).
     pub comm: Option<String>,
+    /// The person logged in (`pgiam login`) in the login session this process belongs to,
+    /// or whose ID token the client gave as its password.
+    pub person: Option<std::sync::Arc<crate::people::Person>>,
 }
 
 impl Identity {
@@ -157,6 +160,7 @@ impl Identity {
             container,
             exe,
             comm,
+            person: None,
         }
     }
 
@@ -164,6 +168,9 @@ impl Identity {
     /// name one of these.
     pub fn principals(&self) -> Vec<String> {
         let mut p = Vec::with_capacity(8);
+        if let Some(person) = &self.person {
+            p.extend(person.principals());
+        }
         if let Some(c) = &self.container {
             p.push(format!("container:{c}"));
         }
@@ -214,6 +221,9 @@ impl fmt::Display for Identity {
         if let Some(c) = &self.comm {
             write!(f, " comm={c}")?;
         }
+        if let Some(p) = &self.person {
+            write!(f, " person={}", p.principal())?;
+        }
         write!(f, " via={}", self.source)
     }
 }
@@ -229,7 +239,7 @@ impl serde::Serialize for Identity {
                 s.collect_str(&self.0)
             }
         }
-        let mut m = s.serialize_map(Some(11))?;
+        let mut m = s.serialize_map(Some(11 + usize::from(self.person.is_some())))?;
         m.serialize_entry("source", &Shown(&self.source))?;
         m.serialize_entry("uid", &self.uid)?;
         m.serialize_entry("gid", &self.gid)?;
@@ -241,6 +251,9 @@ impl serde::Serialize for Identity {
         m.serialize_entry("container", &self.container)?;
         m.serialize_entry("exe", &self.exe.as_deref().map(|e| Shown(e.display())))?;
         m.serialize_entry("comm", &self.comm)?;
+        if let Some(p) = &self.person {
+            m.serialize_entry("person", p.as_ref())?;
+        }
         m.end()
     }
 }

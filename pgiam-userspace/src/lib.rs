@@ -10,6 +10,7 @@ pub mod cancel;
 pub mod config;
 pub mod identity;
 pub mod metrics;
+pub mod people;
 pub mod policy;
 pub mod pool;
 #[cfg(test)]

@@ -109,6 +109,36 @@ enum Command {
         #[command(flatten)]
         target: AdminTarget,
     },
+    /// Log in as yourself with your organisation's identity provider (OAuth device flow: open
+    /// the link shown, on any device). Every connection from this login session then carries
+    /// you, with no change to any tool or DSN, until you log out or the login expires.
+    Login {
+        #[command(flatten)]
+        target: LoginTarget,
+        /// The issuer's alias (`[[oidc]] alias`), when pgiam knows several.
+        #[arg(long)]
+        issuer: Option<String>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// End your login: the sessions that carry it end too.
+    Logout {
+        #[command(flatten)]
+        target: LoginTarget,
+    },
+    /// Who this login session is logged in as.
+    Whoami {
+        #[command(flatten)]
+        target: LoginTarget,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print your login's ID token, for a tool that can only give it as its password.
+    Token {
+        #[command(flatten)]
+        target: LoginTarget,
+    },
     /// Version, uptime, policy, interception, audit and upstream state of the running pgiam.
     Status {
         #[command(flatten)]
@@ -117,6 +147,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Where the login socket is.
+#[derive(clap::Args)]
+struct LoginTarget {
+    /// pgiam's login socket (`[people] socket`).
+    #[arg(long, default_value = "/run/pgiam/login.sock")]
+    socket: PathBuf,
 }
 
 /// Where the admin socket is: `--socket`, or the `[admin] socket` of `--config`.
@@ -374,6 +412,73 @@ fn tool(command: Command) -> anyhow::Result<()> {
         Command::Revocations { target } => {
             let result = admin_ask(&target, &Request::Revocations)?;
             println!("{}", serde_json::to_string_pretty(&result)?);
+            Ok(())
+        }
+        Command::Login {
+            target,
+            issuer,
+            json,
+        } => {
+            use std::io::Write as _;
+            let request = pgiam::people::socket::Request::Login { issuer };
+            let result = pgiam::people::client::ask(&target.socket, &request, |pending| {
+                let p = &pending["pending"];
+                let code = p["user_code"].as_str().unwrap_or("?");
+                if let Some(url) = p["verification_uri_complete"].as_str() {
+                    println!("To log in, open {url}");
+                }
+                println!(
+                    "or go to {} and enter the code {code}",
+                    p["verification_uri"].as_str().unwrap_or("?")
+                );
+                eprintln!("Waiting for your approval…");
+                let _ = std::io::stdout().flush();
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&result)?);
+            } else {
+                println!("Logged in: {}", pgiam::people::client::describe(&result));
+            }
+            Ok(())
+        }
+        Command::Logout { target } => {
+            let result = pgiam::people::client::ask(
+                &target.socket,
+                &pgiam::people::socket::Request::Logout,
+                |_| {},
+            )?;
+            let ended = result["sessions"].as_array().map_or(0, Vec::len);
+            println!(
+                "Logged out {}; {ended} session(s) ended",
+                result["person"]["subject"].as_str().unwrap_or("?")
+            );
+            Ok(())
+        }
+        Command::Whoami { target, json } => {
+            let result = pgiam::people::client::ask(
+                &target.socket,
+                &pgiam::people::socket::Request::Whoami,
+                |_| {},
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&result)?);
+            } else {
+                println!("{}", pgiam::people::client::describe(&result));
+            }
+            Ok(())
+        }
+        Command::Token { target } => {
+            let result = pgiam::people::client::ask(
+                &target.socket,
+                &pgiam::people::socket::Request::Token,
+                |_| {},
+            )?;
+            println!(
+                "{}",
+                result["id_token"]
+                    .as_str()
+                    .context("pgiam answered without a token")?
+            );
             Ok(())
         }
         Command::Status { target, json } => {

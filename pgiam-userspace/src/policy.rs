@@ -44,6 +44,16 @@ namespace PgIam {
     container?: String,
     cgroup?: String,
     exe?: String,
+    // A person (`pgiam login`, or an ID token as password), as their issuer verified them.
+    issuer?: String,
+    subject?: String,
+    email?: String,
+    groups?: Set<String>,
+    amr?: Set<String>,
+    acr?: String,
+    // Unix seconds; `context.now - principal.auth_time` is how long ago they authenticated.
+    auth_time?: Long,
+    mfa?: Bool,
   };
   entity Database;
   // Ids: "db.schema" for a schema, "db.schema.name" for a table or function.
@@ -53,6 +63,8 @@ namespace PgIam {
 
   type Statement = {
     command: String,
+    // Unix seconds at the decision.
+    now: Long,
     // SET, RESET and set_config(): the parameter changed; SHOW, current_setting() and the
     // pg_settings views: the parameter read ("*": every setting); FunctionCall: the
     // function's oid.
@@ -274,6 +286,9 @@ pub struct Policy {
     set: PolicySet,
     authorizer: Authorizer,
     ids: Vec<String>,
+    /// Some policy may read `context.now` (its text says `now` somewhere): its decisions
+    /// are remembered for the second they were made in only.
+    reads_clock: bool,
 }
 
 impl Policy {
@@ -320,6 +335,7 @@ impl Policy {
             set,
             authorizer: Authorizer::new(),
             ids,
+            reads_clock: text.contains("now"),
         })
     }
 
@@ -351,10 +367,16 @@ impl Policy {
         let db = &principal.database;
         let resource_entities = resource_entities(db, &ask.resource)?;
         let resource = resource_entities[0].uid();
-        let mut context = vec![(
-            "command".to_owned(),
-            RestrictedExpression::new_string(ask.command.to_owned()),
-        )];
+        let mut context = vec![
+            (
+                "command".to_owned(),
+                RestrictedExpression::new_string(ask.command.to_owned()),
+            ),
+            (
+                "now".to_owned(),
+                RestrictedExpression::new_long(crate::people::now_secs()),
+            ),
+        ];
         if let Some(p) = &ask.parameter {
             context.push((
                 "parameter".to_owned(),
@@ -422,6 +444,8 @@ const SETTINGS_FUNCTIONS: &[&str] = &["current_setting", "pg_show_all_settings"]
 #[derive(Default)]
 pub struct DecisionCache {
     decisions: HashMap<Ask, Decision>,
+    /// The second the decisions were made in, when the policy reads the clock.
+    second: i64,
 }
 
 impl DecisionCache {
@@ -433,6 +457,13 @@ impl DecisionCache {
 
     /// [`Policy::decide_all`], remembering each ask's answer.
     pub fn decide_all(&mut self, policy: &Policy, principal: &Principal, asks: &[Ask]) -> Decision {
+        if policy.reads_clock {
+            let now = crate::people::now_secs();
+            if now != self.second {
+                self.decisions.clear();
+                self.second = now;
+            }
+        }
         Decision::all(asks.iter().map(|ask| {
             if let Some(d) = self.decisions.get(ask) {
                 return d.clone();
@@ -520,6 +551,34 @@ impl Principal {
                 attrs.insert(k.into(), RestrictedExpression::new_string(v));
             }
         }
+        if let Some(p) = &identity.person {
+            let strings = |v: &[String]| {
+                RestrictedExpression::new_set(
+                    v.iter()
+                        .map(|s| RestrictedExpression::new_string(s.clone())),
+                )
+            };
+            attrs.insert(
+                "issuer".into(),
+                RestrictedExpression::new_string(p.issuer.clone()),
+            );
+            attrs.insert(
+                "subject".into(),
+                RestrictedExpression::new_string(p.subject.clone()),
+            );
+            if let Some(e) = &p.email {
+                attrs.insert("email".into(), RestrictedExpression::new_string(e.clone()));
+            }
+            attrs.insert("groups".into(), strings(&p.groups));
+            attrs.insert("amr".into(), strings(&p.amr));
+            if let Some(a) = &p.acr {
+                attrs.insert("acr".into(), RestrictedExpression::new_string(a.clone()));
+            }
+            if let Some(t) = p.auth_time {
+                attrs.insert("auth_time".into(), RestrictedExpression::new_long(t));
+            }
+            attrs.insert("mfa".into(), RestrictedExpression::new_bool(p.mfa));
+        }
         let entity = Entity::new(uid("Principal", name), attrs, HashSet::new())
             .expect("string and long attributes always evaluate");
         Principal {
@@ -531,7 +590,15 @@ impl Principal {
     /// The principal for these facts, shared by every open session with the same ones: a
     /// pool of connections from one service holds one entity, not one each.
     pub fn shared(name: &str, role: &str, database: &str, identity: &Identity) -> Arc<Principal> {
-        type Key = (String, String, String, u32, u32, [Option<String>; 6]);
+        type Key = (
+            String,
+            String,
+            String,
+            u32,
+            u32,
+            [Option<String>; 6],
+            Option<Arc<crate::people::Person>>,
+        );
         /// Live principals, and the map's size after the last sweep of dead entries.
         type Live = (HashMap<Key, Weak<Principal>>, usize);
         static LIVE: std::sync::LazyLock<std::sync::Mutex<Live>> =
@@ -543,6 +610,7 @@ impl Principal {
             identity.uid,
             identity.gid,
             optional_facts(identity).map(|(_, v)| v),
+            identity.person.clone(),
         );
         let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = live.0.get(&key).and_then(Weak::upgrade) {

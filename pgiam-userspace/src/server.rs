@@ -71,7 +71,25 @@ pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
         registry: Arc::new(Registry::default()),
         revocations,
         pools: Arc::new(crate::pool::Pools::default()),
+        people: Arc::new(crate::people::People::default()),
     });
+    let people = Arc::new(crate::people::Service {
+        people: shared.people.clone(),
+        settings: settings.clone(),
+        registry: shared.registry.clone(),
+        audit: shared.audit.clone(),
+    });
+    tokio::spawn(people.clone().watch());
+    // The login socket, when people can log in: any local user may open it.
+    let login_path = if config.issuers.is_empty() {
+        None
+    } else {
+        let path = config.people.socket.clone();
+        let listener = bind_unix(&path, 0o666)?;
+        info!(path = %path.display(), issuers = config.issuers.len(), "login socket open");
+        tokio::spawn(crate::people::socket::serve(listener, people.clone()));
+        Some(path)
+    };
     // Idle pooled backends past their time are closed as it passes, not at the next checkout.
     tokio::spawn({
         let shared = shared.clone();
@@ -210,6 +228,9 @@ pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
     }
     drain(&shared).await;
     shared.pools.shut().await;
+    if let Some(path) = login_path {
+        let _ = std::fs::remove_file(path);
+    }
     if let Some(path) = admin_path {
         let _ = std::fs::remove_file(path);
     }

@@ -26,6 +26,7 @@ mod ending;
 use ending::{ordered_out, revoke};
 use relay::{read_when_ready, relay, ReadSize};
 mod login;
+mod password;
 mod relay;
 mod responses;
 pub mod startup;
@@ -45,6 +46,8 @@ pub struct Shared {
     pub revocations: Arc<crate::admin::revocations::Revocations>,
     /// Backends kept for the next session of pooled mappings.
     pub pools: Arc<crate::pool::Pools>,
+    /// The people logged in on this host (`pgiam login`), and their issuers.
+    pub people: Arc<crate::people::People>,
 }
 
 /// Who the client is, and where it was going.
@@ -542,11 +545,16 @@ async fn establish(
         )
         .with_detail(e.to_string())
     })?;
-    let identity = &origin.identity;
+    let mut origin = origin;
+    origin.identity.person = shared
+        .people
+        .bound(origin.identity.uid, origin.identity.cgroup.as_deref());
     let checked = match startup::check(startup) {
         Ok(c) => c,
         Err(e) => {
-            return Err(audited_refusal(shared, &client.peer, identity, None, e, "startup").await)
+            return Err(
+                audited_refusal(shared, &client.peer, &origin.identity, None, e, "startup").await,
+            )
         }
     };
     if let Some(negotiation) = &checked.negotiation {
@@ -560,10 +568,20 @@ async fn establish(
         client.write(&b).await?;
     }
 
-    let principals = identity.principals();
     // One snapshot of the settings for the whole login: a reload meanwhile applies to the next.
     let current = shared.settings.current();
     let config = &current.config;
+    if origin.identity.person.is_none()
+        && config
+            .find_mapping(&origin.identity.principals(), &checked.database)
+            .is_none()
+        && config.token_password_may_map(&checked.database)
+    {
+        origin.identity.person =
+            Some(password::person_from_password(shared, client, &config.issuers).await?);
+    }
+    let identity = &origin.identity;
+    let principals = identity.principals();
     let Some(mapping) = config.find_mapping(&principals, &checked.database) else {
         warn!(peer = %client.peer, %identity, database = %checked.database, "session refused: no mapping");
         let e = startup::no_mapping(identity, &checked.database);

@@ -952,6 +952,10 @@ pub fn authentication_ok(buf: &mut BytesMut) {
     write_message(buf, b'R', |b| b.put_i32(0));
 }
 
+pub fn authentication_cleartext_password(buf: &mut BytesMut) {
+    write_message(buf, b'R', |b| b.put_i32(3));
+}
+
 pub fn parameter_status(name: &[u8], value: &[u8], buf: &mut BytesMut) {
     write_message(buf, b'S', |b| {
         put_cstr(b, name);

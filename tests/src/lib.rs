@@ -2,6 +2,8 @@
 //! throwaway clusters, a test CA, and a pgiam process. Everything it starts it stops by pid, and
 //! everything it creates it removes, also when a test panics.
 
+pub mod idp;
+
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};

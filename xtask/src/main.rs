@@ -43,7 +43,9 @@ const PACKAGES: &[&str] = &[
 /// The drivers the tests run as applications would, pinned: into a Python venv at
 /// `target/drivers/venv` and an npm prefix at `target/drivers/node`.
 const PIP_DRIVERS: &[&str] = &["psycopg[binary]==3.3.9", "asyncpg==0.32.0"];
-const NPM_DRIVERS: &[&str] = &["pg@8.23.1"];
+/// pg: the node-postgres driver; oidc-provider and otpauth: the OpenID provider (with TOTP) the
+/// people tests and the demo log in with (`tests/idp/`).
+const NPM_DRIVERS: &[&str] = &["pg@8.23.1", "oidc-provider@8.8.1", "otpauth@9.5.2"];
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -54,6 +54,13 @@ pub enum Order {
     Shutdown,
     /// A reloaded configuration no longer maps the session's principal to its role.
     Unmapped,
+    /// The person the session carries is no longer logged in (logout, expiry, the issuer's
+    /// refusal), or the token it gave as password expired.
+    LoginEnded {
+        /// The person's principal (`None`: a token given as password).
+        person: Option<String>,
+        why: String,
+    },
 }
 
 impl Order {
@@ -64,6 +71,7 @@ impl Order {
             Order::Revoke { .. } => "revoke",
             Order::Shutdown => "shutdown",
             Order::Unmapped => "unmapped",
+            Order::LoginEnded { .. } => "login_ended",
         }
     }
 
@@ -71,7 +79,7 @@ impl Order {
     pub fn operator(&self) -> Option<&Operator> {
         match self {
             Order::Kill { by } | Order::Revoke { by, .. } => Some(by),
-            Order::Shutdown | Order::Unmapped => None,
+            Order::Shutdown | Order::Unmapped | Order::LoginEnded { .. } => None,
         }
     }
 }

@@ -25,6 +25,7 @@ pub const VERSION: u64 = 2;
 const STATEMENT_FIELDS: &[&str] = &[
     "session",
     "principal",
+    "person",
     "role",
     "database",
     "statement",
@@ -226,7 +227,12 @@ impl Reader {
         else {
             return record;
         };
-        let (who, rest) = STATEMENT_FIELDS.split_at(5);
+        // Who and where come before the statement's text.
+        let text_at = STATEMENT_FIELDS
+            .iter()
+            .position(|f| *f == "sql")
+            .expect("sql is a statement field");
+        let (who, rest) = STATEMENT_FIELDS.split_at(text_at);
         let what = &rest[..rest.len() - 1];
         let inline = |out: &mut Map<String, Value>, names: &[&str]| {
             for k in names {

@@ -66,18 +66,32 @@ pub(super) async fn ordered_out(
             "pgiam: terminating connection: the configuration no longer maps this session's principal to its role".to_owned(),
             "pgiam.toml was reloaded without the mapping this session was established under.".to_owned(),
         ),
+        Order::LoginEnded { person, why } => (
+            match person {
+                Some(p) => format!("pgiam: terminating connection: the login of {p} ended"),
+                None => "pgiam: terminating connection: the token it logged in with expired"
+                    .to_owned(),
+            },
+            format!("{why}."),
+        ),
+    };
+    // A person's access that ended is a revocation, recorded as the policy's are.
+    let kind = match &order {
+        Order::LoginEnded { .. } => "session_revoked",
+        _ => "session_killed",
     };
     let (principal, reason) = match &order {
         Order::Revoke {
             principal, reason, ..
         } => (Some(principal.as_str()), reason.as_deref()),
+        Order::LoginEnded { person, why } => (person.as_deref(), Some(why.as_str())),
         _ => (None, None),
     };
     let error = PgError::fatal("57P01", message).with_detail(detail);
     let error = end(shared, *process_id, *secret_key, error, |id| {
         crate::audit_fields! {
             "id" => id,
-            "kind" => "session_killed",
+            "kind" => kind,
             "session" => session_id,
             "order" => order.kind(),
             "by" => order.operator(),

@@ -3,6 +3,7 @@
 //! bpffs pin directory, and removes both even when it fails.
 
 mod drivers;
+mod people;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;

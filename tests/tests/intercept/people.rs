@@ -1,0 +1,529 @@
+//! People through a real OpenID provider (`oidc-provider`, `tests/idp/`): `pgiam login`'s device
+//! flow approved with a password and a TOTP second factor through the provider's own pages, then
+//! unmodified psql in that login session, intercepted, carrying the person. Another user, or
+//! the same user in another login session, does not carry them; an ID token works as a
+//! password and forged ones are refused; expiry, logout and the issuer's refusal end live
+//! sessions; a policy asks for a recent second factor for DDL.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use pgiam_tests::idp::{Idp, ALICE_TOTP};
+use pgiam_tests::{
+    free_port, pg_bin_dir, pgiam_bin, write_file, PgCluster, PgOptions, Pgiam, TestCgroup,
+};
+
+use super::{output, text};
+
+const DB: &str = "app";
+
+/// DDL only with a second factor used in the last 15 minutes; everything else for everyone
+/// mapped.
+const POLICY: &str = r#"
+@id("everything")
+permit(principal, action, resource);
+
+@id("ddl-needs-recent-mfa")
+forbid(principal, action == PgIam::Action::"ddl", resource)
+unless {
+  principal has mfa && principal.mfa &&
+  principal has auth_time && context.now - principal.auth_time < 900
+};
+"#;
+
+struct Env {
+    pgiam: Option<Pgiam>,
+    config_path: PathBuf,
+    socket: PathBuf,
+    audit: PathBuf,
+    idp: Idp,
+    /// Alice's login session, and another one.
+    alice: TestCgroup,
+    other: TestCgroup,
+    _proxy: TestCgroup,
+    _root: TestCgroup,
+    pg: PgCluster,
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn start(id_token_ttl: u64, refresh: bool) -> Env {
+        let pg = PgCluster::start(PgOptions {
+            hba_lines: Some(vec![
+                "local all all trust".into(),
+                "host all all 127.0.0.1/32 scram-sha-256".into(),
+            ]),
+            ..PgOptions::default()
+        })
+        .expect("start PostgreSQL");
+        pg.psql("CREATE ROLE app_rw LOGIN PASSWORD 'rw-secret'")
+            .unwrap();
+        pg.psql("CREATE ROLE app_ro LOGIN PASSWORD 'ro-secret'")
+            .unwrap();
+        pg.psql(&format!("CREATE DATABASE {DB} OWNER app_rw"))
+            .unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("pgiam-people-")
+            .tempdir()
+            .unwrap();
+        // The people's CLI (uid nobody) reaches the login socket inside.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let idp = Idp::start(dir.path(), id_token_ttl).expect("start the OpenID provider");
+        let root = TestCgroup::new("pgiam-people");
+        let (proxy, alice, other) = (
+            root.child("pgiam"),
+            root.child("alice-session"),
+            root.child("other-session"),
+        );
+        let port = free_port();
+        let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let socket = dir.path().join("login.sock");
+        let audit = dir.path().join("audit.jsonl");
+        let bpffs = format!(
+            "/sys/fs/bpf/pgiam-test-{}",
+            root.path.trim_start_matches('/')
+        );
+        let config = format!(
+            r#"
+state_dir = "{state}"
+[listen]
+tcp = "{listen}"
+[upstream]
+host = "127.0.0.1"
+port = {pg_port}
+[policy]
+file = "{policy}"
+[audit]
+path = "{audit}"
+[roles.app_rw]
+password_file = "{rw}"
+[roles.app_ro]
+password_file = "{ro}"
+[people]
+socket = "{socket}"
+[[oidc]]
+alias = "corp"
+issuer = "{issuer}"
+client_id = "pgiam"
+accept_passwords = true
+refresh = {refresh}
+[[mapping]]
+principal = "oidc-group:corp:dba"
+database = "{DB}"
+role = "app_rw"
+[[mapping]]
+principal = "oidc:corp:bob"
+database = "{DB}"
+role = "app_ro"
+[interception]
+cgroup = "{root}"
+endpoints = ["127.0.0.1"]
+ports = [{pg_port}]
+bpffs_dir = "{bpffs}"
+"#,
+            state = dir.path().join("state").display(),
+            pg_port = pg.port,
+            policy = write_file(dir.path(), "policy.cedar", POLICY, 0o644).display(),
+            audit = audit.display(),
+            rw = write_file(dir.path(), "rw.pw", "rw-secret", 0o600).display(),
+            ro = write_file(dir.path(), "ro.pw", "ro-secret", 0o600).display(),
+            socket = socket.display(),
+            issuer = idp.issuer,
+            root = root.path,
+        );
+        let config_path = write_file(dir.path(), "pgiam.toml", &config, 0o600);
+        let pgiam = Pgiam::start_in(pgiam_bin(), &config, listen, Some(&proxy))
+            .expect("start pgiam with interception and an issuer");
+        Env {
+            pgiam: Some(pgiam),
+            config_path,
+            socket,
+            audit,
+            idp,
+            alice,
+            other,
+            _proxy: proxy,
+            _root: root,
+            pg,
+            dir,
+        }
+    }
+
+    fn log(&self) -> String {
+        self.pgiam.as_ref().map(Pgiam::log).unwrap_or_default()
+    }
+
+    /// The database's own address, as an unmodified application dials it.
+    fn dsn(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} dbname={DB} user=whoever connect_timeout=10",
+            self.pg.port
+        )
+    }
+
+    /// `pgiam login` as `user` in `cg`, approved by `person` (with the TOTP second factor
+    /// when `totp`).
+    fn login(&self, cg: &TestCgroup, user: &str, person: (&str, &str), totp: bool) -> Output {
+        let mut child = cg
+            .command_as(pgiam_bin(), user)
+            .args(["login", "--socket"])
+            .arg(&self.socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run pgiam login");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut shown = String::new();
+        let url = loop {
+            let mut line = String::new();
+            if stdout.read_line(&mut line).unwrap() == 0 {
+                let out = child.wait_with_output().unwrap();
+                panic!("pgiam login showed no link: {shown}{}", text(&out));
+            }
+            shown.push_str(&line);
+            if let Some(url) = line.trim().strip_prefix("To log in, open ") {
+                break url.to_owned();
+            }
+        };
+        self.idp
+            .approve(&url, person.0, person.1, totp.then_some(ALICE_TOTP));
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+        let mut out = child.wait_with_output().unwrap();
+        out.stdout = (shown + &rest).into_bytes();
+        out
+    }
+
+    fn cli(&self, cg: &TestCgroup, user: &str, verb: &str) -> Output {
+        output(
+            cg.command_as(pgiam_bin(), user)
+                .args([verb, "--socket"])
+                .arg(&self.socket),
+        )
+    }
+
+    fn psql(&self, cg: &TestCgroup, user: &str, sql: &str, password: Option<&str>) -> Output {
+        let mut cmd = psql_command(cg, user, &self.dsn(), sql);
+        if let Some(p) = password {
+            cmd.env("PGPASSWORD", p);
+        }
+        output(&mut cmd)
+    }
+
+    /// Records of `kind` in the audit log.
+    fn records(&self, kind: &str) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.audit)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|r| r["kind"] == kind)
+            .collect()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.pgiam.take() {
+            p.stop();
+        }
+        let out = Command::new(pgiam_bin())
+            .args(["uninstall-bpf", "--config"])
+            .arg(&self.config_path)
+            .output();
+        if !out.is_ok_and(|o| o.status.success()) {
+            eprintln!(
+                "warning: uninstall-bpf failed for {}",
+                self.dir.path().display()
+            );
+        }
+    }
+}
+
+fn psql_command(cg: &TestCgroup, user: &str, dsn: &str, sql: &str) -> Command {
+    let mut cmd = cg.command_as(pg_bin_dir().join("psql"), user);
+    cmd.args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", dsn, "-c", sql])
+        .env("PGCONNECT_TIMEOUT", "10");
+    cmd
+}
+
+/// A psql that holds its session open in `pg_sleep`, to be ended from outside.
+fn long_session(env: &Env) -> Child {
+    psql_command(&env.alice, "nobody", &env.dsn(), "SELECT pg_sleep(90)")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run psql")
+}
+
+/// Waits (up to `limit`) for `child` to exit; its output. Kills it if it does not.
+fn ended_within(mut child: Child, limit: Duration) -> Option<Output> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            return Some(child.wait_with_output().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+const ALICE: (&str, &str) = ("alice", "alice-pw");
+
+#[test]
+fn a_login_carries_the_person_for_its_own_login_session_only() {
+    let env = Env::start(300, true);
+    // Before any login nothing maps alice's session: pgiam asks for a password (a token),
+    // which psql does not have.
+    let before = env.psql(&env.alice, "nobody", "SELECT current_user", None);
+    assert!(!before.status.success(), "{}", text(&before));
+
+    let login = env.login(&env.alice, "nobody", ALICE, true);
+    assert!(
+        login.status.success(),
+        "login: {}\n{}",
+        text(&login),
+        env.log()
+    );
+    let shown = text(&login);
+    assert!(
+        shown.contains("alice@example.com") && shown.contains("multi-factor"),
+        "{shown}"
+    );
+
+    let whoami = env.cli(&env.alice, "nobody", "whoami");
+    assert!(
+        text(&whoami).contains("oidc:corp:alice"),
+        "{}",
+        text(&whoami)
+    );
+    let as_alice = env.psql(&env.alice, "nobody", "SELECT current_user", None);
+    assert_eq!(
+        String::from_utf8_lossy(&as_alice.stdout).trim(),
+        "app_rw",
+        "{}\n{}",
+        text(&as_alice),
+        env.log()
+    );
+
+    // Another user in the same cgroup, and the same user in another login session: not alice.
+    for (cg, user) in [(&env.alice, "root"), (&env.other, "nobody")] {
+        let out = env.psql(cg, user, "SELECT current_user", None);
+        assert!(
+            !out.status.success(),
+            "{user} in {}: {}",
+            cg.path,
+            text(&out)
+        );
+        let whoami = text(&env.cli(cg, user, "whoami"));
+        assert!(
+            whoami.contains("not logged in") && !whoami.contains("oidc:corp:alice"),
+            "whoami of {user} in {}: {whoami}",
+            cg.path
+        );
+    }
+
+    // The audit names the person, with the factors used, beside the workload.
+    let sessions = env.records("session");
+    let session = sessions
+        .iter()
+        .find(|r| r["identity"]["person"]["subject"] == "alice")
+        .unwrap_or_else(|| panic!("no session record with alice: {sessions:?}"));
+    let person = &session["identity"]["person"];
+    assert_eq!(person["email"], "alice@example.com");
+    assert_eq!(person["amr"], serde_json::json!(["pwd", "otp"]));
+    assert_eq!(person["mfa"], true);
+    assert_eq!(session["identity"]["uid"], 65534);
+    assert_eq!(session["principal"], "oidc-group:corp:dba");
+    assert!(env
+        .records("statement")
+        .iter()
+        .any(|r| r["person"] == "oidc:corp:alice" && r["sql"] == "SELECT current_user"));
+    assert_eq!(env.records("login").len(), 1);
+
+    // Logout ends her live session at once.
+    let live = long_session(&env);
+    std::thread::sleep(Duration::from_millis(1500));
+    let logout = env.cli(&env.alice, "nobody", "logout");
+    assert!(logout.status.success(), "{}", text(&logout));
+    let ended = ended_within(live, Duration::from_secs(10)).expect("the session ended");
+    let said = text(&ended);
+    assert!(
+        said.contains("the login of oidc:corp:alice ended") && said.contains("logged out"),
+        "{said}"
+    );
+    let revoked = env.records("session_revoked");
+    assert!(
+        revoked.iter().any(|r| r["reason"]
+            .as_str()
+            .is_some_and(|s| s.contains("logged out"))),
+        "{revoked:?}"
+    );
+    let after = env.psql(&env.alice, "nobody", "SELECT current_user", None);
+    assert!(!after.status.success(), "{}", text(&after));
+}
+
+#[test]
+fn ddl_needs_a_recent_second_factor() {
+    let env = Env::start(300, true);
+    // The statement does what it says directly against PostgreSQL.
+    env.pg
+        .psql_db(DB, "CREATE TABLE direct_ddl (a int); DROP TABLE direct_ddl")
+        .unwrap();
+
+    let login = env.login(&env.alice, "nobody", ALICE, false);
+    assert!(login.status.success(), "{}", text(&login));
+    assert!(text(&login).contains("one factor"), "{}", text(&login));
+    let read = env.psql(&env.alice, "nobody", "SELECT 1", None);
+    assert!(read.status.success(), "{}", text(&read));
+    let ddl = env.psql(&env.alice, "nobody", "CREATE TABLE t_step_up (a int)", None);
+    assert!(!ddl.status.success(), "DDL without MFA: {}", text(&ddl));
+    assert!(text(&ddl).contains("permission denied"), "{}", text(&ddl));
+
+    // The same person steps up with a second factor: DDL is allowed.
+    let again = env.login(&env.alice, "nobody", ALICE, true);
+    assert!(again.status.success(), "{}", text(&again));
+    let ddl = env.psql(&env.alice, "nobody", "CREATE TABLE t_step_up (a int)", None);
+    assert!(
+        ddl.status.success(),
+        "DDL with MFA: {}\n{}",
+        text(&ddl),
+        env.log()
+    );
+    let denied = env.records("statement");
+    assert!(denied.iter().any(|r| r["decision"] == "deny"
+        && r["policies"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p == "ddl-needs-recent-mfa"))));
+}
+
+#[test]
+fn an_id_token_works_as_a_password_and_forged_ones_are_refused() {
+    let env = Env::start(300, true);
+    let login = env.login(&env.alice, "nobody", ALICE, true);
+    assert!(login.status.success(), "{}", text(&login));
+    let token = env.cli(&env.alice, "nobody", "token");
+    assert!(token.status.success(), "{}", text(&token));
+    let token = String::from_utf8_lossy(&token.stdout).trim().to_owned();
+
+    // From a session with no login (another login session), the token as the password.
+    let out = env.psql(&env.other, "nobody", "SELECT current_user", Some(&token));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "app_rw",
+        "{}\n{}",
+        text(&out),
+        env.log()
+    );
+    assert!(env
+        .records("session")
+        .iter()
+        .any(|r| r["identity"]["person"]["via"] == "password"));
+
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let claims = |iss: &str, aud: &str, exp: i64| {
+        serde_json::json!({
+            "iss": iss, "aud": aud, "sub": "alice", "exp": exp, "iat": now,
+            "email": "alice@example.com", "email_verified": true, "groups": ["dba"],
+            "amr": ["pwd", "otp"], "auth_time": now,
+        })
+    };
+    let issuer = env.idp.issuer.clone();
+    let cases = [
+        (
+            "a key the issuer never published",
+            env.idp.forge(false, claims(&issuer, "pgiam", now + 300)),
+            "does not publish",
+        ),
+        (
+            "another issuer",
+            env.idp
+                .forge(true, claims("https://evil.example.com", "pgiam", now + 300)),
+            "not a configured issuer",
+        ),
+        (
+            "another audience",
+            env.idp.forge(true, claims(&issuer, "other-app", now + 300)),
+            "another audience",
+        ),
+        (
+            "an expired token",
+            env.idp.forge(true, claims(&issuer, "pgiam", now - 3600)),
+            "expired",
+        ),
+        ("not a token", "hunter2".to_owned(), "not a JWT"),
+    ];
+    // The forgery is sound: the same claims with the provider's key and a valid life pass.
+    let genuine = env.idp.forge(true, claims(&issuer, "pgiam", now + 300));
+    let out = env.psql(&env.other, "nobody", "SELECT current_user", Some(&genuine));
+    assert!(out.status.success(), "a well-formed token: {}", text(&out));
+    for (what, token, reason) in cases {
+        let out = env.psql(&env.other, "nobody", "SELECT current_user", Some(&token));
+        let said = text(&out);
+        assert!(!out.status.success(), "{what}: {said}");
+        assert!(
+            said.contains("password authentication failed") && said.contains(reason),
+            "{what}: {said}"
+        );
+    }
+}
+
+#[test]
+fn expiry_ends_a_live_session() {
+    let env = Env::start(8, false);
+    let login = env.login(&env.alice, "nobody", ALICE, true);
+    assert!(login.status.success(), "{}", text(&login));
+    let live = long_session(&env);
+    let ended = ended_within(live, Duration::from_secs(30)).expect("the session ended");
+    let said = text(&ended);
+    assert!(said.contains("token expired"), "{said}\n{}", env.log());
+    assert!(env
+        .records("login_ended")
+        .iter()
+        .any(|r| r["reason"].as_str().is_some_and(|s| s.contains("expired"))));
+    assert!(!text(&env.cli(&env.alice, "nobody", "whoami")).contains("oidc:corp:alice"));
+}
+
+#[test]
+fn refresh_outlives_key_rotation_and_the_issuers_refusal_ends_the_login() {
+    let env = Env::start(8, true);
+    let login = env.login(&env.alice, "nobody", ALICE, true);
+    assert!(login.status.success(), "{}", text(&login));
+    let live = long_session(&env);
+    // Past two token lifetimes the session is alive: the login was refreshed.
+    std::thread::sleep(Duration::from_secs(12));
+    let mut live = live;
+    assert!(live.try_wait().unwrap().is_none(), "{}", env.log());
+    assert!(env.log().contains("login refreshed"), "{}", env.log());
+
+    // The provider rotates its signing key: the next refresh's token has a kid pgiam has not
+    // seen, fetched from the provider's key set, and the session goes on.
+    let rotated = env.idp.post("/test/rotate?generate=1");
+    let kid: serde_json::Value = serde_json::from_str(&rotated).unwrap();
+    let refreshed_before = env.log().matches("login refreshed").count();
+    std::thread::sleep(Duration::from_secs(9));
+    assert!(live.try_wait().unwrap().is_none(), "{}", env.log());
+    assert!(
+        env.log().matches("login refreshed").count() > refreshed_before,
+        "no refresh after rotation to {kid}: {}",
+        env.log()
+    );
+
+    // The issuer revokes alice's grants: the next refresh is refused and her session ends.
+    env.idp.post("/test/revoke?sub=alice");
+    let ended = ended_within(live, Duration::from_secs(20)).expect("the session ended");
+    let said = text(&ended);
+    assert!(said.contains("refused to renew"), "{said}\n{}", env.log());
+}
