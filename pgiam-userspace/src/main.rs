@@ -424,13 +424,13 @@ fn tool(command: Command) -> anyhow::Result<()> {
             let result = pgiam::people::client::ask(&target.socket, &request, |pending| {
                 let p = &pending["pending"];
                 let code = p["user_code"].as_str().unwrap_or("?");
-                if let Some(url) = p["verification_uri_complete"].as_str() {
-                    println!("To log in, open {url}");
-                }
                 println!(
-                    "or go to {} and enter the code {code}",
+                    "To log in, go to {} and enter the code {code}",
                     p["verification_uri"].as_str().unwrap_or("?")
                 );
+                if let Some(url) = p["verification_uri_complete"].as_str() {
+                    println!("or open {url}");
+                }
                 eprintln!("Waiting for your approval…");
                 let _ = std::io::stdout().flush();
             })?;

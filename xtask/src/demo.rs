@@ -4,6 +4,7 @@
 use std::process::Command;
 
 use anyhow::{bail, Context};
+use pgiam_tests::idp::{Idp, ALICE_TOTP};
 use pgiam_tests::{
     free_port, pg_bin_dir, run_as, write_file, PgCluster, PgOptions, Pgiam, TestCgroup,
 };
@@ -101,9 +102,26 @@ pub fn run_demo() -> anyhow::Result<()> {
     // Interception needs root (BPF, cgroups); elsewhere the demo shows the explicit listeners.
     let intercept = nix::unistd::geteuid().is_root();
     let cgroup = intercept.then(|| TestCgroup::new("pgiam-demo"));
-    let (proxy_cg, app_cg) = match &cgroup {
-        Some(cg) => (Some(cg.child("pgiam")), Some(cg.child("app"))),
-        None => (None, None),
+    let (proxy_cg, app_cg, person_cg) = match &cgroup {
+        Some(cg) => (
+            Some(cg.child("pgiam")),
+            Some(cg.child("app")),
+            Some(cg.child("alice-login-session")),
+        ),
+        None => (None, None, None),
+    };
+    // A real OpenID provider for the person scene (it needs a login session: a cgroup).
+    let idp = match &person_cg {
+        Some(_) => Some(Idp::start(dir.path(), 300).context("starting the OpenID provider")?),
+        None => None,
+    };
+    let people = match &idp {
+        Some(idp) => format!(
+            "\n[people]\nsocket = \"{dir}/login.sock\"\n\n[[oidc]]\nalias = \"corp\"\nissuer = \"{issuer}\"\nclient_id = \"pgiam\"\n\n[[mapping]]\nprincipal = \"oidc:corp:alice\"\ndatabase = \"app\"\nrole = \"app_reader\"\n",
+            dir = dir.path().display(),
+            issuer = idp.issuer,
+        ),
+        None => String::new(),
     };
     let bpffs = dir
         .path()
@@ -148,7 +166,7 @@ path = "{dir}/audit.jsonl"
 
 [admin]
 socket = "{dir}/admin.sock"
-{interception}"#,
+{people}{interception}"#,
         dir = dir.path().display(),
         pg_port = pg.port,
         pw = pw.display(),
@@ -163,7 +181,13 @@ socket = "{dir}/admin.sock"
         format!("127.0.0.1:{tcp_port}").parse()?,
         proxy_cg.as_ref(),
     )?;
-    let result = scenes(&pg, &pgiam, &dir, tcp_port, unix_port, &me, app_cg.as_ref());
+    let result =
+        scenes(&pg, &pgiam, &dir, tcp_port, unix_port, &me, app_cg.as_ref()).and_then(|_| {
+            match (&idp, &person_cg) {
+                (Some(idp), Some(cg)) => person(&pg, &pgiam, idp, &dir, cg),
+                _ => Ok(()),
+            }
+        });
     let bin = pgiam.bin.clone();
     drop(pgiam);
     if intercept {
@@ -173,7 +197,8 @@ socket = "{dir}/admin.sock"
             .output()?;
         print!("{}", String::from_utf8_lossy(&out.stdout));
     }
-    drop((app_cg, proxy_cg, cgroup));
+    drop(idp);
+    drop((app_cg, proxy_cg, person_cg, cgroup));
     result?;
     println!(
         "\nDemo complete: PostgreSQL, pgiam, the cgroups, the pins and all files are removed."
@@ -309,6 +334,75 @@ fn scenes(
     Ok(())
 }
 
+/// A person: alice logs in with the provider (password and a TOTP code), and every psql of her
+/// login session carries her, with the second factor the policy asks for to read salaries.
+fn person(
+    pg: &PgCluster,
+    pgiam: &Pgiam,
+    idp: &Idp,
+    dir: &tempfile::TempDir,
+    session: &TestCgroup,
+) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    let socket = dir.path().join("login.sock");
+    section(&format!(
+        "a person: OS user \"nobody\" in login session {} runs `pgiam login`",
+        session.path
+    ));
+    let mut login = session
+        .command_as(&pgiam.bin, "nobody")
+        .args(["login", "--socket"])
+        .arg(&socket)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running pgiam login")?;
+    let mut stdout = std::io::BufReader::new(login.stdout.take().context("piped")?);
+    let url = loop {
+        let mut line = String::new();
+        if stdout.read_line(&mut line)? == 0 {
+            let _ = login.wait();
+            bail!("pgiam login showed no link:\n{}", pgiam.log());
+        }
+        print!("{line}");
+        if let Some(url) = line.trim().strip_prefix("or open ") {
+            break url.to_owned();
+        }
+    };
+    section(&format!(
+        "alice approves at {} (oidc-provider): password, then a TOTP code",
+        idp.issuer
+    ));
+    idp.approve(&url, "alice", "alice-pw", Some(ALICE_TOTP));
+    println!("approved");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest)?;
+    print!("{rest}");
+    if !login.wait()?.success() {
+        bail!("pgiam login failed:\n{}", pgiam.log());
+    }
+    let dsn = format!("host=127.0.0.1 port={} dbname=app user=anything", pg.port);
+    section("unmodified psql in her login session: she is alice, with MFA, and may read salaries");
+    let (ok, out) = psql_in(
+        Some(session),
+        &dsn,
+        "SELECT current_user; SELECT * FROM salaries",
+        Some("nobody"),
+    )?;
+    print!("{out}");
+    if !ok || !out.contains("100000") {
+        bail!("alice's session did not work:\n{out}\n{}", pgiam.log());
+    }
+    section("the audit's session record names the person beside the workload");
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap_or_default();
+    let record = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|r| r["kind"] == "session" && r["identity"]["person"]["subject"] == "alice")
+        .context("no session record names alice")?;
+    println!("{}", serde_json::to_string_pretty(&record["identity"])?);
+    Ok(())
+}
+
 /// The operator's side: a long statement running, `pgiam sessions` showing it, `pgiam kill`
 /// ending it, `pgiam status`.
 fn operate(pgiam: &Pgiam, dsn: &str) -> anyhow::Result<()> {
@@ -366,6 +460,10 @@ permit(principal, action == PgIam::Action::"connect", resource == PgIam::Databas
 
 @id("read-accounts")
 permit(principal, action == PgIam::Action::"select", resource == PgIam::Table::"app.public.accounts");
+
+@id("salaries-need-a-second-factor")
+permit(principal, action == PgIam::Action::"select", resource == PgIam::Table::"app.public.salaries")
+  when { principal has mfa && principal.mfa };
 
 @id("functions")
 permit(principal, action == PgIam::Action::"execute", resource);

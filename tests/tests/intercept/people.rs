@@ -189,7 +189,7 @@ bpffs_dir = "{bpffs}"
                 panic!("pgiam login showed no link: {shown}{}", text(&out));
             }
             shown.push_str(&line);
-            if let Some(url) = line.trim().strip_prefix("To log in, open ") {
+            if let Some(url) = line.trim().strip_prefix("or open ") {
                 break url.to_owned();
             }
         };
