@@ -99,6 +99,11 @@ pub struct Issuer {
     /// ends when its ID token expires.
     #[serde(default = "default_true")]
     pub refresh: bool,
+    /// Ask the issuer every this many seconds whether each login is still active (RFC 7662
+    /// token introspection, where discovery names an endpoint): a login the issuer revoked
+    /// ends then, not at its next refresh. 0: never.
+    #[serde(default = "default_introspect_secs")]
+    pub introspect_secs: u64,
     /// A client may give an ID token of this issuer as its password (asked for only when no
     /// mapping matches the client's workload identity, and only over TLS, a unix socket or an
     /// intercepted connection).
@@ -128,6 +133,10 @@ fn default_oidc_scopes() -> Vec<String> {
     ["openid", "email", "profile", "groups", "offline_access"]
         .map(String::from)
         .to_vec()
+}
+
+fn default_introspect_secs() -> u64 {
+    60
 }
 
 fn default_groups_claim() -> String {

@@ -47,7 +47,11 @@ struct Login {
     refresh_token: Option<String>,
     /// When to refresh next (Unix seconds); `None`: the login ends at the token's expiry.
     refresh_at: Option<i64>,
-    refreshing: bool,
+    /// When to ask the issuer next whether the refresh token is still active; `None`: never.
+    introspect_at: Option<i64>,
+    /// A refresh or an introspection is under way: never both at once, for a refresh
+    /// consumes the token an introspection asks about (a rotated token reads as inactive).
+    busy: bool,
 }
 
 /// The logins in force, and the providers they came from.
@@ -79,6 +83,8 @@ pub enum Ended {
     Refused(String),
     IssuerRemoved,
     Replaced,
+    /// The issuer's introspection says the login's grant is no longer active.
+    Revoked,
 }
 
 impl std::fmt::Display for Ended {
@@ -89,6 +95,7 @@ impl std::fmt::Display for Ended {
             Ended::Refused(why) => write!(f, "the issuer refused to renew the login ({why})"),
             Ended::IssuerRemoved => f.write_str("the issuer is no longer configured"),
             Ended::Replaced => f.write_str("another person logged in in the same login session"),
+            Ended::Revoked => f.write_str("the issuer revoked the login"),
         }
     }
 }
@@ -142,8 +149,10 @@ impl People {
             None => Some(new_login_id()),
         };
         let person = Arc::new(Person::new(issuer, claims, Via::Login, login_id));
+        let now = now_secs();
         let refresh_at = (issuer.refresh && refresh_token.is_some())
-            .then(|| refresh_time(now_secs(), person.expires_at));
+            .then(|| refresh_time(now, person.expires_at));
+        let introspect_at = refresh_at.and(introspect_time(issuer, now));
         logins.insert(
             binding,
             Login {
@@ -151,7 +160,8 @@ impl People {
                 id_token,
                 refresh_token,
                 refresh_at,
-                refreshing: false,
+                introspect_at,
+                busy: false,
             },
         );
         let replaced = if person.login == previous.as_ref().and_then(|p| p.login.clone()) {
@@ -184,6 +194,11 @@ impl People {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// When a login is next asked about, if its issuer is asked at all.
+fn introspect_time(issuer: &Issuer, now: i64) -> Option<i64> {
+    (issuer.introspect_secs > 0).then(|| now + issuer.introspect_secs as i64)
 }
 
 fn new_login_id() -> String {
@@ -233,13 +248,12 @@ impl Service {
         let issuers = self.settings.current().config.issuers.clone();
         let mut ending = Vec::new();
         let mut refreshing = Vec::new();
+        let mut asking = Vec::new();
         {
             let mut logins = self.people.lock();
             logins.retain(|binding, login| {
                 let p = &login.person;
-                let issuer = issuers
-                    .iter()
-                    .find(|i| i.alias == p.alias && i.issuer == p.issuer);
+                let issuer = p.issuer_in(&issuers);
                 let why = match issuer {
                     None => Some(Ended::IssuerRemoved),
                     Some(_) if p.expires_at <= now => Some(Ended::Expired),
@@ -249,13 +263,19 @@ impl Service {
                     ending.push((binding.clone(), p.clone(), why));
                     return false;
                 }
-                if let (Some(at), Some(token), Some(issuer)) =
-                    (login.refresh_at, &login.refresh_token, issuer)
-                {
-                    if at <= now && !login.refreshing && issuer.refresh {
-                        login.refreshing = true;
-                        refreshing.push((binding.clone(), issuer.clone(), token.clone()));
-                    }
+                let (Some(token), Some(issuer)) = (&login.refresh_token, issuer) else {
+                    return true;
+                };
+                if login.busy {
+                    return true;
+                }
+                let due = |at: Option<i64>| at.is_some_and(|at| at <= now);
+                if due(login.refresh_at) && issuer.refresh {
+                    login.busy = true;
+                    refreshing.push((binding.clone(), issuer.clone(), token.clone()));
+                } else if due(login.introspect_at) {
+                    login.busy = true;
+                    asking.push((binding.clone(), issuer.clone(), token.clone()));
                 }
                 true
             });
@@ -266,6 +286,10 @@ impl Service {
         for (binding, issuer, token) in refreshing {
             let watch = self.clone();
             tokio::spawn(async move { watch.refresh(binding, issuer, token).await });
+        }
+        for (binding, issuer, token) in asking {
+            let watch = self.clone();
+            tokio::spawn(async move { watch.introspect(binding, issuer, token).await });
         }
         // Sessions that came with a token as their password last as long as that token.
         let expired = self.registry.order(
@@ -295,7 +319,7 @@ impl Service {
                 // Tried again in a few seconds, until the token itself expires.
                 warn!(%binding, issuer = %issuer.issuer, "login refresh: {e}");
                 if let Some(login) = self.people.lock().get_mut(&binding) {
-                    login.refreshing = false;
+                    login.busy = false;
                     login.refresh_at = Some(now + 5);
                 }
                 return;
@@ -307,7 +331,7 @@ impl Service {
             let Some(login) = logins.get_mut(&binding) else {
                 return;
             };
-            login.refreshing = false;
+            login.busy = false;
             match renewed {
                 Ok((mut person, id_token, refresh_token))
                     if person.subject == login.person.subject =>
@@ -330,6 +354,44 @@ impl Service {
         };
         warn!(%binding, "login refresh refused: {refused}");
         self.end_login(&binding, Ended::Refused(refused)).await;
+    }
+
+    /// Asks the issuer whether the login's refresh token is still active; ends the login if
+    /// it is not. No answer, or no endpoint, leaves the login as it is.
+    async fn introspect(&self, binding: Binding, issuer: Issuer, token: String) {
+        let answer = self.people.providers.introspect(&issuer, &token).await;
+        let now = now_secs();
+        let revoked = {
+            let mut logins = self.people.lock();
+            let Some(login) = logins.get_mut(&binding) else {
+                return;
+            };
+            login.busy = false;
+            // The question was about a token the login no longer holds (a new login in the
+            // same session): its answer says nothing about this one.
+            if login.refresh_token.as_deref() != Some(token.as_str()) {
+                return;
+            }
+            match &answer {
+                Ok(Some(false)) => logins.remove(&binding).map(|l| l.person),
+                // Endpoints rarely appear later; asked again in an hour all the same.
+                Ok(None) => {
+                    login.introspect_at = Some(now + 3600);
+                    None
+                }
+                Ok(Some(true)) | Err(_) => {
+                    login.introspect_at = introspect_time(&issuer, now);
+                    None
+                }
+            }
+        };
+        if let Err(e) = &answer {
+            warn!(%binding, issuer = %issuer.issuer, "introspection: no answer: {e}");
+        }
+        if let Some(person) = revoked {
+            warn!(%binding, issuer = %issuer.issuer, "introspection: the issuer no longer holds the login active");
+            self.ended(&binding, &person, Ended::Revoked).await;
+        }
     }
 
     /// A refresh's answer as the login's new person, ID token and refresh token.

@@ -80,16 +80,7 @@ pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
         audit: shared.audit.clone(),
     });
     tokio::spawn(people.clone().watch());
-    // The login socket, when people can log in: any local user may open it.
-    let login_path = if config.issuers.is_empty() {
-        None
-    } else {
-        let path = config.people.socket.clone();
-        let listener = bind_unix(&path, 0o666)?;
-        info!(path = %path.display(), issuers = config.issuers.len(), "login socket open");
-        tokio::spawn(crate::people::socket::serve(listener, people.clone()));
-        Some(path)
-    };
+    let mut login_path = open_login_socket(&config, &people)?;
     // Idle pooled backends past their time are closed as it passes, not at the next checkout.
     tokio::spawn({
         let shared = shared.clone();
@@ -202,6 +193,13 @@ pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
             _ = hup.recv() => {
                 sd_notify("RELOADING=1");
                 reload_settings(&shared, &endpoints_changed);
+                // The first issuer may come with a reload: people can log in from then on.
+                if login_path.is_none() {
+                    match open_login_socket(&shared.settings.current().config, &people) {
+                        Ok(path) => login_path = path,
+                        Err(e) => error!("SIGHUP: the login socket did not open: {e:#}"),
+                    }
+                }
                 // Atomic: the new policy replaces the old one whole, or not at all.
                 match policies.reload() {
                     Ok(n) => {
@@ -246,6 +244,23 @@ pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Opens the login socket once people can log in (an issuer is configured): any local user
+/// may connect to it, and is known by the kernel's word (SO_PEERCRED). Its path is where it was
+/// opened for the life of the process.
+fn open_login_socket(
+    config: &Config,
+    people: &Arc<crate::people::Service>,
+) -> anyhow::Result<Option<PathBuf>> {
+    if config.issuers.is_empty() {
+        return Ok(None);
+    }
+    let path = config.people.socket.clone();
+    let listener = bind_unix(&path, 0o666)?;
+    info!(path = %path.display(), issuers = config.issuers.len(), "login socket open");
+    tokio::spawn(crate::people::socket::serve(listener, people.clone()));
+    Ok(Some(path))
 }
 
 /// Ends every session the way PostgreSQL's fast shutdown does (FATAL 57P01, the running

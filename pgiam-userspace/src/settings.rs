@@ -140,6 +140,10 @@ fn keep_fixed(old: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
     keep!(admin, "admin");
     keep!(log_format, "log_format");
     keep!(policy.file, "policy.file");
+    // The login socket opens with the first issuer, at the path then in force.
+    if !old.issuers.is_empty() {
+        keep!(people.socket, "people.socket");
+    }
     match (&old.interception, &mut new.interception) {
         (Some(o), Some(n)) => {
             // Endpoints, ports and the resolve interval apply live; how the programs are

@@ -1,5 +1,6 @@
 // A real OpenID Provider for pgiam's single sign-on tests: panva's `oidc-provider` with the
-// Device Authorization Grant (RFC 8628), a minimal password + TOTP login, and two test-only
+// Device Authorization Grant (RFC 8628), revocation and introspection (RFC 7009, 7662), a minimal
+// password + TOTP login, and two test-only
 // routes (key rotation, issuer-side revocation).
 //
 // Usage: NODE_PATH=<prefix>/node_modules node provider.cjs CONFIG.json
@@ -318,6 +319,8 @@ async function main() {
           },
         },
         revocation: { enabled: true },
+        // RFC 7662: pgiam asks whether a login's refresh token is still active.
+        introspection: { enabled: true },
       },
       renderError: async (ctx, out) => {
         ctx.type = 'html';

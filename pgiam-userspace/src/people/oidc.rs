@@ -1,6 +1,7 @@
 //! Talking to an OpenID Connect provider: discovery, its signing keys (cached, fetched again
 //! for a key id not yet seen, at most every [`JWKS_REFETCH`]), ID token verification, the
-//! device authorization grant (RFC 8628), refresh and revocation.
+//! device authorization grant (RFC 8628), refresh, revocation (RFC 7009) and introspection
+//! (RFC 7662).
 //!
 //! Nothing here decides who may do what: a verified token becomes [`Claims`], and
 //! [`super::Person`] is built from those.
@@ -55,6 +56,7 @@ pub struct Discovery {
     pub token_endpoint: String,
     pub device_authorization_endpoint: Option<String>,
     pub revocation_endpoint: Option<String>,
+    pub introspection_endpoint: Option<String>,
 }
 
 /// The claims pgiam reads from an ID token; any other claim is ignored.
@@ -378,6 +380,44 @@ impl Providers {
         }
         if let Err(e) = self.http.post(&endpoint).form(&form).send().await {
             tracing::warn!(issuer = %issuer.issuer, "logout: the refresh token was not revoked: {e}");
+        }
+    }
+
+    /// Whether the issuer still holds a refresh token active (RFC 7662). `Ok(None)`: the
+    /// issuer has no introspection endpoint. An error is no answer, not a no: the login stands
+    /// until its token expires, as with a refresh that gets no answer.
+    pub async fn introspect(
+        &self,
+        issuer: &Issuer,
+        refresh_token: &str,
+    ) -> Result<Option<bool>, String> {
+        let d = self.discovery(issuer).await.map_err(|e| e.to_string())?;
+        let Some(endpoint) = d.introspection_endpoint else {
+            return Ok(None);
+        };
+        let mut form = vec![
+            ("token", refresh_token.to_owned()),
+            ("token_type_hint", "refresh_token".to_owned()),
+            ("client_id", issuer.client_id.clone()),
+        ];
+        self.add_secret(issuer, &mut form)
+            .map_err(|e| e.to_string())?;
+        let response = self
+            .http
+            .post(&endpoint)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .form(&form)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(format!("introspection endpoint answered HTTP {status}"));
+        }
+        let body: serde_json::Value = response.json().await.map_err(|e| e.to_string())?;
+        match body["active"].as_bool() {
+            Some(active) => Ok(Some(active)),
+            None => Err(format!("introspection answer without `active`: {body}")),
         }
     }
 

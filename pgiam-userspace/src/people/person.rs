@@ -47,6 +47,14 @@ pub struct Person {
 }
 
 impl Person {
+    /// The configured issuer this person's tokens come from: the same alias *and* URL (an
+    /// alias given to another issuer by a reload is not theirs).
+    pub fn issuer_in<'a>(&self, issuers: &'a [Issuer]) -> Option<&'a Issuer> {
+        issuers
+            .iter()
+            .find(|i| i.alias == self.alias && i.issuer == self.issuer)
+    }
+
     pub fn new(issuer: &Issuer, claims: Claims, via: Via, login: Option<String>) -> Person {
         let mfa = claims.amr.iter().any(|a| issuer.mfa_amr.contains(a))
             || claims

@@ -133,18 +133,11 @@ async fn handle(
         Request::Logout => match service.people.log_out(&binding) {
             None => Answer::error(format!("not logged in ({binding})")),
             Some((person, refresh_token)) => {
-                if let (Some(token), Some(issuer)) = (
-                    refresh_token,
-                    service
-                        .settings
-                        .current()
-                        .config
-                        .issuers
-                        .iter()
-                        .find(|i| i.alias == person.alias)
-                        .cloned(),
-                ) {
-                    service.people.providers.revoke(&issuer, &token).await;
+                let config = service.settings.current().config.clone();
+                if let (Some(token), Some(issuer)) =
+                    (refresh_token, person.issuer_in(&config.issuers))
+                {
+                    service.people.providers.revoke(issuer, &token).await;
                 }
                 let sessions = end_sessions(&service.registry, &person, &Ended::LoggedOut);
                 record(

@@ -189,21 +189,26 @@ bpffs_dir = "{bpffs}"
 
 impl Drop for Env {
     fn drop(&mut self) {
-        if let Some(mut p) = self.pgiam.take() {
-            p.stop();
-        }
-        // Pins keep programs attached after pgiam exits: remove them, then the cgroups go.
-        let out = Command::new(pgiam_bin())
-            .args(["uninstall-bpf", "--config"])
-            .arg(&self.config_path)
-            .output();
-        if !out.is_ok_and(|o| o.status.success()) {
-            eprintln!(
-                "warning: uninstall-bpf failed for {}",
-                self.bpffs_dir.display()
-            );
-        }
+        stop_and_uninstall(&mut self.pgiam, &self.config_path);
         // The cgroups go next, as the fields drop (children before `root`).
+    }
+}
+
+/// Stops pgiam, then removes its pins: they keep the programs attached after pgiam exits,
+/// and the test's cgroups cannot go while programs are attached to them.
+fn stop_and_uninstall(pgiam: &mut Option<Pgiam>, config_path: &std::path::Path) {
+    if let Some(mut p) = pgiam.take() {
+        p.stop();
+    }
+    let out = Command::new(pgiam_bin())
+        .args(["uninstall-bpf", "--config"])
+        .arg(config_path)
+        .output();
+    if !out.is_ok_and(|o| o.status.success()) {
+        eprintln!(
+            "warning: uninstall-bpf failed for {}",
+            config_path.display()
+        );
     }
 }
 

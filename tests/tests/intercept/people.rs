@@ -46,11 +46,12 @@ struct Env {
     _proxy: TestCgroup,
     _root: TestCgroup,
     pg: PgCluster,
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
 }
 
 impl Env {
-    fn start(id_token_ttl: u64, refresh: bool) -> Env {
+    /// `introspect_secs`: how often pgiam asks the provider whether a login is still active.
+    fn start(id_token_ttl: u64, refresh: bool, introspect_secs: u64) -> Env {
         let pg = PgCluster::start(PgOptions {
             hba_lines: Some(vec![
                 "local all all trust".into(),
@@ -114,6 +115,7 @@ issuer = "{issuer}"
 client_id = "pgiam"
 accept_passwords = true
 refresh = {refresh}
+introspect_secs = {introspect_secs}
 [[mapping]]
 principal = "oidc-group:corp:dba"
 database = "{DB}"
@@ -152,7 +154,7 @@ bpffs_dir = "{bpffs}"
             _proxy: proxy,
             _root: root,
             pg,
-            dir,
+            _dir: dir,
         }
     }
 
@@ -231,19 +233,7 @@ bpffs_dir = "{bpffs}"
 
 impl Drop for Env {
     fn drop(&mut self) {
-        if let Some(mut p) = self.pgiam.take() {
-            p.stop();
-        }
-        let out = Command::new(pgiam_bin())
-            .args(["uninstall-bpf", "--config"])
-            .arg(&self.config_path)
-            .output();
-        if !out.is_ok_and(|o| o.status.success()) {
-            eprintln!(
-                "warning: uninstall-bpf failed for {}",
-                self.dir.path().display()
-            );
-        }
+        super::stop_and_uninstall(&mut self.pgiam, &self.config_path);
     }
 }
 
@@ -281,7 +271,7 @@ const ALICE: (&str, &str) = ("alice", "alice-pw");
 
 #[test]
 fn a_login_carries_the_person_for_its_own_login_session_only() {
-    let env = Env::start(300, true);
+    let env = Env::start(300, true, 60);
     // Before any login nothing maps alice's session: pgiam asks for a password (a token),
     // which psql does not have.
     let before = env.psql(&env.alice, "nobody", "SELECT current_user", None);
@@ -374,7 +364,7 @@ fn a_login_carries_the_person_for_its_own_login_session_only() {
 
 #[test]
 fn ddl_needs_a_recent_second_factor() {
-    let env = Env::start(300, true);
+    let env = Env::start(300, true, 60);
     // The statement does what it says directly against PostgreSQL.
     env.pg
         .psql_db(DB, "CREATE TABLE direct_ddl (a int); DROP TABLE direct_ddl")
@@ -408,7 +398,7 @@ fn ddl_needs_a_recent_second_factor() {
 
 #[test]
 fn an_id_token_works_as_a_password_and_forged_ones_are_refused() {
-    let env = Env::start(300, true);
+    let env = Env::start(300, true, 60);
     let login = env.login(&env.alice, "nobody", ALICE, true);
     assert!(login.status.success(), "{}", text(&login));
     let token = env.cli(&env.alice, "nobody", "token");
@@ -482,7 +472,7 @@ fn an_id_token_works_as_a_password_and_forged_ones_are_refused() {
 
 #[test]
 fn expiry_ends_a_live_session() {
-    let env = Env::start(8, false);
+    let env = Env::start(8, false, 60);
     let login = env.login(&env.alice, "nobody", ALICE, true);
     assert!(login.status.success(), "{}", text(&login));
     let live = long_session(&env);
@@ -498,7 +488,7 @@ fn expiry_ends_a_live_session() {
 
 #[test]
 fn refresh_outlives_key_rotation_and_the_issuers_refusal_ends_the_login() {
-    let env = Env::start(8, true);
+    let env = Env::start(8, true, 60);
     let login = env.login(&env.alice, "nobody", ALICE, true);
     assert!(login.status.success(), "{}", text(&login));
     let live = long_session(&env);
@@ -521,9 +511,35 @@ fn refresh_outlives_key_rotation_and_the_issuers_refusal_ends_the_login() {
         env.log()
     );
 
-    // The issuer revokes alice's grants: the next refresh is refused and her session ends.
+    // The issuer revokes alice's grants: the next refresh is refused and her session ends
+    // (introspection, every 60 s here, does not come first).
     env.idp.post("/test/revoke?sub=alice");
     let ended = ended_within(live, Duration::from_secs(20)).expect("the session ended");
     let said = text(&ended);
     assert!(said.contains("refused to renew"), "{said}\n{}", env.log());
+}
+
+#[test]
+fn introspection_ends_a_login_the_issuer_revoked_before_its_next_refresh() {
+    // Tokens live 10 minutes: a refresh would learn of the revocation 7.5 minutes on.
+    let env = Env::start(600, true, 1);
+    let login = env.login(&env.alice, "nobody", ALICE, true);
+    assert!(login.status.success(), "{}", text(&login));
+    let mut live = long_session(&env);
+    // The provider says the login is active: asked several times, the session goes on.
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(live.try_wait().unwrap().is_none(), "{}", env.log());
+
+    env.idp.post("/test/revoke?sub=alice");
+    let ended = ended_within(live, Duration::from_secs(15)).expect("the session ended");
+    let said = text(&ended);
+    assert!(said.contains("revoked the login"), "{said}\n{}", env.log());
+    assert!(
+        env.records("login_ended")
+            .iter()
+            .any(|r| r["reason"].as_str().is_some_and(|s| s.contains("revoked"))),
+        "{}",
+        env.log()
+    );
+    assert!(!text(&env.cli(&env.alice, "nobody", "whoami")).contains("oidc:corp:alice"));
 }

@@ -173,3 +173,41 @@ async fn json_logs_are_one_object_per_line_with_the_session_id() {
         "{messages:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_first_issuer_comes_with_a_reload_and_people_can_log_in_at_once() {
+    let env = Env::start();
+    let socket = env.dir.path().join("login.sock");
+    let whoami = || {
+        let out = env
+            .pgiam
+            .cli_bare(&["whoami", "--socket", socket.to_str().unwrap()]);
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    // No issuer: nobody can log in, and no socket invites them to.
+    rewrite(&env, |c| {
+        format!("{c}\n[people]\nsocket = \"{}\"\n", socket.display())
+    });
+    hup(&env);
+    log_until(&env, "pgiam.toml reloaded", 1);
+    assert!(!socket.exists());
+    assert!(whoami().contains("cannot reach pgiam's login socket"));
+
+    // The first issuer, by reload: the login socket opens without a restart and answers (the
+    // caller is not logged in, or has no login session to bind to: either way, pgiam heard).
+    rewrite(&env, |c| {
+        format!("{c}\n[[oidc]]\nalias = \"corp\"\nissuer = \"http://127.0.0.1:9\"\nclient_id = \"pgiam\"\n")
+    });
+    hup(&env);
+    log_until(&env, "login socket open", 1);
+    let said = whoami();
+    assert!(
+        said.contains("not logged in") || said.contains("no login session"),
+        "{said}\n{}",
+        env.pgiam.log()
+    );
+}
