@@ -241,6 +241,15 @@ pub struct PolicyConfig {
     /// against these schemas and every schema a search_path the session sets later names.
     #[serde(default = "default_search_path")]
     pub search_path: Vec<String>,
+    /// The user-defined operators and casts of a database (which functions they run, asked
+    /// about as `execute`) are read from its catalog again once this old, and after DDL
+    /// through pgiam.
+    #[serde(default = "default_catalog_max_age_secs")]
+    pub catalog_max_age_secs: u64,
+}
+
+fn default_catalog_max_age_secs() -> u64 {
+    60
 }
 
 fn default_search_path() -> Vec<String> {

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod audit;
 pub mod cancel;
+pub mod catalog;
 pub mod config;
 pub mod identity;
 pub mod metrics;

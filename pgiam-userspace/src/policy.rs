@@ -1059,6 +1059,39 @@ impl Resolver {
         out
     }
 
+    /// The asks of the functions `statement` runs through user-defined operators and casts,
+    /// as the catalog lists them: `execute` on each, as if called by name (with what calling
+    /// it by name asks besides: server files, dynamic SQL).
+    pub fn catalog_asks(
+        &self,
+        statement: &Statement,
+        catalog: &crate::catalog::Snapshot,
+    ) -> Vec<Ask> {
+        let command = statement.command;
+        let mut asks = Vec::new();
+        for f in catalog.functions_behind(statement) {
+            let schema = f.schema.clone().unwrap_or_else(|| "pg_catalog".into());
+            let (files, dynamic) = crate::sql::function_runs(&f.name);
+            if files {
+                asks.push(Ask::on_database(Action::ServerFiles, command));
+            }
+            if dynamic {
+                asks.push(Ask::on_database(Action::Do, command));
+            }
+            asks.push(Ask {
+                action: Action::Execute,
+                resource: Resource::Function {
+                    schema,
+                    name: f.name.clone(),
+                },
+                command,
+                parameter: None,
+                function_oid: None,
+            });
+        }
+        asks
+    }
+
     /// The asks a statement makes.
     pub fn asks(&self, statement: &Statement) -> Vec<Ask> {
         let command = statement.command;

@@ -72,6 +72,7 @@ pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
         revocations,
         pools: Arc::new(crate::pool::Pools::default()),
         people: Arc::new(crate::people::People::default()),
+        catalogs: Arc::new(crate::catalog::cache::Catalogs::default()),
     });
     let people = Arc::new(crate::people::Service {
         people: shared.people.clone(),

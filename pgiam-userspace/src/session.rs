@@ -48,6 +48,8 @@ pub struct Shared {
     pub pools: Arc<crate::pool::Pools>,
     /// The people logged in on this host (`pgiam login`), and their issuers.
     pub people: Arc<crate::people::People>,
+    /// What each database's catalog says its operators and casts run.
+    pub catalogs: Arc<crate::catalog::cache::Catalogs>,
 }
 
 /// Who the client is, and where it was going.
@@ -472,6 +474,8 @@ struct Session {
     /// What a transaction-pooled session keeps between its transactions (boxed: the session
     /// sits inline in the task).
     transactions: Option<Box<Transactions>>,
+    /// Where the catalog of its database is read from.
+    catalog: Arc<crate::catalog::cache::Source>,
 }
 
 /// What a transaction-pooled session keeps from one transaction to the next.
@@ -848,6 +852,10 @@ async fn establish(
                 carried: carried::Carried::default(),
             })
         }),
+        catalog: Arc::new(crate::catalog::cache::Source {
+            key: (key.target, checked.database.clone()),
+            login: key,
+        }),
     };
     session
         .gate
@@ -1020,7 +1028,8 @@ mod tests {
     /// that has not spoken (the run future, waiting inline) fits in 512 bytes up to 408. The
     /// relay is boxed beside it once the session has spoken (1,792 bytes before pooling; what
     /// it keeps to hand a backend back to its pool takes it to 1,888, and what transaction
-    /// pooling adds, to 2,016; a transaction-pooled session holds no relay while it is idle).
+    /// pooling adds, to 2,016; the catalog read for operators and casts, to 2,056; a
+    /// transaction-pooled session holds no relay while it is idle).
     #[test]
     fn an_idle_session_s_futures_stay_small() {
         fn returned<F: FnOnce(A, B, C, D, E) -> R, A, B, C, D, E, R>(_: F) -> usize {
@@ -1035,6 +1044,6 @@ mod tests {
         fn returned4<F: FnOnce(A, B, C, D) -> R, A, B, C, D, R>(_: F) -> usize {
             std::mem::size_of::<R>()
         }
-        assert!(returned4(relay) <= 2016, "the relay: {}", returned4(relay));
+        assert!(returned4(relay) <= 2056, "the relay: {}", returned4(relay));
     }
 }

@@ -93,6 +93,16 @@ pub struct Statement {
     pub relations: BTreeSet<Relation>,
     #[serde(skip_serializing_if = "BTreeSet::is_empty")]
     pub functions: BTreeSet<QualifiedName>,
+    /// Operators the statement names, as written (`a === b`, `OPERATOR(s.===)`) or as its
+    /// syntax spells them (LIKE's `~~`, IN's `=`, BETWEEN's comparisons, `ORDER BY … USING`):
+    /// which functions they run is the server's catalog's to say (see `catalog`). Not in
+    /// records: the functions they lead to are what is decided.
+    #[serde(skip)]
+    pub operators: BTreeSet<QualifiedName>,
+    /// Types the statement casts to (`x::t`, `CAST(x AS t)`, `t 'literal'`), by their last
+    /// name: a user-defined cast into one runs its function.
+    #[serde(skip)]
+    pub casts: BTreeSet<String>,
     /// EXECUTE of a prepared statement: its classification is the one stored at PREPARE.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub executes: Option<String>,
@@ -255,8 +265,6 @@ const FILE_FUNCTIONS: &[&str] = &[
     "pg_file_sync",
 ];
 
-/// Functions that run SQL given as text (or read a whole table or schema named by a value),
-/// which pgiam cannot classify: treated like a DO block.
 /// Functions that name the sequence they act on by their first argument (regclass, usually a
 /// string), and the access PostgreSQL asks of it (UPDATE or USAGE to advance or set it,
 /// SELECT or USAGE to read it).
@@ -267,6 +275,8 @@ const SEQUENCE_FUNCTIONS: &[(&str, Access)] = &[
     ("pg_sequence_last_value", Access::Select),
 ];
 
+/// Functions that run SQL given as text (or read a whole table or schema named by a value),
+/// which pgiam cannot classify: treated like a DO block.
 const DYNAMIC_SQL_FUNCTIONS: &[&str] = &[
     "query_to_xml",
     "query_to_xmlschema",
@@ -492,6 +502,16 @@ pub fn classify(sql: &str, standard_conforming_strings: bool) -> Result<Vec<Stat
         .filter_map(|raw| raw.get("stmt"))
         .map(classify_statement)
         .collect())
+}
+
+/// Whether a function of this name reads or writes the server's files, and whether it runs
+/// SQL given as text: what a statement that names it asks for beside `execute`.
+pub fn function_runs(name: &str) -> (bool, bool) {
+    let lower = name.to_ascii_lowercase();
+    (
+        FILE_FUNCTIONS.contains(&lower.as_str()),
+        DYNAMIC_SQL_FUNCTIONS.contains(&lower.as_str()),
+    )
 }
 
 type Cache = std::sync::Mutex<std::collections::HashMap<Box<[u8]>, std::sync::Arc<[Statement]>>>;

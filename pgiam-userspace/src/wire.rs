@@ -261,6 +261,18 @@ fn take_value<'a>(body: &mut &'a [u8], what: &'static str) -> Result<Option<&'a 
     }
 }
 
+/// A DataRow's values (its body, after the tag and length), NULL as `None`.
+pub fn data_row_values(body: &[u8]) -> Result<Vec<Option<&[u8]>>, WireError> {
+    const W: &str = "DataRow";
+    let mut b = body;
+    let n = take_count(&mut b, W)?;
+    let values = (0..n)
+        .map(|_| take_value(&mut b, W))
+        .collect::<Result<Vec<_>, _>>()?;
+    finish(b, W)?;
+    Ok(values)
+}
+
 fn take_formats<'a>(body: &mut &'a [u8], what: &'static str) -> Result<&'a [u8], WireError> {
     let n = take_count(body, what)?;
     let formats = take(body, n * 2, what)?;

@@ -250,6 +250,20 @@ impl PgCluster {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// Logins for sessions the server has logged (`connection authorized` lines that contain
+    /// `what`, e.g. `user=app database=app`), leaving out pgiam's reads of the catalog: a
+    /// short connection of their own, `application_name=pgiam-catalog`.
+    pub fn session_logins(&self, what: &str) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| {
+                l.contains("connection authorized")
+                    && l.contains(what)
+                    && !l.contains("application_name=pgiam-catalog")
+            })
+            .count()
+    }
+
     pub fn pgbench_init(&self, db: &str, scale: u32) -> anyhow::Result<()> {
         run_checked(
             self.command("pgbench")

@@ -8,7 +8,7 @@
 //! backend rather than hand it on. Every name in the check is schema-qualified or a keyword:
 //! the session that just left may have created functions and operators of the same names.
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use postgres_protocol::message::frontend;
 
 use crate::upstream::Parameters;
@@ -96,7 +96,10 @@ impl Reset {
                 if self.checked || self.ready_to_come != 1 {
                     return Err(ResetError::Unexpected("a row before the check"));
                 }
-                self.judge(&columns(body)?)?;
+                self.judge(
+                    &wire::data_row_values(body)
+                        .map_err(|_| ResetError::Unexpected("a malformed DataRow"))?,
+                )?;
                 self.checked = true;
                 Ok(Progress::More)
             }
@@ -180,34 +183,6 @@ fn check_query(nonce: &str) -> String {
         "SELECT '{nonce}', current_user, session_user, {}",
         counts.join(", ")
     )
-}
-
-/// A DataRow's values (NULL as `None`).
-fn columns(body: &[u8]) -> Result<Vec<Option<&[u8]>>, ResetError> {
-    let bad = || ResetError::Unexpected("a malformed DataRow");
-    let mut b = body;
-    if b.len() < 2 {
-        return Err(bad());
-    }
-    let n = b.get_i16();
-    let mut out = Vec::new();
-    for _ in 0..n {
-        if b.len() < 4 {
-            return Err(bad());
-        }
-        let len = b.get_i32();
-        if len < 0 {
-            out.push(None);
-            continue;
-        }
-        let len = len as usize;
-        if b.len() < len {
-            return Err(bad());
-        }
-        out.push(Some(&b[..len]));
-        b.advance(len);
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -20,6 +20,37 @@ use crate::pool::Released;
 use crate::stream::{BoxStream, Split, Stream};
 use crate::wire::{self, FrontendMessage, PgError, WireError};
 
+fn catalog_max_age(shared: &Shared) -> Duration {
+    Duration::from_secs(shared.settings.current().config.policy.catalog_max_age_secs)
+}
+
+/// The catalog snapshot of the session's database, read over a connection of its login's.
+async fn read_catalog(
+    shared: &Shared,
+    source: &crate::catalog::cache::Source,
+) -> crate::catalog::cache::Read {
+    let max_age = catalog_max_age(shared);
+    let (key, login) = (&source.key, &source.login);
+    let read = || async {
+        let current = shared.settings.current();
+        let credentials = current
+            .config
+            .roles
+            .get(&login.role)
+            .ok_or_else(|| format!("no credentials for role {}", login.role))?;
+        crate::catalog::cache::read(
+            &current.upstream,
+            &login.role,
+            credentials,
+            &key.1,
+            login.target,
+            current.config.limits.max_message_size,
+        )
+        .await
+    };
+    shared.catalogs.get(key, max_age, read).await
+}
+
 /// How long the server has to close a session pgiam is ending.
 const ENDING_GRACE: Duration = Duration::from_secs(5);
 
@@ -95,8 +126,11 @@ async fn relay_backend(
     // (and whether a transaction block was open on it).
     let released = AtomicBool::new(false);
     let released_in_block = AtomicBool::new(false);
+
     let why = {
         let gate = &mut session.gate;
+        // The database's catalog, read for operators and casts.
+        let catalog = &session.catalog;
         // A transaction-pooled session's prepared statements, and what this backend holds.
         let mut carried = match (&mut session.transactions, lease.as_deref_mut()) {
             (Some(t), Some(lease)) if transaction_pooled => {
@@ -163,6 +197,21 @@ async fn relay_backend(
                 }
                 if let Some(e) = locked(&reported_encoding).take() {
                     gate.client_encoding_reported(&e);
+                }
+                // A statement forwarded may have changed the catalog: read again, until its
+                // transaction is over (what it did is then visible to every later read).
+                if gate.catalog_changing() {
+                    shared.catalogs.invalidate(&catalog.key);
+                    if locked(&responses).between_transactions() {
+                        gate.catalog_settled();
+                    }
+                }
+                if !cbuf.is_empty() {
+                    let read = match shared.catalogs.usable(&catalog.key, catalog_max_age(shared)) {
+                        Some(read) => read,
+                        None => Box::pin(read_catalog(shared, catalog)).await,
+                    };
+                    gate.use_catalog(read);
                 }
                 // Forward what was complete and valid before a bad message, as a server would
                 // have executed it; nothing from the bad message on.
@@ -255,6 +304,9 @@ async fn relay_backend(
                     })
                     .await
                     .map_err(|e| PgError::fatal("08006", format!("pgiam: server write: {e}")))?;
+                    if gate.catalog_changing() {
+                        shared.catalogs.invalidate(&catalog.key);
+                    }
                 }
                 if let Some(e) = framed.error {
                     return Err(protocol_violation(e));
@@ -564,6 +616,10 @@ async fn relay_backend(
         }
         ended_by
     };
+    // What the session changed in the catalog is read afresh by the next one that needs it.
+    if session.gate.catalog_changing() {
+        shared.catalogs.invalidate(&session.catalog.key);
+    }
     let between_transactions = why == BETWEEN_TRANSACTIONS;
     if between_transactions {
         // The session goes on: the client is its own again, with what it has sent since.

@@ -201,6 +201,11 @@ pub struct Gate {
     /// transaction (see [`Statement::session_state`]): the session's later transactions need
     /// that backend. (Prepared statements follow the session: see `carried`.)
     holds_session_state: bool,
+    /// The server's catalog as last read (which functions user-defined operators and casts
+    /// run), or why it could not be read; `None` until the session is given one.
+    catalog: Option<crate::catalog::cache::Read>,
+    /// A statement forwarded may have changed the catalog ([`crate::catalog::may_change`]).
+    catalog_changed: bool,
 }
 
 /// Decision records to write before (or while) the messages they decide are forwarded.
@@ -253,7 +258,25 @@ impl Gate {
                 non_utf8: None,
             },
             holds_session_state: false,
+            catalog: None,
+            catalog_changed: false,
         }
+    }
+
+    /// The catalog to decide the next messages with.
+    pub fn use_catalog(&mut self, catalog: crate::catalog::cache::Read) {
+        self.catalog = Some(catalog);
+    }
+
+    /// Whether a statement forwarded may have changed the catalog, and its transaction may
+    /// not be over yet.
+    pub fn catalog_changing(&self) -> bool {
+        self.catalog_changed
+    }
+
+    /// The transaction of what changed the catalog is over.
+    pub fn catalog_settled(&mut self) {
+        self.catalog_changed = false;
     }
 
     /// Whether a statement forwarded may have left state in the backend that its later
@@ -444,7 +467,30 @@ impl Gate {
                 }
             }
         }
-        let asks: Vec<Ask> = all().flat_map(|t| self.resolver.asks(t)).collect();
+        let mut asks: Vec<Ask> = all().flat_map(|t| self.resolver.asks(t)).collect();
+        // What its operators and casts run, as the catalog says; without the catalog, a
+        // statement that needs it is refused.
+        for t in all().filter(|t| crate::catalog::consulted_by(t)) {
+            match &self.catalog {
+                Some(Ok(catalog)) => asks.extend(self.resolver.catalog_asks(t, catalog)),
+                Some(Err(why)) => {
+                    return Decision::refuse(
+                        "operators and casts",
+                        format!(
+                            "pgiam cannot read the server's catalog to see which functions \
+                             the statement's operators and casts run: {why}"
+                        ),
+                    )
+                }
+                None => {
+                    return Decision::refuse(
+                        "operators and casts",
+                        "pgiam has not read the server's catalog to see which functions the \
+                         statement's operators and casts run",
+                    )
+                }
+            }
+        }
         self.decide(&asks)
     }
 
@@ -485,6 +531,7 @@ impl Gate {
                 self.resolver.temp = true;
             }
             self.holds_session_state |= s.session_state;
+            self.catalog_changed |= crate::catalog::may_change(s);
             if let Some(name) = &s.prepares {
                 // Its record is the whole query string's: its executions carry their own text.
                 let plan = || Plan {

@@ -790,3 +790,51 @@ fn effects() {
         assert_eq!(one(sql).effect, effect, "{sql}");
     }
 }
+
+#[test]
+fn operators_and_casts_are_found_wherever_the_syntax_puts_them() {
+    let ops = |sql: &str| -> Vec<String> {
+        one(sql)
+            .operators
+            .iter()
+            .map(|o| match &o.schema {
+                Some(s) => format!("{s}.{}", o.name),
+                None => o.name.clone(),
+            })
+            .collect()
+    };
+    assert_eq!(ops("SELECT 1 === 2"), ["==="]);
+    assert_eq!(ops("SELECT 1 OPERATOR(s.===) 2"), ["s.==="]);
+    assert_eq!(
+        ops("SELECT * FROM t WHERE a = 1 AND b LIKE 'x%'"),
+        ["=", "~~"]
+    );
+    assert_eq!(ops("SELECT * FROM t WHERE a IN (1, 2)"), ["="]);
+    assert_eq!(
+        ops("SELECT * FROM t WHERE a NOT IN (SELECT b FROM u)"),
+        ["="]
+    );
+    assert_eq!(
+        ops("SELECT * FROM t WHERE a <<< ANY (SELECT b FROM u)"),
+        ["<<<"]
+    );
+    assert_eq!(ops("SELECT a BETWEEN 1 AND 2"), ["<", "<=", ">", ">="]);
+    assert_eq!(ops("SELECT * FROM t ORDER BY a USING ~<~"), ["~<~"]);
+    assert_eq!(ops("SELECT CASE a WHEN 1 THEN 2 END FROM t"), ["="]);
+    assert_eq!(ops("SELECT -a FROM t"), ["-"]);
+    // Inside what other statements carry.
+    assert_eq!(ops("PREPARE p AS SELECT 1 #@# 2"), ["#@#"]);
+    assert_eq!(ops("EXPLAIN SELECT 1 #@# 2"), ["#@#"]);
+    assert_eq!(
+        ops("UPDATE t SET a = a %% 2 WHERE b ~~~ 'x'"),
+        ["%%", "~~~"]
+    );
+    assert!(ops("SELECT a FROM t").is_empty());
+
+    let casts = |sql: &str| -> Vec<String> { one(sql).casts.into_iter().collect() };
+    assert_eq!(casts("SELECT 'x'::mytype"), ["mytype"]);
+    assert_eq!(casts("SELECT CAST(a AS s.\"Odd\") FROM t"), ["Odd"]);
+    assert_eq!(casts("SELECT int4 '1'"), ["int4"]);
+    assert_eq!(casts("SELECT a::text::mytype[] FROM t"), ["mytype", "text"]);
+    assert!(casts("CREATE TABLE t2 (a mytype)").is_empty());
+}

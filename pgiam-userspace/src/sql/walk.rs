@@ -8,6 +8,9 @@ use serde_json::{Map, Value};
 
 use super::*;
 
+/// SubLinkType's ANY_SUBLINK (`x IN (SELECT …)`, `x op ANY (SELECT …)`) in the protobuf enum.
+const ANY_SUBLINK: i64 = 3;
+
 pub(super) struct Walker<'a> {
     pub(super) out: &'a mut Statement,
     /// CTE names visible at this point, innermost last.
@@ -292,6 +295,45 @@ impl Walker<'_> {
                     self.relation(m, access);
                 }
             }
+            "AExpr" => {
+                self.operator_expression(body);
+                self.visit(body, access);
+            }
+            // `x op ANY (SELECT …)`, `x IN (SELECT …)` (its operator is `=`).
+            "SubLink" => {
+                match body.get("oper_name").and_then(Value::as_array) {
+                    Some(name) if !name.is_empty() => self.operator(name),
+                    _ if body.get("sub_link_type").and_then(Value::as_i64) == Some(ANY_SUBLINK) => {
+                        self.implied_operators(&["="])
+                    }
+                    _ => {}
+                }
+                self.visit(body, access);
+            }
+            // `ORDER BY x USING op`.
+            "SortBy" => {
+                if let Some(name) = body.get("use_op").and_then(Value::as_array) {
+                    self.operator(name);
+                }
+                self.visit(body, access);
+            }
+            // `CASE x WHEN v …` compares with `=`.
+            "CaseExpr" => {
+                if body.get("arg").is_some_and(|a| !a.is_null()) {
+                    self.implied_operators(&["="]);
+                }
+                self.visit(body, access);
+            }
+            "TypeCast" => {
+                let names = body
+                    .get("type_name")
+                    .and_then(|t| t.get("names"))
+                    .and_then(Value::as_array);
+                if let Some(last) = names.and_then(|n| n.last()).and_then(string_of) {
+                    self.out.casts.insert(last.to_owned());
+                }
+                self.visit(body, access);
+            }
             _ => self.visit(body, access),
         }
         if pushed {
@@ -360,6 +402,38 @@ impl Walker<'_> {
         match param_ref(arg) {
             Some(n) if self.bound_parameters => SettingValue::Parameter(n),
             _ => SettingValue::Unknown,
+        }
+    }
+
+    /// An operator named by a list of String nodes (`["="]`, `["s", "==="]`).
+    fn operator(&mut self, name: &[Value]) {
+        let parts: Vec<&str> = name.iter().filter_map(string_of).collect();
+        if let Some((&op, schema)) = parts.split_last() {
+            self.out.operators.insert(QualifiedName {
+                schema: schema.last().map(|s| (*s).to_owned()),
+                name: op.to_owned(),
+            });
+        }
+    }
+
+    fn implied_operators(&mut self, ops: &[&str]) {
+        for op in ops {
+            self.out.operators.insert(QualifiedName {
+                schema: None,
+                name: (*op).to_owned(),
+            });
+        }
+    }
+
+    /// An A_Expr's operator: the one it names, or for BETWEEN the comparisons it stands for.
+    fn operator_expression(&mut self, body: &Value) {
+        let Some(name) = body.get("name").and_then(Value::as_array) else {
+            return;
+        };
+        // A_Expr_Kind: AEXPR_BETWEEN 11 … AEXPR_NOT_BETWEEN_SYM 14 carry the keyword as name.
+        match body.get("kind").and_then(Value::as_i64) {
+            Some(11..=14) => self.implied_operators(&["<", "<=", ">", ">="]),
+            _ => self.operator(name),
         }
     }
 

@@ -110,8 +110,8 @@ impl Env {
     /// sk_msg fast path carrying its bytes.
     fn run_driver(&self, driver: &str, sslmode: &str, mut cmd: Command) {
         let log_before = self.log().lines().count();
-        let authorized = format!("connection authorized: user={RW} database={DB}");
-        let logins_before = self.pg.log().matches(&authorized).count();
+        let authorized = format!("user={RW} database={DB}");
+        let logins_before = self.pg.session_logins(&authorized);
         let redirects = self.stats()["redirect"];
         let started = Instant::now();
         let out = output(&mut cmd);
@@ -153,7 +153,7 @@ impl Env {
         // never the user the driver asked for.
         let pg_log = self.pg.log();
         assert!(
-            pg_log.matches(&authorized).count() - logins_before >= sessions.len(),
+            self.pg.session_logins(&authorized) - logins_before >= sessions.len(),
             "{driver} {sslmode}: PostgreSQL did not see a login of {RW} per session:\n{pg_log}"
         );
         assert!(
@@ -248,8 +248,8 @@ impl Env {
     /// Runs a driver's transaction pooling check (its arguments given, no TLS): every check
     /// passes, and the database saw no more than the pool's two logins.
     fn run_transactions_check(&self, driver: &str, mut cmd: Command) {
-        let authorized = format!("connection authorized: user={RW} database={DB}");
-        let logins_before = self.pg.log().matches(&authorized).count();
+        let authorized = format!("user={RW} database={DB}");
+        let logins_before = self.pg.session_logins(&authorized);
         let out = output(&mut cmd);
         assert!(
             out.status.success() && text(&out).contains("all checks passed"),
@@ -257,7 +257,7 @@ impl Env {
             text(&out),
             self.log()
         );
-        let logins = self.pg.log().matches(&authorized).count() - logins_before;
+        let logins = self.pg.session_logins(&authorized) - logins_before;
         assert!(
             logins <= 2,
             "{driver}: {logins} backends, more than the cap"

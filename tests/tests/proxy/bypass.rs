@@ -31,6 +31,9 @@ permit(principal, action in [PgIam::Action::"select", PgIam::Action::"insert",
        resource == PgIam::Table::"app.public.items");
 @id("functions")
 permit(principal, action == PgIam::Action::"execute", resource);
+@id("not-reveal")
+forbid(principal, action == PgIam::Action::"execute", resource)
+  when { resource.name like "reveal*" };
 @id("settings")
 permit(principal, action == PgIam::Action::"set", resource);
 @id("show-search-path")
@@ -41,9 +44,35 @@ permit(principal, action == PgIam::Action::"show", resource)
 /// Statement classes the policy models apart from plain reads: reading a setting is `show`
 /// however it is read (a database-level setting holds the secret), and row locks are `lock`,
 /// not `select`, so a reader cannot block writers (the locker's xid stays in the rows' xmax
-/// after it commits). Each runs as a simple Query and through the extended protocol, in both
-/// upstream modes.
+/// after it commits). Operators and casts run the functions the catalog says they do: the
+/// forbidden `reveal*` functions behind `===` and the cast into `secret_box` read the secret.
+/// Each runs as a simple Query and through the extended protocol, in both upstream modes.
 const CLASSES: &[(&str, &str, Oracle)] = &[
+    (
+        "user-defined operator",
+        "SELECT 1 === 2",
+        Oracle::Leak(SECRET),
+    ),
+    (
+        "operator in a where clause",
+        "SELECT 1 === 2 FROM items WHERE 1 === 2 > ''",
+        Oracle::Leak(SECRET),
+    ),
+    (
+        "qualified operator",
+        "SELECT 1 OPERATOR(other.===) 2",
+        Oracle::Leak(SECRET),
+    ),
+    (
+        "user-defined cast",
+        "SELECT (1::secret_box).v",
+        Oracle::Leak(SECRET),
+    ),
+    (
+        "cast written with CAST",
+        "SELECT CAST(1 AS public.secret_box)",
+        Oracle::Leak(SECRET),
+    ),
     (
         "show a setting",
         "SHOW pgiam_test.secret",
@@ -1159,7 +1188,18 @@ fn prepare(env: &Env) {
                  GRANT EXECUTE ON FUNCTION pg_read_file(text), pg_read_binary_file(text), \
                    lo_import(text) TO {ROLE}; \
                  GRANT USAGE, CREATE ON SCHEMA public, other TO {ROLE}; \
-                 CREATE SEQUENCE secret_seq; GRANT ALL ON SEQUENCE secret_seq TO {ROLE}"
+                 CREATE SEQUENCE secret_seq; GRANT ALL ON SEQUENCE secret_seq TO {ROLE}; \
+                 CREATE FUNCTION reveal(int, int) RETURNS text LANGUAGE sql \
+                   AS 'SELECT v FROM secret'; \
+                 CREATE OPERATOR === (LEFTARG = int, RIGHTARG = int, FUNCTION = reveal); \
+                 CREATE FUNCTION other.reveal_other(int, int) RETURNS text LANGUAGE sql \
+                   AS 'SELECT v FROM public.secret'; \
+                 CREATE OPERATOR other.=== (LEFTARG = int, RIGHTARG = int, \
+                   FUNCTION = other.reveal_other); \
+                 CREATE TYPE secret_box AS (v text); \
+                 CREATE FUNCTION reveal_box(int) RETURNS secret_box LANGUAGE sql \
+                   AS 'SELECT ROW(v)::secret_box FROM secret'; \
+                 CREATE CAST (int AS secret_box) WITH FUNCTION reveal_box(int)"
             ),
         )
         .unwrap();

@@ -22,12 +22,9 @@ fn backends(env: &Env) -> String {
     ))
 }
 
-/// Logins of the mapped role PostgreSQL has seen, from its own log.
+/// Logins of the mapped role PostgreSQL has seen for sessions, from its own log.
 fn role_logins(env: &Env) -> usize {
-    env.pg
-        .log()
-        .matches(&format!("connection authorized: user={ROLE} "))
-        .count()
+    env.pg.session_logins(&format!("user={ROLE} "))
 }
 
 fn wait_for_backends(env: &Env, n: &str) {

@@ -41,6 +41,8 @@ pub struct Setup {
     pub audit_path: Option<String>,
     /// The Cedar policy; by default everything is permitted.
     pub policy: String,
+    /// More of `[policy]` than its file.
+    pub policy_settings: String,
     /// More of `[admin]` than its socket (`admin.sock` in the test's directory).
     pub admin: String,
     /// More keys of the standard mapping (e.g. `pool = "session"`).
@@ -62,6 +64,7 @@ impl Default for Setup {
             principal: format!("uid:{}", nix::unistd::geteuid()),
             audit_path: None,
             policy: ALLOW_ALL.into(),
+            policy_settings: String::new(),
             admin: String::new(),
             mapping: String::new(),
             env: Vec::new(),
@@ -126,6 +129,7 @@ role = "{ROLE}"
 {mapping}
 [policy]
 file = "{policy}"
+{policy_settings}
 [admin]
 socket = "{admin_socket}"
 {admin}
@@ -137,6 +141,7 @@ path = "{audit}"
             state = dir.path().join("state").display(),
             unix = unix_dir.join(format!(".s.PGSQL.{unix_port}")).display(),
             limits = setup.limits,
+            policy_settings = setup.policy_settings,
             admin_socket = dir.path().join("admin.sock").display(),
             admin = setup.admin,
             mapping = setup.mapping,
@@ -272,9 +277,21 @@ path = "{audit}"
         panic!("audit records never complete: {:#?}", self.audit_records());
     }
 
-    /// Connections PostgreSQL has received so far, from its own log.
+    /// Connections PostgreSQL has received so far for sessions, from its own log: all but
+    /// pgiam's reads of the catalog (a short connection of their own, `pgiam-catalog`, which
+    /// has logged in by the time the statement that needed it is answered).
     pub fn connections_received(&self) -> usize {
-        self.pg.log().matches("connection received").count()
+        let log = self.pg.log();
+        log.matches("connection received").count()
+            - log.matches("application_name=pgiam-catalog").count()
+    }
+
+    /// pgiam's reads of the catalog the database has seen.
+    pub fn catalog_reads(&self) -> usize {
+        self.pg
+            .log()
+            .matches("application_name=pgiam-catalog")
+            .count()
     }
 }
 

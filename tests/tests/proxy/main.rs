@@ -7,6 +7,7 @@ mod admin;
 mod audit;
 mod bypass;
 mod cancel;
+mod catalog;
 mod clients;
 mod corpus;
 mod deferred;

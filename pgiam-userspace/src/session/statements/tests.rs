@@ -29,7 +29,7 @@ fn test_info(session: Option<&str>, identity: &crate::identity::Identity) -> Ses
 fn gate(policy: &str) -> (Gate, Arc<PolicyStore>) {
     let store = Arc::new(PolicyStore::fixed(Policy::parse(policy).unwrap()));
     let identity = crate::identity::Identity::for_principal("uid", "1000").unwrap();
-    let gate = Gate::new(
+    let mut gate = Gate::new(
         None,
         store.clone(),
         store.generation(),
@@ -38,6 +38,7 @@ fn gate(policy: &str) -> (Gate, Arc<PolicyStore>) {
         false,
         test_info(None, &identity),
     );
+    gate.use_catalog(Ok(Arc::new(crate::catalog::Snapshot::default())));
     (gate, store)
 }
 
@@ -553,7 +554,7 @@ impl Audited {
         let (dir, path, log) = buffered_log();
         let (gate, store) = gate(policy);
         let info = test_info(Some("s-0"), &gate.info.facts.identity);
-        let gate = Gate::new(
+        let mut gate = Gate::new(
             Some(log.clone()),
             store.clone(),
             store.generation(),
@@ -562,6 +563,7 @@ impl Audited {
             false,
             info,
         );
+        gate.use_catalog(Ok(Arc::new(crate::catalog::Snapshot::default())));
         Audited {
             gate,
             store,
@@ -717,4 +719,39 @@ fn completions_say_each_fact_once() {
             r#"{"v":2,"kind":"completion","of":"r-5","rows":0,"duration_us":7"#,
         ]
     );
+}
+
+#[test]
+fn operators_and_casts_ask_for_the_functions_the_catalog_says_they_run() {
+    let (mut gate, _) = gate(
+        r#"
+        permit(principal, action, resource);
+        forbid(principal, action == PgIam::Action::"execute",
+               resource == PgIam::Function::"app.public.leak");
+        "#,
+    );
+    let query = |gate: &mut Gate, sql: &str| {
+        forwarded(
+            gate,
+            FrontendMessage::Query {
+                sql: sql.as_bytes(),
+            },
+        )
+    };
+    assert!(query(&mut gate, "SELECT 1 === 2"));
+    let rows = [["o", "===", "public", "public", "leak"]];
+    let catalog = crate::catalog::Snapshot::from_rows(
+        rows.iter().map(|r| r.iter().map(|v| Some(*v)).collect()),
+    )
+    .unwrap();
+    gate.use_catalog(Ok(Arc::new(catalog)));
+    assert!(!query(&mut gate, "SELECT 1 === 2"));
+    assert!(!query(&mut gate, "SELECT 1 OPERATOR(public.===) 2"));
+    assert!(query(&mut gate, "SELECT 1 OPERATOR(other.===) 2"));
+    assert!(query(&mut gate, "SELECT 1 = 2"));
+    // No catalog: a statement that needs it is refused; one that does not goes on.
+    gate.use_catalog(Err(Arc::from("connection refused")));
+    assert!(!query(&mut gate, "SELECT 1 = 2"));
+    assert!(!query(&mut gate, "SELECT * FROM t"));
+    assert!(query(&mut gate, "BEGIN"));
 }

@@ -1,0 +1,115 @@
+//! Operators and casts run what the server's catalog says they run: pgiam reads it over a
+//! short connection of its own, asks the policy about those functions, reads it again after
+//! DDL passes through pgiam and once it is `catalog_max_age_secs` old, and refuses what needs
+//! it while it cannot be read. (The bypass suite holds the attacks themselves.)
+
+use std::time::Duration;
+
+use crate::fixture::*;
+
+/// Everything, but the functions named `reveal*`.
+const POLICY: &str = r#"
+@id("everything")
+permit(principal, action, resource);
+@id("not-reveal")
+forbid(principal, action == PgIam::Action::"execute", resource)
+  when { resource.name like "reveal*" };
+"#;
+
+fn env(max_age_secs: u64) -> Env {
+    let env = Env::with(Setup {
+        policy: POLICY.into(),
+        policy_settings: format!("catalog_max_age_secs = {max_age_secs}"),
+        ..Setup::default()
+    });
+    env.pg
+        .psql_db(
+            DB,
+            &format!(
+                "CREATE TABLE secret (v text); INSERT INTO secret VALUES ('s3cret'); \
+                 GRANT ALL ON secret TO {ROLE}; GRANT CREATE ON SCHEMA public TO {ROLE}; \
+                 CREATE FUNCTION reveal(int, int) RETURNS text LANGUAGE sql \
+                   AS 'SELECT v FROM secret'; \
+                 ALTER FUNCTION reveal(int, int) OWNER TO {ROLE}"
+            ),
+        )
+        .unwrap();
+    env
+}
+
+fn refused(out: &std::process::Output) -> bool {
+    !out.status.success() && stderr(out).contains("pgiam: permission denied")
+}
+
+#[test]
+fn an_operator_created_through_pgiam_is_known_to_the_next_statement() {
+    // An hour: only the DDL passing through can make pgiam read the catalog again.
+    let env = env(3600);
+    let dsn = env.tcp_dsn("");
+    // The catalog is read before the operator exists.
+    assert_eq!(psql_ok(&dsn, "SELECT 1 = 1"), "t");
+    let reads = env.catalog_reads();
+    assert_eq!(reads, 1, "{}", env.pg.log());
+    psql_ok(
+        &dsn,
+        "CREATE OPERATOR === (LEFTARG = int, RIGHTARG = int, FUNCTION = reveal)",
+    );
+    // Directly, the operator reads the secret.
+    assert_eq!(
+        env.pg
+            .psql_db(DB, &format!("SET ROLE {ROLE}; SELECT 1 === 2"))
+            .unwrap(),
+        "s3cret"
+    );
+    let out = psql(&dsn, "SELECT 1 === 2");
+    assert!(refused(&out), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("function public.reveal"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(env.catalog_reads() > reads);
+}
+
+#[test]
+fn an_operator_created_behind_pgiams_back_is_known_once_the_snapshot_is_old() {
+    let env = env(1);
+    let dsn = env.tcp_dsn("");
+    assert_eq!(psql_ok(&dsn, "SELECT 1 = 1"), "t");
+    env.pg
+        .psql_db(
+            DB,
+            "CREATE OPERATOR === (LEFTARG = int, RIGHTARG = int, FUNCTION = reveal)",
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    let out = psql(&dsn, "SELECT 1 === 2");
+    assert!(refused(&out), "{}", stderr(&out));
+    // What runs no forbidden function goes on.
+    assert_eq!(psql_ok(&dsn, "SELECT 1 = 1"), "t");
+}
+
+#[test]
+fn without_the_catalog_what_needs_it_is_refused() {
+    let env = env(1);
+    let dsn = env.tcp_dsn("");
+    // The mapped role may no longer read the operator catalog.
+    env.pg
+        .psql_db(DB, "REVOKE SELECT ON pg_catalog.pg_operator FROM PUBLIC")
+        .unwrap();
+    let out = psql(&dsn, "SELECT 1 = 1");
+    assert!(!out.status.success());
+    let said = stderr(&out);
+    assert!(
+        said.contains("cannot read the server's catalog") && said.contains("42501"),
+        "{said}"
+    );
+    // What has no expression needs no catalog.
+    psql_ok(&dsn, "BEGIN; COMMIT");
+    // Readable again: served again (a failed read keeps the next one away for a second).
+    env.pg
+        .psql_db(DB, "GRANT SELECT ON pg_catalog.pg_operator TO PUBLIC")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(psql_ok(&dsn, "SELECT 1 = 1"), "t");
+}
