@@ -755,6 +755,7 @@ fn classify_statement(stmt: &Value) -> Statement {
         bound_parameters: true,
         settings_row: pg_settings_row(node, body),
         locking: false,
+        sequence_names: Vec::new(),
     };
     w.visit_node(node, body, default);
     out.effect = effect_of(&out, body);

@@ -8,6 +8,76 @@ use serde_json::{Map, Value};
 
 use super::*;
 
+/// Types whose input looks a name up in a catalog table (`'t'::regclass`), and the table.
+const NAME_LOOKUP_TYPES: &[(&str, &str)] = &[
+    ("regclass", "pg_class"),
+    ("regtype", "pg_type"),
+    ("regproc", "pg_proc"),
+    ("regprocedure", "pg_proc"),
+    ("regoper", "pg_operator"),
+    ("regoperator", "pg_operator"),
+    ("regnamespace", "pg_namespace"),
+    ("regrole", "pg_authid"),
+    ("regcollation", "pg_collation"),
+    ("regconfig", "pg_ts_config"),
+    ("regdictionary", "pg_ts_dict"),
+];
+
+/// Built-in functions that answer from the catalog about an object the statement names by a
+/// string or an OID (whether it exists, its definition, privileges, size, comment): the
+/// catalog tables they read. (The sequence functions are relations of their own, above.)
+const NAME_LOOKUP_FUNCTIONS: &[(&str, &[&str])] = &[
+    ("to_regclass", &["pg_class"]),
+    ("to_regtype", &["pg_type"]),
+    ("to_regtypemod", &["pg_type"]),
+    ("to_regproc", &["pg_proc"]),
+    ("to_regprocedure", &["pg_proc"]),
+    ("to_regoper", &["pg_operator"]),
+    ("to_regoperator", &["pg_operator"]),
+    ("to_regnamespace", &["pg_namespace"]),
+    ("to_regrole", &["pg_authid"]),
+    ("to_regcollation", &["pg_collation"]),
+    ("has_table_privilege", &["pg_class"]),
+    ("has_any_column_privilege", &["pg_class"]),
+    ("has_column_privilege", &["pg_class", "pg_attribute"]),
+    ("has_sequence_privilege", &["pg_class"]),
+    ("has_function_privilege", &["pg_proc"]),
+    ("has_schema_privilege", &["pg_namespace"]),
+    ("has_database_privilege", &["pg_database"]),
+    ("has_type_privilege", &["pg_type"]),
+    ("has_tablespace_privilege", &["pg_tablespace"]),
+    ("has_language_privilege", &["pg_language"]),
+    (
+        "has_foreign_data_wrapper_privilege",
+        &["pg_foreign_data_wrapper"],
+    ),
+    ("has_server_privilege", &["pg_foreign_server"]),
+    ("has_parameter_privilege", &["pg_parameter_acl"]),
+    ("pg_has_role", &["pg_authid"]),
+    ("pg_get_viewdef", &["pg_class", "pg_rewrite"]),
+    ("pg_get_ruledef", &["pg_rewrite"]),
+    ("pg_get_indexdef", &["pg_index"]),
+    ("pg_get_constraintdef", &["pg_constraint"]),
+    ("pg_get_triggerdef", &["pg_trigger"]),
+    ("pg_get_functiondef", &["pg_proc"]),
+    ("pg_get_function_arguments", &["pg_proc"]),
+    ("pg_get_function_identity_arguments", &["pg_proc"]),
+    ("pg_get_function_result", &["pg_proc"]),
+    ("pg_get_serial_sequence", &["pg_class", "pg_depend"]),
+    ("pg_get_statisticsobjdef", &["pg_statistic_ext"]),
+    ("pg_get_partkeydef", &["pg_partitioned_table"]),
+    ("pg_get_partition_constraintdef", &["pg_class"]),
+    ("obj_description", &["pg_description"]),
+    ("col_description", &["pg_description"]),
+    ("shobj_description", &["pg_shdescription"]),
+    ("pg_relation_size", &["pg_class"]),
+    ("pg_table_size", &["pg_class"]),
+    ("pg_indexes_size", &["pg_class"]),
+    ("pg_total_relation_size", &["pg_class"]),
+    ("pg_relation_filenode", &["pg_class"]),
+    ("pg_relation_filepath", &["pg_class"]),
+];
+
 /// SubLinkType's ANY_SUBLINK (`x IN (SELECT …)`, `x op ANY (SELECT …)`) in the protobuf enum.
 const ANY_SUBLINK: i64 = 3;
 
@@ -25,6 +95,9 @@ pub(super) struct Walker<'a> {
     /// also locks. (Every relation of that SELECT, sub-queries included, whatever `OF` names:
     /// more than the server locks, never less.)
     pub(super) locking: bool,
+    /// The `'s'::regclass` casts that name a built-in sequence function's sequence (by their
+    /// node's address, only compared): the sequence is asked for itself, not as a lookup.
+    pub(super) sequence_names: Vec<*const Value>,
 }
 
 impl Walker<'_> {
@@ -330,6 +403,12 @@ impl Walker<'_> {
                     .and_then(|t| t.get("names"))
                     .and_then(Value::as_array);
                 if let Some(last) = names.and_then(|n| n.last()).and_then(string_of) {
+                    // `'t'::regclass` looks a name up in the catalog: a read of it.
+                    let sequence = self.sequence_names.contains(&(body as *const Value));
+                    match NAME_LOOKUP_TYPES.iter().find(|(t, _)| *t == last) {
+                        Some((_, table)) if !sequence => self.catalog_read(table),
+                        _ => {}
+                    }
                     self.out.casts.insert(last.to_owned());
                 }
                 self.visit(body, access);
@@ -416,6 +495,19 @@ impl Walker<'_> {
         }
     }
 
+    /// A read of the catalog table that answers a lookup by name (or OID) the statement
+    /// makes through a cast or a function: asked as `select` on it, as reading the table
+    /// itself would be.
+    fn catalog_read(&mut self, table: &str) {
+        self.out.relations.insert(Relation {
+            name: QualifiedName {
+                schema: Some("pg_catalog".into()),
+                name: table.to_owned(),
+            },
+            access: Access::Select,
+        });
+    }
+
     fn implied_operators(&mut self, ops: &[&str]) {
         for op in ops {
             self.out.operators.insert(QualifiedName {
@@ -457,6 +549,13 @@ impl Walker<'_> {
         if session_state::call_outlives_transaction(&lower, builtin, args) {
             self.out.session_state = true;
         }
+        if builtin {
+            if let Some((_, tables)) = NAME_LOOKUP_FUNCTIONS.iter().find(|(f, _)| *f == lower) {
+                for table in *tables {
+                    self.catalog_read(table);
+                }
+            }
+        }
         if FILE_FUNCTIONS.contains(&lower.as_str()) {
             self.out.server_files = true;
         }
@@ -476,6 +575,11 @@ impl Walker<'_> {
                 .and_then(|a| a.first());
             match first.and_then(relation_named_by) {
                 Some(name) => {
+                    let node = first.map(|f| f.get("node").unwrap_or(f));
+                    if let Some((_, cast)) = node.and_then(tagged).filter(|(n, _)| *n == "TypeCast")
+                    {
+                        self.sequence_names.push(cast as *const Value);
+                    }
                     self.out.relations.insert(Relation {
                         name,
                         access: *access,

@@ -73,6 +73,28 @@ const CLASSES: &[(&str, &str, Oracle)] = &[
         "SELECT CAST(1 AS public.secret_box)",
         Oracle::Leak(SECRET),
     ),
+    // Names looked up in the catalog: the lookup is a read of the catalog table that answers
+    // it, which the policy does not permit (the oracles fire when the lookup answers).
+    (
+        "regclass input",
+        "SELECT CASE WHEN 'secret'::regclass IS NOT NULL THEN 'TOP' || 'SECRET' END",
+        Oracle::Leak(SECRET),
+    ),
+    (
+        "to_regclass",
+        "SELECT CASE WHEN to_regclass('secret') IS NOT NULL THEN 'TOP' || 'SECRET' END",
+        Oracle::Leak(SECRET),
+    ),
+    (
+        "privilege of a named table",
+        "SELECT CASE WHEN has_table_privilege('secret', 'select') THEN 'TOP' || 'SECRET' END",
+        Oracle::Leak(SECRET),
+    ),
+    (
+        "a view's definition by name",
+        "SELECT pg_get_viewdef('secret_view')",
+        Oracle::Leak("FROM secret"),
+    ),
     (
         "show a setting",
         "SHOW pgiam_test.secret",

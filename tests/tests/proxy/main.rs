@@ -11,6 +11,7 @@ mod catalog;
 mod clients;
 mod corpus;
 mod deferred;
+mod differential;
 mod dump;
 mod faults;
 mod malformed;
