@@ -308,6 +308,9 @@ fn main() -> anyhow::Result<()> {
             init_logging(config.log_format);
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
+                // Statements are classified in place on these threads (see CLASSIFY_STACK):
+                // reserved address space, committed only as deep statements touch it.
+                .thread_stack_size(pgiam::sql::CLASSIFY_STACK + (16 << 20))
                 .build()
                 .context("starting the runtime")?
                 .block_on(pgiam::server::run(config, &path))

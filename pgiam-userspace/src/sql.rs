@@ -482,6 +482,54 @@ fn null_constant(arg: &Value) -> bool {
 /// Splits and classifies a query string. `standard_conforming_strings` must be the server's
 /// current value: it changes where string literals end, and so where statements end.
 pub fn classify(sql: &str, standard_conforming_strings: bool) -> Result<Vec<Statement>, SqlError> {
+    // On pgiam's runtime threads (their stacks are CLASSIFY_STACK and more) this runs in
+    // place; elsewhere (the CLI, tests) on a stack of its own, allocated for the call.
+    let classified = stacker::maybe_grow(CLASSIFY_STACK, CLASSIFY_STACK, || {
+        classify_here(sql, standard_conforming_strings)
+    });
+    // Only a long text can make a deep tree; the stack it took is given back.
+    if sql.len() > LONG_TEXT {
+        release_unused_stack();
+    }
+    classified
+}
+
+/// Texts longer than this may nest deeply enough to leave megabytes of stack touched.
+const LONG_TEXT: usize = 4096;
+
+/// Gives the kernel back the pages of this thread's stack below the current frame (they read
+/// as zeros when touched again): what a deep statement touched stays committed otherwise.
+fn release_unused_stack() {
+    const PAGE: usize = 4096;
+    // What the caller may still use below this frame without faulting the pages back in.
+    const KEEP: usize = 256 << 10;
+    let Some(remaining) = stacker::remaining_stack() else {
+        return;
+    };
+    let here = &remaining as *const usize as usize;
+    let top = here.saturating_sub(KEEP) & !(PAGE - 1);
+    // stacker's `remaining` stops short of the guard page: one more page of margin.
+    let bottom = (here - remaining + PAGE + PAGE - 1) & !(PAGE - 1);
+    if top > bottom {
+        // SAFETY: [bottom, top) lies in this thread's own stack, below every live frame (the
+        // stack grows down and this frame is the deepest); MADV_DONTNEED only drops its pages.
+        unsafe {
+            libc::madvise(
+                bottom as *mut libc::c_void,
+                top - bottom,
+                libc::MADV_DONTNEED,
+            );
+        }
+    }
+}
+
+/// The stack [`classify`] needs. libpg_query bounds how deep a tree it returns (its stack
+/// check within at most 2 MB, and 10,000 protobuf levels), and pgiam then decodes, converts,
+/// walks and drops that tree recursively: up to ~13 KB a level in a debug build. Reserved,
+/// not committed: a statement touches only the pages its depth needs.
+pub const CLASSIFY_STACK: usize = 160 << 20;
+
+fn classify_here(sql: &str, standard_conforming_strings: bool) -> Result<Vec<Statement>, SqlError> {
     let options = if standard_conforming_strings {
         pg_query::ParserOptions::DEFAULT
     } else {

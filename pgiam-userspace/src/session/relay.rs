@@ -415,6 +415,11 @@ async fn relay_backend(
             // pooled session's Terminate was held back for the pool).
             if result != Ok(CLIENT_TERMINATED) || pooled {
                 let mut t = BytesMut::new();
+                // A COPY FROM STDIN the client was in the middle of fails with pgiam's reason
+                // (the server ignores a CopyFail outside one), rather than on the Terminate.
+                if let Err(e) = &result {
+                    let _ = postgres_protocol::message::frontend::copy_fail(&e.message, &mut t);
+                }
                 postgres_protocol::message::frontend::terminate(&mut t);
                 let _ = server_wr.write_all(&t).await;
             }

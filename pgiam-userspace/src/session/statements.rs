@@ -700,9 +700,17 @@ impl Gate {
                 let said = message
                     .strip_prefix("Invalid statement: ")
                     .unwrap_or(message);
+                // Too deep for the parser's stack: PostgreSQL's code for it, not a syntax error.
+                let code = if said.contains("stack depth limit exceeded")
+                    || said.contains("nested too deeply")
+                {
+                    "54001"
+                } else {
+                    "42601"
+                };
                 (
                     Decision::refuse("parse", format!("cannot parse the statement: {said}")),
-                    "42601",
+                    code,
                 )
             }
         }
