@@ -413,8 +413,8 @@ impl EndpointSpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listen {
-    /// Loopback TCP listener; the peer's identity is found through /proc, or for intercepted
-    /// connections in the kernel's record.
+    /// Loopback TCP listener; the peer's identity is the kernel's record for a client in the
+    /// intercepted subtree (intercepted, or dialling this address), else found through /proc.
     pub tcp: Option<SocketAddr>,
     /// IPv6 loopback listener (`[::1]:PORT`), where interception sends IPv6 connections.
     pub tcp6: Option<SocketAddr>,

@@ -125,7 +125,7 @@ pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
     let endpoints_changed = Arc::new(tokio::sync::Notify::new());
     let interception: SharedInterception = match &config.interception {
         Some(ic) => {
-            let endpoints = resolve_endpoints(ic)
+            let endpoints = resolve_endpoints(ic, &config.listen)
                 .await
                 .context("resolving interception.endpoints")?;
             let listen4 = config
@@ -342,9 +342,24 @@ fn reload_settings(shared: &Shared, endpoints_changed: &tokio::sync::Notify) {
     endpoints_changed.notify_one();
 }
 
-/// Every (prefix, port) the configuration names, with host names resolved now.
-async fn resolve_endpoints(ic: &config::Interception) -> anyhow::Result<Vec<Endpoint>> {
-    let mut out = Vec::new();
+/// Every (prefix, port) the configuration names, with host names resolved now; and pgiam's
+/// own TCP listeners: a client in the intercepted subtree that dials pgiam directly has its
+/// connect() recorded by the kernel too (uid, cgroup, executable at connect time, where /proc
+/// read after accept could already name another executable), and "redirected" to where it was
+/// going.
+async fn resolve_endpoints(
+    ic: &config::Interception,
+    listen: &config::Listen,
+) -> anyhow::Result<Vec<Endpoint>> {
+    let mut out: Vec<Endpoint> = [listen.tcp, listen.tcp6]
+        .into_iter()
+        .flatten()
+        .map(|a| Endpoint {
+            addr: a.ip(),
+            prefix: if a.is_ipv4() { 32 } else { 128 },
+            port: a.port(),
+        })
+        .collect();
     for spec in &ic.endpoints {
         let nets: Vec<(std::net::IpAddr, u8)> =
             match EndpointSpec::parse(spec).map_err(anyhow::Error::msg)? {
@@ -383,7 +398,8 @@ async fn refresh_endpoints(
         let Some(ic) = settings.current().config.interception.clone() else {
             return;
         };
-        match resolve_endpoints(&ic).await {
+        let listen = settings.current().config.listen.clone();
+        match resolve_endpoints(&ic, &listen).await {
             Ok(endpoints) => {
                 let mut i = interception.lock().unwrap_or_else(|e| e.into_inner());
                 if let Err(e) = i.set_endpoints(&endpoints) {
@@ -460,24 +476,29 @@ async fn accept_tcp(listener: TcpListener, shared: Arc<Shared>, interception: Sh
         let Ok(local) = stream.local_addr() else {
             continue;
         };
-        // An intercepted connection's kernel record is bound to this very socket: take it now.
-        // Any other loopback client is an explicit one, found through /proc.
+        // The kernel's record of a connection from the intercepted subtree (intercepted, or
+        // dialling pgiam itself) is bound to this very socket: take it now. A client from
+        // elsewhere is found through /proc.
         let origin = interception.as_ref().and_then(|i| {
             let cookie = redirect::socket_cookie(&stream).ok()?;
             i.lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .take_origin(cookie)
         });
+        // Where the client was going: the database's address for an intercepted connection;
+        // none for one that dialled pgiam itself (recorded all the same: see
+        // `resolve_endpoints`), which goes to the configured upstream, not back to pgiam.
+        let destination = origin
+            .as_ref()
+            .map(redirect::original_destination)
+            .filter(|d| *d != local);
         // The address the client dialled, which a TLS certificate names when the client sends
-        // no server name: the database's, for an intercepted connection.
-        let dialled = Some(match &origin {
-            Some(origin) => redirect::original_destination(origin).ip(),
-            None => local.ip(),
-        });
+        // no server name.
+        let dialled = Some(destination.map_or(local.ip(), |d| d.ip()));
         let identity = IdentitySource::Lookup(Box::new(move || match origin {
             Some(origin) => Ok(ClientOrigin {
                 identity: Identity::from_origin(&origin, redirect::kernel_has_btf()),
-                destination: Some(redirect::original_destination(&origin)),
+                destination,
             }),
             None => identity::from_loopback_tcp(peer, local).map(ClientOrigin::from),
         }));

@@ -19,6 +19,17 @@ const CASES: u32 = 20_000;
 /// Generated queries per round of the differential test (each planned by PostgreSQL).
 const DIFFERENTIAL_CASES: u32 = 3_000;
 
+/// The library's property tests, and the proxy tests (where the differential test is).
+const LIB: &[&str] = &["-p", "pgiam-userspace", "--lib"];
+const PROXY: &[&str] = &["-p", "pgiam-tests", "--test", "proxy"];
+
+/// `cargo test --release` of `target`, with `rest`.
+fn release_test(target: &[&str], rest: &[&str]) -> std::process::Command {
+    let mut c = cargo();
+    c.args(["test", "--release"]).args(target).args(rest);
+    c
+}
+
 /// The properties: test names as `cargo test` filters them.
 const FILTERS: &[&str] = &["properties::", "the_matcher_never_panics"];
 
@@ -32,51 +43,16 @@ pub fn run_fuzz(args: &[String]) -> anyhow::Result<()> {
     };
     // Built once, optimized: a round then spends its time on cases, not on the build (the
     // minutes count from after it; at least one round runs).
-    run(cargo().args([
-        "test",
-        "--release",
-        "-p",
-        "pgiam-userspace",
-        "--lib",
-        "--no-run",
-    ]))?;
-    run(cargo().args([
-        "test",
-        "--release",
-        "-p",
-        "pgiam-tests",
-        "--test",
-        "proxy",
-        "--no-run",
-    ]))?;
+    run(&mut release_test(LIB, &["--no-run"]))?;
+    run(&mut release_test(PROXY, &["--no-run"]))?;
     let until = Instant::now() + Duration::from_secs(minutes * 60);
     let mut rounds = 0u64;
     while rounds == 0 || Instant::now() < until {
         for filter in FILTERS {
-            run(cargo()
-                .args([
-                    "test",
-                    "--release",
-                    "-p",
-                    "pgiam-userspace",
-                    "--lib",
-                    "-q",
-                    filter,
-                ])
-                .env("PROPTEST_CASES", CASES.to_string()))
-            .with_context(|| format!("a property failed in round {}", rounds + 1))?;
+            run(release_test(LIB, &["-q", filter]).env("PROPTEST_CASES", CASES.to_string()))
+                .with_context(|| format!("a property failed in round {}", rounds + 1))?;
         }
-        run(cargo()
-            .args([
-                "test",
-                "--release",
-                "-p",
-                "pgiam-tests",
-                "--test",
-                "proxy",
-                "-q",
-                "differential::",
-            ])
+        run(release_test(PROXY, &["-q", "differential::"])
             .env("PGIAM_DIFF_CASES", DIFFERENTIAL_CASES.to_string()))
         .with_context(|| format!("the differential test failed in round {}", rounds + 1))?;
         rounds += 1;

@@ -1058,7 +1058,8 @@ fn a_reload_changes_the_intercepted_ports_live_and_metrics_show_the_kernel_count
 /// process that connects and then execs a trusted binary, keeping the socket, does not borrow
 /// that binary's name, though /proc names it by the time pgiam accepts (shown: the borrowed
 /// process reads its own /proc entry as the trusted binary's). The binary connecting itself is
-/// mapped.
+/// mapped. Both for an intercepted connection and for one that dials pgiam's listener itself
+/// from the intercepted subtree.
 #[test]
 fn an_exe_principal_cannot_be_borrowed_by_an_exec_after_connect() {
     let mut env = Env::start(false);
@@ -1073,42 +1074,48 @@ fn an_exe_principal_cannot_be_borrowed_by_an_exec_after_connect() {
     std::fs::write(&env.config_path, config).unwrap();
     env.stop_pgiam();
     env.start_pgiam();
-    // Speaks a startup packet on fd argv[1], or on its own connection; prints its /proc exe
-    // and the first byte of pgiam's answer ('R': logged in, 'E': refused).
+    // Speaks a startup packet on fd argv[2], or on its own connection to port argv[1]; prints
+    // its /proc exe and the first byte of pgiam's answer ('R': logged in, 'E': refused).
     let script = write_file(
         env._dir.path(),
         "startup.py",
         &format!(
             "import os, socket, struct, sys\n\
-             s = socket.socket(fileno=int(sys.argv[1])) if len(sys.argv) > 1 else \
-             socket.create_connection(('127.0.0.1', {port}))\n\
+             s = socket.socket(fileno=int(sys.argv[2])) if len(sys.argv) > 2 else \
+             socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n\
              body = struct.pack('!i', 196608) + b'user\\0x\\0database\\0{DB}\\0\\0'\n\
              s.sendall(struct.pack('!i', len(body) + 4) + body)\n\
-             print(os.readlink('/proc/self/exe'), s.recv(1).decode())\n",
-            port = env.pg.port
+             print(os.readlink('/proc/self/exe'), s.recv(1).decode())\n"
         ),
         0o644,
     );
-    let own = output(env.other.command(&python).arg(&script));
-    assert_eq!(
-        text(&own).trim(),
-        format!("{} R", python.display()),
-        "the trusted binary connecting itself is mapped"
-    );
-    let borrowed = output(env.other.command("bash").args([
-        "-c",
-        &format!(
-            "exec 3<>/dev/tcp/127.0.0.1/{}; exec {} {} 3",
-            env.pg.port,
-            python.display(),
-            script.display()
-        ),
-    ]));
-    assert_eq!(
-        text(&borrowed).trim(),
-        format!("{} E", python.display()),
-        "bash connected, then became the trusted binary: /proc names it, pgiam must not"
-    );
+    // Through interception (the database's address), and dialling pgiam itself.
+    for port in [env.pg.port, env.listen.port()] {
+        let own = output(
+            env.other
+                .command(&python)
+                .arg(&script)
+                .arg(port.to_string()),
+        );
+        assert_eq!(
+            text(&own).trim(),
+            format!("{} R", python.display()),
+            "port {port}: the trusted binary connecting itself is mapped"
+        );
+        let borrowed = output(env.other.command("bash").args([
+            "-c",
+            &format!(
+                "exec 3<>/dev/tcp/127.0.0.1/{port}; exec {} {} {port} 3",
+                python.display(),
+                script.display()
+            ),
+        ]));
+        assert_eq!(
+            text(&borrowed).trim(),
+            format!("{} E", python.display()),
+            "port {port}: bash connected, then became the trusted binary: /proc names it, pgiam must not"
+        );
+    }
     let log = env.log();
     assert!(
         log.contains("runs another executable than the one that connected"),
