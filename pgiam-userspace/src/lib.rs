@@ -21,6 +21,7 @@ pub mod server;
 pub mod session;
 pub mod settings;
 pub mod sql;
+pub mod statefile;
 pub mod stream;
 pub mod tls;
 pub mod upstream;

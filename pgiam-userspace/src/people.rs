@@ -9,6 +9,7 @@
 //! session's; a process in the root cgroup has no login session to bind, and is refused.
 
 pub mod client;
+mod kept;
 pub mod oidc;
 pub mod person;
 pub mod socket;
@@ -58,6 +59,8 @@ struct Login {
 #[derive(Default)]
 pub struct People {
     pub providers: oidc::Providers,
+    /// Where logins are kept across restarts (`state_dir/logins.json`); `None`: in memory only.
+    store: Option<std::path::PathBuf>,
     logins: Mutex<HashMap<Binding, Login>>,
 }
 
@@ -149,21 +152,12 @@ impl People {
             None => Some(new_login_id()),
         };
         let person = Arc::new(Person::new(issuer, claims, Via::Login, login_id));
-        let now = now_secs();
-        let refresh_at = (issuer.refresh && refresh_token.is_some())
-            .then(|| refresh_time(now, person.expires_at));
-        let introspect_at = refresh_at.and(introspect_time(issuer, now));
         logins.insert(
             binding,
-            Login {
-                person: person.clone(),
-                id_token,
-                refresh_token,
-                refresh_at,
-                introspect_at,
-                busy: false,
-            },
+            Login::new(person.clone(), issuer, id_token, refresh_token),
         );
+        drop(logins);
+        self.persist();
         let replaced = if person.login == previous.as_ref().and_then(|p| p.login.clone()) {
             None
         } else {
@@ -174,9 +168,14 @@ impl People {
 
     /// Ends the login bound to `binding`: its person and refresh token, if there was one.
     pub fn log_out(&self, binding: &Binding) -> Option<(Arc<Person>, Option<String>)> {
-        self.lock()
+        let ended = self
+            .lock()
             .remove(binding)
-            .map(|l| (l.person, l.refresh_token))
+            .map(|l| (l.person, l.refresh_token));
+        if ended.is_some() {
+            self.persist();
+        }
+        ended
     }
 
     /// Whether the login bound to `binding` is kept alive by refreshes.
@@ -193,6 +192,28 @@ impl People {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl Login {
+    fn new(
+        person: Arc<Person>,
+        issuer: &Issuer,
+        id_token: String,
+        refresh_token: Option<String>,
+    ) -> Login {
+        let now = now_secs();
+        let refresh_at = (issuer.refresh && refresh_token.is_some())
+            .then(|| refresh_time(now, person.expires_at));
+        let introspect_at = refresh_at.and(introspect_time(issuer, now));
+        Login {
+            person,
+            id_token,
+            refresh_token,
+            refresh_at,
+            introspect_at,
+            busy: false,
+        }
     }
 }
 
@@ -234,8 +255,10 @@ pub struct Service {
 }
 
 impl Service {
-    /// Refreshes logins and ends those past their time, every second, for ever.
+    /// Takes back the logins kept before a restart, then refreshes logins and ends those past
+    /// their time, every second, for ever.
     pub async fn watch(self: Arc<Self>) {
+        self.restore().await;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
@@ -279,6 +302,9 @@ impl Service {
                 }
                 true
             });
+        }
+        if !ending.is_empty() {
+            self.people.persist();
         }
         for (binding, person, why) in ending {
             self.ended(&binding, &person, why).await;
@@ -346,6 +372,8 @@ impl Service {
                     if let Some(r) = refresh_token {
                         login.refresh_token = Some(r);
                     }
+                    drop(logins);
+                    self.people.persist();
                     return;
                 }
                 Ok(_) => "the refreshed ID token names another subject".to_owned(),
@@ -389,6 +417,7 @@ impl Service {
             warn!(%binding, issuer = %issuer.issuer, "introspection: no answer: {e}");
         }
         if let Some(person) = revoked {
+            self.people.persist();
             warn!(%binding, issuer = %issuer.issuer, "introspection: the issuer no longer holds the login active");
             self.ended(&binding, &person, Ended::Revoked).await;
         }

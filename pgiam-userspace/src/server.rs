@@ -71,7 +71,7 @@ pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
         registry: Arc::new(Registry::default()),
         revocations,
         pools: Arc::new(crate::pool::Pools::default()),
-        people: Arc::new(crate::people::People::default()),
+        people: Arc::new(crate::people::People::kept_in(&config.state_dir)),
         catalogs: Arc::new(crate::catalog::cache::Catalogs::default()),
     });
     let people = Arc::new(crate::people::Service {

@@ -127,23 +127,12 @@ impl Revocations {
     }
 
     fn save(&self, entries: &BTreeMap<String, Revocation>) -> Result<(), RevocationsError> {
-        use std::io::Write;
-        let io = |source| RevocationsError::Io {
-            path: self.path.clone(),
-            source,
-        };
         let list: Vec<&Revocation> = entries.values().collect();
         let json = serde_json::to_vec_pretty(&list).expect("revocations serialize");
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
-        let tmp = self.path.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&json).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, &self.path).map_err(io)?;
-        // The rename itself must survive a crash too.
-        crate::audit::rotate::sync_dir(&self.path).map_err(io)
+        crate::statefile::replace(&self.path, &json, 0o644).map_err(|source| RevocationsError::Io {
+            path: self.path.clone(),
+            source,
+        })
     }
 }
 

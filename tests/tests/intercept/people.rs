@@ -36,6 +36,7 @@ unless {
 
 struct Env {
     pgiam: Option<Pgiam>,
+    listen: SocketAddr,
     config_path: PathBuf,
     socket: PathBuf,
     audit: PathBuf,
@@ -145,6 +146,7 @@ bpffs_dir = "{bpffs}"
             .expect("start pgiam with interception and an issuer");
         Env {
             pgiam: Some(pgiam),
+            listen,
             config_path,
             socket,
             audit,
@@ -160,6 +162,30 @@ bpffs_dir = "{bpffs}"
 
     fn log(&self) -> String {
         self.pgiam.as_ref().map(Pgiam::log).unwrap_or_default()
+    }
+
+    /// Stops pgiam and starts it again with the same configuration (its pins are reused).
+    fn restart(&mut self) {
+        if let Some(mut p) = self.pgiam.take() {
+            p.stop();
+        }
+        let config = std::fs::read_to_string(&self.config_path).unwrap();
+        self.pgiam = Some(
+            Pgiam::start_in(pgiam_bin(), &config, self.listen, Some(&self._proxy))
+                .expect("start pgiam again"),
+        );
+    }
+
+    /// `whoami` of nobody in alice's login session, once it names alice (or after 10 s).
+    fn whoami_until_alice(&self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let said = text(&self.cli(&self.alice, "nobody", "whoami"));
+            if said.contains("oidc:corp:alice") || Instant::now() > deadline {
+                return said;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// The database's own address, as an unmodified application dials it.
@@ -542,4 +568,75 @@ fn introspection_ends_a_login_the_issuer_revoked_before_its_next_refresh() {
         env.log()
     );
     assert!(!text(&env.cli(&env.alice, "nobody", "whoami")).contains("oidc:corp:alice"));
+}
+
+#[test]
+fn a_login_outlives_a_restart_of_pgiam_and_so_does_a_logout() {
+    let mut env = Env::start(300, true, 60);
+    let login = env.login(&env.alice, "nobody", ALICE, true);
+    assert!(login.status.success(), "{}", text(&login));
+    let kept = env._dir.path().join("state").join("logins.json");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&kept).unwrap().permissions());
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "the kept logins hold tokens: root's alone"
+    );
+
+    // pgiam restarts (an upgrade, say): alice is still logged in, with no new `pgiam login`.
+    env.restart();
+    let whoami = env.whoami_until_alice();
+    assert!(
+        whoami.contains("oidc:corp:alice"),
+        "{whoami}\n{}",
+        env.log()
+    );
+    let as_alice = env.psql(&env.alice, "nobody", "SELECT current_user", None);
+    assert_eq!(
+        String::from_utf8_lossy(&as_alice.stdout).trim(),
+        "app_rw",
+        "{}\n{}",
+        text(&as_alice),
+        env.log()
+    );
+    assert!(!env.records("login_restored").is_empty(), "{}", env.log());
+
+    // A logout is kept as well: the next restart does not bring the login back.
+    let out = env.cli(&env.alice, "nobody", "logout");
+    assert!(out.status.success(), "{}", text(&out));
+    env.restart();
+    std::thread::sleep(Duration::from_secs(2));
+    let whoami = text(&env.cli(&env.alice, "nobody", "whoami"));
+    assert!(
+        !whoami.contains("oidc:corp:alice"),
+        "{whoami}\n{}",
+        env.log()
+    );
+}
+
+#[test]
+fn a_login_whose_token_expired_while_pgiam_was_down_is_renewed_at_start() {
+    let mut env = Env::start(6, true, 60);
+    let login = env.login(&env.alice, "nobody", ALICE, true);
+    assert!(login.status.success(), "{}", text(&login));
+    if let Some(mut p) = env.pgiam.take() {
+        p.stop();
+    }
+    // Down for longer than the ID token lives: it is renewed with the kept refresh token.
+    std::thread::sleep(Duration::from_secs(8));
+    env.restart();
+    let whoami = env.whoami_until_alice();
+    assert!(
+        whoami.contains("oidc:corp:alice"),
+        "{whoami}\n{}",
+        env.log()
+    );
+    let as_alice = env.psql(&env.alice, "nobody", "SELECT current_user", None);
+    assert_eq!(
+        String::from_utf8_lossy(&as_alice.stdout).trim(),
+        "app_rw",
+        "{}",
+        env.log()
+    );
 }
