@@ -61,6 +61,9 @@ pub struct People {
     pub providers: oidc::Providers,
     /// Where logins are kept across restarts (`state_dir/logins.json`); `None`: in memory only.
     store: Option<std::path::PathBuf>,
+    /// Counts the changes of a login's person (a new login of the same person, a refresh): a
+    /// live session looks its person up again only when this has moved.
+    renewed: std::sync::atomic::AtomicU64,
     logins: Mutex<HashMap<Binding, Login>>,
 }
 
@@ -123,6 +126,24 @@ impl People {
             .map(|l| l.person.clone())
     }
 
+    /// The count of persons renewed so far (see [`People::renewed_person`]).
+    pub fn renewals(&self) -> u64 {
+        self.renewed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The person now logged in for the login `person` came from (same binding, same login
+    /// id), if that is another version of them: a step-up to a second factor, or a refresh.
+    pub fn renewed_person(&self, uid: u32, cgroup: &str, person: &Person) -> Option<Arc<Person>> {
+        let login = person.login.as_ref()?;
+        let now = self.bound(uid, Some(cgroup))?;
+        (now.login.as_ref() == Some(login) && *now != *person).then_some(now)
+    }
+
+    fn renew(&self) {
+        self.renewed
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
     /// The login bound to `binding`, and its ID token.
     pub fn whoami(&self, binding: &Binding) -> Option<(Arc<Person>, String)> {
         self.lock()
@@ -158,6 +179,7 @@ impl People {
         );
         drop(logins);
         self.persist();
+        self.renew();
         let replaced = if person.login == previous.as_ref().and_then(|p| p.login.clone()) {
             None
         } else {
@@ -374,6 +396,7 @@ impl Service {
                     }
                     drop(logins);
                     self.people.persist();
+                    self.people.renew();
                     return;
                 }
                 Ok(_) => "the refreshed ID token names another subject".to_owned(),

@@ -198,6 +198,7 @@ async fn relay_backend(
                 if let Some(e) = locked(&reported_encoding).take() {
                     gate.client_encoding_reported(&e);
                 }
+                gate.follow_person(&shared.people);
                 // A statement forwarded may have changed the catalog: read again, until its
                 // transaction is over (what it did is then visible to every later read).
                 if gate.catalog_changing() {

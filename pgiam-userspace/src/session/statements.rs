@@ -206,6 +206,10 @@ pub struct Gate {
     catalog: Option<crate::catalog::cache::Read>,
     /// A statement forwarded may have changed the catalog ([`crate::catalog::may_change`]).
     catalog_changed: bool,
+    /// The person the principal carries now, and how many renewals of logged-in persons had
+    /// happened when it was last looked up (see [`Gate::follow_person`]).
+    person: Option<Arc<crate::people::Person>>,
+    renewals_seen: u64,
 }
 
 /// Decision records to write before (or while) the messages they decide are forwarded.
@@ -244,7 +248,6 @@ impl Gate {
             principal,
             resolver,
             gateway,
-            info,
             prepared: HashMap::new(),
             portals: HashMap::new(),
             next_generation: 0,
@@ -260,7 +263,39 @@ impl Gate {
             holds_session_state: false,
             catalog: None,
             catalog_changed: false,
+            person: info.facts.identity.person.clone(),
+            renewals_seen: 0,
+            info,
         }
+    }
+
+    /// Follows the session's person to their login's latest version: a new `pgiam login` of
+    /// the same person (say, with a second factor) or a refresh applies to the session's next
+    /// statements — the step-up a policy such as "DDL only with MFA in the last 15 minutes"
+    /// asks for. (Only when some login changed since the last look: an atomic read otherwise.)
+    pub fn follow_person(&mut self, people: &crate::people::People) {
+        let Some(person) = &self.person else {
+            return;
+        };
+        let renewals = people.renewals();
+        if renewals == self.renewals_seen || person.via != crate::people::Via::Login {
+            return;
+        }
+        self.renewals_seen = renewals;
+        let facts = &self.info.facts;
+        let Some(cgroup) = facts.identity.cgroup.as_deref() else {
+            return;
+        };
+        let Some(now) = people.renewed_person(facts.identity.uid, cgroup, person) else {
+            return;
+        };
+        tracing::info!(session = %facts.id, person = %now.principal(), mfa = now.mfa, "the session follows its person's renewed login");
+        let mut identity = facts.identity.clone();
+        identity.person = Some(now.clone());
+        self.principal =
+            Principal::shared(&facts.principal, &facts.role, &facts.database, &identity);
+        self.person = Some(now);
+        self.decisions.clear();
     }
 
     /// The catalog to decide the next messages with.

@@ -405,6 +405,23 @@ fn ddl_needs_a_recent_second_factor() {
     assert!(!ddl.status.success(), "DDL without MFA: {}", text(&ddl));
     assert!(text(&ddl).contains("permission denied"), "{}", text(&ddl));
 
+    // A session open across the step-up: refused before it, allowed after it, without
+    // reconnecting (the session follows its person's login).
+    let mut held = env
+        .alice
+        .command_as(pg_bin_dir().join("psql"), "nobody")
+        .args(["-X", "-A", "-t", &env.dsn(), "-f", "-"])
+        .env("PGCONNECT_TIMEOUT", "10")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("psql");
+    let mut stdin = held.stdin.take().unwrap();
+    use std::io::Write as _;
+    writeln!(stdin, "CREATE TABLE t_before (a int);").unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+
     // The same person steps up with a second factor: DDL is allowed.
     let again = env.login(&env.alice, "nobody", ALICE, true);
     assert!(again.status.success(), "{}", text(&again));
@@ -415,6 +432,18 @@ fn ddl_needs_a_recent_second_factor() {
         text(&ddl),
         env.log()
     );
+    writeln!(stdin, "CREATE TABLE t_after (a int);").unwrap();
+    drop(stdin);
+    let held = held.wait_with_output().unwrap();
+    let tables = env
+        .pg
+        .psql_db(
+            DB,
+            "SELECT string_agg(relname, ',' ORDER BY relname) FROM pg_class \
+             WHERE relname IN ('t_before', 't_after')",
+        )
+        .unwrap();
+    assert_eq!(tables, "t_after", "{}\n{}", text(&held), env.log());
     let denied = env.records("statement");
     assert!(denied.iter().any(|r| r["decision"] == "deny"
         && r["policies"]
