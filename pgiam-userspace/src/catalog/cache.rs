@@ -2,8 +2,10 @@
 //! database: read over a short connection of pgiam's own (the session's login role,
 //! `application_name=pgiam-catalog`) when a session first needs one, again once it is older
 //! than `policy.catalog_max_age_secs`, and again after a statement pgiam forwarded may have
-//! changed it (DDL). A read that fails is tried again a second later at the earliest; until
-//! one succeeds, statements that need the catalog are refused.
+//! changed it (DDL). A read that fails is tried again a second later at the earliest;
+//! meanwhile the last snapshot stands if it is only old (up to ten times the age limit: the
+//! server may be at its connection limit) and nothing through pgiam changed the catalog since
+//! it was read; otherwise statements that need the catalog are refused.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -62,11 +64,26 @@ impl State {
     fn usable(&self, max_age: Duration) -> Option<Read> {
         match (&self.snapshot, &self.failed) {
             (Some((s, at)), _) if !self.stale && at.elapsed() < max_age => Ok(s.clone()).into(),
-            (_, Some((why, at))) if at.elapsed() < RETRY_AFTER => Err(why.clone()).into(),
+            (_, Some((why, at))) if at.elapsed() < RETRY_AFTER => {
+                Some(self.after_failure(why, max_age))
+            }
             _ => None,
         }
     }
+
+    /// What a failed read leaves: the last snapshot while it is only old, up to
+    /// [`GRACE`] × `max_age` (the server may be at its connection limit; nothing through
+    /// pgiam has changed the catalog since), else the failure.
+    fn after_failure(&self, why: &Arc<str>, max_age: Duration) -> Read {
+        match &self.snapshot {
+            Some((s, at)) if !self.stale && at.elapsed() < max_age * GRACE => Ok(s.clone()),
+            _ => Err(why.clone()),
+        }
+    }
 }
+
+/// How many times its age limit an old snapshot stands in for one that cannot be read.
+const GRACE: u32 = 10;
 
 impl Catalogs {
     fn entry(&self, key: &Key) -> Arc<Entry> {
@@ -108,10 +125,12 @@ impl Catalogs {
             if let Some(r) = state.usable(max_age) {
                 return r;
             }
-            // A change forwarded from now on makes this read stale in its turn.
-            state.stale = false;
-            Instant::now()
+            // A change forwarded from now on makes this read stale in its turn (and one
+            // before it still makes the old snapshot stale if the read fails).
+            let was_stale = std::mem::take(&mut state.stale);
+            (Instant::now(), was_stale)
         };
+        let (began, was_stale) = began;
         let outcome = match tokio::time::timeout(READ_TIMEOUT, read()).await {
             Ok(r) => r,
             Err(_) => Err(format!("no answer within {}s", READ_TIMEOUT.as_secs())),
@@ -125,10 +144,19 @@ impl Catalogs {
                 Ok(snapshot)
             }
             Err(why) => {
-                tracing::warn!(server = ?key.0, database = %key.1, "the server's catalog was not read: {why}");
+                state.stale |= was_stale;
                 let why: Arc<str> = Arc::from(why);
                 state.failed = Some((why.clone(), Instant::now()));
-                Err(why)
+                let read = state.after_failure(&why, max_age);
+                match &read {
+                    Ok(_) => {
+                        tracing::warn!(server = ?key.0, database = %key.1, "the server's catalog was not read ({why}): its last snapshot stands")
+                    }
+                    Err(_) => {
+                        tracing::warn!(server = ?key.0, database = %key.1, "the server's catalog was not read: {why}")
+                    }
+                }
+                read
             }
         }
     }
@@ -233,6 +261,36 @@ mod tests {
         assert_eq!(reads.load(std::sync::atomic::Ordering::Relaxed), 2);
         catalogs.get(&key, Duration::ZERO, read).await.unwrap();
         assert_eq!(reads.load(std::sync::atomic::Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn an_old_snapshot_stands_for_one_that_cannot_be_read_unless_pgiam_changed_the_catalog() {
+        let catalogs = Catalogs::default();
+        let key: Key = (None, "app".into());
+        let refused = || async { Err("too many clients".to_owned()) };
+        catalogs
+            .get(&key, Duration::from_secs(3600), || async {
+                Ok(Snapshot::default())
+            })
+            .await
+            .unwrap();
+        // Older than its limit (but not ten times), and not read again: the old one stands.
+        std::thread::sleep(Duration::from_millis(300));
+        let aged = Duration::from_millis(200);
+        assert!(catalogs.get(&key, aged, refused).await.is_ok());
+        assert!(catalogs.usable(&key, aged).unwrap().is_ok());
+        // DDL went through pgiam since: the old one does not stand.
+        catalogs.invalidate(&key);
+        std::thread::sleep(RETRY_AFTER);
+        assert_eq!(
+            catalogs
+                .get(&key, aged, refused)
+                .await
+                .unwrap_err()
+                .as_ref(),
+            "too many clients"
+        );
+        assert!(catalogs.usable(&key, aged).unwrap().is_err());
     }
 
     #[tokio::test]
