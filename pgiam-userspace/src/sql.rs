@@ -484,18 +484,41 @@ fn null_constant(arg: &Value) -> bool {
 pub fn classify(sql: &str, standard_conforming_strings: bool) -> Result<Vec<Statement>, SqlError> {
     // On pgiam's runtime threads (their stacks are CLASSIFY_STACK and more) this runs in
     // place; elsewhere (the CLI, tests) on a stack of its own, allocated for the call.
-    let classified = stacker::maybe_grow(CLASSIFY_STACK, CLASSIFY_STACK, || {
+    let (classified, depth) = stacker::maybe_grow(CLASSIFY_STACK, CLASSIFY_STACK, || {
         classify_here(sql, standard_conforming_strings)
     });
-    // Only a long text can make a deep tree; the stack it took is given back.
-    if sql.len() > LONG_TEXT {
+    // A deep tree took megabytes of stack, and of heap for its nodes: both are given back,
+    // or they would stay with the process (glibc keeps what is freed in its arenas).
+    if depth > DEEP_TREE {
         release_unused_stack();
+        // SAFETY: malloc_trim only returns free memory of glibc's arenas to the kernel.
+        unsafe {
+            libc::malloc_trim(0);
+        }
     }
     classified
 }
 
-/// Texts longer than this may nest deeply enough to leave megabytes of stack touched.
-const LONG_TEXT: usize = 4096;
+/// Trees deeper than this (levels of the parse tree as pgiam walks it) give their memory back.
+const DEEP_TREE: usize = 256;
+
+/// A text this short is not measured: however it nests, it touches little memory.
+const SHALLOW_TEXT: usize = 256;
+
+/// How many levels deep `tree` is, found without recursion.
+fn tree_depth(tree: &Value) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(tree, 1)];
+    while let Some((v, d)) = stack.pop() {
+        deepest = deepest.max(d);
+        match v {
+            Value::Array(items) => stack.extend(items.iter().map(|i| (i, d + 1))),
+            Value::Object(m) => stack.extend(m.values().map(|i| (i, d + 1))),
+            _ => {}
+        }
+    }
+    deepest
+}
 
 /// Gives the kernel back the pages of this thread's stack below the current frame (they read
 /// as zeros when touched again): what a deep statement touched stays committed otherwise.
@@ -529,7 +552,21 @@ fn release_unused_stack() {
 /// not committed: a statement touches only the pages its depth needs.
 pub const CLASSIFY_STACK: usize = 160 << 20;
 
-fn classify_here(sql: &str, standard_conforming_strings: bool) -> Result<Vec<Statement>, SqlError> {
+/// [`classify`] on the stack it runs on, and how deep the parse tree was.
+fn classify_here(
+    sql: &str,
+    standard_conforming_strings: bool,
+) -> (Result<Vec<Statement>, SqlError>, usize) {
+    let mut depth = 0;
+    let classified = classify_tree(sql, standard_conforming_strings, &mut depth);
+    (classified, depth)
+}
+
+fn classify_tree(
+    sql: &str,
+    standard_conforming_strings: bool,
+    depth: &mut usize,
+) -> Result<Vec<Statement>, SqlError> {
     let options = if standard_conforming_strings {
         pg_query::ParserOptions::DEFAULT
     } else {
@@ -540,6 +577,9 @@ fn classify_here(sql: &str, standard_conforming_strings: bool) -> Result<Vec<Sta
         position: position::syntax_error_position(sql, options),
     })?;
     let tree = serde_json::to_value(&parsed.protobuf).expect("parse trees serialize");
+    if sql.len() > SHALLOW_TEXT {
+        *depth = tree_depth(&tree);
+    }
     let stmts = tree
         .get("stmts")
         .and_then(Value::as_array)

@@ -702,7 +702,7 @@ fn every_input_of_the_corpus_ends_as_it_should_and_nothing_else_is_touched() {
     let kept = pgiam_tests::status_kib(env.pgiam.pid(), "VmRSS").saturating_sub(resident_before);
     eprintln!("{total} inputs; pgiam's peak grew {grown} KiB, its resident memory {kept} KiB");
     assert!(grown < 64 * 1024, "pgiam's peak grew {grown} KiB");
-    assert!(kept < 16 * 1024, "pgiam kept {kept} KiB more");
+    assert!(kept < 24 * 1024, "pgiam kept {kept} KiB more");
     live.send(&query_bytes("select 42"));
     let msgs = live.until_ready();
     assert!(
