@@ -126,7 +126,6 @@ async fn relay_backend(
     // (and whether a transaction block was open on it).
     let released = AtomicBool::new(false);
     let released_in_block = AtomicBool::new(false);
-
     let why = {
         let gate = &mut session.gate;
         // The database's catalog, read for operators and casts.

@@ -176,16 +176,30 @@ bpffs_dir = "{bpffs}"
         );
     }
 
-    /// `whoami` of nobody in alice's login session, once it names alice (or after 10 s).
-    fn whoami_until_alice(&self) -> String {
+    /// After a restart, alice's login is taken back (within 10 s): `whoami` names her and
+    /// psql in her login session is the role her group maps to, with no new `pgiam login`.
+    fn assert_alice_is_back(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
+        let whoami = loop {
             let said = text(&self.cli(&self.alice, "nobody", "whoami"));
             if said.contains("oidc:corp:alice") || Instant::now() > deadline {
-                return said;
+                break said;
             }
             std::thread::sleep(Duration::from_millis(100));
-        }
+        };
+        assert!(
+            whoami.contains("oidc:corp:alice"),
+            "{whoami}\n{}",
+            self.log()
+        );
+        let as_alice = self.psql(&self.alice, "nobody", "SELECT current_user", None);
+        assert_eq!(
+            String::from_utf8_lossy(&as_alice.stdout).trim(),
+            "app_rw",
+            "{}\n{}",
+            text(&as_alice),
+            self.log()
+        );
     }
 
     /// The database's own address, as an unmodified application dials it.
@@ -615,20 +629,7 @@ fn a_login_outlives_a_restart_of_pgiam_and_so_does_a_logout() {
 
     // pgiam restarts (an upgrade, say): alice is still logged in, with no new `pgiam login`.
     env.restart();
-    let whoami = env.whoami_until_alice();
-    assert!(
-        whoami.contains("oidc:corp:alice"),
-        "{whoami}\n{}",
-        env.log()
-    );
-    let as_alice = env.psql(&env.alice, "nobody", "SELECT current_user", None);
-    assert_eq!(
-        String::from_utf8_lossy(&as_alice.stdout).trim(),
-        "app_rw",
-        "{}\n{}",
-        text(&as_alice),
-        env.log()
-    );
+    env.assert_alice_is_back();
     assert!(!env.records("login_restored").is_empty(), "{}", env.log());
 
     // A logout is kept as well: the next restart does not bring the login back.
@@ -655,17 +656,5 @@ fn a_login_whose_token_expired_while_pgiam_was_down_is_renewed_at_start() {
     // Down for longer than the ID token lives: it is renewed with the kept refresh token.
     std::thread::sleep(Duration::from_secs(8));
     env.restart();
-    let whoami = env.whoami_until_alice();
-    assert!(
-        whoami.contains("oidc:corp:alice"),
-        "{whoami}\n{}",
-        env.log()
-    );
-    let as_alice = env.psql(&env.alice, "nobody", "SELECT current_user", None);
-    assert_eq!(
-        String::from_utf8_lossy(&as_alice.stdout).trim(),
-        "app_rw",
-        "{}",
-        env.log()
-    );
+    env.assert_alice_is_back();
 }
