@@ -111,7 +111,7 @@ impl Snapshot {
             .casts
             .iter()
             .flat_map(|t| self.casts.get(t).into_iter().flatten());
-        let unwritten = has_expressions(statement)
+        let unwritten = consulted_by(statement)
             .then_some(&self.unwritten_casts)
             .into_iter()
             .flatten();
@@ -123,16 +123,6 @@ impl Snapshot {
         }
         out
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.operators.is_empty() && self.casts.is_empty()
-    }
-}
-
-/// Whether deciding `statement` needs the catalog: it names an operator or a cast, or has
-/// expressions a cast the server applies by itself could run in.
-pub fn consulted_by(statement: &Statement) -> bool {
-    has_expressions(statement)
 }
 
 /// Statements that can add an operator or a cast, or change the name one is found by (a
@@ -154,7 +144,9 @@ pub fn may_change(statement: &Statement) -> bool {
     statement.do_block || ADDING.contains(&statement.node.as_str())
 }
 
-fn has_expressions(s: &Statement) -> bool {
+/// Whether deciding `s` needs the catalog: it names an operator or a cast, or has expressions
+/// a cast the server applies by itself could run in.
+pub fn consulted_by(s: &Statement) -> bool {
     !(s.relations.is_empty()
         && s.functions.is_empty()
         && s.operators.is_empty()
