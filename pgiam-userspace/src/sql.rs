@@ -484,19 +484,22 @@ fn null_constant(arg: &Value) -> bool {
 pub fn classify(sql: &str, standard_conforming_strings: bool) -> Result<Vec<Statement>, SqlError> {
     // On pgiam's runtime threads (their stacks are CLASSIFY_STACK and more) this runs in
     // place; elsewhere (the CLI, tests) on a stack of its own, allocated for the call.
-    let (classified, depth) = stacker::maybe_grow(CLASSIFY_STACK, CLASSIFY_STACK, || {
-        classify_here(sql, standard_conforming_strings)
+    let classified = stacker::maybe_grow(CLASSIFY_STACK, CLASSIFY_STACK, || {
+        classify_tree(sql, standard_conforming_strings)
     });
     // A deep tree took megabytes of stack, and of heap for its nodes: both are given back,
     // or they would stay with the process (glibc keeps what is freed in its arenas).
-    if depth > DEEP_TREE {
+    if classified
+        .as_ref()
+        .is_ok_and(|(_, depth)| *depth > DEEP_TREE)
+    {
         release_unused_stack();
         // SAFETY: malloc_trim only returns free memory of glibc's arenas to the kernel.
         unsafe {
             libc::malloc_trim(0);
         }
     }
-    classified
+    classified.map(|(statements, _)| statements)
 }
 
 /// Trees deeper than this (levels of the parse tree as pgiam walks it) give their memory back.
@@ -552,21 +555,11 @@ fn release_unused_stack() {
 /// not committed: a statement touches only the pages its depth needs.
 pub const CLASSIFY_STACK: usize = 160 << 20;
 
-/// [`classify`] on the stack it runs on, and how deep the parse tree was.
-fn classify_here(
-    sql: &str,
-    standard_conforming_strings: bool,
-) -> (Result<Vec<Statement>, SqlError>, usize) {
-    let mut depth = 0;
-    let classified = classify_tree(sql, standard_conforming_strings, &mut depth);
-    (classified, depth)
-}
-
+/// [`classify`] on the stack it runs on, and how deep the parse tree was (0: not measured).
 fn classify_tree(
     sql: &str,
     standard_conforming_strings: bool,
-    depth: &mut usize,
-) -> Result<Vec<Statement>, SqlError> {
+) -> Result<(Vec<Statement>, usize), SqlError> {
     let options = if standard_conforming_strings {
         pg_query::ParserOptions::DEFAULT
     } else {
@@ -577,19 +570,21 @@ fn classify_tree(
         position: position::syntax_error_position(sql, options),
     })?;
     let tree = serde_json::to_value(&parsed.protobuf).expect("parse trees serialize");
-    if sql.len() > SHALLOW_TEXT {
-        *depth = tree_depth(&tree);
-    }
+    let depth = if sql.len() > SHALLOW_TEXT {
+        tree_depth(&tree)
+    } else {
+        0
+    };
     let stmts = tree
         .get("stmts")
         .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
-    Ok(stmts
+        .map_or(&[][..], Vec::as_slice);
+    let statements = stmts
         .iter()
         .filter_map(|raw| raw.get("stmt"))
         .map(classify_statement)
-        .collect())
+        .collect();
+    Ok((statements, depth))
 }
 
 /// Whether a function of this name reads or writes the server's files, and whether it runs

@@ -12,6 +12,7 @@ use tracing::{info, warn};
 
 use super::oidc::TokenError;
 use super::{now_secs, record, Binding, Login, People, Person, Service, Via};
+use crate::config::Issuer;
 
 /// One login as kept on disk.
 #[derive(Serialize, Deserialize)]
@@ -78,6 +79,41 @@ impl People {
 }
 
 impl Service {
+    /// A kept login as a login again: its person, ID token and refresh token, the ID token
+    /// verified again — or, expired, renewed with the refresh token as a refresh renews it.
+    async fn take_back(
+        &self,
+        issuer: &Issuer,
+        k: Kept,
+    ) -> Result<(Person, String, Option<String>), String> {
+        let providers = &self.people.providers;
+        match providers
+            .verify(std::slice::from_ref(issuer), &k.id_token)
+            .await
+        {
+            // (Verification allows some clock skew: a token past its time is renewed instead.)
+            Ok((_, claims)) if claims.expires_at > now_secs() => {
+                let person = Person::new(issuer, claims, Via::Login, k.login);
+                return Ok((person, k.id_token, k.refresh_token));
+            }
+            Ok(_) | Err(TokenError::Expired) => {}
+            Err(e) => return Err(format!("its ID token: {e}")),
+        }
+        let token = match (&k.refresh_token, issuer.refresh) {
+            (Some(token), true) => token,
+            _ => return Err("its ID token expired and it has no refresh".into()),
+        };
+        let tokens = providers
+            .refresh(issuer, token)
+            .await
+            .map_err(|e| format!("its refresh failed: {e}"))?;
+        let (mut person, id_token, refresh_token) =
+            self.renewed(issuer, tokens, now_secs()).await?;
+        person.login = k.login;
+        let id_token = id_token.ok_or("the refresh answered no ID token")?;
+        Ok((person, id_token, refresh_token.or(k.refresh_token)))
+    }
+
     /// Takes back the logins kept before a restart (see the module's doc).
     pub(super) async fn restore(&self) {
         let kept = self.people.read_kept();
@@ -99,53 +135,15 @@ impl Service {
                 dropped += 1;
                 continue;
             };
-            let providers = &self.people.providers;
-            let verified = providers
-                .verify(std::slice::from_ref(issuer), &k.id_token)
-                .await;
-            // (Verification allows some clock skew: a token past its time is renewed too.)
-            let fresh = match verified {
-                Ok((_, claims)) if claims.expires_at > now_secs() => Some(claims),
-                Ok(_) | Err(TokenError::Expired) => None,
-                Err(e) => {
-                    warn!(%binding, "kept login dropped: its ID token: {e}");
+            let (person, id_token, refresh_token) = match self.take_back(issuer, k).await {
+                Ok(taken) => taken,
+                Err(why) => {
+                    warn!(%binding, "kept login dropped: {why}");
                     dropped += 1;
                     continue;
                 }
             };
-            let (claims, id_token, refresh_token) = match fresh {
-                Some(claims) => (claims, k.id_token, k.refresh_token),
-                None if issuer.refresh && k.refresh_token.is_some() => {
-                    let token = k.refresh_token.as_deref().unwrap_or_default();
-                    let renewed = match providers.refresh(issuer, token).await {
-                        Ok(t) => t,
-                        Err(e) => {
-                            warn!(%binding, "kept login dropped: its refresh failed: {e}");
-                            dropped += 1;
-                            continue;
-                        }
-                    };
-                    let Some(id) = renewed.id_token else {
-                        warn!(%binding, "kept login dropped: the refresh answered no ID token");
-                        dropped += 1;
-                        continue;
-                    };
-                    match providers.verify(std::slice::from_ref(issuer), &id).await {
-                        Ok((_, claims)) => (claims, id, renewed.refresh_token.or(k.refresh_token)),
-                        Err(e) => {
-                            warn!(%binding, "kept login dropped: its renewed ID token: {e}");
-                            dropped += 1;
-                            continue;
-                        }
-                    }
-                }
-                None => {
-                    info!(%binding, "kept login dropped: its ID token expired and it has no refresh");
-                    dropped += 1;
-                    continue;
-                }
-            };
-            let person = Arc::new(Person::new(issuer, claims, Via::Login, k.login));
+            let person = Arc::new(person);
             // A login made since pgiam started is newer than the kept one.
             {
                 let mut logins = self.people.lock();

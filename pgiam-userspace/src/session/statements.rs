@@ -506,25 +506,21 @@ impl Gate {
         // What its operators and casts run, as the catalog says; without the catalog, a
         // statement that needs it is refused.
         for t in all().filter(|t| crate::catalog::consulted_by(t)) {
-            match &self.catalog {
-                Some(Ok(catalog)) => asks.extend(self.resolver.catalog_asks(t, catalog)),
-                Some(Err(why)) => {
-                    return Decision::refuse(
-                        "operators and casts",
-                        format!(
-                            "pgiam cannot read the server's catalog to see which functions \
-                             the statement's operators and casts run: {why}"
-                        ),
-                    )
+            let why = match &self.catalog {
+                Some(Ok(catalog)) => {
+                    asks.extend(self.resolver.catalog_asks(t, catalog));
+                    continue;
                 }
-                None => {
-                    return Decision::refuse(
-                        "operators and casts",
-                        "pgiam has not read the server's catalog to see which functions the \
-                         statement's operators and casts run",
-                    )
-                }
-            }
+                Some(Err(why)) => why.as_ref(),
+                None => "not read yet",
+            };
+            return Decision::refuse(
+                "operators and casts",
+                format!(
+                    "pgiam cannot read the server's catalog to see which functions the \
+                     statement's operators and casts run: {why}"
+                ),
+            );
         }
         self.decide(&asks)
     }
