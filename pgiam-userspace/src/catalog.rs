@@ -1,13 +1,16 @@
 //! What the server's catalog says where a statement's text cannot: which functions its
-//! operators and casts run. A user-defined operator (`a === b`) or cast (`x::mytype`, or one
-//! the server applies by itself) calls a function the statement never names; the policy is
-//! asked about that function as if it had been called by name.
+//! operators and casts run, and which overloads a call may run. A user-defined operator
+//! (`a === b`) or cast (`x::mytype`, or one the server applies by itself) calls a function the
+//! statement never names; the policy is asked about that function as if it had been called
+//! by name. A call by name asks about the name; the policy sees, in `context.overloads`, the
+//! signatures of the user-defined functions of that name the call may run.
 //!
 //! Only what users created is listed (oid ≥ 16384, PostgreSQL's FirstNormalObjectId, which
 //! extensions' objects are too): built-in operators and casts run the catalog's own functions,
 //! as the syntax they stand for does. Every overload is listed, wherever it lives: pgiam does
 //! not infer argument types, so it asks about every function an operator of that name could
-//! run (more asks than the server's choice, never fewer).
+//! run, and names every overload of a called function that takes the call's argument count
+//! (more than the server's choice, never less).
 //!
 //! Not covered: operators a type's operator class calls for sorting, grouping, joins and
 //! indexes without the statement naming one (`ORDER BY` on a user-defined type), and a type's
@@ -15,29 +18,43 @@
 
 pub mod cache;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use crate::sql::{QualifiedName, Statement};
 
 /// The query that reads a [`Snapshot`]: one row per (operator or cast, function), as
 /// `kind` (`o`, or `c` followed by pg_cast.castcontext), the operator's or target type's name,
-/// the schema it is in, the function's schema and the function's name. Every name is
-/// qualified with pg_catalog, so the session's search_path cannot change what is read.
+/// the schema it is in, the function's schema, name and argument types; and one row per
+/// user-defined function (`f`), with its argument count, how many of them have defaults and
+/// whether it is variadic. Every name is qualified with pg_catalog, so the session's
+/// search_path cannot change what is read.
 pub const QUERY: &str = "\
-SELECT 'o', o.oprname::text, ns.nspname::text, fs.nspname::text, p.proname::text \
+SELECT 'o', o.oprname::text, ns.nspname::text, fs.nspname::text, p.proname::text, \
+       pg_catalog.oidvectortypes(p.proargtypes), NULL, NULL, NULL \
   FROM pg_catalog.pg_operator o \
   JOIN pg_catalog.pg_namespace ns ON ns.oid = o.oprnamespace \
   JOIN pg_catalog.pg_proc p ON p.oid IN (o.oprcode, o.oprrest, o.oprjoin) \
   JOIN pg_catalog.pg_namespace fs ON fs.oid = p.pronamespace \
  WHERE o.oid >= 16384 AND (p.oid = o.oprcode OR fs.nspname <> 'pg_catalog') \
 UNION ALL \
-SELECT 'c' || c.castcontext::text, t.typname::text, tn.nspname::text, fs.nspname::text, p.proname::text \
+SELECT 'c' || c.castcontext::text, t.typname::text, tn.nspname::text, fs.nspname::text, \
+       p.proname::text, pg_catalog.oidvectortypes(p.proargtypes), NULL, NULL, NULL \
   FROM pg_catalog.pg_cast c \
   JOIN pg_catalog.pg_type t ON t.oid = c.casttarget \
   JOIN pg_catalog.pg_namespace tn ON tn.oid = t.typnamespace \
   JOIN pg_catalog.pg_proc p ON p.oid = c.castfunc \
   JOIN pg_catalog.pg_namespace fs ON fs.oid = p.pronamespace \
- WHERE c.oid >= 16384";
+ WHERE c.oid >= 16384 \
+UNION ALL \
+SELECT 'f', p.proname::text, fs.nspname::text, fs.nspname::text, p.proname::text, \
+       pg_catalog.oidvectortypes(p.proargtypes), p.pronargs::text, \
+       p.pronargdefaults::text, (p.provariadic <> 0)::text \
+  FROM pg_catalog.pg_proc p \
+  JOIN pg_catalog.pg_namespace fs ON fs.oid = p.pronamespace \
+ WHERE p.oid >= 16384";
+
+/// The columns of a [`QUERY`] row.
+const COLUMNS: usize = 9;
 
 /// A function behind an operator or a cast, and the schema of the operator or the target
 /// type (for `OPERATOR(s.op)`, which names only the operators of schema `s`).
@@ -45,9 +62,43 @@ SELECT 'c' || c.castcontext::text, t.typname::text, tn.nspname::text, fs.nspname
 struct Behind {
     schema: String,
     function: QualifiedName,
+    signature: String,
 }
 
-/// The user-defined operators and casts of one database, as read at one moment.
+/// One user-defined function of some name: its signature and the argument counts a call of
+/// it may have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Overload {
+    schema: String,
+    signature: String,
+    args: usize,
+    defaults: usize,
+    variadic: bool,
+}
+
+impl Overload {
+    /// Whether a call with `n` arguments may run this function: from its arguments without
+    /// defaults up to all of them, or (variadic) any number from its fixed ones on. Named
+    /// arguments count as positional ones do; `VARIADIC array` is one argument.
+    fn takes(&self, n: usize) -> bool {
+        let fixed = self.args.saturating_sub(self.defaults);
+        if self.variadic {
+            n >= fixed.min(self.args.saturating_sub(1))
+        } else {
+            (fixed..=self.args).contains(&n)
+        }
+    }
+}
+
+/// A function a statement runs through an operator or a cast, with the signatures of the
+/// functions of that name it may be.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Called<'a> {
+    pub function: &'a QualifiedName,
+    pub signatures: Vec<String>,
+}
+
+/// The user-defined operators, casts and functions of one database, as read at one moment.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     /// By operator name.
@@ -56,12 +107,18 @@ pub struct Snapshot {
     casts: HashMap<String, Vec<Behind>>,
     /// Functions of casts the server may apply with no cast written (implicit and assignment
     /// casts): any statement with an expression may run them.
-    unwritten_casts: Vec<QualifiedName>,
+    unwritten_casts: Vec<Behind>,
+    /// By function name.
+    functions: HashMap<String, Vec<Overload>>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("the catalog query answered a row of {0} columns, not 5")]
-pub struct BadRow(usize);
+pub enum BadRow {
+    #[error("the catalog query answered a row of {0} columns, not {COLUMNS}")]
+    Columns(usize),
+    #[error("the catalog query answered a function row without its argument counts")]
+    Counts,
+}
 
 impl Snapshot {
     /// Builds a snapshot from [`QUERY`]'s rows (NULL as `None`).
@@ -70,22 +127,41 @@ impl Snapshot {
     ) -> Result<Snapshot, BadRow> {
         let mut s = Snapshot::default();
         for row in rows {
-            let [Some(kind), Some(name), Some(schema), Some(fschema), Some(fname)] = row[..] else {
-                return Err(BadRow(row.len()));
+            let [Some(kind), Some(name), Some(schema), Some(fschema), Some(fname), Some(fargs), args, defaults, variadic] =
+                row[..]
+            else {
+                return Err(BadRow::Columns(row.len()));
             };
+            let signature = format!("{fname}({fargs})");
+            if kind == "f" {
+                let count = |v: Option<&str>| v.and_then(|v| v.parse().ok()).ok_or(BadRow::Counts);
+                let overload = Overload {
+                    schema: schema.to_owned(),
+                    signature,
+                    args: count(args)?,
+                    defaults: count(defaults)?,
+                    variadic: variadic == Some("true"),
+                };
+                s.functions
+                    .entry(name.to_owned())
+                    .or_default()
+                    .push(overload);
+                continue;
+            }
             let behind = Behind {
                 schema: schema.to_owned(),
                 function: QualifiedName {
                     schema: Some(fschema.to_owned()),
                     name: fname.to_owned(),
                 },
+                signature,
             };
             let into = match kind {
                 "o" => &mut s.operators,
                 _ => {
                     // castcontext: 'e' explicit only, 'a' assignment, 'i' implicit.
-                    if kind != "ce" && !s.unwritten_casts.contains(&behind.function) {
-                        s.unwritten_casts.push(behind.function.clone());
+                    if kind != "ce" && !s.unwritten_casts.contains(&behind) {
+                        s.unwritten_casts.push(behind.clone());
                     }
                     &mut s.casts
                 }
@@ -98,8 +174,9 @@ impl Snapshot {
         Ok(s)
     }
 
-    /// Every function `statement` may run through an operator or a cast, each once.
-    pub fn functions_behind(&self, statement: &Statement) -> Vec<&QualifiedName> {
+    /// Every function `statement` may run through an operator or a cast, each once, with
+    /// the signatures it may run under that name.
+    pub fn functions_behind(&self, statement: &Statement) -> Vec<Called<'_>> {
         let operators = statement.operators.iter().flat_map(|op| {
             self.operators
                 .get(&op.name)
@@ -115,21 +192,59 @@ impl Snapshot {
             .then_some(&self.unwritten_casts)
             .into_iter()
             .flatten();
-        let mut out: Vec<&QualifiedName> = Vec::new();
-        for f in operators.chain(casts).map(|b| &b.function).chain(unwritten) {
-            if !out.contains(&f) {
-                out.push(f);
+        let mut out: Vec<Called> = Vec::new();
+        for b in operators.chain(casts).chain(unwritten) {
+            match out.iter_mut().find(|c| *c.function == b.function) {
+                Some(c) if c.signatures.contains(&b.signature) => {}
+                Some(c) => c.signatures.push(b.signature.clone()),
+                None => out.push(Called {
+                    function: &b.function,
+                    signatures: vec![b.signature.clone()],
+                }),
             }
+        }
+        for c in &mut out {
+            c.signatures.sort();
         }
         out
     }
+
+    /// The signatures of the user-defined functions `schema.name` a call with one of
+    /// `arities` arguments may run (any count: every one), sorted; `None` when the catalog
+    /// lists no user-defined function of that name in that schema (a built-in's overloads
+    /// are not read: they are the server's own).
+    pub fn overloads(
+        &self,
+        schema: &str,
+        name: &str,
+        arities: Option<&BTreeSet<usize>>,
+    ) -> Option<Vec<String>> {
+        let all: Vec<&Overload> = self
+            .functions
+            .get(name)?
+            .iter()
+            .filter(|o| o.schema == schema)
+            .collect();
+        if all.is_empty() {
+            return None;
+        }
+        let mut out: Vec<String> = all
+            .into_iter()
+            .filter(|o| arities.is_none_or(|a| a.iter().any(|&n| o.takes(n))))
+            .map(|o| o.signature.clone())
+            .collect();
+        out.sort();
+        out.dedup();
+        Some(out)
+    }
 }
 
-/// Statements that can add an operator or a cast, or change the name one is found by (a
-/// DO block could do anything). One that only removes them needs no new read: the snapshot
-/// then asks about more than the server can run, never less.
+/// Statements that can add an operator, a cast or a function overload, or change the name
+/// one is found by (a DO block could do anything). One that only removes them needs no new
+/// read: the snapshot then asks about more than the server can run, never less.
 const ADDING: &[&str] = &[
     "DefineStmt",
+    "CreateFunctionStmt",
     "CreateCastStmt",
     "CreateExtensionStmt",
     "AlterExtensionStmt",
@@ -159,14 +274,63 @@ mod tests {
 
     fn snapshot() -> Snapshot {
         let rows = [
-            ["o", "===", "public", "public", "leak"],
-            ["o", "===", "other", "other", "other_eq"],
-            ["o", "===", "public", "public", "leak_sel"],
-            ["o", "===", "public", "public", "leak"],
-            ["ce", "mytype", "public", "public", "to_mytype"],
-            ["ci", "text", "pg_catalog", "public", "mytype_text"],
+            ["o", "===", "public", "public", "leak", "integer, integer"],
+            ["o", "===", "other", "other", "other_eq", "text, text"],
+            ["o", "===", "public", "public", "leak_sel", "internal, oid"],
+            ["o", "===", "public", "public", "leak", "integer, integer"],
+            ["o", "===", "public", "public", "leak", "text, text"],
+            ["ce", "mytype", "public", "public", "to_mytype", "text"],
+            [
+                "ci",
+                "text",
+                "pg_catalog",
+                "public",
+                "mytype_text",
+                "mytype",
+            ],
         ];
-        Snapshot::from_rows(rows.iter().map(|r| r.iter().map(|v| Some(*v)).collect())).unwrap()
+        let functions = [
+            [
+                "f", "f", "public", "public", "f", "integer", "1", "0", "false",
+            ],
+            [
+                "f",
+                "f",
+                "public",
+                "public",
+                "f",
+                "text, text",
+                "2",
+                "0",
+                "false",
+            ],
+            [
+                "f",
+                "f",
+                "public",
+                "public",
+                "f",
+                "text, integer, text[]",
+                "3",
+                "1",
+                "true",
+            ],
+            ["f", "f", "other", "other", "f", "", "0", "0", "false"],
+        ];
+        let rows = rows
+            .iter()
+            .map(|r| {
+                r.iter()
+                    .map(|v| Some(*v))
+                    .chain([None, None, None])
+                    .collect()
+            })
+            .chain(
+                functions
+                    .iter()
+                    .map(|r| r.iter().map(|v| Some(*v)).collect()),
+            );
+        Snapshot::from_rows(rows).unwrap()
     }
 
     fn behind(sql: &str) -> Vec<String> {
@@ -174,8 +338,55 @@ mod tests {
         let statement = &crate::sql::classify(sql, true).unwrap()[0];
         s.functions_behind(statement)
             .into_iter()
-            .map(|f| format!("{}.{}", f.schema.as_deref().unwrap_or(""), f.name))
+            .map(|c| {
+                format!(
+                    "{}.{}",
+                    c.function.schema.as_deref().unwrap_or(""),
+                    c.function.name
+                )
+            })
             .collect()
+    }
+
+    #[test]
+    fn what_an_operator_runs_is_named_by_signature() {
+        let s = snapshot();
+        let statement = &crate::sql::classify("SELECT 1 OPERATOR(public.===) 2", true).unwrap()[0];
+        let called = s.functions_behind(statement);
+        assert_eq!(
+            called[0].signatures,
+            ["leak(integer, integer)", "leak(text, text)"]
+        );
+        assert_eq!(called[1].signatures, ["leak_sel(internal, oid)"]);
+    }
+
+    #[test]
+    fn a_call_may_run_the_overloads_that_take_its_argument_count() {
+        let s = snapshot();
+        let arities = |n: &[usize]| n.iter().copied().collect::<BTreeSet<usize>>();
+        assert_eq!(
+            s.overloads("public", "f", Some(&arities(&[1]))).unwrap(),
+            ["f(integer)"]
+        );
+        // Two arguments: f(text, text), or the variadic one with its default taken.
+        assert_eq!(
+            s.overloads("public", "f", Some(&arities(&[2]))).unwrap(),
+            ["f(text, integer, text[])", "f(text, text)"]
+        );
+        // Only the variadic one takes five.
+        assert_eq!(
+            s.overloads("public", "f", Some(&arities(&[5]))).unwrap(),
+            ["f(text, integer, text[])"]
+        );
+        // Called with two counts in one statement: both.
+        assert_eq!(
+            s.overloads("public", "f", Some(&arities(&[1, 3]))).unwrap(),
+            ["f(integer)", "f(text, integer, text[])"]
+        );
+        assert_eq!(s.overloads("other", "f", None).unwrap(), ["f()"]);
+        // No user-defined function of that name there.
+        assert_eq!(s.overloads("pg_catalog", "f", None), None);
+        assert_eq!(s.overloads("public", "g", None), None);
     }
 
     #[test]
@@ -213,6 +424,9 @@ mod tests {
     #[test]
     fn a_row_of_another_shape_is_refused() {
         let rows = vec![vec![Some("o"), Some("===")]];
-        assert_eq!(Snapshot::from_rows(rows).unwrap_err(), BadRow(2));
+        assert_eq!(Snapshot::from_rows(rows).unwrap_err(), BadRow::Columns(2));
+        let counts = ["f", "f", "public", "public", "f", "", "x", "0", "false"];
+        let rows = vec![counts.iter().map(|v| Some(*v)).collect()];
+        assert_eq!(Snapshot::from_rows(rows).unwrap_err(), BadRow::Counts);
     }
 }

@@ -70,6 +70,11 @@ namespace PgIam {
     // function's oid.
     parameter?: String,
     function_oid?: Long,
+    // execute of a user-defined function (the catalog's): the signatures, `name(type, ...)`
+    // as psql's \df spells the types, of every function of that name and schema the call may
+    // run (pgiam tells overloads apart by argument count only); of a function a user-defined
+    // operator or cast runs: the signatures of the functions it is.
+    overloads?: Set<String>,
   };
 
   action connect appliesTo { principal: Principal, resource: Database, context: Statement };
@@ -171,6 +176,8 @@ pub struct Ask {
     pub command: &'static str,
     pub parameter: Option<String>,
     pub function_oid: Option<u32>,
+    /// `execute` of a user-defined function: which of its overloads may run (sorted).
+    pub overloads: Option<Vec<String>>,
 }
 
 impl Ask {
@@ -181,6 +188,7 @@ impl Ask {
             command,
             parameter: None,
             function_oid: None,
+            overloads: None,
         }
     }
 }
@@ -387,6 +395,16 @@ impl Policy {
             context.push((
                 "function_oid".to_owned(),
                 RestrictedExpression::new_long(oid.into()),
+            ));
+        }
+        if let Some(overloads) = &ask.overloads {
+            context.push((
+                "overloads".to_owned(),
+                RestrictedExpression::new_set(
+                    overloads
+                        .iter()
+                        .map(|o| RestrictedExpression::new_string(o.clone())),
+                ),
             ));
         }
         let context = Context::from_pairs(context).map_err(|e| e.to_string())?;
@@ -1061,7 +1079,7 @@ impl Resolver {
 
     /// The asks of the functions `statement` runs through user-defined operators and casts,
     /// as the catalog lists them: `execute` on each, as if called by name (with what calling
-    /// it by name asks besides: server files, dynamic SQL).
+    /// it by name asks besides: server files, dynamic SQL), with the signatures it may be.
     pub fn catalog_asks(
         &self,
         statement: &Statement,
@@ -1069,7 +1087,8 @@ impl Resolver {
     ) -> Vec<Ask> {
         let command = statement.command;
         let mut asks = Vec::new();
-        for f in catalog.functions_behind(statement) {
+        for c in catalog.functions_behind(statement) {
+            let f = c.function;
             let schema = f.schema.clone().unwrap_or_else(|| "pg_catalog".into());
             let (files, dynamic) = crate::sql::function_runs(&f.name);
             if files {
@@ -1087,9 +1106,36 @@ impl Resolver {
                 command,
                 parameter: None,
                 function_oid: None,
+                overloads: Some(c.signatures),
             });
         }
         asks
+    }
+
+    /// Names, in each of `asks` that executes a function `statement` calls by name, the
+    /// user-defined overloads the call may run, as the catalog lists them (by the argument
+    /// counts the statement calls it with).
+    pub fn name_overloads(
+        statement: &Statement,
+        catalog: &crate::catalog::Snapshot,
+        asks: &mut [Ask],
+    ) {
+        for ask in asks.iter_mut().filter(|a| a.overloads.is_none()) {
+            let (Action::Execute, Resource::Function { schema, name }) =
+                (ask.action, &ask.resource)
+            else {
+                continue;
+            };
+            let arities: BTreeSet<usize> = statement
+                .function_arities
+                .iter()
+                .filter(|(f, _)| f.name == *name && f.schema.as_ref().is_none_or(|s| s == schema))
+                .flat_map(|(_, n)| n.iter().copied())
+                .collect();
+            // (Every call records its count; none recorded, every overload.)
+            let arities = (!arities.is_empty()).then_some(&arities);
+            ask.overloads = catalog.overloads(schema, name, arities);
+        }
     }
 
     /// The asks a statement makes.
@@ -1103,6 +1149,7 @@ impl Resolver {
                 command,
                 parameter: None,
                 function_oid: None,
+                overloads: None,
             })
         };
         let mut reads_every_setting = false;

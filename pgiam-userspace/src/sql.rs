@@ -7,7 +7,7 @@
 //! table, …). Nothing is reached through per-statement helpers that could miss a case: every
 //! RangeVar in the tree becomes a relation access unless it names a CTE in scope.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 mod encoding;
 mod position;
@@ -93,6 +93,10 @@ pub struct Statement {
     pub relations: BTreeSet<Relation>,
     #[serde(skip_serializing_if = "BTreeSet::is_empty")]
     pub functions: BTreeSet<QualifiedName>,
+    /// How many arguments each function is called with (one count per distinct call shape):
+    /// which of a user-defined function's overloads a call may run.
+    #[serde(skip)]
+    pub function_arities: BTreeMap<QualifiedName, BTreeSet<usize>>,
     /// Operators the statement names, as written (`a === b`, `OPERATOR(s.===)`) or as its
     /// syntax spells them (LIKE's `~~`, IN's `=`, BETWEEN's comparisons, `ORDER BY … USING`):
     /// which functions they run is the server's catalog's to say (see `catalog`). Not in

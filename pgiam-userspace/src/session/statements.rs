@@ -502,12 +502,18 @@ impl Gate {
                 }
             }
         }
-        let mut asks: Vec<Ask> = all().flat_map(|t| self.resolver.asks(t)).collect();
-        // What its operators and casts run, as the catalog says; without the catalog, a
-        // statement that needs it is refused.
-        for t in all().filter(|t| crate::catalog::consulted_by(t)) {
+        let mut asks: Vec<Ask> = Vec::new();
+        // What its operators and casts run, and which overloads its calls may run, as the
+        // catalog says; without the catalog, a statement that needs it is refused.
+        for t in all() {
+            let from = asks.len();
+            asks.extend(self.resolver.asks(t));
+            if !crate::catalog::consulted_by(t) {
+                continue;
+            }
             let why = match &self.catalog {
                 Some(Ok(catalog)) => {
+                    crate::policy::Resolver::name_overloads(t, catalog, &mut asks[from..]);
                     asks.extend(self.resolver.catalog_asks(t, catalog));
                     continue;
                 }

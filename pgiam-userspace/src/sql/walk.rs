@@ -671,9 +671,15 @@ impl Walker<'_> {
                 }
             }
         }
-        self.out.functions.insert(QualifiedName {
+        let called = QualifiedName {
             schema: schema.last().map(|s| s.to_string()),
             name: name.to_owned(),
-        });
+        };
+        self.out
+            .function_arities
+            .entry(called.clone())
+            .or_default()
+            .insert(args.len());
+        self.out.functions.insert(called);
     }
 }

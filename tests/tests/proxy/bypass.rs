@@ -34,6 +34,9 @@ permit(principal, action == PgIam::Action::"execute", resource);
 @id("not-reveal")
 forbid(principal, action == PgIam::Action::"execute", resource)
   when { resource.name like "reveal*" };
+@id("not-label-text")
+forbid(principal, action == PgIam::Action::"execute", resource)
+  when { context has overloads && context.overloads.contains("label(text, text)") };
 @id("settings")
 permit(principal, action == PgIam::Action::"set", resource);
 @id("show-search-path")
@@ -45,7 +48,8 @@ permit(principal, action == PgIam::Action::"show", resource)
 /// however it is read (a database-level setting holds the secret), and row locks are `lock`,
 /// not `select`, so a reader cannot block writers (the locker's xid stays in the rows' xmax
 /// after it commits). Operators and casts run the functions the catalog says they do: the
-/// forbidden `reveal*` functions behind `===` and the cast into `secret_box` read the secret.
+/// forbidden `reveal*` functions behind `===` and the cast into `secret_box` read the secret,
+/// and so does the overload of `label` the policy forbids by its signature.
 /// Each runs as a simple Query and through the extended protocol, in both upstream modes.
 const CLASSES: &[(&str, &str, Oracle)] = &[
     (
@@ -61,6 +65,18 @@ const CLASSES: &[(&str, &str, Oracle)] = &[
     (
         "qualified operator",
         "SELECT 1 OPERATOR(other.===) 2",
+        Oracle::Leak(SECRET),
+    ),
+    // One overload of `label` is forbidden, the other permitted: the call may run the
+    // forbidden one (the same argument count), and only the policy's name for it says so.
+    (
+        "a forbidden overload",
+        "SELECT label('a', 'b')",
+        Oracle::Leak(SECRET),
+    ),
+    (
+        "a forbidden overload in named notation",
+        "SELECT public.label(b => 'b', a => 'a')",
         Oracle::Leak(SECRET),
     ),
     (
@@ -1221,7 +1237,10 @@ fn prepare(env: &Env) {
                  CREATE TYPE secret_box AS (v text); \
                  CREATE FUNCTION reveal_box(int) RETURNS secret_box LANGUAGE sql \
                    AS 'SELECT ROW(v)::secret_box FROM secret'; \
-                 CREATE CAST (int AS secret_box) WITH FUNCTION reveal_box(int)"
+                 CREATE CAST (int AS secret_box) WITH FUNCTION reveal_box(int); \
+                 CREATE FUNCTION label(int) RETURNS text LANGUAGE sql AS 'SELECT ''label'''; \
+                 CREATE FUNCTION label(a text, b text) RETURNS text LANGUAGE sql \
+                   AS 'SELECT v FROM secret'"
             ),
         )
         .unwrap();

@@ -113,3 +113,46 @@ fn without_the_catalog_what_needs_it_is_refused() {
     std::thread::sleep(Duration::from_millis(1100));
     assert_eq!(psql_ok(&dsn, "SELECT 1 = 1"), "t");
 }
+
+#[test]
+fn a_policy_names_the_overload_it_forbids_and_the_other_one_runs() {
+    let env = Env::with(Setup {
+        policy: r#"
+@id("everything")
+permit(principal, action, resource);
+@id("not-tag-text")
+forbid(principal, action == PgIam::Action::"execute", resource)
+  when { context has overloads && context.overloads.contains("tag(text, text)") };
+"#
+        .into(),
+        // An hour: only the DDL passing through can make pgiam read the catalog again.
+        policy_settings: "catalog_max_age_secs = 3600".into(),
+        ..Setup::default()
+    });
+    env.pg
+        .psql_db(
+            DB,
+            &format!(
+                "CREATE TABLE secret (v text); INSERT INTO secret VALUES ('s3cret'); \
+                 GRANT ALL ON secret TO {ROLE}; GRANT CREATE ON SCHEMA public TO {ROLE}; \
+                 CREATE FUNCTION tag(int) RETURNS text LANGUAGE sql AS 'SELECT ''tag'''"
+            ),
+        )
+        .unwrap();
+    let dsn = env.tcp_dsn("");
+    assert_eq!(psql_ok(&dsn, "SELECT tag(1)"), "tag");
+    // The overload is created through pgiam, after the catalog was read.
+    psql_ok(
+        &dsn,
+        "CREATE FUNCTION tag(text, text) RETURNS text LANGUAGE sql AS 'SELECT v FROM secret'",
+    );
+    assert_eq!(
+        env.pg
+            .psql_db(DB, &format!("SET ROLE {ROLE}; SELECT tag('a', 'b')"))
+            .unwrap(),
+        "s3cret"
+    );
+    let out = psql(&dsn, "SELECT tag('a', 'b')");
+    assert!(refused(&out), "{}", stderr(&out));
+    assert_eq!(psql_ok(&dsn, "SELECT tag(1)"), "tag");
+}

@@ -721,6 +721,78 @@ fn completions_say_each_fact_once() {
     );
 }
 
+/// A catalog snapshot of operator and cast rows (`functions`: function rows, with counts).
+fn catalog_of(rows: &[[&str; 6]], functions: &[[&str; 9]]) -> crate::catalog::Snapshot {
+    let rows = rows
+        .iter()
+        .map(|r| {
+            r.iter()
+                .map(|v| Some(*v))
+                .chain([None, None, None])
+                .collect()
+        })
+        .chain(
+            functions
+                .iter()
+                .map(|r| r.iter().map(|v| Some(*v)).collect()),
+        );
+    crate::catalog::Snapshot::from_rows(rows).unwrap()
+}
+
+fn catalog(rows: &[[&str; 6]]) -> crate::catalog::Snapshot {
+    catalog_of(rows, &[])
+}
+
+#[test]
+fn a_policy_tells_a_function_s_overloads_apart_by_what_the_call_may_run() {
+    let (mut gate, _) = gate(
+        r#"
+        permit(principal, action, resource);
+        forbid(principal, action == PgIam::Action::"execute", resource)
+          when { context has overloads && context.overloads.contains("f(text, text)") };
+        "#,
+    );
+    let query = |gate: &mut Gate, sql: &str| {
+        forwarded(
+            gate,
+            FrontendMessage::Query {
+                sql: sql.as_bytes(),
+            },
+        )
+    };
+    let functions = [
+        [
+            "f", "f", "public", "public", "f", "integer", "1", "0", "false",
+        ],
+        [
+            "f",
+            "f",
+            "public",
+            "public",
+            "f",
+            "text, text",
+            "2",
+            "0",
+            "false",
+        ],
+    ];
+    gate.use_catalog(Ok(Arc::new(catalog_of(&[], &functions))));
+    assert!(query(&mut gate, "SELECT f(1)"));
+    assert!(!query(&mut gate, "SELECT f('a', 'b')"));
+    assert!(!query(&mut gate, "SELECT public.f(a => 'a', b => 'b')"));
+    assert!(!query(
+        &mut gate,
+        "SELECT f(1) FROM t WHERE f('a', 'b') IS NULL"
+    ));
+    assert!(query(&mut gate, "SELECT * FROM f(2)"));
+    // Another schema's f is not that overload.
+    assert!(query(&mut gate, "SELECT other.f('a', 'b')"));
+    // An operator's function is named by its signature too.
+    let rows = [["o", "===", "public", "public", "f", "text, text"]];
+    gate.use_catalog(Ok(Arc::new(catalog_of(&rows, &functions))));
+    assert!(!query(&mut gate, "SELECT 'a' === 'b'"));
+}
+
 #[test]
 fn operators_and_casts_ask_for_the_functions_the_catalog_says_they_run() {
     let (mut gate, _) = gate(
@@ -739,11 +811,7 @@ fn operators_and_casts_ask_for_the_functions_the_catalog_says_they_run() {
         )
     };
     assert!(query(&mut gate, "SELECT 1 === 2"));
-    let rows = [["o", "===", "public", "public", "leak"]];
-    let catalog = crate::catalog::Snapshot::from_rows(
-        rows.iter().map(|r| r.iter().map(|v| Some(*v)).collect()),
-    )
-    .unwrap();
+    let catalog = catalog(&[["o", "===", "public", "public", "leak", "integer, integer"]]);
     gate.use_catalog(Ok(Arc::new(catalog)));
     assert!(!query(&mut gate, "SELECT 1 === 2"));
     assert!(!query(&mut gate, "SELECT 1 OPERATOR(public.===) 2"));
