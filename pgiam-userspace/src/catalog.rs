@@ -12,9 +12,12 @@
 //! run, and names every overload of a called function that takes the call's argument count
 //! (more than the server's choice, never less).
 //!
-//! Not covered: operators a type's operator class calls for sorting, grouping, joins and
-//! indexes without the statement naming one (`ORDER BY` on a user-defined type), and a type's
-//! input and output functions. Both are the type owner's, created with the type.
+//! The server also calls functions on its own: an operator family's comparison and hash
+//! functions when it sorts, groups, hashes, joins or scans an index (`ORDER BY` on a
+//! user-defined type), a type's input and output functions. Those written in C (a
+//! superuser's, like the built-in ones) are trusted as the built-in ones are; one in any
+//! other language, which its owner can replace, is asked about by every statement with an
+//! expression, as an implicit cast's function is.
 
 pub mod cache;
 
@@ -26,8 +29,12 @@ use crate::sql::{QualifiedName, Statement};
 /// `kind` (`o`, or `c` followed by pg_cast.castcontext), the operator's or target type's name,
 /// the schema it is in, the function's schema, name and argument types; and one row per
 /// user-defined function (`f`), with its argument count, how many of them have defaults and
-/// whether it is variadic. Every name is qualified with pg_catalog, so the session's
-/// search_path cannot change what is read.
+/// whether it is variadic; and one row per function the server calls on its own (`i`): the
+/// support functions and operators of user-defined operator families (sorting, grouping,
+/// hashing, joins, indexes) and the I/O functions of user-defined types, where a user could
+/// have written them (any language but C: a C function is a superuser's, as the built-in
+/// ones are). Every name is qualified with pg_catalog, so the session's search_path cannot
+/// change what is read.
 pub const QUERY: &str = "\
 SELECT 'o', o.oprname::text, ns.nspname::text, fs.nspname::text, p.proname::text, \
        pg_catalog.oidvectortypes(p.proargtypes), NULL, NULL, NULL \
@@ -51,7 +58,22 @@ SELECT 'f', p.proname::text, fs.nspname::text, fs.nspname::text, p.proname::text
        p.pronargdefaults::text, (p.provariadic <> 0)::text \
   FROM pg_catalog.pg_proc p \
   JOIN pg_catalog.pg_namespace fs ON fs.oid = p.pronamespace \
- WHERE p.oid >= 16384";
+ WHERE p.oid >= 16384 \
+UNION ALL \
+SELECT 'i', '', fs.nspname::text, fs.nspname::text, p.proname::text, \
+       pg_catalog.oidvectortypes(p.proargtypes), NULL, NULL, NULL \
+  FROM pg_catalog.pg_proc p \
+  JOIN pg_catalog.pg_namespace fs ON fs.oid = p.pronamespace \
+  JOIN pg_catalog.pg_language l ON l.oid = p.prolang \
+ WHERE p.oid >= 16384 AND l.lanname NOT IN ('c', 'internal') \
+   AND (p.oid IN (SELECT a.amproc FROM pg_catalog.pg_amproc a \
+                   WHERE a.amprocfamily >= 16384) \
+     OR p.oid IN (SELECT o.oprcode FROM pg_catalog.pg_amop m \
+                    JOIN pg_catalog.pg_operator o ON o.oid = m.amopopr \
+                   WHERE m.amopfamily >= 16384) \
+     OR p.oid IN (SELECT pg_catalog.unnest(ARRAY[t.typinput, t.typoutput, t.typmodin, \
+                                                 t.typmodout]) \
+                    FROM pg_catalog.pg_type t WHERE t.oid >= 16384))";
 
 /// The columns of a [`QUERY`] row.
 const COLUMNS: usize = 9;
@@ -105,9 +127,10 @@ pub struct Snapshot {
     operators: HashMap<String, Vec<Behind>>,
     /// By target type name.
     casts: HashMap<String, Vec<Behind>>,
-    /// Functions of casts the server may apply with no cast written (implicit and assignment
-    /// casts): any statement with an expression may run them.
-    unwritten_casts: Vec<Behind>,
+    /// Functions the server may run with nothing written for them: those of implicit and
+    /// assignment casts, of user-defined operator families and of user-defined types' I/O.
+    /// Any statement with an expression may run them.
+    unwritten: Vec<Behind>,
     /// By function name.
     functions: HashMap<String, Vec<Overload>>,
 }
@@ -158,10 +181,16 @@ impl Snapshot {
             };
             let into = match kind {
                 "o" => &mut s.operators,
+                "i" => {
+                    if !s.unwritten.contains(&behind) {
+                        s.unwritten.push(behind);
+                    }
+                    continue;
+                }
                 _ => {
                     // castcontext: 'e' explicit only, 'a' assignment, 'i' implicit.
-                    if kind != "ce" && !s.unwritten_casts.contains(&behind) {
-                        s.unwritten_casts.push(behind.clone());
+                    if kind != "ce" && !s.unwritten.contains(&behind) {
+                        s.unwritten.push(behind.clone());
                     }
                     &mut s.casts
                 }
@@ -189,7 +218,7 @@ impl Snapshot {
             .iter()
             .flat_map(|t| self.casts.get(t).into_iter().flatten());
         let unwritten = consulted_by(statement)
-            .then_some(&self.unwritten_casts)
+            .then_some(&self.unwritten)
             .into_iter()
             .flatten();
         let mut out: Vec<Called> = Vec::new();
@@ -245,6 +274,9 @@ impl Snapshot {
 const ADDING: &[&str] = &[
     "DefineStmt",
     "CreateFunctionStmt",
+    "CreateOpClassStmt",
+    "CreateOpFamilyStmt",
+    "AlterOpFamilyStmt",
     "CreateCastStmt",
     "CreateExtensionStmt",
     "AlterExtensionStmt",
@@ -346,6 +378,32 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn what_the_server_calls_on_its_own_is_run_by_any_expression() {
+        let row = ["i", "", "public", "public", "mood_cmp", "mood, mood"];
+        let rows = [row
+            .iter()
+            .map(|v| Some(*v))
+            .chain([None, None, None])
+            .collect()];
+        let s = Snapshot::from_rows(rows).unwrap();
+        let called = |sql: &str| {
+            let statement = &crate::sql::classify(sql, true).unwrap()[0];
+            s.functions_behind(statement)
+                .iter()
+                .map(|c| format!("{}", c.function))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            called("SELECT m FROM moods ORDER BY m"),
+            ["public.mood_cmp"]
+        );
+        assert_eq!(called("SELECT a FROM t"), ["public.mood_cmp"]);
+        // Constants alone have built-in types.
+        assert!(called("SELECT 1, 'x'").is_empty());
+        assert!(called("BEGIN").is_empty());
     }
 
     #[test]

@@ -156,3 +156,64 @@ forbid(principal, action == PgIam::Action::"execute", resource)
     assert!(refused(&out), "{}", stderr(&out));
     assert_eq!(psql_ok(&dsn, "SELECT tag(1)"), "tag");
 }
+
+#[test]
+fn a_sort_runs_the_operator_family_s_functions_and_the_policy_is_asked_about_them() {
+    let env = env(3600);
+    // An enum whose default btree operator class compares through a PL/pgSQL function that
+    // leaves a trace: `ORDER BY` calls it, though the statement names no function.
+    env.pg
+        .psql_db(
+            DB,
+            &format!(
+                "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy'); \
+                 CREATE TABLE moods (m mood); INSERT INTO moods VALUES ('happy'), ('sad'); \
+                 CREATE TABLE canary (v text); GRANT ALL ON moods, canary TO {ROLE}; \
+                 CREATE FUNCTION reveal_cmp(a mood, b mood) RETURNS int LANGUAGE plpgsql \
+                   AS $$BEGIN INSERT INTO canary VALUES ('ran'); RETURN enum_cmp(a, b); END$$; \
+                 CREATE FUNCTION mood_lt(mood, mood) RETURNS bool LANGUAGE sql AS 'SELECT enum_lt($1, $2)'; \
+                 CREATE FUNCTION mood_le(mood, mood) RETURNS bool LANGUAGE sql AS 'SELECT enum_le($1, $2)'; \
+                 CREATE FUNCTION mood_eq(mood, mood) RETURNS bool LANGUAGE sql AS 'SELECT enum_eq($1, $2)'; \
+                 CREATE FUNCTION mood_ge(mood, mood) RETURNS bool LANGUAGE sql AS 'SELECT enum_ge($1, $2)'; \
+                 CREATE FUNCTION mood_gt(mood, mood) RETURNS bool LANGUAGE sql AS 'SELECT enum_gt($1, $2)'; \
+                 CREATE OPERATOR < (LEFTARG = mood, RIGHTARG = mood, FUNCTION = mood_lt); \
+                 CREATE OPERATOR <= (LEFTARG = mood, RIGHTARG = mood, FUNCTION = mood_le); \
+                 CREATE OPERATOR = (LEFTARG = mood, RIGHTARG = mood, FUNCTION = mood_eq); \
+                 CREATE OPERATOR >= (LEFTARG = mood, RIGHTARG = mood, FUNCTION = mood_ge); \
+                 CREATE OPERATOR > (LEFTARG = mood, RIGHTARG = mood, FUNCTION = mood_gt); \
+                 CREATE OPERATOR CLASS mood_ops DEFAULT FOR TYPE mood USING btree AS \
+                   OPERATOR 1 <, OPERATOR 2 <=, OPERATOR 3 =, OPERATOR 4 >=, OPERATOR 5 >, \
+                   FUNCTION 1 reveal_cmp(mood, mood)"
+            ),
+        )
+        .unwrap();
+    let ran = || {
+        env.pg
+            .psql_db(DB, "SELECT count(*) FROM canary")
+            .unwrap()
+            .trim()
+            .parse::<u32>()
+            .unwrap()
+    };
+    // Directly, the sort calls the comparison function.
+    assert_eq!(
+        env.pg
+            .psql_db(
+                DB,
+                &format!("SET ROLE {ROLE}; SELECT m FROM moods ORDER BY m")
+            )
+            .unwrap(),
+        "sad\nhappy"
+    );
+    assert!(ran() > 0, "the comparison function did not run directly");
+    env.pg.psql_db(DB, "TRUNCATE canary").unwrap();
+    let dsn = env.tcp_dsn("");
+    let out = psql(&dsn, "SELECT m FROM moods ORDER BY m");
+    assert!(refused(&out), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("function public.reveal_cmp"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(ran(), 0);
+}
