@@ -57,12 +57,39 @@ pub struct Identity {
     pub unit: Option<String>,
     /// Container id from a docker, containerd, CRI-O or podman scope.
     pub container: Option<String>,
-    pub exe: Option<PathBuf>,
+    pub exe: Option<Executable>,
     /// The thread name the kernel recorded (eBPF only).
     pub comm: Option<String>,
     /// The person logged in (`pgiam login`) in the login session this process belongs to,
     /// or whose ID token the client gave as its password.
     pub person: Option<std::sync::Arc<crate::people::Person>>,
+}
+
+/// The executable of the process that connected, and whose word it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Executable {
+    /// The kernel recorded it at connect() (eBPF with BTF), and /proc still names that file:
+    /// a credential, as uid and cgroup are (`exe:` principals, the policy's `exe`).
+    Recorded(PathBuf),
+    /// /proc's word when pgiam looked, after connect(): a label for logs and the audit, never
+    /// a credential (a process can connect, then exec a trusted binary and keep the socket).
+    Reported(PathBuf),
+}
+
+impl Executable {
+    pub fn path(&self) -> &Path {
+        match self {
+            Executable::Recorded(p) | Executable::Reported(p) => p,
+        }
+    }
+
+    /// The path, if it may be trusted.
+    pub fn credential(&self) -> Option<&Path> {
+        match self {
+            Executable::Recorded(p) => Some(p),
+            Executable::Reported(_) => None,
+        }
+    }
 }
 
 impl Identity {
@@ -86,7 +113,7 @@ impl Identity {
             "unit" => id.unit = Some(value.to_owned()),
             "cgroup" => id.cgroup = Some(value.to_owned()),
             "container" => id.container = Some(value.to_owned()),
-            "exe" => id.exe = Some(value.into()),
+            "exe" => id.exe = Some(Executable::Recorded(value.into())),
             _ => return None,
         }
         Some(id)
@@ -95,9 +122,9 @@ impl Identity {
     /// The identity the eBPF connect hook recorded. The cgroup is the one the process was in at
     /// connect() time, resolved from its id, not where it may have moved since. The executable
     /// is the one that called connect(): `exe_recorded` says the kernel recorded it (it has BTF),
-    /// and then /proc's path counts only if it still names that very file (an exec() since,
-    /// to borrow a trusted binary's name, leaves the session without an exe: principal).
-    /// Without a record, /proc's path at this moment is all there is.
+    /// and then /proc's path is the recorded executable only if it still names that very file
+    /// (an exec() since, to borrow a trusted binary's name, leaves the session without one).
+    /// Without a record, /proc's path at this moment is a label only.
     pub fn from_origin(origin: &pgiam_common::Origin, exe_recorded: bool) -> Identity {
         let comm_len = origin
             .comm
@@ -114,9 +141,9 @@ impl Identity {
             Some(comm),
         );
         if exe_recorded {
-            if let Some(now) = id.exe.take() {
+            if let Some(now) = id.exe.take().map(|e| e.path().to_owned()) {
                 if is_recorded_file(&now, origin.exe_dev, origin.exe_ino) {
-                    id.exe = Some(now);
+                    id.exe = Some(Executable::Recorded(now));
                 } else {
                     tracing::warn!(
                         pid = origin.tgid,
@@ -145,7 +172,9 @@ impl Identity {
             .ok()
             .flatten()
             .map(|g| g.name);
-        let exe = pid.and_then(|p| std::fs::read_link(format!("/proc/{p}/exe")).ok());
+        let exe = pid
+            .and_then(|p| std::fs::read_link(format!("/proc/{p}/exe")).ok())
+            .map(Executable::Reported);
         let unit = cgroup.as_deref().and_then(unit_from_cgroup_path);
         let container = cgroup.as_deref().and_then(container_from_cgroup_path);
         Identity {
@@ -180,7 +209,7 @@ impl Identity {
         if let Some(c) = &self.cgroup {
             p.push(format!("cgroup:{c}"));
         }
-        if let Some(e) = &self.exe {
+        if let Some(e) = self.exe.as_ref().and_then(Executable::credential) {
             p.push(format!("exe:{}", e.display()));
         }
         if let Some(u) = &self.user {
@@ -215,8 +244,10 @@ impl fmt::Display for Identity {
         if let Some(c) = &self.container {
             write!(f, " container={c}")?;
         }
-        if let Some(e) = &self.exe {
-            write!(f, " exe={}", e.display())?;
+        match &self.exe {
+            Some(Executable::Recorded(e)) => write!(f, " exe={}", e.display())?,
+            Some(Executable::Reported(e)) => write!(f, " exe={} (not recorded)", e.display())?,
+            None => {}
         }
         if let Some(c) = &self.comm {
             write!(f, " comm={c}")?;
@@ -239,7 +270,9 @@ impl serde::Serialize for Identity {
                 s.collect_str(&self.0)
             }
         }
-        let mut m = s.serialize_map(Some(11 + usize::from(self.person.is_some())))?;
+        let recorded = matches!(self.exe, Some(Executable::Recorded(_)));
+        let entries = 11 + usize::from(recorded) + usize::from(self.person.is_some());
+        let mut m = s.serialize_map(Some(entries))?;
         m.serialize_entry("source", &Shown(&self.source))?;
         m.serialize_entry("uid", &self.uid)?;
         m.serialize_entry("gid", &self.gid)?;
@@ -249,7 +282,10 @@ impl serde::Serialize for Identity {
         m.serialize_entry("cgroup", &self.cgroup)?;
         m.serialize_entry("unit", &self.unit)?;
         m.serialize_entry("container", &self.container)?;
-        m.serialize_entry("exe", &self.exe.as_deref().map(|e| Shown(e.display())))?;
+        m.serialize_entry("exe", &self.exe.as_ref().map(|e| Shown(e.path().display())))?;
+        if recorded {
+            m.serialize_entry("exe_recorded", &true)?;
+        }
         m.serialize_entry("comm", &self.comm)?;
         if let Some(p) = &self.person {
             m.serialize_entry("person", p.as_ref())?;
@@ -615,10 +651,22 @@ mod tests {
             nix::unistd::getgid().as_raw(),
             Some(me),
         );
-        assert_eq!(id.exe, std::env::current_exe().ok());
+        assert_eq!(
+            id.exe,
+            std::env::current_exe().ok().map(Executable::Reported)
+        );
         let principals = id.principals();
         assert!(principals.contains(&format!("uid:{}", id.uid)));
-        assert!(principals.iter().any(|p| p.starts_with("exe:")));
+        // What /proc says after the fact is not a credential.
+        assert!(!principals.iter().any(|p| p.starts_with("exe:")));
+        let recorded = Identity {
+            exe: id
+                .exe
+                .as_ref()
+                .map(|e| Executable::Recorded(e.path().to_owned())),
+            ..id
+        };
+        assert!(recorded.principals().iter().any(|p| p.starts_with("exe:")));
     }
 
     #[tokio::test]
@@ -641,6 +689,7 @@ mod tests {
         assert_eq!(id.uid, nix::unistd::getuid().as_raw());
         assert!(id.exe.as_ref().is_some_and(|e| ["sleep", "bash"]
             .iter()
-            .any(|n| e.to_string_lossy().contains(n))));
+            .any(|n| e.path().to_string_lossy().contains(n))));
+        assert!(id.exe.as_ref().and_then(Executable::credential).is_none());
     }
 }

@@ -43,6 +43,7 @@ namespace PgIam {
     unit?: String,
     container?: String,
     cgroup?: String,
+    // Only as the kernel recorded it at connect() (intercepted, with BTF).
     exe?: String,
     // A person (`pgiam login`, or an ID token as password), as their issuer verified them.
     issuer?: String,
@@ -655,9 +656,14 @@ fn optional_facts(identity: &Identity) -> [(&'static str, Option<String>); 6] {
         ("unit", identity.unit.clone()),
         ("container", identity.container.clone()),
         ("cgroup", identity.cgroup.clone()),
+        // Only what the kernel recorded: /proc's word after connect() can be borrowed.
         (
             "exe",
-            identity.exe.as_ref().map(|e| e.display().to_string()),
+            identity
+                .exe
+                .as_ref()
+                .and_then(crate::identity::Executable::credential)
+                .map(|e| e.display().to_string()),
         ),
     ]
 }
@@ -1270,7 +1276,9 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &b));
         // Any fact a policy can read makes another principal.
         let mut other = id.clone();
-        other.exe = Some("/usr/bin/other".into());
+        other.exe = Some(crate::identity::Executable::Recorded(
+            "/usr/bin/other".into(),
+        ));
         let c = Principal::shared("unit:pool.service", "pool", "app", &other);
         assert!(!Arc::ptr_eq(&a, &c));
         assert!(!Arc::ptr_eq(

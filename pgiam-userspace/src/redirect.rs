@@ -238,14 +238,14 @@ impl Interception {
             config.flags |= common::F_BOUND_DEV;
         }
         // The executable is read through the kernel's own types, which only its BTF
-        // describes; without it, exe: principals come from /proc at accept time, as before.
+        // describes; without it, nothing is recorded and no client has an exe: principal.
         if kernel_has_btf() {
             config.flags |= common::F_EXE;
         } else {
             tracing::warn!(
                 "the kernel has no BTF (/sys/kernel/btf/vmlinux): the executable of an intercepted \
-                 client is read from /proc when pgiam accepts it, which an exec() after connect() \
-                 can change; exe: principals are only as strong as that"
+                 client cannot be recorded at connect(), so no client has an exe: principal \
+                 (/proc's word after connect() can be borrowed by an exec())"
             );
         }
         let IpAddr::V4(ip4) = listen4.ip() else {

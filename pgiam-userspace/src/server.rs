@@ -58,6 +58,26 @@ pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
             None
         }
     };
+    if let Some(m) = config
+        .mappings
+        .iter()
+        .find(|m| m.principal.starts_with("exe:"))
+    {
+        let recorded = config.interception.is_some() && crate::redirect::kernel_has_btf();
+        if !recorded {
+            tracing::warn!(
+                principal = %m.principal,
+                "exe: principals match only an executable the kernel recorded at connect() \
+                 (eBPF interception on a kernel with BTF); without it, this mapping matches nobody"
+            );
+        } else if config.listen.unix.is_some() {
+            tracing::info!(
+                principal = %m.principal,
+                "exe: principals never match unix-socket clients (their executable is /proc's \
+                 word, not the kernel's record)"
+            );
+        }
+    }
     let revocations = Arc::new(
         crate::admin::revocations::Revocations::load(&config.state_dir)
             .context("revocation list")?,

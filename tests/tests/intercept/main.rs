@@ -1059,18 +1059,26 @@ fn a_reload_changes_the_intercepted_ports_live_and_metrics_show_the_kernel_count
 /// that binary's name, though /proc names it by the time pgiam accepts (shown: the borrowed
 /// process reads its own /proc entry as the trusted binary's). The binary connecting itself is
 /// mapped. Both for an intercepted connection and for one that dials pgiam's listener itself
-/// from the intercepted subtree.
+/// from the intercepted subtree. On pgiam's unix socket, where no kernel records the
+/// executable, nobody has an exe: principal: neither the borrower nor the binary itself.
 #[test]
 fn an_exe_principal_cannot_be_borrowed_by_an_exec_after_connect() {
     let mut env = Env::start(false);
     let python = std::fs::canonicalize("/usr/bin/python3").expect("python3");
-    let config = env.config().replace(
-        "[interception]",
-        &format!(
-            "[[mapping]]\nprincipal = \"exe:{}\"\ndatabase = \"{DB}\"\nrole = \"{RW}\"\n[interception]",
-            python.display()
-        ),
-    );
+    let unix = env._dir.path().join(".s.PGSQL.5432");
+    let config = env
+        .config()
+        .replace(
+            "[interception]",
+            &format!(
+                "[[mapping]]\nprincipal = \"exe:{}\"\ndatabase = \"{DB}\"\nrole = \"{RW}\"\n[interception]",
+                python.display()
+            ),
+        )
+        .replace(
+            "[listen]\n",
+            &format!("[listen]\nunix = \"{}\"\n", unix.display()),
+        );
     std::fs::write(&env.config_path, config).unwrap();
     env.stop_pgiam();
     env.start_pgiam();
@@ -1082,7 +1090,9 @@ fn an_exe_principal_cannot_be_borrowed_by_an_exec_after_connect() {
         &format!(
             "import os, socket, struct, sys\n\
              s = socket.socket(fileno=int(sys.argv[2])) if len(sys.argv) > 2 else \
-             socket.create_connection(('127.0.0.1', int(sys.argv[1])))\n\
+             socket.create_connection(('127.0.0.1', int(sys.argv[1]))) \
+             if sys.argv[1].isdigit() else socket.socket(socket.AF_UNIX)\n\
+             if not sys.argv[1].isdigit() and len(sys.argv) == 2: s.connect(sys.argv[1])\n\
              body = struct.pack('!i', 196608) + b'user\\0x\\0database\\0{DB}\\0\\0'\n\
              s.sendall(struct.pack('!i', len(body) + 4) + body)\n\
              print(os.readlink('/proc/self/exe'), s.recv(1).decode())\n"
@@ -1116,11 +1126,34 @@ fn an_exe_principal_cannot_be_borrowed_by_an_exec_after_connect() {
             "port {port}: bash connected, then became the trusted binary: /proc names it, pgiam must not"
         );
     }
+    // The unix socket: SO_PEERCRED names the process, /proc its executable after the fact.
+    let own = output(env.other.command(&python).arg(&script).arg(&unix));
+    assert_eq!(
+        text(&own).trim(),
+        format!("{} E", python.display()),
+        "unix socket: the executable is not recorded, so it is no credential"
+    );
+    // Connected by perl, then python: /proc names python by the time pgiam looks.
+    let borrowed = output(env.other.command("perl").args([
+        "-MIO::Socket::UNIX",
+        "-e",
+        "$^F = 255; my $s = IO::Socket::UNIX->new(Type => SOCK_STREAM(), Peer => $ARGV[0]) \
+         or die $!; exec($ARGV[1], $ARGV[2], '-', fileno($s))",
+        &unix.display().to_string(),
+        &python.display().to_string(),
+        &script.display().to_string(),
+    ]));
+    assert_eq!(
+        text(&borrowed).trim(),
+        format!("{} E", python.display()),
+        "unix socket: perl connected, then became the trusted binary"
+    );
     let log = env.log();
     assert!(
         log.contains("runs another executable than the one that connected"),
         "{log}"
     );
+    assert!(log.contains("(not recorded)"), "{log}");
 }
 
 /// pgiam SIGKILLed in the middle of a pgbench run, then started again: while it is down the
