@@ -203,6 +203,25 @@ impl Snapshot {
         Ok(s)
     }
 
+    /// A snapshot of operator, cast and `i` rows (`rows`) and function rows with their counts.
+    #[cfg(test)]
+    pub fn for_tests(rows: &[[&str; 6]], functions: &[[&str; 9]]) -> Snapshot {
+        let rows = rows
+            .iter()
+            .map(|r| {
+                r.iter()
+                    .map(|v| Some(*v))
+                    .chain([None, None, None])
+                    .collect()
+            })
+            .chain(
+                functions
+                    .iter()
+                    .map(|r| r.iter().map(|v| Some(*v)).collect()),
+            );
+        Snapshot::from_rows(rows).unwrap()
+    }
+
     /// Every function `statement` may run through an operator or a cast, each once, with
     /// the signatures it may run under that name.
     pub fn functions_behind(&self, statement: &Statement) -> Vec<Called<'_>> {
@@ -349,20 +368,7 @@ mod tests {
             ],
             ["f", "f", "other", "other", "f", "", "0", "0", "false"],
         ];
-        let rows = rows
-            .iter()
-            .map(|r| {
-                r.iter()
-                    .map(|v| Some(*v))
-                    .chain([None, None, None])
-                    .collect()
-            })
-            .chain(
-                functions
-                    .iter()
-                    .map(|r| r.iter().map(|v| Some(*v)).collect()),
-            );
-        Snapshot::from_rows(rows).unwrap()
+        Snapshot::for_tests(&rows, &functions)
     }
 
     fn behind(sql: &str) -> Vec<String> {
@@ -382,13 +388,10 @@ mod tests {
 
     #[test]
     fn what_the_server_calls_on_its_own_is_run_by_any_expression() {
-        let row = ["i", "", "public", "public", "mood_cmp", "mood, mood"];
-        let rows = [row
-            .iter()
-            .map(|v| Some(*v))
-            .chain([None, None, None])
-            .collect()];
-        let s = Snapshot::from_rows(rows).unwrap();
+        let s = Snapshot::for_tests(
+            &[["i", "", "public", "public", "mood_cmp", "mood, mood"]],
+            &[],
+        );
         let called = |sql: &str| {
             let statement = &crate::sql::classify(sql, true).unwrap()[0];
             s.functions_behind(statement)

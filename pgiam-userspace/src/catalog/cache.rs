@@ -53,17 +53,27 @@ struct Entry {
 
 #[derive(Default)]
 struct State {
-    /// The last snapshot, and when the read that made it began.
-    snapshot: Option<(Arc<Snapshot>, Instant)>,
-    /// Something forwarded since that read began may have changed the catalog.
-    stale: bool,
+    /// The last snapshot, when the read that made it began, and how many invalidations there
+    /// had been by then.
+    snapshot: Option<(Arc<Snapshot>, Instant, u64)>,
+    /// Statements forwarded that may have changed the catalog, counted. (A count, not a flag a
+    /// read clears: a read abandoned half-way, its session gone, must leave it standing.)
+    invalidations: u64,
     failed: Option<(Arc<str>, Instant)>,
 }
 
 impl State {
+    /// The snapshot, unless something forwarded since its read began may have changed the
+    /// catalog.
+    fn current(&self) -> Option<&(Arc<Snapshot>, Instant, u64)> {
+        self.snapshot
+            .as_ref()
+            .filter(|(_, _, seen)| *seen == self.invalidations)
+    }
+
     fn usable(&self, max_age: Duration) -> Option<Read> {
-        match (&self.snapshot, &self.failed) {
-            (Some((s, at)), _) if !self.stale && at.elapsed() < max_age => Ok(s.clone()).into(),
+        match (self.current(), &self.failed) {
+            (Some((s, at, _)), _) if at.elapsed() < max_age => Ok(s.clone()).into(),
             (_, Some((why, at))) if at.elapsed() < RETRY_AFTER => {
                 Some(self.after_failure(why, max_age))
             }
@@ -75,8 +85,8 @@ impl State {
     /// [`GRACE`] × `max_age` (the server may be at its connection limit; nothing through
     /// pgiam has changed the catalog since), else the failure.
     fn after_failure(&self, why: &Arc<str>, max_age: Duration) -> Read {
-        match &self.snapshot {
-            Some((s, at)) if !self.stale && at.elapsed() < max_age * GRACE => Ok(s.clone()),
+        match self.current() {
+            Some((s, at, _)) if at.elapsed() < max_age * GRACE => Ok(s.clone()),
             _ => Err(why.clone()),
         }
     }
@@ -121,16 +131,13 @@ impl Catalogs {
         let _reading = entry.reading.lock().await;
         // Another session may have read it while this one waited.
         let began = {
-            let mut state = entry.lock();
+            let state = entry.lock();
             if let Some(r) = state.usable(max_age) {
                 return r;
             }
-            // A change forwarded from now on makes this read stale in its turn (and one
-            // before it still makes the old snapshot stale if the read fails).
-            let was_stale = std::mem::take(&mut state.stale);
-            (Instant::now(), was_stale)
+            // A change forwarded from now on makes this read stale in its turn.
+            (Instant::now(), state.invalidations)
         };
-        let (began, was_stale) = began;
         let outcome = match tokio::time::timeout(READ_TIMEOUT, read()).await {
             Ok(r) => r,
             Err(_) => Err(format!("no answer within {}s", READ_TIMEOUT.as_secs())),
@@ -139,12 +146,11 @@ impl Catalogs {
         match outcome {
             Ok(snapshot) => {
                 let snapshot = Arc::new(snapshot);
-                state.snapshot = Some((snapshot.clone(), began));
+                state.snapshot = Some((snapshot.clone(), began.0, began.1));
                 state.failed = None;
                 Ok(snapshot)
             }
             Err(why) => {
-                state.stale |= was_stale;
                 let why: Arc<str> = Arc::from(why);
                 state.failed = Some((why.clone(), Instant::now()));
                 let read = state.after_failure(&why, max_age);
@@ -166,7 +172,7 @@ impl Catalogs {
     pub fn invalidate(&self, key: &Key) {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = entries.get(key) {
-            e.lock().stale = true;
+            e.lock().invalidations += 1;
         }
     }
 }
@@ -291,6 +297,51 @@ mod tests {
             "too many clients"
         );
         assert!(catalogs.usable(&key, aged).unwrap().is_err());
+    }
+
+    /// Between a change forwarded and the read after it, the old snapshot is never handed
+    /// out: not while another session's read is under way, nor after that session went away
+    /// half-way through it.
+    #[tokio::test]
+    async fn after_a_change_the_old_snapshot_is_gone_while_a_read_is_under_way_or_abandoned() {
+        let catalogs = Catalogs::default();
+        let key: Key = (None, "app".into());
+        let hour = Duration::from_secs(3600);
+        let fresh = || async { Ok(Snapshot::default()) };
+        catalogs.get(&key, hour, fresh).await.unwrap();
+        catalogs.invalidate(&key);
+        let (done, wait) = tokio::sync::oneshot::channel::<()>();
+        let reading = catalogs.get(&key, hour, || async {
+            let _ = wait.await;
+            Ok(Snapshot::default())
+        });
+        tokio::pin!(reading);
+        let under_way = tokio::time::timeout(Duration::from_millis(50), &mut reading).await;
+        assert!(under_way.is_err());
+        assert!(
+            catalogs.usable(&key, hour).is_none(),
+            "the old snapshot, mid-read"
+        );
+        drop(done);
+        assert!(reading.await.is_ok());
+        assert!(catalogs.usable(&key, hour).is_some());
+        // Abandoned: the session that began the read goes away before it ends.
+        catalogs.invalidate(&key);
+        let abandoned = catalogs.get(&key, hour, std::future::pending);
+        assert!(tokio::time::timeout(Duration::from_millis(50), abandoned)
+            .await
+            .is_err());
+        assert!(
+            catalogs.usable(&key, hour).is_none(),
+            "the old snapshot, abandoned"
+        );
+        let reads = std::sync::atomic::AtomicUsize::new(0);
+        let counted = || async {
+            reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(Snapshot::default())
+        };
+        catalogs.get(&key, hour, counted).await.unwrap();
+        assert_eq!(reads.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 
     #[tokio::test]

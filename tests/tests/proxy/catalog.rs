@@ -17,8 +17,13 @@ forbid(principal, action == PgIam::Action::"execute", resource)
 "#;
 
 fn env(max_age_secs: u64) -> Env {
+    env_with(POLICY, max_age_secs)
+}
+
+/// A `secret` table the mapped role may read, and `reveal(int, int)` that reads it.
+fn env_with(policy: &str, max_age_secs: u64) -> Env {
     let env = Env::with(Setup {
-        policy: POLICY.into(),
+        policy: policy.into(),
         policy_settings: format!("catalog_max_age_secs = {max_age_secs}"),
         ..Setup::default()
     });
@@ -116,27 +121,21 @@ fn without_the_catalog_what_needs_it_is_refused() {
 
 #[test]
 fn a_policy_names_the_overload_it_forbids_and_the_other_one_runs() {
-    let env = Env::with(Setup {
-        policy: r#"
+    // An hour: only the DDL passing through can make pgiam read the catalog again.
+    let env = env_with(
+        r#"
 @id("everything")
 permit(principal, action, resource);
 @id("not-tag-text")
 forbid(principal, action == PgIam::Action::"execute", resource)
   when { context has overloads && context.overloads.contains("tag(text, text)") };
-"#
-        .into(),
-        // An hour: only the DDL passing through can make pgiam read the catalog again.
-        policy_settings: "catalog_max_age_secs = 3600".into(),
-        ..Setup::default()
-    });
+"#,
+        3600,
+    );
     env.pg
         .psql_db(
             DB,
-            &format!(
-                "CREATE TABLE secret (v text); INSERT INTO secret VALUES ('s3cret'); \
-                 GRANT ALL ON secret TO {ROLE}; GRANT CREATE ON SCHEMA public TO {ROLE}; \
-                 CREATE FUNCTION tag(int) RETURNS text LANGUAGE sql AS 'SELECT ''tag'''"
-            ),
+            "CREATE FUNCTION tag(int) RETURNS text LANGUAGE sql AS 'SELECT ''tag'''",
         )
         .unwrap();
     let dsn = env.tcp_dsn("");

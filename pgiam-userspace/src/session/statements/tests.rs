@@ -721,26 +721,9 @@ fn completions_say_each_fact_once() {
     );
 }
 
-/// A catalog snapshot of operator and cast rows (`functions`: function rows, with counts).
-fn catalog_of(rows: &[[&str; 6]], functions: &[[&str; 9]]) -> crate::catalog::Snapshot {
-    let rows = rows
-        .iter()
-        .map(|r| {
-            r.iter()
-                .map(|v| Some(*v))
-                .chain([None, None, None])
-                .collect()
-        })
-        .chain(
-            functions
-                .iter()
-                .map(|r| r.iter().map(|v| Some(*v)).collect()),
-        );
-    crate::catalog::Snapshot::from_rows(rows).unwrap()
-}
-
-fn catalog(rows: &[[&str; 6]]) -> crate::catalog::Snapshot {
-    catalog_of(rows, &[])
+/// Whether a simple Query of `sql` is forwarded.
+fn runs(gate: &mut Gate, sql: &str) -> bool {
+    forwarded(gate, query(sql))
 }
 
 #[test]
@@ -752,14 +735,6 @@ fn a_policy_tells_a_function_s_overloads_apart_by_what_the_call_may_run() {
           when { context has overloads && context.overloads.contains("f(text, text)") };
         "#,
     );
-    let query = |gate: &mut Gate, sql: &str| {
-        forwarded(
-            gate,
-            FrontendMessage::Query {
-                sql: sql.as_bytes(),
-            },
-        )
-    };
     let functions = [
         [
             "f", "f", "public", "public", "f", "integer", "1", "0", "false",
@@ -776,21 +751,26 @@ fn a_policy_tells_a_function_s_overloads_apart_by_what_the_call_may_run() {
             "false",
         ],
     ];
-    gate.use_catalog(Ok(Arc::new(catalog_of(&[], &functions))));
-    assert!(query(&mut gate, "SELECT f(1)"));
-    assert!(!query(&mut gate, "SELECT f('a', 'b')"));
-    assert!(!query(&mut gate, "SELECT public.f(a => 'a', b => 'b')"));
-    assert!(!query(
+    gate.use_catalog(Ok(Arc::new(crate::catalog::Snapshot::for_tests(
+        &[],
+        &functions,
+    ))));
+    assert!(runs(&mut gate, "SELECT f(1)"));
+    assert!(!runs(&mut gate, "SELECT f('a', 'b')"));
+    assert!(!runs(&mut gate, "SELECT public.f(a => 'a', b => 'b')"));
+    assert!(!runs(
         &mut gate,
         "SELECT f(1) FROM t WHERE f('a', 'b') IS NULL"
     ));
-    assert!(query(&mut gate, "SELECT * FROM f(2)"));
+    assert!(runs(&mut gate, "SELECT * FROM f(2)"));
     // Another schema's f is not that overload.
-    assert!(query(&mut gate, "SELECT other.f('a', 'b')"));
+    assert!(runs(&mut gate, "SELECT other.f('a', 'b')"));
     // An operator's function is named by its signature too.
     let rows = [["o", "===", "public", "public", "f", "text, text"]];
-    gate.use_catalog(Ok(Arc::new(catalog_of(&rows, &functions))));
-    assert!(!query(&mut gate, "SELECT 'a' === 'b'"));
+    gate.use_catalog(Ok(Arc::new(crate::catalog::Snapshot::for_tests(
+        &rows, &functions,
+    ))));
+    assert!(!runs(&mut gate, "SELECT 'a' === 'b'"));
 }
 
 #[test]
@@ -802,24 +782,19 @@ fn operators_and_casts_ask_for_the_functions_the_catalog_says_they_run() {
                resource == PgIam::Function::"app.public.leak");
         "#,
     );
-    let query = |gate: &mut Gate, sql: &str| {
-        forwarded(
-            gate,
-            FrontendMessage::Query {
-                sql: sql.as_bytes(),
-            },
-        )
-    };
-    assert!(query(&mut gate, "SELECT 1 === 2"));
-    let catalog = catalog(&[["o", "===", "public", "public", "leak", "integer, integer"]]);
+    assert!(runs(&mut gate, "SELECT 1 === 2"));
+    let catalog = crate::catalog::Snapshot::for_tests(
+        &[["o", "===", "public", "public", "leak", "integer, integer"]],
+        &[],
+    );
     gate.use_catalog(Ok(Arc::new(catalog)));
-    assert!(!query(&mut gate, "SELECT 1 === 2"));
-    assert!(!query(&mut gate, "SELECT 1 OPERATOR(public.===) 2"));
-    assert!(query(&mut gate, "SELECT 1 OPERATOR(other.===) 2"));
-    assert!(query(&mut gate, "SELECT 1 = 2"));
+    assert!(!runs(&mut gate, "SELECT 1 === 2"));
+    assert!(!runs(&mut gate, "SELECT 1 OPERATOR(public.===) 2"));
+    assert!(runs(&mut gate, "SELECT 1 OPERATOR(other.===) 2"));
+    assert!(runs(&mut gate, "SELECT 1 = 2"));
     // No catalog: a statement that needs it is refused; one that does not goes on.
     gate.use_catalog(Err(Arc::from("connection refused")));
-    assert!(!query(&mut gate, "SELECT 1 = 2"));
-    assert!(!query(&mut gate, "SELECT * FROM t"));
-    assert!(query(&mut gate, "BEGIN"));
+    assert!(!runs(&mut gate, "SELECT 1 = 2"));
+    assert!(!runs(&mut gate, "SELECT * FROM t"));
+    assert!(runs(&mut gate, "BEGIN"));
 }
