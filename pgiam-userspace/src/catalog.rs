@@ -203,6 +203,25 @@ impl Snapshot {
         Ok(s)
     }
 
+    /// Two overloads of `public.f`, as function rows: `f(integer)` and `f(text, text)`.
+    #[cfg(test)]
+    pub const TEST_OVERLOADS: [[&'static str; 9]; 2] = [
+        [
+            "f", "f", "public", "public", "f", "integer", "1", "0", "false",
+        ],
+        [
+            "f",
+            "f",
+            "public",
+            "public",
+            "f",
+            "text, text",
+            "2",
+            "0",
+            "false",
+        ],
+    ];
+
     /// A snapshot of operator, cast and `i` rows (`rows`) and function rows with their counts.
     #[cfg(test)]
     pub fn for_tests(rows: &[[&str; 6]], functions: &[[&str; 9]]) -> Snapshot {
@@ -340,34 +359,23 @@ mod tests {
                 "mytype",
             ],
         ];
-        let functions = [
-            [
-                "f", "f", "public", "public", "f", "integer", "1", "0", "false",
-            ],
-            [
-                "f",
-                "f",
-                "public",
-                "public",
-                "f",
-                "text, text",
-                "2",
-                "0",
-                "false",
-            ],
-            [
-                "f",
-                "f",
-                "public",
-                "public",
-                "f",
-                "text, integer, text[]",
-                "3",
-                "1",
-                "true",
-            ],
-            ["f", "f", "other", "other", "f", "", "0", "0", "false"],
-        ];
+        let functions: Vec<[&str; 9]> = Snapshot::TEST_OVERLOADS
+            .into_iter()
+            .chain([
+                [
+                    "f",
+                    "f",
+                    "public",
+                    "public",
+                    "f",
+                    "text, integer, text[]",
+                    "3",
+                    "1",
+                    "true",
+                ],
+                ["f", "f", "other", "other", "f", "", "0", "0", "false"],
+            ])
+            .collect();
         Snapshot::for_tests(&rows, &functions)
     }
 

@@ -141,7 +141,7 @@ impl Identity {
             Some(comm),
         );
         if exe_recorded {
-            if let Some(now) = id.exe.take().map(|e| e.path().to_owned()) {
+            if let Some(Executable::Reported(now) | Executable::Recorded(now)) = id.exe.take() {
                 if is_recorded_file(&now, origin.exe_dev, origin.exe_ino) {
                     id.exe = Some(Executable::Recorded(now));
                 } else {

@@ -1118,32 +1118,6 @@ impl Resolver {
         asks
     }
 
-    /// Names, in each of `asks` that executes a function `statement` calls by name, the
-    /// user-defined overloads the call may run, as the catalog lists them (by the argument
-    /// counts the statement calls it with).
-    pub fn name_overloads(
-        statement: &Statement,
-        catalog: &crate::catalog::Snapshot,
-        asks: &mut [Ask],
-    ) {
-        for ask in asks.iter_mut().filter(|a| a.overloads.is_none()) {
-            let (Action::Execute, Resource::Function { schema, name }) =
-                (ask.action, &ask.resource)
-            else {
-                continue;
-            };
-            let arities: BTreeSet<usize> = statement
-                .function_arities
-                .iter()
-                .filter(|(f, _)| f.name == *name && f.schema.as_ref().is_none_or(|s| s == schema))
-                .flat_map(|(_, n)| n.iter().copied())
-                .collect();
-            // (Every call records its count; none recorded, every overload.)
-            let arities = (!arities.is_empty()).then_some(&arities);
-            ask.overloads = catalog.overloads(schema, name, arities);
-        }
-    }
-
     /// The asks a statement makes.
     pub fn asks(&self, statement: &Statement) -> Vec<Ask> {
         let command = statement.command;
@@ -1253,6 +1227,27 @@ impl Resolver {
             });
         }
         asks
+    }
+}
+
+/// Names, in each of `asks` that executes a function `statement` calls by name, the
+/// user-defined overloads the call may run, as the catalog lists them (by the argument
+/// counts the statement calls it with).
+pub fn name_overloads(statement: &Statement, catalog: &crate::catalog::Snapshot, asks: &mut [Ask]) {
+    for ask in asks.iter_mut().filter(|a| a.overloads.is_none()) {
+        let (Action::Execute, Resource::Function { schema, name }) = (ask.action, &ask.resource)
+        else {
+            continue;
+        };
+        let arities: BTreeSet<usize> = statement
+            .function_arities
+            .iter()
+            .filter(|(f, _)| f.name == *name && f.schema.as_ref().is_none_or(|s| s == schema))
+            .flat_map(|(_, n)| n.iter().copied())
+            .collect();
+        // (Every call records its count; none recorded, every overload.)
+        let arities = (!arities.is_empty()).then_some(&arities);
+        ask.overloads = catalog.overloads(schema, name, arities);
     }
 }
 

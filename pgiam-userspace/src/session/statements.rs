@@ -513,7 +513,7 @@ impl Gate {
             }
             let why = match &self.catalog {
                 Some(Ok(catalog)) => {
-                    crate::policy::Resolver::name_overloads(t, catalog, &mut asks[from..]);
+                    crate::policy::name_overloads(t, catalog, &mut asks[from..]);
                     asks.extend(self.resolver.catalog_asks(t, catalog));
                     continue;
                 }

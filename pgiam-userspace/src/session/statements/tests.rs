@@ -735,22 +735,7 @@ fn a_policy_tells_a_function_s_overloads_apart_by_what_the_call_may_run() {
           when { context has overloads && context.overloads.contains("f(text, text)") };
         "#,
     );
-    let functions = [
-        [
-            "f", "f", "public", "public", "f", "integer", "1", "0", "false",
-        ],
-        [
-            "f",
-            "f",
-            "public",
-            "public",
-            "f",
-            "text, text",
-            "2",
-            "0",
-            "false",
-        ],
-    ];
+    let functions = crate::catalog::Snapshot::TEST_OVERLOADS;
     gate.use_catalog(Ok(Arc::new(crate::catalog::Snapshot::for_tests(
         &[],
         &functions,
