@@ -108,15 +108,55 @@ impl Record {
     }
 
     /// The record with its timestamp, left open (no closing brace) for the chain.
-    fn open(mut self) -> Vec<u8> {
-        const FORMAT: &[time::format_description::FormatItem<'_>] = time::macros::format_description!(
-            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
-        );
-        let ts = time::OffsetDateTime::now_utc()
-            .format(FORMAT)
-            .unwrap_or_default();
-        self.push("ts", &ts);
+    fn open(mut self, clock: &mut Clock) -> Vec<u8> {
+        self.0.extend_from_slice(b",\"ts\":\"");
+        clock.stamp(&mut self.0);
+        self.0.push(b'"');
         self.0
+    }
+}
+
+/// Writes records' timestamps (RFC 3339, UTC, microseconds). Taken as each record is sealed,
+/// so they follow the chain's order; the part up to the second is formatted once a second,
+/// as a statement's record is sealed under the log's lock.
+struct Clock {
+    second: u64,
+    /// `2026-12-03T08:15:42.` for `second`.
+    prefix: Vec<u8>,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        Clock {
+            second: u64::MAX,
+            prefix: Vec::new(),
+        }
+    }
+
+    fn stamp(&mut self, out: &mut Vec<u8>) {
+        const SECOND: &[time::format_description::FormatItem<'_>] =
+            time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        if now.as_secs() != self.second {
+            self.second = now.as_secs();
+            self.prefix = i64::try_from(self.second)
+                .ok()
+                .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+                .and_then(|t| t.format(SECOND).ok())
+                .unwrap_or_default()
+                .into_bytes();
+        }
+        out.extend_from_slice(&self.prefix);
+        let mut micros = now.subsec_micros();
+        let mut digits = [b'0'; 6];
+        for d in digits.iter_mut().rev() {
+            *d = b'0' + (micros % 10) as u8;
+            micros /= 10;
+        }
+        out.extend_from_slice(&digits);
+        out.push(b'Z');
     }
 }
 
@@ -191,6 +231,9 @@ struct State {
     file: Arc<File>,
     /// The hash of the last record sealed.
     prev: String,
+    /// `prev` before the records an append is sealing, for undoing them.
+    prev_before: String,
+    clock: Clock,
     sealed: u64,
     /// Sealed and written to the kernel.
     written: u64,
@@ -300,7 +343,8 @@ impl State {
     }
 
     fn seal(&mut self, record: Record) {
-        self.prev = seal(&record.open(), &self.prev, &mut self.held);
+        let open = record.open(&mut self.clock);
+        seal(&open, &mut self.prev, &mut self.held);
         self.sealed += 1;
     }
 
@@ -526,6 +570,8 @@ impl AuditLog {
         let mut state = State {
             file: Arc::new(file),
             prev,
+            prev_before: String::with_capacity(64),
+            clock: Clock::new(),
             sealed: 0,
             written: 0,
             held: Vec::new(),
@@ -586,8 +632,12 @@ impl AuditLog {
 
     /// A fresh record id, unique across restarts of pgiam (a random run id and a sequence).
     pub fn next_id(&self) -> String {
+        use std::fmt::Write as _;
         let n = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        format!("{}-{n}", self.run_id)
+        let mut id = String::with_capacity(self.run_id.len() + 21);
+        id.push_str(&self.run_id);
+        let _ = write!(id, "-{n}");
+        id
     }
 
     /// Seals `records` onto the chain, in order, and writes them (with any that linger before
@@ -610,7 +660,11 @@ impl AuditLog {
         }
         // Undone if the write fails: these records' statements are then not forwarded, and
         // the chain goes on (once the log recovers) as if they had never been sealed.
-        let before = (state.prev.clone(), state.sealed, state.held.len());
+        let before = (state.sealed, state.held.len());
+        let State {
+            prev, prev_before, ..
+        } = &mut *state;
+        prev_before.clone_from(prev);
         for r in records {
             state.seal(r);
         }
@@ -630,8 +684,12 @@ impl AuditLog {
             state.write_out(true)
         };
         if written.is_err() {
-            (state.prev, state.sealed) = (before.0, before.1);
-            state.held.truncate(before.2);
+            let State {
+                prev, prev_before, ..
+            } = &mut *state;
+            prev.clone_from(prev_before);
+            state.sealed = before.0;
+            state.held.truncate(before.1);
             // Whoever waits for an earlier record's flush is told too.
             self.inner.wake.notify_one();
         }
@@ -786,18 +844,25 @@ fn recover(file: &mut File, ring: Option<&Path>) -> Result<String, String> {
     Ok(last)
 }
 
-fn sha256_hex(parts: &[&[u8]]) -> String {
+fn sha256(parts: &[&[u8]]) -> aws_lc_rs::digest::Digest {
     let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     for p in parts {
         ctx.update(p);
     }
-    let d = ctx.finish();
+    ctx.finish()
+}
+
+fn hex_into(bytes: &[u8], out: &mut String) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(64);
-    for b in d.as_ref() {
+    for b in bytes {
         out.push(HEX[usize::from(b >> 4)] as char);
         out.push(HEX[usize::from(b & 0xf)] as char);
     }
+}
+
+fn sha256_hex(parts: &[&[u8]]) -> String {
+    let mut out = String::with_capacity(64);
+    hex_into(sha256(parts).as_ref(), &mut out);
     out
 }
 
@@ -829,19 +894,20 @@ fn format1_prev(body: &str) -> Option<&str> {
 }
 
 /// Appends one record onto the chain after `prev` (its hash as the last field) and a newline
-/// to `out`; returns the record's hash.
-fn seal(open: &[u8], prev: &str, out: &mut Vec<u8>) -> String {
+/// to `out`; `prev` becomes the record's hash.
+fn seal(open: &[u8], prev: &mut String, out: &mut Vec<u8>) {
     let start = out.len();
     out.extend_from_slice(open);
-    let hash = sha256_hex(&[prev.as_bytes(), &out[start..]]);
+    let digest = sha256(&[prev.as_bytes(), &out[start..]]);
+    prev.clear();
+    hex_into(digest.as_ref(), prev);
     out.extend_from_slice(if open.len() > 1 {
         b",\"hash\":\""
     } else {
         b"\"hash\":\""
     });
-    out.extend_from_slice(hash.as_bytes());
+    out.extend_from_slice(prev.as_bytes());
     out.extend_from_slice(b"\"}\n");
-    hash
 }
 
 /// How long a record nobody waits for (a completion, a session's end) may stay in memory
@@ -1400,6 +1466,33 @@ mod tests {
         assert_eq!(verify(&path).unwrap(), Verified::Intact { records: 2 });
         write_n(&path, 64 * 1024, 2).await;
         assert_eq!(verify(&path).unwrap(), Verified::Intact { records: 4 });
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc_microseconds_of_the_moment_sealed() {
+        const FULL: &[time::format_description::FormatItem<'_>] = time::macros::format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+        );
+        let now = || time::OffsetDateTime::now_utc().format(FULL).unwrap();
+        let mut clock = Clock::new();
+        for stale in [false, true, false] {
+            if stale {
+                // A prefix from another second is never reused.
+                clock.second -= 1;
+                clock.prefix = b"1999-01-01T00:00:00.".to_vec();
+            }
+            let before = now();
+            let mut out = Vec::new();
+            clock.stamp(&mut out);
+            let after = now();
+            let stamp = String::from_utf8(out).unwrap();
+            // Same length, fixed fields: the strings sort as the instants do.
+            assert_eq!(stamp.len(), before.len(), "{stamp}");
+            assert!(
+                before <= stamp && stamp <= after,
+                "{before} <= {stamp} <= {after}"
+            );
+        }
     }
 
     #[test]

@@ -93,11 +93,26 @@ impl Metrics {
         self.ended.get_or_create(&[("by", why)]).inc();
     }
 
+    /// Counted per statement: each thread keeps the counters it has used, so the family's
+    /// lock and the hashing of its labels are paid once per command, not per statement.
     pub fn decided(&self, allowed: bool, command: &'static str) {
-        let decision = if allowed { "allow" } else { "deny" };
-        self.statements
-            .get_or_create(&[("decision", decision), ("command", command)])
-            .inc();
+        thread_local! {
+            static USED: std::cell::RefCell<Vec<(bool, &'static str, Counter)>> =
+                const { std::cell::RefCell::new(Vec::new()) };
+        }
+        USED.with_borrow_mut(|used| {
+            if let Some((.., c)) = used.iter().find(|(a, c, _)| *a == allowed && *c == command) {
+                c.inc();
+                return;
+            }
+            let decision = if allowed { "allow" } else { "deny" };
+            let counter = self
+                .statements
+                .get_or_create(&[("decision", decision), ("command", command)])
+                .clone();
+            counter.inc();
+            used.push((allowed, command, counter));
+        });
     }
 
     pub fn reloaded(&self, what: &'static str, ok: bool) {
