@@ -77,17 +77,22 @@ pub struct Established {
     pub status: TransactionStatus,
 }
 
-/// A login's ParameterStatus reports.
+/// A login's ParameterStatus reports. Shared until changed: a pooled backend's are handed to
+/// every transaction that takes it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Parameters(Vec<(String, String)>);
+pub struct Parameters(Arc<Vec<(String, String)>>);
 
 impl Parameters {
     pub fn set(&mut self, name: &[u8], value: &[u8]) {
         let name = String::from_utf8_lossy(name);
         let value = String::from_utf8_lossy(value).into_owned();
-        match self.0.iter_mut().find(|(n, _)| *n == name) {
+        if self.get(&name) == Some(value.as_str()) {
+            return;
+        }
+        let reports = Arc::make_mut(&mut self.0);
+        match reports.iter_mut().find(|(n, _)| *n == name) {
             Some(entry) => entry.1 = value,
-            None => self.0.push((name.into_owned(), value)),
+            None => reports.push((name.into_owned(), value)),
         }
     }
 
@@ -105,7 +110,7 @@ impl Parameters {
 
     /// ParameterStatus messages for every report here that `told` does not already hold.
     pub fn encode_news(&self, told: Option<&Parameters>, out: &mut BytesMut) {
-        for (name, value) in &self.0 {
+        for (name, value) in self.0.iter() {
             if told.and_then(|t| t.get(name)) != Some(value.as_str()) {
                 wire::parameter_status(name.as_bytes(), value.as_bytes(), out);
             }
