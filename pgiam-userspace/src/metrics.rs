@@ -94,8 +94,10 @@ impl Metrics {
     }
 
     /// Counted per statement: each thread keeps the counters it has used, so the family's
-    /// lock and the hashing of its labels are paid once per command, not per statement.
+    /// lock and the hashing of its labels are paid once per command, not per statement. (The
+    /// thread's counters are [`get`]'s: there is no other `Metrics`.)
     pub fn decided(&self, allowed: bool, command: &'static str) {
+        debug_assert!(std::ptr::eq(self, get()));
         thread_local! {
             static USED: std::cell::RefCell<Vec<(bool, &'static str, Counter)>> =
                 const { std::cell::RefCell::new(Vec::new()) };
