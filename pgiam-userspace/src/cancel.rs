@@ -31,13 +31,32 @@ pub struct Target {
     pub address: Option<std::net::SocketAddr>,
 }
 
+/// A live session's key and what a cancel needs of it. The registry finds it by key (for a
+/// CancelRequest); the session holds it directly, so what it does at every transaction
+/// (pointing the key at a backend and away, reading its [`Pending`]) takes no registry-wide
+/// lock and hashes nothing.
 struct Entry {
-    /// `None` until the session's upstream connection exists (it opens at the first message).
-    target: Option<Target>,
+    key: (i32, i32),
+    state: Mutex<EntryState>,
     pending: Pending,
+}
+
+#[derive(Default)]
+struct EntryState {
+    /// `None` until the session's upstream connection exists (it opens at the first message),
+    /// and between two transactions of a transaction-pooled session.
+    target: Option<Target>,
     /// [`Pending::reads`] when a cancel for the session was last forwarded: another cancel
     /// before the client sent anything new can only be for the same statement.
     cancelled_at: Option<u64>,
+    /// A cancel for the session is being forwarded now.
+    forwarding: bool,
+}
+
+impl Entry {
+    fn state(&self) -> std::sync::MutexGuard<'_, EntryState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Whether a session holds client bytes it read and has not forwarded yet, and since when.
@@ -109,10 +128,9 @@ impl Pending {
 
 #[derive(Default)]
 pub struct CancelRegistry {
-    sessions: Mutex<HashMap<(i32, i32), Entry>>,
-    /// Keys whose cancel is being forwarded now: another cancel for the same session meanwhile
-    /// is the same request (a client or an attacker repeating it), and opens no connection.
-    forwarding: Mutex<std::collections::HashSet<(i32, i32)>>,
+    sessions: Mutex<HashMap<(i32, i32), Arc<Entry>>>,
+    /// Cancels being forwarded now, for all sessions together.
+    forwarding: std::sync::atomic::AtomicUsize,
 }
 
 /// The most cancels forwarded at once, for all sessions together: each is a connection to the
@@ -122,77 +140,64 @@ pub const MAX_FORWARDING: usize = 64;
 /// A cancel being forwarded; dropping it lets the next one for its key through.
 pub struct Forwarding<'a> {
     registry: &'a CancelRegistry,
-    key: (i32, i32),
+    entry: Arc<Entry>,
 }
 
 impl Drop for Forwarding<'_> {
     fn drop(&mut self) {
+        self.entry.state().forwarding = false;
         self.registry
             .forwarding
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.key);
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
 /// A session's key; dropping it makes the key stale.
 pub struct Registration {
     registry: Arc<CancelRegistry>,
-    pub process_id: i32,
-    pub secret_key: i32,
+    entry: Arc<Entry>,
 }
 
 impl Registration {
+    pub fn process_id(&self) -> i32 {
+        self.entry.key.0
+    }
+
+    pub fn secret_key(&self) -> i32 {
+        self.entry.key.1
+    }
+
     /// The session's backend now exists: a cancel with this key reaches it.
     pub fn connect(&self, target: Target) {
-        self.point_at(Some(target));
+        self.entry.state().target = Some(target);
     }
 
     /// The session has no backend any more (a transaction-pooled session between two
     /// transactions): a cancel with this key reaches none, least of all the next session's.
     /// Returns whether one is being forwarded now, which may already be on its way to the
-    /// backend the session had: that backend must then serve no one else.
+    /// backend the session had: that backend must then serve no one else. (One lock for
+    /// both: a cancel claimed after it finds no backend, one claimed before is reported.)
     pub fn disconnect(&self) -> bool {
-        self.point_at(None);
-        self.registry
-            .forwarding
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&(self.process_id, self.secret_key))
-    }
-
-    fn point_at(&self, target: Option<Target>) {
-        let mut sessions = self
-            .registry
-            .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(entry) = sessions.get_mut(&(self.process_id, self.secret_key)) {
-            entry.target = target;
-        }
+        let mut state = self.entry.state();
+        state.target = None;
+        state.forwarding
     }
 
     /// The session's side of [`Pending`].
     pub fn pending(&self) -> Pending {
-        self.registry
-            .lookup_entry(self.process_id, self.secret_key)
-            .map(|(_, p)| p)
-            .unwrap_or_default()
+        self.entry.pending.clone()
     }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        let gone = self
-            .registry
+        self.registry
             .sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&(self.process_id, self.secret_key));
+            .remove(&self.entry.key);
         // A cancel waiting for the session to forward what it held waits no more.
-        if let Some(entry) = gone {
-            entry.pending.set(false);
-        }
+        self.entry.pending.set(false);
     }
 }
 
@@ -202,7 +207,7 @@ impl CancelRegistry {
     pub fn register(self: &Arc<Self>, backend_pid: Option<i32>) -> Registration {
         let mut rng = rand::thread_rng();
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        let (process_id, secret_key) = loop {
+        let key = loop {
             // Positive, like a real pid: some clients print or parse it.
             let pid = backend_pid.unwrap_or_else(|| rng.gen_range(1..i32::MAX));
             let candidate = (pid, rng.gen());
@@ -210,26 +215,29 @@ impl CancelRegistry {
                 break candidate;
             }
         };
-        sessions.insert(
-            (process_id, secret_key),
-            Entry {
-                target: None,
-                pending: Pending::default(),
-                cancelled_at: None,
-            },
-        );
+        let entry = Arc::new(Entry {
+            key,
+            state: Mutex::default(),
+            pending: Pending::default(),
+        });
+        sessions.insert(key, entry.clone());
         Registration {
             registry: self.clone(),
-            process_id,
-            secret_key,
+            entry,
         }
     }
 
+    /// The live session a key names. (A hash lookup of the whole pair: no comparison of a
+    /// stored secret that could stop early at the first wrong bit.)
+    fn entry(&self, process_id: i32, secret_key: i32) -> Option<Arc<Entry>> {
+        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        sessions.get(&(process_id, secret_key)).cloned()
+    }
+
     /// The backend to cancel, if `(process_id, secret_key)` is a live session's key and the
-    /// session has a backend. (A hash lookup of the whole pair: no comparison of a stored
-    /// secret that could stop early at the first wrong bit.)
+    /// session has a backend.
     pub fn lookup(&self, process_id: i32, secret_key: i32) -> Option<Target> {
-        self.lookup_entry(process_id, secret_key)?.0
+        self.entry(process_id, secret_key)?.state().target.clone()
     }
 
     /// The live session a key names: its backend (if it has one yet) and what it holds.
@@ -238,9 +246,9 @@ impl CancelRegistry {
         process_id: i32,
         secret_key: i32,
     ) -> Option<(Option<Target>, Pending)> {
-        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = sessions.get(&(process_id, secret_key))?;
-        Some((entry.target.clone(), entry.pending.clone()))
+        let entry = self.entry(process_id, secret_key)?;
+        let target = entry.state().target.clone();
+        Some((target, entry.pending.clone()))
     }
 
     /// Claims the forwarding of a cancel for this key; `None`, and the cancel is dropped
@@ -248,27 +256,24 @@ impl CancelRegistry {
     /// or one was forwarded and the client has sent nothing since (it can only be for the same
     /// statement), or [`MAX_FORWARDING`] are under way.
     pub fn begin_forwarding(&self, process_id: i32, secret_key: i32) -> Option<Forwarding<'_>> {
-        let key = (process_id, secret_key);
+        use std::sync::atomic::Ordering;
+        let entry = self.entry(process_id, secret_key)?;
         {
-            let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-            let entry = sessions.get_mut(&key)?;
-            let reads = entry
-                .pending
-                .0
-                .reads
-                .load(std::sync::atomic::Ordering::Relaxed);
-            if entry.cancelled_at == Some(reads) {
+            let mut state = entry.state();
+            let reads = entry.pending.0.reads.load(Ordering::Relaxed);
+            if state.forwarding || state.cancelled_at == Some(reads) {
                 return None;
             }
-            let mut forwarding = self.forwarding.lock().unwrap_or_else(|e| e.into_inner());
-            if forwarding.len() >= MAX_FORWARDING || !forwarding.insert(key) {
+            if self.forwarding.fetch_add(1, Ordering::Relaxed) >= MAX_FORWARDING {
+                self.forwarding.fetch_sub(1, Ordering::Relaxed);
                 return None;
             }
-            entry.cancelled_at = Some(reads);
+            state.forwarding = true;
+            state.cancelled_at = Some(reads);
         }
         Some(Forwarding {
             registry: self,
-            key: (process_id, secret_key),
+            entry,
         })
     }
 
@@ -302,9 +307,11 @@ mod tests {
     fn keys_match_only_exactly_and_only_while_live() {
         let registry = Arc::new(CancelRegistry::default());
         let reg = registry.register(None);
-        assert!(reg.process_id > 0);
+        assert!(reg.process_id() > 0);
         assert!(
-            registry.lookup(reg.process_id, reg.secret_key).is_none(),
+            registry
+                .lookup(reg.process_id(), reg.secret_key())
+                .is_none(),
             "no backend yet: nothing to cancel"
         );
         reg.connect(Target {
@@ -313,16 +320,16 @@ mod tests {
             secret_key: 99,
             address: None,
         });
-        let t = registry.lookup(reg.process_id, reg.secret_key).unwrap();
+        let t = registry.lookup(reg.process_id(), reg.secret_key()).unwrap();
         assert_eq!((t.process_id, t.secret_key), (4242, 99));
         assert!(registry
-            .lookup(reg.process_id, reg.secret_key ^ 1)
+            .lookup(reg.process_id(), reg.secret_key() ^ 1)
             .is_none());
         assert!(
-            registry.lookup(4242, 99).is_none() || reg.process_id == 4242,
+            registry.lookup(4242, 99).is_none() || reg.process_id() == 4242,
             "the backend's own secret is not pgiam's key"
         );
-        let (pid, key) = (reg.process_id, reg.secret_key);
+        let (pid, key) = (reg.process_id(), reg.secret_key());
         drop(reg);
         assert!(
             registry.lookup(pid, key).is_none(),
@@ -345,14 +352,73 @@ mod tests {
         };
         reg.connect(target());
         assert!(!reg.disconnect(), "no cancel under way");
-        assert!(registry.lookup(reg.process_id, reg.secret_key).is_none());
+        assert!(registry
+            .lookup(reg.process_id(), reg.secret_key())
+            .is_none());
         reg.connect(target());
         let forwarding = registry
-            .begin_forwarding(reg.process_id, reg.secret_key)
+            .begin_forwarding(reg.process_id(), reg.secret_key())
             .expect("the first cancel");
         assert!(reg.disconnect(), "a cancel is being forwarded");
         drop(forwarding);
         assert!(!reg.disconnect());
+    }
+
+    /// One cancel per session at a time, none again for the statement already cancelled, and
+    /// at most MAX_FORWARDING under way for all sessions together.
+    #[test]
+    fn cancels_are_forwarded_once_per_statement_and_within_the_cap() {
+        let registry = Arc::new(CancelRegistry::default());
+        let reg = registry.register(None);
+        let (pid, key) = (reg.process_id(), reg.secret_key());
+        let first = registry
+            .begin_forwarding(pid, key)
+            .expect("the first cancel");
+        assert!(
+            registry.begin_forwarding(pid, key).is_none(),
+            "a repeat while it is under way"
+        );
+        drop(first);
+        assert!(
+            registry.begin_forwarding(pid, key).is_none(),
+            "nothing new read since: the same statement"
+        );
+        reg.pending().set(true);
+        reg.pending().set(false);
+        let again = registry
+            .begin_forwarding(pid, key)
+            .expect("a new statement");
+        assert!(
+            registry.begin_forwarding(pid, key ^ 1).is_none(),
+            "a wrong key"
+        );
+
+        let others: Vec<_> = (1..MAX_FORWARDING + 1)
+            .map(|_| registry.register(None))
+            .collect();
+        let under_way: Vec<_> = others[..MAX_FORWARDING - 1]
+            .iter()
+            .map(|r| {
+                registry
+                    .begin_forwarding(r.process_id(), r.secret_key())
+                    .expect("room")
+            })
+            .collect();
+        let last = &others[MAX_FORWARDING - 1];
+        assert!(
+            registry
+                .begin_forwarding(last.process_id(), last.secret_key())
+                .is_none(),
+            "the cap"
+        );
+        drop(again);
+        assert!(
+            registry
+                .begin_forwarding(last.process_id(), last.secret_key())
+                .is_some(),
+            "room again once one is done"
+        );
+        drop(under_way);
     }
 
     #[test]
@@ -360,8 +426,8 @@ mod tests {
         let registry = Arc::new(CancelRegistry::default());
         let a = registry.register(Some(777));
         let b = registry.register(Some(777));
-        assert_eq!((a.process_id, b.process_id), (777, 777));
-        assert_ne!(a.secret_key, b.secret_key);
+        assert_eq!((a.process_id(), b.process_id()), (777, 777));
+        assert_ne!(a.secret_key(), b.secret_key());
         for (reg, backend) in [(&a, 1), (&b, 2)] {
             reg.connect(Target {
                 upstream: upstream(),
@@ -370,9 +436,9 @@ mod tests {
                 address: None,
             });
         }
-        assert_eq!(registry.lookup(777, a.secret_key).unwrap().secret_key, 1);
-        assert_eq!(registry.lookup(777, b.secret_key).unwrap().secret_key, 2);
+        assert_eq!(registry.lookup(777, a.secret_key()).unwrap().secret_key, 1);
+        assert_eq!(registry.lookup(777, b.secret_key()).unwrap().secret_key, 2);
         drop(a);
-        assert_eq!(registry.lookup(777, b.secret_key).unwrap().secret_key, 2);
+        assert_eq!(registry.lookup(777, b.secret_key()).unwrap().secret_key, 2);
     }
 }

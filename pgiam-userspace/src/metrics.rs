@@ -42,10 +42,32 @@ pub struct Metrics {
     pub bytes_to_clients: Counter,
     /// Reloads, by what and outcome.
     pub reloads: Family<Static<2>, Counter>,
-    /// Pooled backends handed to sessions, by outcome (reused, opened, timeout).
-    pub pool_checkouts: Family<Static<1>, Counter>,
+    /// Pooled backends handed to sessions, by outcome (reused, opened, timeout); `checkouts`
+    /// are its members, in [`Checkout`]'s order (a checkout per transaction, when pooled so).
+    pool_checkouts: Family<Static<1>, Counter>,
+    checkouts: [Counter; 3],
     /// Resets of pooled backends, by outcome (clean, failed).
     pub pool_resets: Family<Static<1>, Counter>,
+}
+
+/// How a session's wait for a pooled backend ended.
+#[derive(Debug, Clone, Copy)]
+pub enum Checkout {
+    Reused,
+    Opened,
+    Timeout,
+}
+
+impl Checkout {
+    const ALL: [Checkout; 3] = [Checkout::Reused, Checkout::Opened, Checkout::Timeout];
+
+    fn label(self) -> &'static str {
+        match self {
+            Checkout::Reused => "reused",
+            Checkout::Opened => "opened",
+            Checkout::Timeout => "timeout",
+        }
+    }
 }
 
 /// The process's metrics.
@@ -56,6 +78,12 @@ pub fn get() -> &'static Metrics {
         let member = |direction| relayed.get_or_create(&[("direction", direction)]).clone();
         let (bytes_from_clients, bytes_to_clients) =
             (member("client_to_server"), member("server_to_client"));
+        let pool_checkouts = Family::<Static<1>, Counter>::default();
+        let checkouts = Checkout::ALL.map(|c| {
+            pool_checkouts
+                .get_or_create(&[("outcome", c.label())])
+                .clone()
+        });
         Metrics {
             sessions: Family::default(),
             refusals: Family::default(),
@@ -72,7 +100,8 @@ pub fn get() -> &'static Metrics {
             bytes_from_clients,
             bytes_to_clients,
             reloads: Family::default(),
-            pool_checkouts: Family::default(),
+            pool_checkouts,
+            checkouts,
             pool_resets: Family::default(),
         }
     })
@@ -124,10 +153,8 @@ impl Metrics {
             .inc();
     }
 
-    pub fn pool_checkout(&self, outcome: &'static str) {
-        self.pool_checkouts
-            .get_or_create(&[("outcome", outcome)])
-            .inc();
+    pub fn pool_checkout(&self, outcome: Checkout) {
+        self.checkouts[outcome as usize].inc();
     }
 
     pub fn pool_reset(&self, clean: bool) {

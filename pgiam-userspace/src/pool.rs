@@ -278,11 +278,11 @@ impl Pools {
         let metrics = crate::metrics::get();
         match found {
             None => {
-                metrics.pool_checkout("timeout");
+                metrics.pool_checkout(crate::metrics::Checkout::Timeout);
                 Err(PoolError::Full(limits.queue_timeout()))
             }
             Some(Found::Idle { backend, room, .. }) => {
-                metrics.pool_checkout("reused");
+                metrics.pool_checkout(crate::metrics::Checkout::Reused);
                 debug!(
                     backend_pid = backend.facts.process_id,
                     "pooled backend reused"
@@ -306,7 +306,7 @@ impl Pools {
                 let generation = self.generation.load(Ordering::Acquire);
                 let mut lease = self.lease(key, owner, Facts::opening(generation), room, false);
                 let established = open().await.map_err(PoolError::Open)?;
-                metrics.pool_checkout("opened");
+                metrics.pool_checkout(crate::metrics::Checkout::Opened);
                 lease.facts.learn(&established);
                 Ok((lease, established))
             }

@@ -820,7 +820,7 @@ async fn establish(
             )
         }
     };
-    wire::backend_key_data(cancel_key.process_id, cancel_key.secret_key, &mut hello);
+    wire::backend_key_data(cancel_key.process_id(), cancel_key.secret_key(), &mut hello);
     wire::ready_for_query(status, &mut hello);
     client.write(&hello).await?;
 
@@ -990,11 +990,11 @@ const CLIENT_TERMINATED: &str = "client terminated";
 const CLIENT_CLOSED: &str = "client closed";
 
 impl Session {
-    fn ids(&self) -> (Option<String>, i32, i32) {
+    fn ids(&self) -> (Option<&str>, i32, i32) {
         (
-            self.gate.info().session_id().map(str::to_owned),
-            self.cancel_key.process_id,
-            self.cancel_key.secret_key,
+            self.gate.info().session_id(),
+            self.cancel_key.process_id(),
+            self.cancel_key.secret_key(),
         )
     }
 

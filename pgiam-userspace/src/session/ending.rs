@@ -12,7 +12,7 @@ use crate::wire::PgError;
 /// revocation recorded, and the error for the client returned.
 pub(super) async fn revoke(
     shared: &Shared,
-    (session_id, process_id, secret_key): &(Option<String>, i32, i32),
+    (session_id, process_id, secret_key): &(Option<&str>, i32, i32),
     database: &str,
     decision: crate::policy::Decision,
 ) -> PgError {
@@ -39,7 +39,7 @@ pub(super) async fn revoke(
 /// order recorded with who gave it, and the error for the client returned.
 pub(super) async fn ordered_out(
     shared: &Shared,
-    (session_id, process_id, secret_key): &(Option<String>, i32, i32),
+    (session_id, process_id, secret_key): &(Option<&str>, i32, i32),
     order: Order,
 ) -> PgError {
     let (message, detail) = match &order {

@@ -111,9 +111,14 @@ async fn relay_backend(
     let (client_io, server_io) = (Split::new(stream), Split::new(upstream));
     let (mut client_rd, mut client_wr) = client_io.halves();
     let (mut server_rd, mut server_wr) = server_io.halves();
-    let session_ids = session.ids();
     let pending = session.cancel_key.pending();
     let live = session.registration.live();
+    // (Borrowed, not the session's `ids()`: the gate is borrowed mutably beside them.)
+    let session_ids = (
+        live.session_id(),
+        session.cancel_key.process_id(),
+        session.cancel_key.secret_key(),
+    );
     let metrics = crate::metrics::get();
     let pooled = lease.is_some();
     // The backend is given back whenever the session is between two transactions and holds
