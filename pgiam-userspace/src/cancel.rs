@@ -396,28 +396,15 @@ mod tests {
         let others: Vec<_> = (1..MAX_FORWARDING + 1)
             .map(|_| registry.register(None))
             .collect();
+        let claim = |r: &Registration| registry.begin_forwarding(r.process_id(), r.secret_key());
         let under_way: Vec<_> = others[..MAX_FORWARDING - 1]
             .iter()
-            .map(|r| {
-                registry
-                    .begin_forwarding(r.process_id(), r.secret_key())
-                    .expect("room")
-            })
+            .map(|r| claim(r).expect("room"))
             .collect();
         let last = &others[MAX_FORWARDING - 1];
-        assert!(
-            registry
-                .begin_forwarding(last.process_id(), last.secret_key())
-                .is_none(),
-            "the cap"
-        );
+        assert!(claim(last).is_none(), "the cap");
         drop(again);
-        assert!(
-            registry
-                .begin_forwarding(last.process_id(), last.secret_key())
-                .is_some(),
-            "room again once one is done"
-        );
+        assert!(claim(last).is_some(), "room again once one is done");
         drop(under_way);
     }
 
