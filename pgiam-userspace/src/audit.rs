@@ -267,6 +267,10 @@ struct Inner {
     /// Wakes the flush thread: a flush is wanted, or lines are held.
     wake: Condvar,
     synced: watch::Sender<Synced>,
+    /// Record ids: this run's random prefix and a sequence (here, not in each handle: every
+    /// session's gate holds a handle).
+    run_id: String,
+    seq: std::sync::atomic::AtomicU64,
 }
 
 impl Inner {
@@ -458,8 +462,6 @@ enum Rotation {
 #[derive(Clone)]
 pub struct AuditLog {
     inner: Arc<Inner>,
-    run_id: String,
-    seq: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl AuditLog {
@@ -596,17 +598,15 @@ impl AuditLog {
             state: Mutex::new(state),
             wake: Condvar::new(),
             synced: watch::Sender::new(Synced::default()),
+            run_id: format!("{:08x}", rand::random::<u32>()),
+            seq: Default::default(),
         });
         let weak = Arc::downgrade(&inner);
         std::thread::Builder::new()
             .name("pgiam-audit".into())
             .spawn(move || flush::flusher(weak, ring))
             .map_err(open_err)?;
-        Ok(AuditLog {
-            inner,
-            run_id: format!("{:08x}", rand::random::<u32>()),
-            seq: Default::default(),
-        })
+        Ok(AuditLog { inner })
     }
 
     pub fn durability(&self) -> Durability {
@@ -634,9 +634,10 @@ impl AuditLog {
     /// A fresh record id, unique across restarts of pgiam (a random run id and a sequence).
     pub fn next_id(&self) -> String {
         use std::fmt::Write as _;
-        let n = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut id = String::with_capacity(self.run_id.len() + 21);
-        id.push_str(&self.run_id);
+        let inner = &self.inner;
+        let n = inner.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut id = String::with_capacity(inner.run_id.len() + 21);
+        id.push_str(&inner.run_id);
         let _ = write!(id, "-{n}");
         id
     }

@@ -11,6 +11,16 @@ async fn write_three(path: &Path) {
     }
 }
 
+/// Every session's gate holds a handle: one pointer, nothing allocated per session (the run's
+/// id prefix and the id sequence live behind it).
+#[test]
+fn a_handle_is_one_pointer() {
+    assert_eq!(
+        std::mem::size_of::<AuditLog>(),
+        std::mem::size_of::<usize>()
+    );
+}
+
 #[tokio::test]
 async fn chain_verifies_and_continues_across_reopen() {
     let dir = tempfile::tempdir().unwrap();

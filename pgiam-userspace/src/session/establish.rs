@@ -294,7 +294,12 @@ pub(super) async fn establish(
         crate::config::UpstreamConnect::Deferred => current.upstream.remembered(&key),
         crate::config::UpstreamConnect::AtLogin => None,
     };
-    let key = Arc::new(key);
+    // A deferred session holds the key its login's greeting is remembered under: one per
+    // distinct login, not one (with its parameters) per waiting client.
+    let key = match &remembered {
+        Some((kept, _)) => kept.clone(),
+        None => Arc::new(key),
+    };
     let pool = live.facts.pool;
     let transaction_pooled = pool == crate::config::PoolMode::Transaction;
     let owner: Arc<str> = Arc::from(mapping.principal.as_str());
@@ -307,11 +312,14 @@ pub(super) async fn establish(
     // What a transaction-pooled session logs in with again, after each of its transactions.
     let reattach;
     let (link, scs_at_login, status, cancel_key) = match remembered {
-        Some((key, told)) => {
+        Some((_, told)) => {
             told.encode_news(None, &mut hello);
             let scs = told.standard_conforming_strings();
             encoding_at_login = told.get("client_encoding").map(str::to_owned);
-            let deferred = Box::new(login::Deferred { key, told });
+            let deferred = Box::new(login::Deferred {
+                key: key.clone(),
+                told,
+            });
             reattach = transaction_pooled.then(|| (*deferred).clone());
             let link = login::Link::Deferred(deferred);
             let cancel_key = shared.cancels.register(None);
