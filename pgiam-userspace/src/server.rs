@@ -58,26 +58,7 @@ pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
             None
         }
     };
-    if let Some(m) = config
-        .mappings
-        .iter()
-        .find(|m| m.principal.starts_with("exe:"))
-    {
-        let recorded = config.interception.is_some() && crate::redirect::kernel_has_btf();
-        if !recorded {
-            tracing::warn!(
-                principal = %m.principal,
-                "exe: principals match only an executable the kernel recorded at connect() \
-                 (eBPF interception on a kernel with BTF); without it, this mapping matches nobody"
-            );
-        } else if config.listen.unix.is_some() {
-            tracing::info!(
-                principal = %m.principal,
-                "exe: principals never match unix-socket clients (their executable is /proc's \
-                 word, not the kernel's record)"
-            );
-        }
-    }
+    warn_about_exe_mappings(&config);
     let revocations = Arc::new(
         crate::admin::revocations::Revocations::load(&config.state_dir)
             .context("revocation list")?,
@@ -311,6 +292,32 @@ async fn drain(shared: &Shared) {
     }
 }
 
+/// An `exe:` mapping matches only an executable the kernel recorded at connect(): said at start
+/// and after each reload (a mapping added by SIGHUP that can match nobody is as silent as a
+/// typo otherwise).
+fn warn_about_exe_mappings(config: &Config) {
+    if let Some(m) = config
+        .mappings
+        .iter()
+        .find(|m| m.principal.starts_with("exe:"))
+    {
+        let recorded = config.interception.is_some() && crate::redirect::kernel_has_btf();
+        if !recorded {
+            tracing::warn!(
+                principal = %m.principal,
+                "exe: principals match only an executable the kernel recorded at connect() \
+                 (eBPF interception on a kernel with BTF); without it, this mapping matches nobody"
+            );
+        } else if config.listen.unix.is_some() {
+            tracing::info!(
+                principal = %m.principal,
+                "exe: principals never match unix-socket clients (their executable is /proc's \
+                 word, not the kernel's record)"
+            );
+        }
+    }
+}
+
 /// Reads pgiam.toml again (SIGHUP): taken whole or refused whole; what cannot change while
 /// running is reported and kept; sessions the new mappings no longer allow are ended as on a
 /// revocation.
@@ -338,6 +345,7 @@ fn reload_settings(shared: &Shared, endpoints_changed: &tokio::sync::Notify) {
         "SIGHUP: {} reloaded",
         shared.settings.path().display()
     );
+    warn_about_exe_mappings(&config);
     for change in &reloaded.weakened {
         warn!(change = %change, "SIGHUP: applied a change that removes protection");
     }

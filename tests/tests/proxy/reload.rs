@@ -45,12 +45,20 @@ async fn a_reload_applies_mappings_live_keeps_what_it_cannot_and_refuses_a_bad_f
         .unwrap();
     assert_eq!(row.get::<_, String>(0), ROLE);
 
-    // 1. A reload that changes nothing for this session leaves it alone.
+    // 1. A reload that changes nothing for this session leaves it alone. The exe: mapping it
+    //    adds can match nobody here (no eBPF interception records an executable): said, as
+    //    at start.
+    let nobody = "this mapping matches nobody";
+    assert!(!env.pgiam.log().contains(nobody));
     rewrite(&env, |c| {
         c.replace("[limits]\n", "[limits]\nstartup_timeout_secs = 9\n")
+            + &format!(
+                "[[mapping]]\nprincipal = \"exe:/usr/bin/true\"\ndatabase = \"{DB}\"\nrole = \"{ROLE}\"\n"
+            )
     });
     hup(&env);
     log_until(&env, "pgiam.toml reloaded", 1);
+    log_until(&env, nobody, 1);
     before.simple_query("SELECT 1").await.unwrap();
 
     // 2. The mapping now names another role, and the listener another port (kept).
