@@ -351,12 +351,14 @@ fn find_tcp_socket(peer: SocketAddr, local: SocketAddr) -> Result<(u32, u64), Id
         IpAddr::V6(_) => &["/proc/net/tcp6", "/proc/net/tcp"],
     };
     for &path in tables {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
+        let table = match std::fs::File::open(path) {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(source) => return Err(IdentityError::Proc { path, source }),
         };
-        if let Some(found) = parse_tcp_table(&text, peer, local) {
+        let found = parse_tcp_table(std::io::BufReader::new(table), peer, local)
+            .map_err(|source| IdentityError::Proc { path, source })?;
+        if let Some(found) = found {
             return Ok(found);
         }
     }
@@ -364,20 +366,31 @@ fn find_tcp_socket(peer: SocketAddr, local: SocketAddr) -> Result<(u32, u64), Id
 }
 
 /// Finds the row whose local address is `peer` and remote address is `local`: `(uid, inode)`.
-fn parse_tcp_table(text: &str, peer: SocketAddr, local: SocketAddr) -> Option<(u32, u64)> {
-    for line in text.lines().skip(1) {
+/// Read a line at a time: the table has a row per socket of the host, TIME_WAIT ones
+/// included (tens of thousands after a burst of short connections), and every login looks
+/// it up, a few at once; read whole, each lookup held all of it (a login burst took pgiam's
+/// heap past 100 MB).
+fn parse_tcp_table(
+    table: impl std::io::BufRead,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> std::io::Result<Option<(u32, u64)>> {
+    for line in table.lines().skip(1) {
+        let line = line?;
         let mut cols = line.split_whitespace();
-        let (_sl, laddr, raddr) = (cols.next()?, cols.next()?, cols.next()?);
+        let (Some(_sl), Some(laddr), Some(raddr)) = (cols.next(), cols.next(), cols.next()) else {
+            continue;
+        };
         if parse_proc_addr(laddr) != Some(peer) || parse_proc_addr(raddr) != Some(local) {
             continue;
         }
         // st, tx:rx, tr:when, retrnsmt, uid, timeout, inode
-        let rest: Vec<&str> = cols.take(7).collect();
-        let uid = rest.get(4)?.parse().ok()?;
-        let inode = rest.get(6)?.parse().ok()?;
-        return Some((uid, inode));
+        let mut rest = cols.skip(4);
+        let uid = rest.next().and_then(|c| c.parse().ok());
+        let inode = rest.nth(1).and_then(|c| c.parse().ok());
+        return Ok(uid.zip(inode));
     }
-    None
+    Ok(None)
 }
 
 /// Parses `0100007F:1F90` (v4) or a 32-digit v6 address: each 32-bit word in host order.
@@ -569,8 +582,14 @@ mod tests {
         let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:1538 00000000:0000 0A 00000000:00000000 00:00000000 00000000   106        0 31337 1 0000000000000000 100 0 0 10 0\n   1: 0100007F:D431 0100007F:1920 01 00000000:00000000 00:00000000 00000000  1001        0 424242 1 0000000000000000 20 4 30 10 -1\n";
         let peer = "127.0.0.1:54321".parse().unwrap();
         let local = "127.0.0.1:6432".parse().unwrap();
-        assert_eq!(parse_tcp_table(table, peer, local), Some((1001, 424242)));
-        assert_eq!(parse_tcp_table(table, local, peer), None);
+        assert_eq!(
+            parse_tcp_table(table.as_bytes(), peer, local).unwrap(),
+            Some((1001, 424242))
+        );
+        assert_eq!(
+            parse_tcp_table(table.as_bytes(), local, peer).unwrap(),
+            None
+        );
     }
 
     #[test]
