@@ -20,6 +20,14 @@ pub enum IdentityError {
         path: &'static str,
         source: std::io::Error,
     },
+    /// pgiam reached itself: nothing of pgiam's dials its own listener, so something sent one
+    /// of its connections to the database back to it.
+    #[error(
+        "the connection comes from pgiam itself: something redirects pgiam's own connections \
+         to the database back to it (an eBPF interception left attached by an earlier run \
+         with [interception]? `pgiam uninstall-bpf --config` with that configuration removes it)"
+    )]
+    OwnConnection,
 }
 
 /// How the identity was established.
@@ -325,7 +333,13 @@ pub fn from_unix_peer(stream: &tokio::net::UnixStream) -> Result<Identity, Ident
 /// loopback peer can only be there); the pid is the process holding that inode.
 pub fn from_loopback_tcp(peer: SocketAddr, local: SocketAddr) -> Result<Identity, IdentityError> {
     let (uid, inode) = find_tcp_socket(peer, local)?;
-    let pid = find_socket_owner(inode);
+    let pid = match find_socket_owner(inode) {
+        // Answered, it would log in upstream again, be sent back again, and so on until the
+        // startup timeout ends the chain: refused at once instead.
+        Some(Owner::Pgiam) => return Err(IdentityError::OwnConnection),
+        Some(Owner::Process(pid)) => Some(pid),
+        None => None,
+    };
     let gid = pid
         .and_then(|p| proc_status_gid(p).ok())
         .or_else(|| {
@@ -416,11 +430,25 @@ fn parse_proc_addr(s: &str) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
+/// Who holds a client's socket.
+enum Owner {
+    Process(i32),
+    Pgiam,
+}
+
 /// The process holding socket `inode`, by scanning /proc/*/fd. Several processes can share one
 /// socket after fork; any of them answers for it, and they share uid and cgroup in practice.
-fn find_socket_owner(inode: u64) -> Option<i32> {
+/// pgiam itself is looked at last: it holds the client's socket only when it is the client.
+fn find_socket_owner(inode: u64) -> Option<Owner> {
     let target = format!("socket:[{inode}]");
     let me = std::process::id() as i32;
+    let holds = |fd_dir: std::path::PathBuf| -> bool {
+        let Ok(fds) = std::fs::read_dir(fd_dir) else {
+            return false;
+        };
+        fds.flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == target.as_str()))
+    };
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let Some(pid) = entry
             .file_name()
@@ -429,19 +457,11 @@ fn find_socket_owner(inode: u64) -> Option<i32> {
         else {
             continue;
         };
-        if pid == me {
-            continue;
-        }
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
-            continue;
-        };
-        for fd in fds.flatten() {
-            if std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == target.as_str()) {
-                return Some(pid);
-            }
+        if pid != me && holds(entry.path().join("fd")) {
+            return Some(Owner::Process(pid));
         }
     }
-    None
+    holds(std::path::PathBuf::from("/proc/self/fd")).then_some(Owner::Pgiam)
 }
 
 fn proc_status_gid(pid: i32) -> std::io::Result<u32> {
@@ -686,6 +706,21 @@ mod tests {
             ..id
         };
         assert!(recorded.principals().iter().any(|p| p.starts_with("exe:")));
+    }
+
+    /// A connection pgiam made itself, sent back to it (an interception left attached by an
+    /// earlier run): refused, not answered with a login upstream that would come back too.
+    #[tokio::test]
+    async fn a_connection_from_pgiam_itself_is_refused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let looked_up = from_loopback_tcp(peer, stream.local_addr().unwrap());
+        assert!(
+            matches!(looked_up, Err(IdentityError::OwnConnection)),
+            "{looked_up:?}"
+        );
     }
 
     #[tokio::test]
