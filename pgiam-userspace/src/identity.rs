@@ -392,7 +392,7 @@ fn parse_tcp_table(
     for line in table.lines().skip(1) {
         let line = line?;
         let mut cols = line.split_whitespace();
-        let (Some(_sl), Some(laddr), Some(raddr)) = (cols.next(), cols.next(), cols.next()) else {
+        let (Some(_), Some(laddr), Some(raddr)) = (cols.next(), cols.next(), cols.next()) else {
             continue;
         };
         if parse_proc_addr(laddr) != Some(peer) || parse_proc_addr(raddr) != Some(local) {

@@ -296,9 +296,9 @@ pub(super) async fn establish(
     };
     // A deferred session holds the key its login's greeting is remembered under: one per
     // distinct login, not one (with its parameters) per waiting client.
-    let key = match &remembered {
-        Some((kept, _)) => kept.clone(),
-        None => Arc::new(key),
+    let (key, told) = match remembered {
+        Some((kept, told)) => (kept, Some(told)),
+        None => (Arc::new(key), None),
     };
     let pool = live.facts.pool;
     let transaction_pooled = pool == crate::config::PoolMode::Transaction;
@@ -311,8 +311,8 @@ pub(super) async fn establish(
     let encoding_at_login;
     // What a transaction-pooled session logs in with again, after each of its transactions.
     let reattach;
-    let (link, scs_at_login, status, cancel_key) = match remembered {
-        Some((_, told)) => {
+    let (link, scs_at_login, status, cancel_key) = match told {
+        Some(told) => {
             told.encode_news(None, &mut hello);
             let scs = told.standard_conforming_strings();
             encoding_at_login = told.get("client_encoding").map(str::to_owned);
