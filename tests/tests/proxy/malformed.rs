@@ -375,7 +375,7 @@ fn pipeline_without_sync(raw: &mut Raw, statements: usize) {
 
 /// A client that pipelines far ahead of the server (no Sync until the end) is read no further
 /// once 16,384 requests are unanswered: pgiam's memory stays bounded (~200 bytes a request
-/// would otherwise pile up: 120,000 statements are 360,000 requests, ~75 MB).
+/// would otherwise pile up: 240,000 statements are 720,000 requests, ~120 MiB).
 #[test]
 fn a_pipeline_far_ahead_of_the_server_is_pushed_back_not_buffered() {
     let _alone = measuring_alone();
@@ -391,11 +391,14 @@ fn a_pipeline_far_ahead_of_the_server_is_pushed_back_not_buffered() {
     // Warmed up first: the audit log's ring and the buffers are allocated once, not per request.
     pipeline_without_sync(&mut raw, 10_000);
     let before = pgiam_tests::status_kib(env.pgiam.pid(), "VmHWM");
-    pipeline_without_sync(&mut raw, 120_000);
+    pipeline_without_sync(&mut raw, 240_000);
     let grown = pgiam_tests::status_kib(env.pgiam.pid(), "VmHWM").saturating_sub(before);
-    eprintln!("pgiam's peak grew {grown} KiB for 120,000 pipelined statements");
-    // (~19 MiB with the cap here, ~60 MiB without it.)
-    assert!(grown < 36 * 1024, "pgiam held the pipeline: {grown} KiB");
+    eprintln!("pgiam's peak grew {grown} KiB for 240,000 pipelined statements");
+    // With the cap the peak does not follow the pipeline's length: 19-25 MiB alone, up to 37
+    // with the other tests beside it (the relay and the log's writer then fall further
+    // behind); without the cap it does (~60 MiB for 120,000 statements, ~120 for these). The
+    // pipeline is long enough that the two stay far apart under load too.
+    assert!(grown < 64 * 1024, "pgiam held the pipeline: {grown} KiB");
     // And the session still works.
     raw.send(&query_bytes("SELECT 1"));
     raw.until_ready();
