@@ -1,12 +1,16 @@
 //! Who is calling: the kernel's facts about a client process, enriched into principal names.
 //!
 //! Without eBPF the facts come from the peer socket: SO_PEERCRED for a unix socket, and for a
-//! loopback TCP peer the socket table in /proc (its uid and inode) and the process that holds
-//! that inode. Everything a principal is built from is read from the kernel, never from what the
-//! client says about itself.
+//! loopback TCP peer the kernel's socket table (its uid and inode) and the process that holds
+//! that inode ([`loopback`]). Everything a principal is built from is read from the kernel,
+//! never from what the client says about itself.
+
+mod loopback;
+
+pub use loopback::from_loopback_tcp;
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -327,153 +331,6 @@ pub fn from_unix_peer(stream: &tokio::net::UnixStream) -> Result<Identity, Ident
     ))
 }
 
-/// Identity of the local process that owns the TCP socket `peer` connected to our `local`.
-///
-/// The socket's uid and inode come from /proc/net/tcp{,6} of pgiam's own network namespace (a
-/// loopback peer can only be there); the pid is the process holding that inode.
-pub fn from_loopback_tcp(peer: SocketAddr, local: SocketAddr) -> Result<Identity, IdentityError> {
-    let (uid, inode) = find_tcp_socket(peer, local)?;
-    let pid = match find_socket_owner(inode) {
-        // Answered, it would log in upstream again, be sent back again, and so on until the
-        // startup timeout ends the chain: refused at once instead.
-        Some(Owner::Pgiam) => return Err(IdentityError::OwnConnection),
-        Some(Owner::Process(pid)) => Some(pid),
-        None => None,
-    };
-    let gid = pid
-        .and_then(|p| proc_status_gid(p).ok())
-        .or_else(|| {
-            nix::unistd::User::from_uid(uid.into())
-                .ok()
-                .flatten()
-                .map(|u| u.gid.as_raw())
-        })
-        .unwrap_or(u32::MAX);
-    Ok(Identity::from_kernel_facts(
-        Source::LoopbackProc,
-        uid,
-        gid,
-        pid,
-    ))
-}
-
-fn find_tcp_socket(peer: SocketAddr, local: SocketAddr) -> Result<(u32, u64), IdentityError> {
-    // An IPv4 peer of a dual-stack listener appears as ::ffff:a.b.c.d; the kernel lists that
-    // socket in the v6 table, so look in the table of the address family we were given first.
-    let tables: &[&'static str] = match peer.ip() {
-        IpAddr::V4(_) => &["/proc/net/tcp", "/proc/net/tcp6"],
-        IpAddr::V6(_) => &["/proc/net/tcp6", "/proc/net/tcp"],
-    };
-    for &path in tables {
-        let table = match std::fs::File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(source) => return Err(IdentityError::Proc { path, source }),
-        };
-        let found = parse_tcp_table(std::io::BufReader::new(table), peer, local)
-            .map_err(|source| IdentityError::Proc { path, source })?;
-        if let Some(found) = found {
-            return Ok(found);
-        }
-    }
-    Err(IdentityError::NoSuchSocket { peer, local })
-}
-
-/// Finds the row whose local address is `peer` and remote address is `local`: `(uid, inode)`.
-/// Read a line at a time: the table has a row per socket of the host, TIME_WAIT ones
-/// included (tens of thousands after a burst of short connections), and every login looks
-/// it up, a few at once; read whole, each lookup held all of it (a login burst took pgiam's
-/// heap past 100 MB).
-fn parse_tcp_table(
-    table: impl std::io::BufRead,
-    peer: SocketAddr,
-    local: SocketAddr,
-) -> std::io::Result<Option<(u32, u64)>> {
-    for line in table.lines().skip(1) {
-        let line = line?;
-        let mut cols = line.split_whitespace();
-        let (Some(_), Some(laddr), Some(raddr)) = (cols.next(), cols.next(), cols.next()) else {
-            continue;
-        };
-        if parse_proc_addr(laddr) != Some(peer) || parse_proc_addr(raddr) != Some(local) {
-            continue;
-        }
-        // st, tx:rx, tr:when, retrnsmt, uid, timeout, inode
-        let mut rest = cols.skip(4);
-        let uid = rest.next().and_then(|c| c.parse().ok());
-        let inode = rest.nth(1).and_then(|c| c.parse().ok());
-        return Ok(uid.zip(inode));
-    }
-    Ok(None)
-}
-
-/// Parses `0100007F:1F90` (v4) or a 32-digit v6 address: each 32-bit word in host order.
-fn parse_proc_addr(s: &str) -> Option<SocketAddr> {
-    let (ip, port) = s.split_once(':')?;
-    let port = u16::from_str_radix(port, 16).ok()?;
-    let ip = match ip.len() {
-        8 => IpAddr::from(u32::from_str_radix(ip, 16).ok()?.swap_bytes().to_be_bytes()),
-        32 => {
-            let mut bytes = [0u8; 16];
-            for (i, chunk) in bytes.chunks_mut(4).enumerate() {
-                let word = u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16).ok()?;
-                chunk.copy_from_slice(&word.swap_bytes().to_be_bytes());
-            }
-            let v6 = std::net::Ipv6Addr::from(bytes);
-            match v6.to_ipv4_mapped() {
-                Some(v4) => IpAddr::V4(v4),
-                None => IpAddr::V6(v6),
-            }
-        }
-        _ => return None,
-    };
-    Some(SocketAddr::new(ip, port))
-}
-
-/// Who holds a client's socket.
-enum Owner {
-    Process(i32),
-    Pgiam,
-}
-
-/// The process holding socket `inode`, by scanning /proc/*/fd. Several processes can share one
-/// socket after fork; any of them answers for it, and they share uid and cgroup in practice.
-/// pgiam itself is looked at last: it holds the client's socket only when it is the client.
-fn find_socket_owner(inode: u64) -> Option<Owner> {
-    let target = format!("socket:[{inode}]");
-    let me = std::process::id() as i32;
-    let holds = |fd_dir: std::path::PathBuf| -> bool {
-        let Ok(fds) = std::fs::read_dir(fd_dir) else {
-            return false;
-        };
-        fds.flatten()
-            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == target.as_str()))
-    };
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        if pid != me && holds(entry.path().join("fd")) {
-            return Some(Owner::Process(pid));
-        }
-    }
-    holds(std::path::PathBuf::from("/proc/self/fd")).then_some(Owner::Pgiam)
-}
-
-fn proc_status_gid(pid: i32) -> std::io::Result<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Gid:"))
-        .and_then(|v| v.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| std::io::Error::other("no effective gid in status"))
-}
-
 /// The process's cgroup v2 path: the `0::` line of /proc/PID/cgroup (present on unified and
 /// hybrid hosts alike).
 pub fn read_cgroup_v2_path(pid: i32) -> std::io::Result<String> {
@@ -580,39 +437,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn proc_addresses() {
-        assert_eq!(
-            parse_proc_addr("0100007F:1F90"),
-            Some("127.0.0.1:8080".parse().unwrap())
-        );
-        assert_eq!(
-            parse_proc_addr("00000000000000000000000001000000:0050"),
-            Some("[::1]:80".parse().unwrap())
-        );
-        assert_eq!(
-            parse_proc_addr("0000000000000000FFFF00000100007F:0050"),
-            Some("127.0.0.1:80".parse().unwrap()),
-            "v4-mapped addresses compare as v4"
-        );
-        assert_eq!(parse_proc_addr("zz:1"), None);
-    }
-
-    #[test]
-    fn tcp_table_row() {
-        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:1538 00000000:0000 0A 00000000:00000000 00:00000000 00000000   106        0 31337 1 0000000000000000 100 0 0 10 0\n   1: 0100007F:D431 0100007F:1920 01 00000000:00000000 00:00000000 00000000  1001        0 424242 1 0000000000000000 20 4 30 10 -1\n";
-        let peer = "127.0.0.1:54321".parse().unwrap();
-        let local = "127.0.0.1:6432".parse().unwrap();
-        assert_eq!(
-            parse_tcp_table(table.as_bytes(), peer, local).unwrap(),
-            Some((1001, 424242))
-        );
-        assert_eq!(
-            parse_tcp_table(table.as_bytes(), local, peer).unwrap(),
-            None
-        );
-    }
-
-    #[test]
     fn units_and_containers() {
         assert_eq!(
             unit_from_cgroup_path("/system.slice/billing-api.service").as_deref(),
@@ -706,44 +530,5 @@ mod tests {
             ..id
         };
         assert!(recorded.principals().iter().any(|p| p.starts_with("exe:")));
-    }
-
-    /// A connection pgiam made itself, sent back to it (an interception left attached by an
-    /// earlier run): refused, not answered with a login upstream that would come back too.
-    #[tokio::test]
-    async fn a_connection_from_pgiam_itself_is_refused() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let _client = std::net::TcpStream::connect(addr).unwrap();
-        let (stream, peer) = listener.accept().await.unwrap();
-        let looked_up = from_loopback_tcp(peer, stream.local_addr().unwrap());
-        assert!(
-            matches!(looked_up, Err(IdentityError::OwnConnection)),
-            "{looked_up:?}"
-        );
-    }
-
-    #[tokio::test]
-    async fn loopback_peer_is_found_in_proc() {
-        // A child process connects to us; /proc must name it, not us.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut child = std::process::Command::new("bash")
-            .args([
-                "-c",
-                &format!("exec 3<>/dev/tcp/127.0.0.1/{}; exec sleep 5", addr.port()),
-            ])
-            .spawn()
-            .expect("bash");
-        let (stream, peer) = listener.accept().await.unwrap();
-        let id = from_loopback_tcp(peer, stream.local_addr().unwrap()).unwrap();
-        child.kill().ok();
-        child.wait().ok();
-        assert_eq!(id.pid, Some(child.id() as i32));
-        assert_eq!(id.uid, nix::unistd::getuid().as_raw());
-        assert!(id.exe.as_ref().is_some_and(|e| ["sleep", "bash"]
-            .iter()
-            .any(|n| e.path().to_string_lossy().contains(n))));
-        assert!(id.exe.as_ref().and_then(Executable::credential).is_none());
     }
 }

@@ -110,6 +110,11 @@ impl Parameters {
 
     /// ParameterStatus messages for every report here that `told` does not already hold.
     pub fn encode_news(&self, told: Option<&Parameters>, out: &mut BytesMut) {
+        // A pooled backend taken again reports what its session was told, in the same order
+        // (often the very same list): every transaction of a transaction-pooled session asks.
+        if told.is_some_and(|t| Arc::ptr_eq(&self.0, &t.0) || self.0 == t.0) {
+            return;
+        }
         for (name, value) in self.0.iter() {
             if told.and_then(|t| t.get(name)) != Some(value.as_str()) {
                 wire::parameter_status(name.as_bytes(), value.as_bytes(), out);
