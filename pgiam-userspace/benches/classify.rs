@@ -111,7 +111,7 @@ fn measure_all() {
         });
         let mut cache = DecisionCache::default();
         let authorize_cached = measure(|| {
-            black_box(cache.decide_all(&policy, &principal, black_box(&asks)));
+            black_box(cache.decide_all(&policy, 0, &principal, black_box(&asks)));
         });
         println!(
             "| {name} | {:.1} | {:.2} | {other_literal} | {:.1} | {:.2} |",

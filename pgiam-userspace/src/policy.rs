@@ -462,6 +462,8 @@ impl Policy {
 
 /// Decisions already made for one principal under one policy, so a statement seen before costs
 /// a lookup instead of Cedar evaluations. Bounded; the caller drops it when the policy changes.
+/// One per session (no lock); what it has not seen is asked of the decisions its principal's
+/// sessions share ([`Principal::decide`]).
 #[derive(Default)]
 pub struct DecisionCache {
     decisions: HashMap<Ask, Decision>,
@@ -476,8 +478,15 @@ impl DecisionCache {
         self.decisions.clear();
     }
 
-    /// [`Policy::decide_all`], remembering each ask's answer.
-    pub fn decide_all(&mut self, policy: &Policy, principal: &Principal, asks: &[Ask]) -> Decision {
+    /// [`Policy::decide_all`], remembering each ask's answer. `generation`: the policy store's
+    /// generation `policy` was taken at (or a later one's: see [`Principal::decide`]).
+    pub fn decide_all(
+        &mut self,
+        policy: &Policy,
+        generation: u64,
+        principal: &Principal,
+        asks: &[Ask],
+    ) -> Decision {
         if policy.reads_clock {
             let now = crate::people::now_secs();
             if now != self.second {
@@ -489,14 +498,25 @@ impl DecisionCache {
             if let Some(d) = self.decisions.get(ask) {
                 return d.clone();
             }
-            let d = policy.decide(principal, ask);
-            if self.decisions.len() >= Self::CAPACITY {
-                self.decisions.clear();
-            }
-            self.decisions.insert(ask.clone(), d.clone());
+            let d = principal.decide(policy, generation, ask);
+            self.remember(ask, &d);
             d
         }))
     }
+
+    fn remember(&mut self, ask: &Ask, d: &Decision) {
+        if self.decisions.len() >= Self::CAPACITY {
+            self.decisions.clear();
+        }
+        self.decisions.insert(ask.clone(), d.clone());
+    }
+}
+
+/// The decisions every session of one principal shares, under one policy generation.
+#[derive(Default)]
+struct SharedDecisions {
+    generation: u64,
+    cache: DecisionCache,
 }
 
 fn uid(kind: &str, id: &str) -> EntityUid {
@@ -550,10 +570,13 @@ fn resource_entities(db: &str, resource: &Resource) -> Result<Vec<Entity>, Strin
 }
 
 /// The client as the policy sees it.
-#[derive(Clone)]
 pub struct Principal {
     entity: Entity,
     database: String,
+    /// What the policy answered this principal, for all its sessions (see [`Principal::shared`]):
+    /// a new session of a service that connects per request, or of a pool, asks Cedar nothing
+    /// its predecessors were answered.
+    decided: std::sync::Mutex<SharedDecisions>,
 }
 
 impl Principal {
@@ -605,7 +628,40 @@ impl Principal {
         Principal {
             entity,
             database: database.to_owned(),
+            decided: Default::default(),
         }
+    }
+
+    /// `policy`'s answer to `ask`, remembered for every session of this principal.
+    /// `generation` labels `policy`: the store's generation read before the policy was taken,
+    /// so a policy is never older than its label (a reload replaces the policy, then counts),
+    /// and an answer is never kept under a generation newer than the policy that gave it.
+    /// Answers under an older generation than the one kept are made, not kept; under a newer
+    /// one, they replace what was kept. A policy that reads the clock is asked each time (the
+    /// session's own cache keeps its answers for the second).
+    pub fn decide(&self, policy: &Policy, generation: u64, ask: &Ask) -> Decision {
+        if policy.reads_clock {
+            return policy.decide(self, ask);
+        }
+        {
+            let mut shared = self.decided.lock().unwrap_or_else(|e| e.into_inner());
+            if shared.generation < generation {
+                shared.cache.clear();
+                shared.generation = generation;
+            }
+            if shared.generation == generation {
+                if let Some(d) = shared.cache.decisions.get(ask) {
+                    return d.clone();
+                }
+            }
+        }
+        // Cedar runs outside the lock: the principal's other sessions are not held up by it.
+        let d = policy.decide(self, ask);
+        let mut shared = self.decided.lock().unwrap_or_else(|e| e.into_inner());
+        if shared.generation == generation {
+            shared.cache.remember(ask, &d);
+        }
+        d
     }
 
     /// The principal for these facts, shared by every open session with the same ones: a

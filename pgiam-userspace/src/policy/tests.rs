@@ -32,6 +32,48 @@ fn sessions_with_the_same_facts_share_one_principal() {
     );
 }
 
+/// A principal's sessions share what the policy answered it: a new session of the same
+/// principal is answered without Cedar (here: the answer of a policy that has since changed,
+/// under the same generation), a different principal never gets it, and a new generation
+/// asks again.
+#[test]
+fn a_principal_s_sessions_share_its_decisions_and_nothing_else_does() {
+    let allow = Policy::parse("permit(principal, action, resource);").unwrap();
+    let deny =
+        Policy::parse("permit(principal, action, resource) when { principal.uid == 1 };").unwrap();
+    let connect = Ask::on_database(Action::Connect, "connect");
+    let mut id = Identity::from_kernel_facts(Source::UnixPeerCred, 4343, 4343, None);
+    id.unit = Some("shared-decisions.service".into());
+    let a = Principal::shared("unit:shared-decisions.service", "r", "app", &id);
+    assert!(a.decide(&allow, 7, &connect).allowed);
+    // Another session of the same principal (same facts): the answer it was given.
+    let b = Principal::shared("unit:shared-decisions.service", "r", "app", &id);
+    assert!(Arc::ptr_eq(&a, &b));
+    let mut session = DecisionCache::default();
+    assert!(
+        session
+            .decide_all(&deny, 7, &b, std::slice::from_ref(&connect))
+            .allowed
+    );
+    // A principal that differs in one fact is asked for itself.
+    let mut other = id.clone();
+    other.cgroup = Some("/elsewhere".into());
+    let c = Principal::shared("unit:shared-decisions.service", "r", "app", &other);
+    assert!(!c.decide(&deny, 7, &connect).allowed);
+    // A newer generation asks again, and what it is answered replaces what was kept.
+    assert!(!b.decide(&deny, 8, &connect).allowed);
+    assert!(!a.decide(&allow, 8, &connect).allowed);
+    // An older one is answered (by the policy it holds) without touching what is kept.
+    assert!(a.decide(&allow, 7, &connect).allowed);
+    assert!(!a.decide(&allow, 8, &connect).allowed);
+    // A policy that reads the clock is never answered from what another session was told.
+    let clocked = Policy::parse(
+        "permit(principal, action, resource) when { context.now > 0 && principal.uid == 1 };",
+    )
+    .unwrap();
+    assert!(!a.decide(&clocked, 8, &connect).allowed);
+}
+
 const POLICY: &str = r#"
     @id("read-public")
     permit(principal, action == PgIam::Action::"select", resource in PgIam::Schema::"app.public");

@@ -136,8 +136,9 @@ pub(super) async fn establish(
     // The generation the connect decision is made under: a reload before the session's gate
     // exists (the login takes a while) makes it ask again.
     let decided_under = shared.policies.generation();
-    let connect = shared.policies.current().decide(
-        &principal,
+    let connect = principal.decide(
+        &shared.policies.current(),
+        decided_under,
         &crate::policy::Ask::on_database(crate::policy::Action::Connect, "connect"),
     );
     if !connect.allowed {

@@ -389,7 +389,7 @@ impl Gate {
 
     fn decide(&mut self, asks: &[Ask]) -> Decision {
         self.decisions
-            .decide_all(&self.policy, &self.principal, asks)
+            .decide_all(&self.policy, self.policy_generation, &self.principal, asks)
     }
 
     /// Decides a list of statements (a Query's, or one prepared statement's): allowed only if
