@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 pub enum IdentityError {
     #[error("cannot read peer credentials: {0}")]
     PeerCred(std::io::Error),
-    #[error("no socket {peer} -> {local} in the kernel's TCP table (not a local process?)")]
+    #[error("no local process holds a socket {peer} -> {local} (the client closed it, or is not on this host)")]
     NoSuchSocket { peer: SocketAddr, local: SocketAddr },
     #[error("cannot read {path}: {source}")]
     Proc {

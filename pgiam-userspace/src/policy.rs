@@ -354,7 +354,9 @@ impl Policy {
             set,
             authorizer: Authorizer::new(),
             ids,
-            reads_clock: text.contains("now"),
+            // (Cedar unescapes `\u{..}` in a string, so `context["n\u{6f}w"]` reads it too
+            // without the word appearing: any escape counts.)
+            reads_clock: text.contains("now") || text.contains("\\u"),
         })
     }
 

@@ -2,7 +2,7 @@
 //! its uid and inode, then the process holding that inode.
 //!
 //! The socket is asked of the kernel's socket diagnostics ([`diag`]): one exact lookup of the
-//! connection's addresses. /proc/net/tcp, read only when that is unavailable, lists every
+//! connection's addresses. /proc/net/tcp, read only when that finds nothing, lists every
 //! socket of the host (TIME_WAIT ones included), so that every login walked all of them.
 
 pub mod diag;
@@ -42,11 +42,23 @@ pub fn from_loopback_tcp(peer: SocketAddr, local: SocketAddr) -> Result<Identity
 }
 
 fn find_tcp_socket(peer: SocketAddr, local: SocketAddr) -> Result<(u32, u64), IdentityError> {
-    match diag::tcp_socket(peer, local) {
-        diag::Answer::Found(uid, inode) => return Ok((uid, inode)),
-        diag::Answer::NotFound => return Err(IdentityError::NoSuchSocket { peer, local }),
-        diag::Answer::Unavailable => {}
+    let found = match diag::tcp_socket(peer, local) {
+        Some(found) => Some(found),
+        None => walk_tcp_tables(peer, local)?,
+    };
+    match found {
+        // A socket no process holds any more (its client closed it: FIN_WAIT2, TIME_WAIT)
+        // reads uid 0 and inode 0. It is nobody's, least of all root's.
+        Some((_, 0)) | None => Err(IdentityError::NoSuchSocket { peer, local }),
+        Some(found) => Ok(found),
     }
+}
+
+/// The client's socket found by reading /proc/net/tcp{,6} (every socket of the host).
+fn walk_tcp_tables(
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> Result<Option<(u32, u64)>, IdentityError> {
     // An IPv4 peer of a dual-stack listener appears as ::ffff:a.b.c.d; the kernel lists that
     // socket in the v6 table, so look in the table of the address family we were given first.
     let tables: &[&'static str] = match peer.ip() {
@@ -61,11 +73,11 @@ fn find_tcp_socket(peer: SocketAddr, local: SocketAddr) -> Result<(u32, u64), Id
         };
         let found = parse_tcp_table(std::io::BufReader::new(table), peer, local)
             .map_err(|source| IdentityError::Proc { path, source })?;
-        if let Some(found) = found {
+        if found.is_some() {
             return Ok(found);
         }
     }
-    Err(IdentityError::NoSuchSocket { peer, local })
+    Ok(None)
 }
 
 /// Finds the row whose local address is `peer` and remote address is `local`: `(uid, inode)`.
@@ -303,6 +315,28 @@ mod tests {
         assert!(id.exe.as_ref().and_then(Executable::credential).is_none());
     }
 
+    /// A client that closed its end before pgiam looked (its socket orphaned in FIN_WAIT2:
+    /// inode 0, held by no process) is nobody's: refused, not taken for the uid the kernel
+    /// still shows (0 for a TIME_WAIT one) without a process.
+    #[test]
+    fn a_client_gone_before_the_lookup_is_no_one() {
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut accepted, peer) = listener.accept().unwrap();
+        let local = accepted.local_addr().unwrap();
+        drop(client);
+        // Its FIN has arrived: pgiam's end reads the end of the stream.
+        assert_eq!(accepted.read(&mut [0u8; 1]).unwrap(), 0);
+        let asked = diag::tcp_socket(peer, local);
+        assert!(matches!(asked, Some((_, 0))), "{asked:?}");
+        let looked_up = from_loopback_tcp(peer, local);
+        assert!(
+            matches!(looked_up, Err(IdentityError::NoSuchSocket { .. })),
+            "{looked_up:?}"
+        );
+    }
+
     /// The kernel's socket diagnostics and /proc/net/tcp name the same socket, uid and inode:
     /// the lookup a login makes answers from the kernel's socket table, not by walking it.
     #[test]
@@ -320,11 +354,11 @@ mod tests {
             })
             .expect("the client's socket in /proc/net/tcp");
         let asked = diag::tcp_socket(peer, local);
-        assert_eq!(asked, diag::Answer::Found(walked.0, walked.1));
-        // A connection that does not exist is not found (and not looked for in /proc).
+        assert_eq!(asked, Some(walked));
+        // A connection that does not exist is not found, by either.
         drop((client, accepted));
         let gone: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        assert_eq!(diag::tcp_socket(gone, local), diag::Answer::NotFound);
+        assert_eq!(diag::tcp_socket(gone, local), None);
         assert!(matches!(
             from_loopback_tcp(gone, local),
             Err(IdentityError::NoSuchSocket { .. })

@@ -7,7 +7,6 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
 use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP};
@@ -15,57 +14,34 @@ use netlink_packet_sock_diag::inet::{ExtensionFlags, InetRequest, SocketId, Stat
 use netlink_packet_sock_diag::SockDiagMessage;
 use nix::sys::socket::{self, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol};
 
-/// What the kernel says about a socket.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Answer {
-    /// Its uid and inode.
-    Found(u32, u64),
-    /// No such socket (the client is gone, or not on this host's loopback).
-    NotFound,
-    /// No answer to trust: no netlink socket, an error, or "not found" before the kernel has
-    /// shown that it can find one at all.
-    Unavailable,
-}
-
-/// Set once a lookup has found a socket. Until then "not found" may only mean that the kernel
-/// has no TCP handler for these requests (`tcp_diag`, a module on some kernels, is then
-/// reported as ENOENT, the same as a missing socket), and /proc is read instead.
-static ANSWERED: AtomicBool = AtomicBool::new(false);
-
-/// The socket bound to `peer` and connected to `local`, in pgiam's network namespace.
-pub fn tcp_socket(peer: SocketAddr, local: SocketAddr) -> Answer {
-    let Ok(netlink) = socket::socket(
+/// `(uid, inode)` of the socket bound to `peer` and connected to `local`, in pgiam's network
+/// namespace. `None`: not found, or no answer to trust (no netlink socket, an error). The
+/// caller then reads /proc/net/tcp, which also finds what an exact lookup cannot: a socket
+/// bound to a device (the lookup names none), or a kernel whose TCP handler (`tcp_diag`, a
+/// module on some kernels) cannot be loaded, which answers as if there were no such socket.
+pub fn tcp_socket(peer: SocketAddr, local: SocketAddr) -> Option<(u32, u64)> {
+    let netlink = socket::socket(
         AddressFamily::Netlink,
         socket::SockType::Datagram,
         SockFlag::SOCK_CLOEXEC,
         SockProtocol::NetlinkSockDiag,
-    ) else {
-        return Answer::Unavailable;
-    };
+    )
+    .ok()?;
     // The kernel answers while it handles the request, before `sendto` returns; the timeout
     // only keeps a kernel that does not from holding the login.
     let timeout = nix::sys::time::TimeVal::new(1, 0);
-    if socket::setsockopt(&netlink, socket::sockopt::ReceiveTimeout, &timeout).is_err() {
-        return Answer::Unavailable;
-    }
+    socket::setsockopt(&netlink, socket::sockopt::ReceiveTimeout, &timeout).ok()?;
     for (family, peer, local) in candidates(peer, local) {
         match ask(&netlink, family, peer, local) {
-            Ok(Some((uid, inode))) => {
-                ANSWERED.store(true, Ordering::Relaxed);
-                return Answer::Found(uid, inode);
-            }
+            Ok(Some(found)) => return Some(found),
             Ok(None) => continue,
             Err(e) => {
                 tracing::debug!("sock_diag: {e}; reading /proc/net/tcp instead");
-                return Answer::Unavailable;
+                return None;
             }
         }
     }
-    if ANSWERED.load(Ordering::Relaxed) {
-        Answer::NotFound
-    } else {
-        Answer::Unavailable
-    }
+    None
 }
 
 /// Where the client's socket can be: an IPv4 client's in the IPv4 table, or (a v6 socket
@@ -92,6 +68,9 @@ fn candidates(peer: SocketAddr, local: SocketAddr) -> Vec<(u8, SocketAddr, Socke
         vec![(AF_INET6, mapped(peer), mapped(local))]
     }
 }
+
+/// TCP_LISTEN in the kernel's numbering of TCP states.
+const TCP_LISTEN: u8 = 10;
 
 /// One exact request: `Some((uid, inode))`, or `None` when the kernel has no such socket.
 fn ask(
@@ -140,9 +119,19 @@ fn ask(
     let message = NetlinkMessage::<SockDiagMessage>::deserialize(&answer[..n])
         .map_err(|e| io::Error::other(format!("undecodable answer: {e}")))?;
     match message.payload {
-        NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
+        // The exact lookup falls back to listening sockets (the kernel's `inet_lookup`): a
+        // client gone by now could be answered by a listener on its port. Only the connection
+        // itself counts.
+        NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r))
+            if r.header.state != TCP_LISTEN
+                && r.header.socket_id.source_port == peer.port()
+                && r.header.socket_id.destination_port == local.port()
+                && r.header.socket_id.source_address == peer.ip()
+                && r.header.socket_id.destination_address == local.ip() =>
+        {
             Ok(Some((r.header.uid, u64::from(r.header.inode))))
         }
+        NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(_)) => Ok(None),
         NetlinkPayload::Error(e) if e.raw_code() == -libc::ENOENT => Ok(None),
         NetlinkPayload::Error(e) => Err(e.to_io()),
         other => Err(io::Error::other(format!("unexpected answer: {other:?}"))),
