@@ -564,7 +564,9 @@ mod tests {
     /// that has not spoken (the run future, waiting inline) fits in 512 bytes up to 408. The
     /// relay is boxed beside it once the session has spoken (1,792 bytes before pooling; what
     /// it keeps to hand a backend back to its pool takes it to 1,888, and what transaction
-    /// pooling adds, to 2,016; the catalog read for operators and casts, to 2,056; a
+    /// pooling adds, to 2,016; the catalog read for operators and casts, to 2,056; what both
+    /// directions share and what neither changes, each reached through one reference instead
+    /// of a pointer per local in every future that uses it, back to 1,712; a
     /// transaction-pooled session holds no relay while it is idle).
     #[test]
     fn an_idle_session_s_futures_stay_small() {
@@ -580,6 +582,6 @@ mod tests {
         fn returned4<F: FnOnce(A, B, C, D) -> R, A, B, C, D, R>(_: F) -> usize {
             std::mem::size_of::<R>()
         }
-        assert!(returned4(relay) <= 2056, "the relay: {}", returned4(relay));
+        assert!(returned4(relay) <= 1712, "the relay: {}", returned4(relay));
     }
 }

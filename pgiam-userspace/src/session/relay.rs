@@ -90,6 +90,62 @@ pub(super) fn relay<'a>(
     relay_backend(shared, client, session, stream, lease)
 }
 
+/// What the relay reads and never changes, reached through one reference (see [`Between`]).
+struct Fixed<'a> {
+    shared: &'a Shared,
+    live: &'a std::sync::Arc<crate::admin::registry::Live>,
+    /// (Borrowed, not the session's `ids()`: the gate is borrowed mutably beside them.)
+    session_ids: (Option<&'a str>, i32, i32),
+    /// The database's catalog, read for operators and casts.
+    catalog: &'a crate::catalog::cache::Source,
+    max: usize,
+    stalled_after: Duration,
+    metrics: &'static crate::metrics::Metrics,
+    pooled: bool,
+    /// The backend is given back whenever the session is between two transactions and holds
+    /// nothing in it that a later transaction needs.
+    transaction_pooled: bool,
+    pending: &'a crate::cancel::Pending,
+}
+
+/// What the relay's two directions share. Both run in the one task, so the locks are never
+/// contended and no guard is held across an await. One value, reached through one reference:
+/// each direction's future keeps a pointer to it, not one per field (precise captures take
+/// every field apart when it is a local of its own or named through a place).
+struct Between {
+    /// A pooled session whose client left with nothing outstanding gives its backend back
+    /// (and whether a transaction block was open on it).
+    released: AtomicBool,
+    released_in_block: AtomicBool,
+    /// What the server says about standard_conforming_strings, for classifying what follows.
+    standard_conforming_strings: AtomicBool,
+    /// The client-to-server direction never writes to the client: a fatal error it finds is
+    /// handed to the other direction, which writes it once the server has gone quiet, so it
+    /// can never land in the middle of a server message. (A slot, not a channel: an idle
+    /// session would hold the channel's block.)
+    fatal: std::sync::Mutex<Option<Box<PgError>>>,
+    /// Set when the session is being ended (an order, a revocation): from then on nothing more
+    /// of the server's reaches the client.
+    ending: AtomicBool,
+    /// Signalled as answers are read, for a direction that stopped reading its client.
+    drained: tokio::sync::Notify,
+    /// Requests forwarded, in order, for the direction that reads the answers; and back from
+    /// it, prepared statements the server did not create after all. (Not channels: an idle
+    /// session would hold their preallocated blocks.)
+    responses: std::sync::Mutex<responses::Responses>,
+    unprepared: std::sync::Mutex<Vec<(Vec<u8>, u64)>>,
+    /// The client_encoding the server last reported, for the gate.
+    reported_encoding: std::sync::Mutex<Option<String>>,
+    /// Decision records of statements forwarded before their records were on disk
+    /// (statements that change nothing): no answer reaches the client before they are.
+    in_flight: std::sync::Mutex<Vec<crate::audit::Written>>,
+    /// Whether the direction that reads the server waits for it with nothing of its own in
+    /// hand (what it holds is then only the start of a message no request asked for), and
+    /// whether it holds nothing at all.
+    parked: AtomicBool,
+    parked_empty: AtomicBool,
+}
+
 async fn relay_backend(
     shared: &Shared,
     client: &mut Client,
@@ -127,104 +183,96 @@ async fn relay_backend(
     // The server's bytes read and not yet passed on (outside the direction that reads them,
     // so that a backend given back to its pool keeps them).
     let mut sbuf = BytesMut::new();
-    // A pooled session whose client left with nothing outstanding gives its backend back
-    // (and whether a transaction block was open on it).
-    let released = AtomicBool::new(false);
-    let released_in_block = AtomicBool::new(false);
+    let fixed = &Fixed {
+        shared,
+        live,
+        session_ids,
+        catalog: &session.catalog,
+        max,
+        stalled_after,
+        metrics,
+        pooled,
+        transaction_pooled,
+        pending: &pending,
+    };
+    let between = &Between {
+        released: AtomicBool::new(false),
+        released_in_block: AtomicBool::new(false),
+        standard_conforming_strings: AtomicBool::new(session.standard_conforming_strings),
+        fatal: std::sync::Mutex::new(None),
+        ending: AtomicBool::new(false),
+        drained: tokio::sync::Notify::new(),
+        responses: std::sync::Mutex::new(responses::Responses::default()),
+        unprepared: std::sync::Mutex::new(Vec::new()),
+        reported_encoding: std::sync::Mutex::new(None),
+        in_flight: std::sync::Mutex::new(Vec::new()),
+        parked: AtomicBool::new(false),
+        parked_empty: AtomicBool::new(false),
+    };
     let why = {
         let gate = &mut session.gate;
-        // The database's catalog, read for operators and casts.
-        let catalog = &session.catalog;
         // A transaction-pooled session's prepared statements, and what this backend holds.
         let mut carried = match (&mut session.transactions, lease.as_deref_mut()) {
-            (Some(t), Some(lease)) if transaction_pooled => {
+            (Some(t), Some(lease)) if fixed.transaction_pooled => {
                 t.carried.landed();
                 Some((&mut t.carried, lease.held()))
             }
             _ => None,
         };
-        // What the server says about standard_conforming_strings, for classifying what follows.
-        let standard_conforming_strings = AtomicBool::new(session.standard_conforming_strings);
-        // The client-to-server direction never writes to the client: a fatal error it finds is
-        // handed to the other direction, which writes it once the server has gone quiet, so it can
-        // never land in the middle of a server message.
-        // (A slot, not a channel: an idle session would hold the channel's block.)
-        let fatal = std::sync::Mutex::new(None::<Box<PgError>>);
-        // Set when the session is being ended (an order, a revocation): from then on nothing
-        // more of the server's reaches the client.
-        let ending = AtomicBool::new(false);
-        // Signalled as answers are read, for a direction that stopped reading its client.
-        let drained = tokio::sync::Notify::new();
-        // Requests forwarded, in order, for the direction that reads the answers; and back from
-        // it, prepared statements the server did not create after all. Both directions run in this
-        // one task, so these locks are never contended; no guard is held across an await. (Not
-        // channels: an idle session would hold their preallocated blocks.)
-        let responses = std::sync::Mutex::new(responses::Responses::default());
-        let unprepared = std::sync::Mutex::new(Vec::<(Vec<u8>, u64)>::new());
-        // The client_encoding the server last reported, for the gate.
-        let reported_encoding = std::sync::Mutex::new(None::<String>);
-        // Decision records of statements forwarded before their records were on disk (statements
-        // that change nothing): no answer reaches the client before they are.
-        let in_flight = std::sync::Mutex::new(Vec::<crate::audit::Written>::new());
-        let audit = shared.audit.as_ref();
-        let mut woken = shared.registry.subscribe();
+        let audit = fixed.shared.audit.as_ref();
+        let mut woken = fixed.shared.registry.subscribe();
 
-        // Whether the direction that reads the server waits for it with nothing of its own in
-        // hand (what it holds is then only the start of a message no request asked for), and
-        // whether it holds nothing at all.
-        let parked = AtomicBool::new(false);
-        let parked_empty = AtomicBool::new(false);
         let mut to_server = std::pin::pin!(async {
             let mut client_size = ReadSize::default();
             let mut checked = Vec::new();
             let mut expects = Vec::new();
             let result: Result<&'static str, PgError> = async {
             loop {
-                if let Some(order) = live.order() {
-                    ending.store(true, Ordering::Relaxed);
-                    return Err(Box::pin(ordered_out(shared, &session_ids, order)).await);
+                if let Some(order) = fixed.live.order() {
+                    between.ending.store(true, Ordering::Relaxed);
+                    return Err(Box::pin(ordered_out(fixed.shared, &fixed.session_ids, order)).await);
                 }
                 // A new policy is checked before anything more is forwarded under it.
                 if gate.refresh_policy() {
                     let d = gate.may_connect();
                     if !d.allowed {
                         let database = gate.database().to_owned();
-                        ending.store(true, Ordering::Relaxed);
-                        return Err(Box::pin(revoke(shared, &session_ids, &database, d)).await);
+                        between.ending.store(true, Ordering::Relaxed);
+                        return Err(Box::pin(revoke(fixed.shared, &fixed.session_ids, &database, d)).await);
                     }
                 }
-                for (name, generation) in std::mem::take(&mut *locked(&unprepared)) {
+                for (name, generation) in std::mem::take(&mut *locked(&between.unprepared)) {
                     if let Some((carried, held)) = carried.as_mut() {
                         carried.not_prepared(&name, held);
                     }
                     gate.forget_prepared(&name, generation);
                 }
-                if let Some(e) = locked(&reported_encoding).take() {
+                if let Some(e) = locked(&between.reported_encoding).take() {
                     gate.client_encoding_reported(&e);
                 }
-                gate.follow_person(&shared.people);
+                gate.follow_person(&fixed.shared.people);
                 // A statement forwarded may have changed the catalog: read again, until its
                 // transaction is over (what it did is then visible to every later read).
                 if gate.catalog_changing() {
-                    shared.catalogs.invalidate(&catalog.key);
-                    if locked(&responses).between_transactions() {
+                    fixed.shared.catalogs.invalidate(&fixed.catalog.key);
+                    if locked(&between.responses).between_transactions() {
                         gate.catalog_settled();
                     }
                 }
                 if !cbuf.is_empty() {
-                    let read = match shared.catalogs.usable(&catalog.key, catalog_max_age(shared)) {
+                    let read = match fixed.shared.catalogs.usable(&fixed.catalog.key, catalog_max_age(fixed.shared)) {
                         Some(read) => read,
-                        None => Box::pin(read_catalog(shared, catalog)).await,
+                        None => Box::pin(read_catalog(fixed.shared, fixed.catalog)).await,
                     };
                     gate.use_catalog(read);
                 }
                 // Forward what was complete and valid before a bad message, as a server would
                 // have executed it; nothing from the bad message on.
-                let framed = frame_client_messages(&cbuf, max, |message, range| {
+                let framed = frame_client_messages(&cbuf, fixed.max, |message, range| {
                     let frame = &cbuf[range.clone()];
                     // (Read here, not held: both directions run in this task, so it does not
                     // change while a run is framed.)
-                    let scs = standard_conforming_strings.load(Ordering::Relaxed);
+                    let scs = between.standard_conforming_strings.load(Ordering::Relaxed);
                     // A transaction-pooled session's statements may not be on this backend:
                     // what the client parsed (and pgiam authorized) under the name a message
                     // uses goes ahead of it. What runs is decided at Execute, as always.
@@ -241,7 +289,7 @@ async fn relay_backend(
                             checked.push((at..at, statements::Checked::Substitute(ahead)));
                         }
                     }
-                    let decided = crate::metrics::timed(&metrics.decision, || {
+                    let decided = crate::metrics::timed(&fixed.metrics.decision, || {
                         gate.check(message, frame, scs, &mut expects)
                     });
                     if let Some((carried, held)) = carried.as_mut() {
@@ -265,7 +313,7 @@ async fn relay_backend(
                         };
                         let records = batch.records.len();
                         let end = audit.append(batch.records).map_err(unavailable)?;
-                        let in_block = locked(&responses).idle_in_block();
+                        let in_block = locked(&between.responses).idle_in_block();
                         match durability::wait_for(
                             audit.durability(),
                             batch.effect,
@@ -275,28 +323,28 @@ async fn relay_backend(
                             batch.must_sync,
                         ) {
                             Wait::Nothing => {}
-                            Wait::Answer(upto) => locked(&in_flight).push(audit.durable(upto)),
+                            Wait::Answer(upto) => locked(&between.in_flight).push(audit.durable(upto)),
                             Wait::Forward(upto) => {
-                                live.set_state(State::WaitingForAudit);
+                                fixed.live.set_state(State::WaitingForAudit);
                                 audit.durable(upto).wait().await.map_err(unavailable)?
                             }
                         }
                     }
                     {
                         // Taken, not drained: an idle session keeps no room for a pipeline.
-                        let mut r = locked(&responses);
+                        let mut r = locked(&between.responses);
                         for e in std::mem::take(&mut expects) {
                             r.push(e);
                         }
                     }
                     // Before the write: its answer may come back while the write is awaited.
-                    live.set_state(State::Active);
-                    live.bytes_in(framed.len);
-                    metrics.bytes_from_clients.inc_by(framed.len as u64);
+                    fixed.live.set_state(State::Active);
+                    fixed.live.bytes_in(framed.len);
+                    fixed.metrics.bytes_from_clients.inc_by(framed.len as u64);
                     let mut chunk = cbuf.split_to(framed.len);
                     // A pooled backend outlives its client: the client's Terminate is not
                     // the server's.
-                    if pooled && framed.terminate {
+                    if fixed.pooled && framed.terminate {
                         chunk.truncate(chunk.len() - wire::TERMINATE.len());
                     }
                     // Flushed: a TLS writer may keep the tail of what it accepted (the socket was
@@ -310,7 +358,7 @@ async fn relay_backend(
                     .await
                     .map_err(|e| PgError::fatal("08006", format!("pgiam: server write: {e}")))?;
                     if gate.catalog_changing() {
-                        shared.catalogs.invalidate(&catalog.key);
+                        fixed.shared.catalogs.invalidate(&fixed.catalog.key);
                     }
                 }
                 if let Some(e) = framed.error {
@@ -320,7 +368,7 @@ async fn relay_backend(
                     return Ok(CLIENT_TERMINATED);
                 }
                 // A message whose header says how long it is gets room for all of it at once.
-                if let Ok(Some(h)) = wire::peek_header(&cbuf, max) {
+                if let Ok(Some(h)) = wire::peek_header(&cbuf, fixed.max) {
                     if h.total > cbuf.len() {
                         cbuf.reserve(h.total - cbuf.len());
                     }
@@ -329,14 +377,14 @@ async fn relay_backend(
                 checked = Vec::new();
                 // Between two transactions, with everything answered and nothing half sent
                 // either way, a transaction-pooled session's backend goes back to the pool.
-                if transaction_pooled
+                if fixed.transaction_pooled
                     && cbuf.is_empty()
                     && !gate.holds_session_state()
-                    && parked_empty.load(Ordering::Relaxed)
-                    && locked(&in_flight).is_empty()
-                    && locked(&responses).between_transactions()
+                    && between.parked_empty.load(Ordering::Relaxed)
+                    && locked(&between.in_flight).is_empty()
+                    && locked(&between.responses).between_transactions()
                 {
-                    released.store(true, Ordering::Relaxed);
+                    between.released.store(true, Ordering::Relaxed);
                     return Ok(BETWEEN_TRANSACTIONS);
                 }
                 // Waiting for the client is also waiting for the policy to change: a session
@@ -344,17 +392,17 @@ async fn relay_backend(
                 // statement.
                 // Everything forwardable is forwarded: a cancel may go now, unless part of a
                 // message is still held (it may be the statement the cancel is for).
-                pending.set(!cbuf.is_empty());
+                fixed.pending.set(!cbuf.is_empty());
                 // A client that pipelines without waiting for answers (no Sync, or answers it
                 // has not read yet) is read no further while this many requests are unanswered:
                 // what pgiam keeps per request stays bounded, and the client's sends block, as
                 // they would against a server that stops reading.
-                if locked(&responses).outstanding() >= MAX_OUTSTANDING {
-                    pending.set(!cbuf.is_empty());
+                if locked(&between.responses).outstanding() >= MAX_OUTSTANDING {
+                    fixed.pending.set(!cbuf.is_empty());
                     // (Boxed: only a session held back pays for the wait's room.)
                     Box::pin(async {
                         tokio::select! {
-                            () = drained.notified() => {}
+                            () = between.drained.notified() => {}
                             Ok(()) = woken.changed() => {}
                         }
                     })
@@ -363,9 +411,9 @@ async fn relay_backend(
                 }
                 // Part of a message held: the rest must come within the limit. (Boxed, and made
                 // only then: a timer is hundreds of bytes an idle session need not hold.)
-                let stall = (!cbuf.is_empty()).then(|| Box::pin(tokio::time::sleep(stalled_after)));
+                let stall = (!cbuf.is_empty()).then(|| Box::pin(tokio::time::sleep(fixed.stalled_after)));
                 // Answers read may end the transaction (transaction pooling; boxed likewise).
-                let answered = transaction_pooled.then(|| Box::pin(drained.notified()));
+                let answered = fixed.transaction_pooled.then(|| Box::pin(between.drained.notified()));
                 let read = tokio::select! {
                     r = read_when_ready(&mut client_rd, &mut cbuf, &mut client_size) => r,
                     Ok(()) = woken.changed() => continue,
@@ -375,13 +423,13 @@ async fn relay_backend(
                             "08P01",
                             format!(
                                 "pgiam: the client sent part of a message and nothing more for {}s",
-                                stalled_after.as_secs()
+                                fixed.stalled_after.as_secs()
                             ),
                         ));
                     }
                 };
                 if let Ok(n) = read {
-                    pending.set(n > 0);
+                    fixed.pending.set(n > 0);
                 }
                 match read {
                     Ok(0) if cbuf.is_empty() => return Ok(CLIENT_CLOSED),
@@ -404,21 +452,23 @@ async fn relay_backend(
             }
             // A pooled backend whose client left cleanly, with every request answered and
             // nothing of a server message half passed on, goes back to its pool.
-            if pooled
+            if fixed.pooled
                 && matches!(result, Ok(CLIENT_TERMINATED) | Ok(CLIENT_CLOSED))
-                && !ending.load(Ordering::Relaxed)
-                && parked.load(Ordering::Relaxed)
+                && !between.ending.load(Ordering::Relaxed)
+                && between.parked.load(Ordering::Relaxed)
             {
-                let r = locked(&responses);
+                let r = locked(&between.responses);
                 if r.idle() && r.at_boundary() {
-                    released_in_block.store(r.in_block(), Ordering::Relaxed);
-                    released.store(true, Ordering::Relaxed);
+                    between
+                        .released_in_block
+                        .store(r.in_block(), Ordering::Relaxed);
+                    between.released.store(true, Ordering::Relaxed);
                     return result;
                 }
             }
             // Whatever ended this direction, the server is told the session is over (a
             // pooled session's Terminate was held back for the pool).
-            if result != Ok(CLIENT_TERMINATED) || pooled {
+            if result != Ok(CLIENT_TERMINATED) || fixed.pooled {
                 let mut t = BytesMut::new();
                 // A COPY FROM STDIN the client was in the middle of fails with pgiam's reason
                 // (the server ignores a CopyFail outside one), rather than on the Terminate.
@@ -430,7 +480,7 @@ async fn relay_backend(
             }
             let _ = server_wr.shutdown().await;
             if let Err(e) = &result {
-                *locked(&fatal) = Some(Box::new(e.clone()));
+                *locked(&between.fatal) = Some(Box::new(e.clone()));
             }
             result
         });
@@ -443,15 +493,17 @@ async fn relay_backend(
             // A transaction-pooled session may be between transactions from the start (a
             // backend opened at login, or one whose client has nothing more to say): the
             // other direction looks once this one waits.
-            if transaction_pooled {
-                drained.notify_one();
+            if fixed.transaction_pooled {
+                between.drained.notify_one();
             }
             let end = 'relay: loop {
-                parked.store(true, Ordering::Relaxed);
-                parked_empty.store(sbuf.is_empty(), Ordering::Relaxed);
+                between.parked.store(true, Ordering::Relaxed);
+                between
+                    .parked_empty
+                    .store(sbuf.is_empty(), Ordering::Relaxed);
                 let read = read_when_ready(&mut server_rd, sbuf, &mut size).await;
-                parked.store(false, Ordering::Relaxed);
-                parked_empty.store(false, Ordering::Relaxed);
+                between.parked.store(false, Ordering::Relaxed);
+                between.parked_empty.store(false, Ordering::Relaxed);
                 match read {
                     Ok(0) => break "server closed",
                     Ok(_) => {}
@@ -460,14 +512,14 @@ async fn relay_backend(
                 // Ended by an order or a revocation: the server's answer to the cancel is not
                 // the client's; the FATAL that says why is its last word, as when PostgreSQL
                 // terminates a backend. (Looked at again after the audit wait below.)
-                if ending.load(Ordering::Relaxed) {
+                if between.ending.load(Ordering::Relaxed) {
                     sbuf.clear();
                     continue;
                 }
                 // Whatever this answers was forwarded, its record handed to the writer, before it
                 // was read: nothing of it is written to the client before that record is on disk.
-                if let Err(e) = all_written(&in_flight).await {
-                    warn!(peer = %peer, session = %live.facts.id, "{e}: the answer is withheld and the session ends");
+                if let Err(e) = all_written(&between.in_flight).await {
+                    warn!(peer = %peer, session = %fixed.live.facts.id, "{e}: the answer is withheld and the session ends");
                     withheld = Some(Box::new(
                         PgError::fatal(
                             "58030",
@@ -477,7 +529,7 @@ async fn relay_backend(
                     ));
                     break 'relay "audit log unavailable";
                 }
-                if ending.load(Ordering::Relaxed) {
+                if between.ending.load(Ordering::Relaxed) {
                     sbuf.clear();
                     continue;
                 }
@@ -487,7 +539,7 @@ async fn relay_backend(
                 let mut pos = 0;
                 let mut failed = false;
                 let events = {
-                    let mut r = locked(&responses);
+                    let mut r = locked(&between.responses);
                     loop {
                         match r.step(&sbuf[pos..]) {
                             Ok(responses::Step::Pass(n)) => pos += n,
@@ -497,14 +549,14 @@ async fn relay_backend(
                             }
                             Ok(responses::Step::NeedMore) => break,
                             Err(e) => {
-                                warn!(peer = %peer, session = %live.facts.id, "invalid data from the server: {e}");
+                                warn!(peer = %peer, session = %fixed.live.facts.id, "invalid data from the server: {e}");
                                 failed = true;
                                 break;
                             }
                         }
                     }
                     r.release();
-                    live.set_state(match (r.idle(), r.in_block()) {
+                    fixed.live.set_state(match (r.idle(), r.in_block()) {
                         (false, _) => State::Active,
                         (true, true) => State::InTransaction,
                         (true, false) => State::Idle,
@@ -527,8 +579,8 @@ async fn relay_backend(
                 if written.is_err() {
                     return "client write failed";
                 }
-                live.bytes_out(pos);
-                metrics.bytes_to_clients.inc_by(pos as u64);
+                fixed.live.bytes_out(pos);
+                fixed.metrics.bytes_to_clients.inc_by(pos as u64);
                 let _ = sbuf.split_to(pos);
                 for event in events {
                     match event {
@@ -550,16 +602,16 @@ async fn relay_backend(
                             }
                         }
                         responses::Event::NotPrepared { name, generation } => {
-                            locked(&unprepared).push((name, generation));
+                            locked(&between.unprepared).push((name, generation));
                         }
-                        responses::Event::StandardConformingStrings(on) => {
-                            standard_conforming_strings.store(on, Ordering::Relaxed)
-                        }
+                        responses::Event::StandardConformingStrings(on) => between
+                            .standard_conforming_strings
+                            .store(on, Ordering::Relaxed),
                         responses::Event::ClientEncoding(value) => {
-                            *locked(&reported_encoding) = Some(value)
+                            *locked(&between.reported_encoding) = Some(value)
                         }
                         responses::Event::UnsafeClientEncoding(value) => {
-                            warn!(peer = %peer, session = %live.facts.id, "server switched client_encoding to {value}: ending the session");
+                            warn!(peer = %peer, session = %fixed.live.facts.id, "server switched client_encoding to {value}: ending the session");
                             failed = true;
                         }
                     }
@@ -568,12 +620,13 @@ async fn relay_backend(
                     break "invalid data from the server, or an encoding pgiam cannot read";
                 }
                 // Answers read: a client held back for its pipeline may be read again.
-                drained.notify_one();
+                between.drained.notify_one();
             };
             // The last word, written only between two of the server's messages: why the answer
             // was withheld, or the error that ended the other direction once the server is drained.
-            let last_word = withheld.or_else(|| sbuf.is_empty().then(|| locked(&fatal).take())?);
-            if let Some(e) = last_word.filter(|_| locked(&responses).at_boundary()) {
+            let last_word =
+                withheld.or_else(|| sbuf.is_empty().then(|| locked(&between.fatal).take())?);
+            if let Some(e) = last_word.filter(|_| locked(&between.responses).at_boundary()) {
                 let mut b = BytesMut::new();
                 e.encode(&mut b);
                 let _ = client_wr.write_all(&b).await;
@@ -591,22 +644,22 @@ async fn relay_backend(
         loop {
             tokio::select! {
                 () = async { grace.as_mut().expect("guarded").await }, if grace.is_some() => {
-                    warn!(peer = %peer, session = %live.facts.id, "the server did not close the ended session within {}s: cut off", ENDING_GRACE.as_secs());
+                    warn!(peer = %peer, session = %fixed.live.facts.id, "the server did not close the ended session within {}s: cut off", ENDING_GRACE.as_secs());
                     break;
                 }
                 r = &mut to_server, if !server_side_done => {
                     server_side_done = true;
-                    if ending.load(Ordering::Relaxed) {
+                    if between.ending.load(Ordering::Relaxed) {
                         grace = Some(Box::pin(tokio::time::sleep(ENDING_GRACE)));
                     }
-                    let given_back = released.load(Ordering::Relaxed);
+                    let given_back = between.released.load(Ordering::Relaxed);
                     match r {
                         Ok(why) => {
-                            debug!(peer = %peer, session = %live.facts.id, "{why}");
+                            debug!(peer = %peer, session = %fixed.live.facts.id, "{why}");
                             ended_by = why.to_owned();
                         }
                         Err(e) => {
-                            warn!(peer = %peer, session = %live.facts.id, code = e.code, "closing session: {}", e.message);
+                            warn!(peer = %peer, session = %fixed.live.facts.id, code = e.code, "closing session: {}", e.message);
                             ended_by = e.message.clone();
                         }
                     }
@@ -616,7 +669,7 @@ async fn relay_backend(
                     }
                 }
                 why = &mut to_client => {
-                    debug!(peer = %peer, session = %live.facts.id, "{why}");
+                    debug!(peer = %peer, session = %fixed.live.facts.id, "{why}");
                     if ended_by.is_empty() {
                         ended_by = why.to_owned();
                     }
@@ -637,12 +690,12 @@ async fn relay_backend(
         client.buf = cbuf;
     }
     let released = match lease {
-        Some(lease) if released.load(Ordering::Relaxed) => Some((
+        Some(lease) if between.released.load(Ordering::Relaxed) => Some((
             lease,
             Released {
                 stream: server_io.into_inner(),
                 leftover: sbuf,
-                in_block: released_in_block.load(Ordering::Relaxed),
+                in_block: between.released_in_block.load(Ordering::Relaxed),
             },
         )),
         _ => None,
