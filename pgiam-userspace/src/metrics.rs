@@ -48,6 +48,8 @@ pub struct Metrics {
     checkouts: [Counter; 3],
     /// Resets of pooled backends, by outcome (clean, failed).
     pub pool_resets: Family<Static<1>, Counter>,
+    /// Relays given back by idle sessions (built again when either side speaks).
+    pub rested: Counter,
 }
 
 /// How a session's wait for a pooled backend ended.
@@ -103,6 +105,7 @@ pub fn get() -> &'static Metrics {
             pool_checkouts,
             checkouts,
             pool_resets: Family::default(),
+            rested: Counter::default(),
         }
     })
 }
@@ -236,6 +239,11 @@ impl Metrics {
             "pool_resets",
             "Resets of pooled backends whose sessions ended, by outcome: clean (kept) or failed (closed)",
             self.pool_resets.clone(),
+        );
+        r.register(
+            "sessions_rested",
+            "Times an idle session gave back its relay (its buffers and per-request state) until the client or the server spoke again",
+            self.rested.clone(),
         );
     }
 }

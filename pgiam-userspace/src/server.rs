@@ -83,7 +83,8 @@ pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
     });
     tokio::spawn(people.clone().watch());
     let mut login_path = open_login_socket(&config, &people)?;
-    // Idle pooled backends past their time are closed as it passes, not at the next checkout.
+    // Idle pooled backends past their time are closed as it passes, not at the next checkout;
+    // the relays of sessions idle for a tick or two are given back (see `session`).
     tokio::spawn({
         let shared = shared.clone();
         async move {
@@ -91,6 +92,7 @@ pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
             loop {
                 tick.tick().await;
                 shared.pools.reap(&shared.settings.current().config.pool);
+                shared.registry.tick();
             }
         }
     });

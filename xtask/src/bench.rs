@@ -900,8 +900,10 @@ pub fn run_bench(args: &[String]) -> anyhow::Result<()> {
             if line.trim() != "ready" {
                 bail!("holding {n} sessions failed: {line}");
             }
-            // Let allocators settle before reading.
-            std::thread::sleep(std::time::Duration::from_millis(500));
+            // Let allocators settle before reading; sessions that ran a query, long enough for
+            // pgiam's to rest (an idle session gives its relay back after one to two seconds).
+            let settle = if then == "query" { 3_000 } else { 500 };
+            std::thread::sleep(std::time::Duration::from_millis(settle));
             Ok(holder)
         };
         let release = |holders: Vec<std::process::Child>| -> anyhow::Result<()> {

@@ -298,6 +298,10 @@ pub struct Registry {
     total: AtomicU64,
     /// Bumped to make every waiting session look at its order and the policy.
     wake: tokio::sync::watch::Sender<u64>,
+    /// The same for relays, which are also woken once a second (the value counts the seconds):
+    /// how a relay learns its session has been idle a while. (A second channel: a session
+    /// waiting without a relay has no use for the clock.)
+    relays: tokio::sync::watch::Sender<u64>,
 }
 
 impl Default for Registry {
@@ -309,6 +313,7 @@ impl Default for Registry {
             emptied: tokio::sync::Notify::new(),
             total: AtomicU64::new(0),
             wake: tokio::sync::watch::channel(0).0,
+            relays: tokio::sync::watch::channel(0).0,
         }
     }
 }
@@ -332,6 +337,19 @@ impl Registry {
     /// Makes every waiting session look (a new policy, an order).
     pub fn wake_all(&self) {
         self.wake.send_modify(|g| *g += 1);
+        // (Woken without a tick: the clock reads the same.)
+        self.relays.send_modify(|_| {});
+    }
+
+    /// What a relay selects on: it changes as [`Registry::subscribe`]'s does, and once a
+    /// second besides; its value is the seconds ticked.
+    pub fn subscribe_relay(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.relays.subscribe()
+    }
+
+    /// One tick of the clock relays measure idleness by (once a second).
+    pub fn tick(&self) {
+        self.relays.send_modify(|t| *t += 1);
     }
 
     /// A local id for a session without an audit record.

@@ -68,10 +68,33 @@ pub(super) struct Ended {
     /// The session goes on: only its transaction ended (transaction pooling), and the backend
     /// goes back to the pool until the client sends its next message.
     pub between_transactions: bool,
+    /// The session goes on with this backend: it was idle between two transactions through a
+    /// whole tick of the registry's clock, and its relay is given back until either side
+    /// speaks (the backend holds all of the session's state; the relay, between two
+    /// transactions, none that a new one would not start with). (Boxed: it is seldom there.)
+    pub resting: Option<Box<super::login::Backend>>,
+}
+
+impl Ended {
+    /// The backend of a session whose relay rested, or how the relay ended otherwise. (By
+    /// value: a field moved out of a value the task keeps would cost it a drop flag in every
+    /// state.)
+    pub fn resting(self) -> Result<super::login::Backend, Ended> {
+        match self.resting {
+            Some(backend) => Ok(*backend),
+            None => Err(self),
+        }
+    }
 }
 
 /// Why a transaction-pooled session's relay ends while the session goes on.
 const BETWEEN_TRANSACTIONS: &str = "between transactions";
+/// Why an idle session's relay ends while the session goes on with its backend.
+const RESTING: &str = "resting";
+
+/// Ticks of the registry's clock (a second each) a session is idle through before its relay
+/// is given back: at least one whole tick, so a session between two statements never is.
+const QUIET_TICKS: u64 = 2;
 
 /// Moves bytes both ways until either side ends. Client messages are framed, validated and
 /// authorized before they are forwarded; server messages stream through, matched to the
@@ -220,12 +243,16 @@ async fn relay_backend(
             _ => None,
         };
         let audit = fixed.shared.audit.as_ref();
-        let mut woken = fixed.shared.registry.subscribe();
+        let mut woken = fixed.shared.registry.subscribe_relay();
 
         let mut to_server = std::pin::pin!(async {
             let mut client_size = ReadSize::default();
             let mut checked = Vec::new();
             let mut expects = Vec::new();
+            // The registry's clock as last woken by it, and where it stood when this
+            // direction last found the session anything but settled.
+            let mut ticked = *woken.borrow_and_update();
+            let mut unsettled_at = ticked;
             let result: Result<&'static str, PgError> = async {
             loop {
                 if let Some(order) = fixed.live.order() {
@@ -376,16 +403,24 @@ async fn relay_backend(
                 // Nothing is left of what was checked: an idle session keeps no room for it.
                 checked = Vec::new();
                 // Between two transactions, with everything answered and nothing half sent
-                // either way, a transaction-pooled session's backend goes back to the pool.
-                if fixed.transaction_pooled
+                // either way. (Looked at only when it would change something: the locks are
+                // not taken between the statements of a busy session.)
+                let settled = (fixed.transaction_pooled || ticked > unsettled_at)
                     && cbuf.is_empty()
-                    && !gate.holds_session_state()
                     && between.parked_empty.load(Ordering::Relaxed)
                     && locked(&between.in_flight).is_empty()
-                    && locked(&between.responses).between_transactions()
-                {
+                    && locked(&between.responses).between_transactions();
+                // A transaction-pooled session's backend goes back to the pool.
+                if fixed.transaction_pooled && settled && !gate.holds_session_state() {
                     between.released.store(true, Ordering::Relaxed);
                     return Ok(BETWEEN_TRANSACTIONS);
+                }
+                // Any other session settled for a whole tick gives its relay back: what an
+                // idle session holds is then its task, its sockets and its gate.
+                if !settled {
+                    unsettled_at = ticked;
+                } else if ticked - unsettled_at >= QUIET_TICKS && !fixed.transaction_pooled {
+                    return Ok(RESTING);
                 }
                 // Waiting for the client is also waiting for the policy to change: a session
                 // whose access is revoked ends now (at the top of the loop), not at its next
@@ -416,7 +451,10 @@ async fn relay_backend(
                 let answered = fixed.transaction_pooled.then(|| Box::pin(between.drained.notified()));
                 let read = tokio::select! {
                     r = read_when_ready(&mut client_rd, &mut cbuf, &mut client_size) => r,
-                    Ok(()) = woken.changed() => continue,
+                    Ok(()) = woken.changed() => {
+                        ticked = *woken.borrow_and_update();
+                        continue;
+                    }
                     () = async { match answered { Some(a) => a.await, None => std::future::pending().await } } => continue,
                     () = async { match stall { Some(s) => s.await, None => std::future::pending().await } } => {
                         return Err(PgError::fatal(
@@ -447,7 +485,7 @@ async fn relay_backend(
             }
         }
         .await;
-            if result == Ok(BETWEEN_TRANSACTIONS) {
+            if result == Ok(BETWEEN_TRANSACTIONS) || result == Ok(RESTING) {
                 return result;
             }
             // A pooled backend whose client left cleanly, with every request answered and
@@ -642,9 +680,20 @@ async fn relay_backend(
         // ends the session.
         let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         loop {
+            // In this order: the direction that reads the server parks first, so the other
+            // sees what it holds from its first look (a relay built again for a client that
+            // only says goodbye can give a pooled backend back).
             tokio::select! {
+                biased;
                 () = async { grace.as_mut().expect("guarded").await }, if grace.is_some() => {
                     warn!(peer = %peer, session = %fixed.live.facts.id, "the server did not close the ended session within {}s: cut off", ENDING_GRACE.as_secs());
+                    break;
+                }
+                why = &mut to_client => {
+                    debug!(peer = %peer, session = %fixed.live.facts.id, "{why}");
+                    if ended_by.is_empty() {
+                        ended_by = why.to_owned();
+                    }
                     break;
                 }
                 r = &mut to_server, if !server_side_done => {
@@ -663,17 +712,11 @@ async fn relay_backend(
                             ended_by = e.message.clone();
                         }
                     }
-                    // Nothing more will come from the server for this session.
-                    if given_back {
+                    // Nothing more will come from the server for this session (or not to this
+                    // relay).
+                    if given_back || ended_by == RESTING {
                         break;
                     }
-                }
-                why = &mut to_client => {
-                    debug!(peer = %peer, session = %fixed.live.facts.id, "{why}");
-                    if ended_by.is_empty() {
-                        ended_by = why.to_owned();
-                    }
-                    break;
                 }
             }
         }
@@ -684,10 +727,24 @@ async fn relay_backend(
         shared.catalogs.invalidate(&session.catalog.key);
     }
     let between_transactions = why == BETWEEN_TRANSACTIONS;
-    if between_transactions {
+    if between_transactions || why == RESTING {
         // The session goes on: the client is its own again, with what it has sent since.
         client.stream = client_io.into_inner();
         client.buf = cbuf;
+    }
+    if why == RESTING {
+        session.standard_conforming_strings =
+            between.standard_conforming_strings.load(Ordering::Relaxed);
+        fixed.metrics.rested.inc();
+        return Ended {
+            why,
+            released: None,
+            between_transactions: false,
+            resting: Some(Box::new(super::login::Backend {
+                stream: server_io.into_inner(),
+                lease,
+            })),
+        };
     }
     let released = match lease {
         Some(lease) if between.released.load(Ordering::Relaxed) => Some((
@@ -704,6 +761,7 @@ async fn relay_backend(
         why,
         released,
         between_transactions,
+        resting: None,
     }
 }
 

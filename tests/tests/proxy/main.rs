@@ -19,6 +19,7 @@ mod policy;
 mod pooling;
 mod refusals;
 mod reload;
+mod resting;
 mod settings;
 mod tls;
 mod transactions;
