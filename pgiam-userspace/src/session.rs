@@ -395,10 +395,11 @@ fn first_message<'a>(
     }
 }
 
-/// An idle session whose relay rested waits here, holding its backend and nothing of the
-/// relay's, until the client or the server has something to read, or an order or a new policy
-/// has come: the relay, built again, reads it and does what it says (it is the one place
-/// that ends a session with a backend). Nothing is read here.
+/// An idle session with its backend and nothing of its client's in hand (its relay rested, or
+/// it has not spoken since its login) waits here, holding nothing of a relay's, until the
+/// client or the server has something to read, or an order or a new policy has come: the
+/// relay, built (again), reads it and does what it says (it is the one place that ends a
+/// session with a backend). Nothing is read here.
 /// (Not an `async fn`, which would hold its arguments twice: this wait is inline in the task.)
 #[allow(clippy::manual_async_fn)]
 fn rest<'a>(
@@ -408,6 +409,9 @@ fn rest<'a>(
     server: &'a mut BoxStream,
 ) -> impl std::future::Future<Output = ()> + Send + 'a {
     async move {
+        // Nothing is read here, and the relay makes room for what comes: a session that has
+        // not spoken since its login gives back the room its startup message was read into.
+        client.buf = BytesMut::new();
         loop {
             // Looked at once subscribed (`woken`): what came before is seen here.
             if session.registration.live().order().is_some() || session.gate.policy_replaced() {

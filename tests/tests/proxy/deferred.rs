@@ -264,23 +264,13 @@ async fn the_client_is_told_its_real_backend_pid() {
 
     // NOTIFY from this session names this session's pid, as the client was told.
     let dsn = env.tcp_dsn("");
-    let (client, mut conn) = tokio_postgres::connect(&dsn, tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-        while let Some(m) = futures_util::StreamExt::next(&mut messages).await {
-            if let Ok(tokio_postgres::AsyncMessage::Notification(n)) = m {
-                let _ = tx.send(n.process_id());
-            }
-        }
-    });
+    let (client, mut rx) = listening_client(&dsn).await;
     client.batch_execute("LISTEN ch; NOTIFY ch").await.unwrap();
     let sender = tokio::time::timeout(Duration::from_secs(10), rx.recv())
         .await
         .expect("the notification arrives")
-        .unwrap();
+        .unwrap()
+        .process_id();
     let own: i32 = client
         .query_one("SELECT pg_backend_pid()", &[])
         .await

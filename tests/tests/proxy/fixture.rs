@@ -345,6 +345,28 @@ pub async fn tokio_client(dsn: &str) -> tokio_postgres::Client {
     client
 }
 
+/// A tokio-postgres client whose notifications (LISTEN) arrive on the channel returned with it.
+pub async fn listening_client(
+    dsn: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>,
+) {
+    let (client, mut conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("tokio-postgres {dsn}: {e}"));
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(m) = futures_util::StreamExt::next(&mut messages).await {
+            if let Ok(tokio_postgres::AsyncMessage::Notification(n)) = m {
+                let _ = tx.send(n);
+            }
+        }
+    });
+    (client, rx)
+}
+
 /// A hand-driven protocol client, for what real clients never send.
 pub struct Raw {
     pub stream: TcpStream,

@@ -43,18 +43,7 @@ async fn rests_after(addr: &str, before: f64) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resting_session_wakes_for_its_client_and_for_its_server() {
     let (env, addr) = env_with_metrics();
-    let (client, mut conn) = tokio_postgres::connect(&env.tcp_dsn(""), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
-        while let Some(m) = futures_util::StreamExt::next(&mut messages).await {
-            if let Ok(tokio_postgres::AsyncMessage::Notification(n)) = m {
-                let _ = tx.send(n.payload().to_owned());
-            }
-        }
-    });
+    let (client, mut rx) = listening_client(&env.tcp_dsn("")).await;
     let pid: i32 = client
         .query_one("SELECT pg_backend_pid()", &[])
         .await
@@ -74,7 +63,7 @@ async fn a_resting_session_wakes_for_its_client_and_for_its_server() {
         .await
         .expect("the notification reaches the resting session's client")
         .unwrap();
-    assert_eq!(payload, "woken");
+    assert_eq!(payload.payload(), "woken");
 
     // It rests again, and the client speaks: the same backend, as the session left it.
     let twice = rests_after(&addr, once).await;
