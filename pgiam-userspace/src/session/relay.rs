@@ -253,6 +253,10 @@ async fn relay_backend(
             // direction last found the session anything but settled.
             let mut ticked = *woken.borrow_and_update();
             let mut unsettled_at = ticked;
+            // When part of a message held must be whole, counted from the read that last
+            // brought some of it: a wake-up that brings nothing (the clock, a policy, answers
+            // read) must not start the count again.
+            let mut stall_deadline: Option<tokio::time::Instant> = None;
             let result: Result<&'static str, PgError> = async {
             loop {
                 if let Some(order) = fixed.live.order() {
@@ -446,7 +450,14 @@ async fn relay_backend(
                 }
                 // Part of a message held: the rest must come within the limit. (Boxed, and made
                 // only then: a timer is hundreds of bytes an idle session need not hold.)
-                let stall = (!cbuf.is_empty()).then(|| Box::pin(tokio::time::sleep(fixed.stalled_after)));
+                if cbuf.is_empty() {
+                    stall_deadline = None;
+                }
+                let stall = (!cbuf.is_empty()).then(|| {
+                    let deadline = *stall_deadline
+                        .get_or_insert_with(|| tokio::time::Instant::now() + fixed.stalled_after);
+                    Box::pin(tokio::time::sleep_until(deadline))
+                });
                 // Answers read may end the transaction (transaction pooling; boxed likewise).
                 let answered = fixed.transaction_pooled.then(|| Box::pin(between.drained.notified()));
                 let read = tokio::select! {
@@ -468,6 +479,9 @@ async fn relay_backend(
                 };
                 if let Ok(n) = read {
                     fixed.pending.set(n > 0);
+                    if n > 0 {
+                        stall_deadline = None;
+                    }
                 }
                 match read {
                     Ok(0) if cbuf.is_empty() => return Ok(CLIENT_CLOSED),
