@@ -460,10 +460,19 @@ async fn relay_backend(
                 });
                 // Answers read may end the transaction (transaction pooling; boxed likewise).
                 let answered = fixed.transaction_pooled.then(|| Box::pin(between.drained.notified()));
+                // The read first: a deadline that has passed does not end a session whose
+                // client's bytes are there to be read.
                 let read = tokio::select! {
+                    biased;
                     r = read_when_ready(&mut client_rd, &mut cbuf, &mut client_size) => r,
                     Ok(()) = woken.changed() => {
-                        ticked = *woken.borrow_and_update();
+                        let now = *woken.borrow_and_update();
+                        // Ticks that passed while this direction waited elsewhere (a write,
+                        // the audit) count as one: they are not quiet it saw.
+                        if now > ticked + 1 {
+                            unsettled_at = unsettled_at.max(now - 1);
+                        }
+                        ticked = now;
                         continue;
                     }
                     () = async { match answered { Some(a) => a.await, None => std::future::pending().await } } => continue,
@@ -693,43 +702,54 @@ async fn relay_backend(
         // cancel and the Terminate); a server that does not is cut off, so that an order always
         // ends the session.
         let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-        loop {
-            // In this order: the direction that reads the server parks first, so the other
-            // sees what it holds from its first look (a relay built again for a client that
-            // only says goodbye can give a pooled backend back).
-            tokio::select! {
-                biased;
-                () = async { grace.as_mut().expect("guarded").await }, if grace.is_some() => {
-                    warn!(peer = %peer, session = %fixed.live.facts.id, "the server did not close the ended session within {}s: cut off", ENDING_GRACE.as_secs());
-                    break;
-                }
-                why = &mut to_client => {
-                    debug!(peer = %peer, session = %fixed.live.facts.id, "{why}");
-                    if ended_by.is_empty() {
-                        ended_by = why.to_owned();
+        // The direction that reads the server looks first, once, so the other knows from its
+        // first turn whether it holds anything (a relay built again for a client that only
+        // says goodbye can then give a pooled backend back). After that neither is favoured:
+        // a biased select would let a streaming result starve the direction that reads the
+        // client, and with it the orders and the client's pipeline.
+        let first_look = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(std::future::Future::poll(to_client.as_mut(), cx))
+        })
+        .await;
+        if let std::task::Poll::Ready(why) = first_look {
+            debug!(peer = %peer, session = %fixed.live.facts.id, "{why}");
+            ended_by = why.to_owned();
+        } else {
+            // (Not a `while` on the first look: it would be kept in the future for the loop.)
+            loop {
+                tokio::select! {
+                    () = async { grace.as_mut().expect("guarded").await }, if grace.is_some() => {
+                        warn!(peer = %peer, session = %fixed.live.facts.id, "the server did not close the ended session within {}s: cut off", ENDING_GRACE.as_secs());
+                        break;
                     }
-                    break;
-                }
-                r = &mut to_server, if !server_side_done => {
-                    server_side_done = true;
-                    if between.ending.load(Ordering::Relaxed) {
-                        grace = Some(Box::pin(tokio::time::sleep(ENDING_GRACE)));
-                    }
-                    let given_back = between.released.load(Ordering::Relaxed);
-                    match r {
-                        Ok(why) => {
-                            debug!(peer = %peer, session = %fixed.live.facts.id, "{why}");
+                    why = &mut to_client => {
+                        debug!(peer = %peer, session = %fixed.live.facts.id, "{why}");
+                        if ended_by.is_empty() {
                             ended_by = why.to_owned();
                         }
-                        Err(e) => {
-                            warn!(peer = %peer, session = %fixed.live.facts.id, code = e.code, "closing session: {}", e.message);
-                            ended_by = e.message.clone();
-                        }
-                    }
-                    // Nothing more will come from the server for this session (or not to this
-                    // relay).
-                    if given_back || ended_by == RESTING {
                         break;
+                    }
+                    r = &mut to_server, if !server_side_done => {
+                        server_side_done = true;
+                        if between.ending.load(Ordering::Relaxed) {
+                            grace = Some(Box::pin(tokio::time::sleep(ENDING_GRACE)));
+                        }
+                        let given_back = between.released.load(Ordering::Relaxed);
+                        match r {
+                            Ok(why) => {
+                                debug!(peer = %peer, session = %fixed.live.facts.id, "{why}");
+                                ended_by = why.to_owned();
+                            }
+                            Err(e) => {
+                                warn!(peer = %peer, session = %fixed.live.facts.id, code = e.code, "closing session: {}", e.message);
+                                ended_by = e.message.clone();
+                            }
+                        }
+                        // Nothing more will come from the server for this session (or not to this
+                        // relay).
+                        if given_back || ended_by == RESTING {
+                            break;
+                        }
                     }
                 }
             }

@@ -352,14 +352,14 @@ impl Gate {
         }
     }
 
-    /// Takes up a reloaded policy; decisions cached under the old one are dropped. Returns
-    /// whether the policy changed.
     /// Whether a policy newer than the session's is in force (what [`Gate::refresh_policy`]
     /// would take up), without taking it.
     pub fn policy_replaced(&self) -> bool {
         self.policies.generation() != self.policy_generation
     }
 
+    /// Takes up a reloaded policy; decisions cached under the old one are dropped. Returns
+    /// whether the policy changed.
     pub fn refresh_policy(&mut self) -> bool {
         let g = self.policies.generation();
         if g == self.policy_generation {
