@@ -35,7 +35,7 @@ pub enum IdentityError {
 }
 
 /// How the identity was established.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Source {
     UnixPeerCred,
     LoopbackProc,
@@ -54,7 +54,7 @@ impl fmt::Display for Source {
 }
 
 /// The verified identity of a client process.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Identity {
     pub source: Source,
     pub uid: u32,
@@ -78,7 +78,7 @@ pub struct Identity {
 }
 
 /// The executable of the process that connected, and whose word it is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Executable {
     /// The kernel recorded it at connect() (eBPF with BTF), and /proc still names that file:
     /// a credential, as uid and cgroup are (`exe:` principals, the policy's `exe`).

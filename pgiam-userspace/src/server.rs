@@ -362,7 +362,7 @@ fn reload_settings(shared: &Shared, endpoints_changed: &tokio::sync::Notify) {
             let f = &live.facts;
             !config
                 .find_mapping(&f.identity.principals(), &f.database)
-                .is_some_and(|m| m.principal == f.principal && m.role == f.role)
+                .is_some_and(|m| m.principal == *f.principal && m.role == *f.role)
         },
         &crate::admin::registry::Order::Unmapped,
     );

@@ -545,7 +545,7 @@ struct Session {
     /// sits inline in the task).
     transactions: Option<Box<Transactions>>,
     /// Where the catalog of its database is read from.
-    catalog: Arc<crate::catalog::cache::Source>,
+    catalog: internment::ArcIntern<crate::catalog::cache::Source>,
 }
 
 /// What a transaction-pooled session keeps from one transaction to the next.
@@ -637,9 +637,9 @@ mod tests {
     /// directions share and what neither changes, each reached through one reference instead
     /// of a pointer per local in every future that uses it, back to 1,712; the registry's
     /// clock it measures idleness by, 1,744; the deadline of a message half sent, kept across
-    /// wake-ups, and the server side's first look, 1,776). A session idle for a second or two holds no
-    /// relay (its wait for either side, inline in the run future, fits in the same 408), nor
-    /// does a transaction-pooled one between its transactions.
+    /// wake-ups, and the server side's first look, 1,776). A session idle for a second or two
+    /// holds no relay (its wait for either side, inline in the run future, fits in the same
+    /// 408), nor does a transaction-pooled one between its transactions.
     #[test]
     fn an_idle_session_s_futures_stay_small() {
         fn returned<F: FnOnce(A, B, C, D, E) -> R, A, B, C, D, E, R>(_: F) -> usize {

@@ -24,7 +24,8 @@ use crate::wire::{self, BackendMessage};
 pub type Key = (Option<SocketAddr>, String);
 
 /// Where a session's catalog is read from: its database on its server, through a login of
-/// its own role.
+/// its own role. (A value: the sessions of one login share one.)
+#[derive(PartialEq, Eq, Hash)]
 pub struct Source {
     pub key: Key,
     pub login: Arc<crate::upstream::LoginKey>,

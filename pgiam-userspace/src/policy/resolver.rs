@@ -128,7 +128,10 @@ pub(super) const CATALOG_RELATIONS: &[&str] = &[
 /// names, a set that only grows, and authorizes an unqualified name against all of them: the
 /// order of the path no longer matters, since a name allowed in one schema but forbidden in
 /// another is refused.
-#[derive(Debug, Clone)]
+///
+/// A value (Hash, Eq): sessions that start alike share one ([`internment::ArcIntern`]), and a
+/// session that widens its own gets a new one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Resolver {
     /// The session's role, for `$user`.
     role: String,

@@ -16,6 +16,7 @@ use crate::identity::Identity;
 use crate::stream::Rewind;
 use crate::tls::ALPN_POSTGRESQL;
 use crate::wire::{self, PgError, StartupPacket};
+use internment::ArcIntern;
 
 /// Negotiation, startup checks, mapping and upstream login (or what stands in for it until the
 /// first message). `Ok(None)` for a connection that only carried a CancelRequest.
@@ -168,11 +169,11 @@ pub(super) async fn establish(
         Facts {
             id,
             audited: shared.audit.is_some(),
-            principal: mapping.principal.clone(),
-            role: mapping.role.clone(),
-            database: checked.database.clone(),
-            identity: identity.clone(),
-            upstream: current.upstream.describe(origin.destination),
+            principal: ArcIntern::from_ref(mapping.principal.as_str()),
+            role: ArcIntern::from_ref(mapping.role.as_str()),
+            database: ArcIntern::from_ref(checked.database.as_str()),
+            identity: ArcIntern::new(identity.clone()),
+            upstream: ArcIntern::new(current.upstream.describe(origin.destination)),
             peer: client.peer.clone(),
             tls: client.tls,
             pool: mapping.pool,
@@ -389,7 +390,7 @@ pub(super) async fn establish(
                 carried: carried::Carried::default(),
             })
         }),
-        catalog: Arc::new(crate::catalog::cache::Source {
+        catalog: ArcIntern::new(crate::catalog::cache::Source {
             key: (key.target, checked.database.clone()),
             login: key,
         }),

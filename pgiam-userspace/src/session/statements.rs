@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use internment::ArcIntern;
 use serde_json::{json, Value};
 
 use crate::audit::{AuditLog, Record};
@@ -24,9 +25,11 @@ use crate::sql::{self, ClientEncoding, Effect, SettingValue, Statement};
 use crate::wire::{FrontendMessage, PgError, Target};
 
 mod frames;
+mod named;
 mod records;
 mod sentinel;
 use frames::{parse_param_types, BindParameters};
+use named::Named;
 pub use records::completion_record;
 use records::About;
 pub use sentinel::SENTINEL_SQLSTATE;
@@ -159,13 +162,14 @@ pub struct Gate {
     policy: Arc<crate::policy::Policy>,
     decisions: DecisionCache,
     principal: Arc<Principal>,
-    resolver: Resolver,
+    /// Shared by the sessions that start alike, until one widens its own.
+    resolver: ArcIntern<Resolver>,
     gateway: bool,
     info: SessionInfo,
-    prepared: HashMap<Vec<u8>, Prepared>,
+    prepared: Named<Prepared>,
     /// Portal → the statement it was bound to, as it was at Bind (a portal keeps its plan
     /// when the statement's name is reused); `None`: bound to a statement pgiam did not know.
-    portals: HashMap<Vec<u8>, (Vec<u8>, Option<Plan>)>,
+    portals: Named<(Vec<u8>, Option<Plan>)>,
     next_generation: u64,
     /// Decision records for the messages checked since the last [`Gate::take_records`].
     records: Vec<Record>,
@@ -226,10 +230,10 @@ impl Gate {
             policies,
             decisions: DecisionCache::default(),
             principal,
-            resolver,
+            resolver: ArcIntern::new(resolver),
             gateway,
-            prepared: HashMap::new(),
-            portals: HashMap::new(),
+            prepared: Named::default(),
+            portals: Named::default(),
             next_generation: 0,
             records: Vec::new(),
             effect: Effect::None,
@@ -270,7 +274,7 @@ impl Gate {
             return;
         };
         tracing::info!(session = %facts.id, person = %now.principal(), mfa = now.mfa, "the session follows its person's renewed login");
-        let mut identity = facts.identity.clone();
+        let mut identity = (*facts.identity).clone();
         identity.person = Some(now.clone());
         self.principal =
             Principal::shared(&facts.principal, &facts.role, &facts.database, &identity);
@@ -419,7 +423,7 @@ impl Gate {
         // PREPAREs earlier in the same query string, which an EXECUTE after them runs.
         let mut earlier: HashMap<&str, Arc<[Statement]>> = HashMap::new();
         // The resolver as it was before this list widened it.
-        let mut before: Option<Resolver> = None;
+        let mut before: Option<ArcIntern<Resolver>> = None;
         let mut decisions = Vec::with_capacity(statements.len());
         for s in statements {
             let settings = self.settings(scs, parameters_at_bind);
@@ -444,7 +448,7 @@ impl Gate {
         &mut self,
         s: &Statement,
         earlier: &HashMap<&str, Arc<[Statement]>>,
-        before: &mut Option<Resolver>,
+        before: &mut Option<ArcIntern<Resolver>>,
         settings: &SessionSettings,
     ) -> Decision {
         if let Some(d) = crate::policy::fixed_refusal_in(s, self.gateway, settings) {
@@ -483,7 +487,10 @@ impl Gate {
         for t in all() {
             if self.resolver.would_widen(t) {
                 before.get_or_insert_with(|| self.resolver.clone());
-                if let Err(d) = self.resolver.widen_for(t) {
+                let mut widened = (*self.resolver).clone();
+                let outcome = widened.widen_for(t);
+                self.resolver = ArcIntern::new(widened);
+                if let Err(d) = outcome {
                     return d;
                 }
             }
@@ -550,8 +557,10 @@ impl Gate {
         creates: &mut Vec<(usize, Vec<u8>, u64)>,
     ) {
         for (i, s) in statements.iter().enumerate() {
-            if s.temp {
-                self.resolver.temp = true;
+            if s.temp && !self.resolver.temp {
+                let mut r = (*self.resolver).clone();
+                r.temp = true;
+                self.resolver = ArcIntern::new(r);
             }
             self.holds_session_state |= s.session_state;
             self.catalog_changed |= crate::catalog::may_change(s);

@@ -61,13 +61,13 @@ impl Gate {
             About::Of(of) => r.add("of", &*of.id),
             About::Text(..) => {
                 r.add("session", &self.info.session_id());
-                r.add("principal", &self.info.facts.principal);
+                r.add("principal", &**self.info.facts.principal);
                 // The person beside the workload, whichever of them the mapping matched.
                 if let Some(p) = &self.info.facts.identity.person {
                     r.add("person", &p.principal());
                 }
-                r.add("role", &self.info.facts.role);
-                r.add("database", &self.info.facts.database);
+                r.add("role", &**self.info.facts.role);
+                r.add("database", &**self.info.facts.database);
             }
         }
         if let Some(protocol) = protocol {

@@ -13,11 +13,11 @@ fn test_info(session: Option<&str>, identity: &crate::identity::Identity) -> Ses
         crate::admin::registry::Facts {
             id: session.unwrap_or("local-0").into(),
             audited: session.is_some(),
-            principal: "uid:1000".into(),
-            role: "app".into(),
-            database: "app".into(),
-            identity: identity.clone(),
-            upstream: "127.0.0.1:5432".into(),
+            principal: internment::ArcIntern::from_ref("uid:1000"),
+            role: internment::ArcIntern::from_ref("app"),
+            database: internment::ArcIntern::from_ref("app"),
+            identity: internment::ArcIntern::new(identity.clone()),
+            upstream: internment::ArcIntern::from_ref("127.0.0.1:5432"),
             peer: "test".into(),
             tls: false,
             pool: crate::config::PoolMode::None,
@@ -186,6 +186,22 @@ fn a_search_path_set_ahead_of_a_statement_is_searched_when_it_is_decided() {
     assert!(!forwarded(&mut g, execute()));
 }
 
+/// Sessions that start alike share one resolver (an idle session's memory): what one session's
+/// search_path or temporary table widens is its own, never its neighbour's.
+#[test]
+fn a_shared_search_path_widens_for_its_own_session_only() {
+    let (mut a, _) = gate(PATHS);
+    let (mut b, _) = gate(PATHS);
+    assert!(std::ptr::eq(&*a.resolver, &*b.resolver), "shared at login");
+    assert!(forwarded(&mut a, query("SET search_path = other, pg_temp")));
+    assert!(!forwarded(&mut a, query("SELECT * FROM items")));
+    assert!(a.resolver.temp && !b.resolver.temp);
+    assert_eq!(b.resolver.schemas(), ["public"]);
+    assert!(forwarded(&mut b, query("SELECT * FROM items")));
+    let size = std::mem::size_of::<Gate>();
+    assert!(size <= 216, "a session's gate: {size} bytes");
+}
+
 #[test]
 fn the_set_of_schemas_never_shrinks() {
     for steps in [
@@ -352,7 +368,7 @@ fn statements_in_an_ascii_safe_encoding_are_read_transcoded() {
     latin9[1..5].copy_from_slice(&len);
     assert!(sent(&mut g, &latin9, true));
     assert_eq!(
-        &*g.prepared[&b"s"[..]].plan.sql,
+        &*g.prepared.get(b"s").unwrap().plan.sql,
         "SELECT 'ä€' FROM items",
         "recorded as read"
     );
@@ -559,7 +575,7 @@ impl Audited {
             store.clone(),
             store.generation(),
             gate.principal,
-            gate.resolver,
+            (*gate.resolver).clone(),
             false,
             info,
         );
