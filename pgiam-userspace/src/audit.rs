@@ -93,6 +93,16 @@ impl Record {
         self.push(name, value);
     }
 
+    /// Whether this is the record with `id` (added first after the format version, as the
+    /// decision records add theirs).
+    pub fn id_is(&self, id: &str) -> bool {
+        let head = format!("{{\"v\":{FORMAT},\"id\":");
+        let Some(rest) = self.0.strip_prefix(head.as_bytes()) else {
+            return false;
+        };
+        serde_json::to_vec(id).is_ok_and(|quoted| rest.starts_with(&quoted))
+    }
+
     fn push(&mut self, name: &str, value: &(impl serde::Serialize + ?Sized)) {
         let mark = self.0.len();
         if mark > 1 {

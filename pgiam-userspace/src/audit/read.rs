@@ -3,7 +3,9 @@
 //! Format 2 says each fact once: a statement record (kind `statement`) holds a statement's
 //! text and classification with the session's who and where; the record of each execution of
 //! a prepared statement (kind `execute`, or `bind` for a refused Bind) names that record in
-//! `of` and holds only its own decision; a completion names its decision record in `of`. A
+//! `of` and holds only its own decision (an unnamed statement run at once, Parse, Bind and
+//! Execute in one batch, has no execute record: its statement record says `"executed": true`
+//! and stands for the execution); a completion names its decision record in `of`. A
 //! [`Reader`] checks that every such reference points to an earlier record of the right kind
 //! (`pgiam audit verify`) and puts the referenced text and classification back into the
 //! records that point to it (`pgiam audit expand`). Records of format 1 (no `v` field) carry
@@ -124,7 +126,13 @@ impl Reader {
         let field = |name: &str| record.get(name).and_then(Value::as_str);
         let kind = field("kind").unwrap_or_default();
         match kind {
-            "statement" => self.counts.statements += 1,
+            "statement" => {
+                self.counts.statements += 1;
+                // An unnamed statement run at once: its record is its execution's too.
+                if record.get("executed") == Some(&Value::Bool(true)) {
+                    self.counts.executions += 1;
+                }
+            }
             "execute" => self.counts.executions += 1,
             "completion" => self.counts.completions += 1,
             _ => {}
@@ -411,6 +419,18 @@ mod tests {
         ];
         let counts = checked(&v1).unwrap();
         assert_eq!((counts.statements, counts.executions), (2, 1));
+    }
+
+    #[test]
+    fn a_statement_run_at_once_is_its_own_execution() {
+        let at_once = r#"{"v":2,"id":"r-1","kind":"statement","session":"r-0","protocol":"parse","decision":"allow","sql":"SELECT 1","executed":true,"ts":"t","hash":"h"}"#;
+        let counts = checked(&[SESSION, at_once, &completion("r-1")]).unwrap();
+        assert_eq!(
+            (counts.statements, counts.executions, counts.completions),
+            (1, 1, 1)
+        );
+        let counts = checked(&[SESSION, PARSE, &completion("r-1")]).unwrap();
+        assert_eq!((counts.statements, counts.executions), (1, 0));
     }
 
     #[test]

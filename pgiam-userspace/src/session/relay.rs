@@ -315,6 +315,7 @@ async fn relay_backend(
                                 refused: None,
                                 creates: Vec::new(),
                                 started: std::time::Instant::now(),
+                                execution_follows: false,
                             });
                             let at = range.start;
                             checked.push((at..at, statements::Checked::Substitute(ahead)));

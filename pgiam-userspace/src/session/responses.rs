@@ -237,6 +237,18 @@ impl Responses {
             }
         }
         if let Some(record) = e.record {
+            if e.execution_follows {
+                if !failed {
+                    return;
+                }
+                // The execution it stood for will not run: this is the record's completion,
+                // and the execution's skip writes none.
+                for later in self.expects.iter_mut() {
+                    if later.record.as_deref() == Some(record.as_str()) {
+                        later.record = None;
+                    }
+                }
+            }
             self.events.push(Event::Completed {
                 record,
                 sqlstate: sqlstate.map(str::to_owned),
@@ -380,6 +392,7 @@ mod tests {
                 .then(|| Box::new(PgError::error("42501", "pgiam: permission denied: x"))),
             creates: Vec::new(),
             started: std::time::Instant::now(),
+            execution_follows: false,
         }
     }
 
@@ -599,6 +612,40 @@ mod tests {
                 ]
             );
             assert!(r.expects.is_empty());
+        }
+    }
+
+    /// A statement run at once (its record stands for its Parse and its Execute): completed
+    /// once, by its Execute's answer, or by its Parse's failure (the Execute it stood for is
+    /// then skipped without a second completion).
+    #[test]
+    fn a_statement_run_at_once_is_completed_once() {
+        let at_once = || {
+            let mut r = Responses::default();
+            let mut parse = expect(ExpectKind::Parse, "p", false);
+            parse.execution_follows = true;
+            r.push(parse);
+            r.push(expect(ExpectKind::Bind, "", false));
+            r.push(expect(ExpectKind::Execute, "p", false));
+            r.push(expect(ExpectKind::Sync, "", false));
+            r
+        };
+        let mut z = BytesMut::new();
+        wire::ready_for_query(wire::TransactionStatus::Idle, &mut z);
+        let mut ran = BytesMut::new();
+        ran.extend_from_slice(b"1\0\0\0\x042\0\0\0\x04");
+        wire::command_complete(b"SELECT 1", &mut ran);
+        for chunk in [1, 5, 1000] {
+            let mut r = at_once();
+            run(&mut r, &[&ran[..], &z].concat(), chunk);
+            assert_eq!(
+                completions(&r),
+                [("p".into(), Some("00000".into()), Some(1))]
+            );
+            let mut r = at_once();
+            run(&mut r, &[&error("42P01")[..], &z].concat(), chunk);
+            assert_eq!(completions(&r), [("p".into(), Some("42P01".into()), None)]);
+            assert!(r.idle());
         }
     }
 

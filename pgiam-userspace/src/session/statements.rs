@@ -63,6 +63,10 @@ pub struct Expect {
     /// generation). They are forgotten if the statement fails.
     pub creates: Vec<(usize, Vec<u8>, u64)>,
     pub started: std::time::Instant,
+    /// The record's execution is a later request of the same batch (an unnamed statement run
+    /// at once through the unnamed portal): this request's success writes no completion, the
+    /// execution's does; its failure is the record's completion.
+    pub execution_follows: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -727,6 +731,7 @@ impl Gate {
                 refused: refused.map(Box::new),
                 creates,
                 started,
+                execution_follows: false,
             })
         };
         match *message {
@@ -934,6 +939,7 @@ impl Gate {
             Some((_, Some(p))) => p.record.clone(),
             _ => None,
         };
+        let unnamed = portal.is_empty() && matches!(&bound, Some((name, _)) if name.is_empty());
         let (decision, text, classified, statement) = match bound {
             _ if self.foreign_names(&[portal]).is_some() => (
                 self.foreign_names(&[portal]).expect("just seen"),
@@ -976,7 +982,14 @@ impl Gate {
                 Value::Null,
             ),
         };
+        let at_once = match &of {
+            Some(of) if unnamed && decision.allowed && *of.policies == decision.policies[..] => {
+                self.executed_at_once(of, expects)
+            }
+            _ => None,
+        };
         let id = match &of {
+            _ if at_once.is_some() => at_once,
             Some(of) => self.record(
                 "execute",
                 None,
@@ -1014,6 +1027,7 @@ impl Gate {
             refused,
             creates,
             started,
+            execution_follows: false,
         });
         match substitute {
             // A Parse that fails before it creates anything: the pipeline errors right here.

@@ -489,6 +489,18 @@ async fn a_prepared_statement_is_recorded_once_and_each_execution_points_to_it()
     }
     let simple = "SELECT abalance FROM pgbench_accounts WHERE aid = 1";
     client.simple_query(simple).await.unwrap();
+    // The unnamed statement run at once (Parse, Bind, Describe, Execute, Sync in one write,
+    // as pgbench -M extended and most drivers send a one-off statement).
+    for aid in 1..=N as i32 {
+        let rows = client
+            .query_typed(ACCOUNTS, &[(&aid, tokio_postgres::types::Type::INT4)])
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 1);
+    }
+    let missing = "SELECT * FROM no_such_table";
+    let e = client.query_typed(missing, &[]).await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("42P01"));
     drop(client);
     env.audit_records_until(|r| r.iter().any(|r| r["kind"] == "session_end"));
 
@@ -497,11 +509,11 @@ async fn a_prepared_statement_is_recorded_once_and_each_execution_points_to_it()
         .lines()
         .map(|l| (l, serde_json::from_str(l).unwrap()))
         .collect();
-    let with_sql: Vec<&serde_json::Value> = lines
+    let (at_once, with_sql): (Vec<&(&str, serde_json::Value)>, Vec<_>) = lines
         .iter()
-        .map(|(_, r)| r)
-        .filter(|r| r["sql"] == ACCOUNTS)
-        .collect();
+        .filter(|(_, r)| r["sql"] == ACCOUNTS)
+        .partition(|(_, r)| r["executed"] == true);
+    let with_sql: Vec<&serde_json::Value> = with_sql.iter().map(|(_, r)| r).collect();
     assert_eq!(with_sql.len(), 1, "the SQL is written once: {with_sql:?}");
     let parse = with_sql[0];
     assert_eq!(
@@ -534,12 +546,47 @@ async fn a_prepared_statement_is_recorded_once_and_each_execution_points_to_it()
         .find(|(_, r)| r["sql"] == simple)
         .expect("the simple query's record");
     let simple_bytes = simple_line.len() + 1 + completion_of(&simple_record["id"]).len() + 1;
+    // Run at once: one record each, which is its execution's too, and one completion (the
+    // Execute's; the ParseComplete writes none).
+    assert_eq!(at_once.len(), N);
+    let completions_of = |id: &serde_json::Value| {
+        lines
+            .iter()
+            .filter(|(_, r)| r["kind"] == "completion" && r["of"] == *id)
+            .map(|(_, r)| r.clone())
+            .collect::<Vec<_>>()
+    };
+    for (_, r) in &at_once {
+        assert_eq!(r["protocol"], "parse");
+        let [c] = &completions_of(&r["id"])[..] else {
+            panic!("one completion of {r}")
+        };
+        assert_eq!(c["tag"], "SELECT 1", "{c}");
+    }
+    let at_once_bytes = at_once
+        .iter()
+        .map(|(l, r)| l.len() + 1 + completion_of(&r["id"]).len() + 1)
+        .max()
+        .unwrap();
+    // A Parse the server refuses completes its record with the server's error, once.
+    let (_, failed) = lines
+        .iter()
+        .find(|(_, r)| r["sql"] == missing)
+        .expect("the failed statement's record");
+    assert_eq!(failed["executed"], true);
+    let [c] = &completions_of(&failed["id"])[..] else {
+        panic!("one completion of {failed}")
+    };
+    assert_eq!(c["sqlstate"], "42P01", "{c}");
     let max = *bytes.iter().max().unwrap();
     eprintln!(
         "audit bytes: prepared execute+completion mean {} max {max}; \
-         simple query decision+completion {simple_bytes}",
+         simple query decision+completion {simple_bytes}; \
+         unnamed statement run at once decision+completion max {at_once_bytes}",
         bytes.iter().sum::<usize>() / N
     );
+    // As a simple query's: the protocol's name and `executed` are all that differ.
+    assert!(at_once_bytes <= simple_bytes + 40, "{at_once_bytes} bytes");
     // Before format 2 it was 1225 (the issue's target: 400).
     assert!(max <= 400, "{max} bytes: {:?}", executions[0]);
 
@@ -568,7 +615,8 @@ async fn a_prepared_statement_is_recorded_once_and_each_execution_points_to_it()
     let (ok, out) = verify(&env.audit_path());
     assert!(ok, "{out}");
     assert!(
-        out.contains(&format!(" {N} executions, ")) && out.contains("every reference resolved"),
+        out.contains(&format!(" {} executions, ", 2 * N + 1))
+            && out.contains("every reference resolved"),
         "{out}"
     );
 }

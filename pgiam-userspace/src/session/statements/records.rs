@@ -43,13 +43,12 @@ impl Gate {
         decision: &Decision,
         extra: &[(&str, Value)],
     ) -> Option<String> {
-        self.info.decided(decision.allowed);
         let command = match about {
             About::Of(of) => of.command,
             About::Text(_, Ok(list)) => list.first().map_or("empty", |s| s.command),
             About::Text(_, Err(_)) => "unreadable",
         };
-        crate::metrics::get().decided(decision.allowed, command);
+        self.count(decision.allowed, command);
         let audit = self.audit.as_ref()?;
         let id = audit.next_id();
         let mut r = crate::audit_fields! {
@@ -118,6 +117,35 @@ impl Gate {
         }
         self.records.push(r);
         Some(id)
+    }
+
+    fn count(&self, allowed: bool, command: &'static str) {
+        self.info.decided(allowed);
+        crate::metrics::get().decided(allowed, command);
+    }
+
+    /// An allowed Execute of the unnamed statement through the unnamed portal, in the batch
+    /// that parsed it and allowed by the same policies (`pgbench -M extended`, and most
+    /// drivers' one-off statements: Parse, Bind, Execute, Sync at once): the statement record,
+    /// not written yet, says `"executed": true` and stands for the execution too, whose
+    /// completion is its completion. One record and one completion per statement run, as for
+    /// a simple Query, instead of two of each. Returns the record's id; `None`: the Parse was
+    /// in an earlier batch (its record is written), or this execution is not its first.
+    pub(super) fn executed_at_once(
+        &mut self,
+        of: &StatementRecord,
+        expects: &mut [super::Expect],
+    ) -> Option<String> {
+        let parse = expects.iter_mut().find(|e| {
+            e.kind == super::ExpectKind::Parse
+                && !e.execution_follows
+                && e.record.as_deref() == Some(&*of.id)
+        })?;
+        let record = self.records.iter_mut().rev().find(|r| r.id_is(&of.id))?;
+        record.add("executed", &true);
+        parse.execution_follows = true;
+        self.count(true, of.command);
+        Some(of.id.to_string())
     }
 }
 

@@ -599,6 +599,19 @@ impl Audited {
         self.lines().split_off(before)
     }
 
+    /// Checks `messages` as one batch (read together, recorded before any is forwarded);
+    /// returns the records written and the responses expected.
+    fn batch(&mut self, messages: &[FrontendMessage<'_>]) -> (Vec<Value>, Vec<Expect>) {
+        let before = self.lines().len();
+        let mut expects = Vec::new();
+        for m in messages {
+            self.gate.check(m, &[], true, &mut expects);
+        }
+        self.log.append(self.gate.take_records().records).unwrap();
+        let _ = self.log.flush();
+        (self.lines().split_off(before), expects)
+    }
+
     fn lines(&self) -> Vec<Value> {
         std::fs::read_to_string(&self.path)
             .unwrap()
@@ -667,6 +680,90 @@ fn an_execution_points_to_its_statement_record_and_says_its_own_decision() {
     assert_eq!((&d["of"], &d["decision"]), (&p["id"], &json!("deny")));
     assert_eq!(d["denied"], "select on table public.items");
     assert!(d.get("policies").is_none() && d.get("sql").is_none(), "{d}");
+}
+
+/// Parse, Bind, Execute of the unnamed statement in one batch (pgbench -M extended, most
+/// drivers): one decision record, which says it was executed, and one completion (the
+/// Execute's); a ParseComplete writes none.
+#[test]
+fn an_unnamed_statement_run_at_once_has_one_record() {
+    let mut a = Audited::new(ITEMS);
+    let describe = FrontendMessage::Describe {
+        target: Target::Portal,
+        name: b"",
+    };
+    let select = || parse("SELECT * FROM items");
+    let (records, expects) =
+        a.batch(&[select(), bind(), describe, execute(), FrontendMessage::Sync]);
+    let [p] = &records[..] else {
+        panic!("{records:?}")
+    };
+    assert_eq!(
+        (&p["kind"], &p["executed"]),
+        (&json!("statement"), &json!(true))
+    );
+    assert_eq!(p["sql"], "SELECT * FROM items");
+    let owed: Vec<_> = expects
+        .iter()
+        .map(|e| (e.kind, e.record.clone(), e.execution_follows))
+        .collect();
+    let id = p["id"].as_str().map(str::to_owned);
+    assert_eq!(
+        owed,
+        [
+            (ExpectKind::Parse, id.clone(), true),
+            (ExpectKind::Bind, None, false),
+            (ExpectKind::Describe, None, false),
+            (ExpectKind::Execute, id.clone(), false),
+            (ExpectKind::Sync, None, false),
+        ]
+    );
+    // Executed twice: the second execution has its record, pointing to the first.
+    let (records, _) = a.batch(&[select(), bind(), execute(), execute()]);
+    let [p, e] = &records[..] else {
+        panic!("{records:?}")
+    };
+    assert_eq!((&p["executed"], &e["of"]), (&json!(true), &p["id"]));
+    // Executed in a later batch than its Parse (whose record is written by then).
+    let (records, _) = a.batch(&[select()]);
+    assert!(records[0].get("executed").is_none());
+    let (records, _) = a.batch(&[bind(), execute()]);
+    assert_eq!(records[0]["kind"], "execute");
+    // A named statement, or a named portal: the execution is a record of its own.
+    let named = FrontendMessage::Parse {
+        name: b"s",
+        sql: b"SELECT * FROM items",
+        param_types: 0,
+    };
+    let bind_named = FrontendMessage::Bind {
+        portal: b"",
+        statement: b"s",
+        params: 0,
+    };
+    let (records, _) = a.batch(&[named, bind_named, execute()]);
+    assert_eq!((records.len(), &records[1]["kind"]), (2, &json!("execute")));
+    let to_portal = FrontendMessage::Bind {
+        portal: b"p",
+        statement: b"",
+        params: 0,
+    };
+    let run_portal = FrontendMessage::Execute {
+        portal: b"p",
+        max_rows: 0,
+    };
+    let (records, _) = a.batch(&[select(), to_portal, run_portal]);
+    assert_eq!((records.len(), &records[1]["kind"]), (2, &json!("execute")));
+    // Decided by other policies than its Parse (a reload between the two): its own record.
+    let mut expects = Vec::new();
+    a.gate.check(&select(), &[], true, &mut expects);
+    a.gate.check(&bind(), &[], true, &mut expects);
+    a.store
+        .replace(Policy::parse(&format!("@id(\"other\")\n{ITEMS}")).unwrap());
+    a.gate.refresh_policy();
+    a.gate.check(&execute(), &[], true, &mut expects);
+    let records = a.gate.take_records().records;
+    assert_eq!(records.len(), 2);
+    assert!(expects.iter().all(|e| !e.execution_follows));
 }
 
 #[test]
