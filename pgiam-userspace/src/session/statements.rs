@@ -491,10 +491,7 @@ impl Gate {
         for t in all() {
             if self.resolver.would_widen(t) {
                 before.get_or_insert_with(|| self.resolver.clone());
-                let mut widened = (*self.resolver).clone();
-                let outcome = widened.widen_for(t);
-                self.resolver = ArcIntern::new(widened);
-                if let Err(d) = outcome {
+                if let Err(d) = self.change_resolver(|r| r.widen_for(t)) {
                     return d;
                 }
             }
@@ -553,6 +550,14 @@ impl Gate {
         creates.push((index, name.to_vec(), generation));
     }
 
+    /// Changes the session's resolver: a copy of its own (the one it had may be shared).
+    fn change_resolver<T>(&mut self, change: impl FnOnce(&mut Resolver) -> T) -> T {
+        let mut r = (*self.resolver).clone();
+        let outcome = change(&mut r);
+        self.resolver = ArcIntern::new(r);
+        outcome
+    }
+
     /// Effects on pgiam's view of the session of statements that will run.
     fn apply_effects(
         &mut self,
@@ -562,9 +567,7 @@ impl Gate {
     ) {
         for (i, s) in statements.iter().enumerate() {
             if s.temp && !self.resolver.temp {
-                let mut r = (*self.resolver).clone();
-                r.temp = true;
-                self.resolver = ArcIntern::new(r);
+                self.change_resolver(|r| r.temp = true);
             }
             self.holds_session_state |= s.session_state;
             self.catalog_changed |= crate::catalog::may_change(s);
