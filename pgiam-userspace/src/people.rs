@@ -267,6 +267,39 @@ pub fn end_sessions(registry: &Registry, person: &Person, why: &Ended) -> Vec<St
     )
 }
 
+/// Ends the sessions that carry `person`'s login, renewed (a refresh, or a new login of the
+/// same person), whose mapping no longer holds for the renewed person: a group the issuer
+/// took away takes the role it mapped to with it, as a reload that drops the mapping does.
+pub fn end_unmapped_sessions(
+    registry: &Registry,
+    config: &crate::config::Config,
+    person: &Arc<Person>,
+) -> Vec<String> {
+    let order = Order::LoginEnded {
+        person: Some(person.principal()),
+        why: "the renewed login no longer maps to the session's role".into(),
+    };
+    registry.order(
+        |live| {
+            let f = &live.facts;
+            if !f
+                .identity
+                .person
+                .as_ref()
+                .is_some_and(|p| p.login.is_some() && p.login == person.login)
+            {
+                return false;
+            }
+            let mut renewed = (*f.identity).clone();
+            renewed.person = Some(person.clone());
+            !config
+                .find_mapping(&renewed.principals(), &f.database)
+                .is_some_and(|m| m.principal == *f.principal && m.role == *f.role)
+        },
+        &order,
+    )
+}
+
 /// What logins act on: the login socket's requests and the watch that keeps logins alive
 /// and ends them.
 pub struct Service {
@@ -286,6 +319,17 @@ impl Service {
             tick.tick().await;
             self.tick().await;
         }
+    }
+
+    /// A login was renewed (a refresh, or a new login of the same person): its sessions the
+    /// renewed person is no longer mapped for end; the others, busy or idle, are woken to
+    /// follow the person and ask the policy again whether they may connect.
+    pub fn login_renewed(&self, binding: &Binding, person: &Arc<Person>) {
+        let ended = end_unmapped_sessions(&self.registry, &self.settings.current().config, person);
+        if !ended.is_empty() {
+            info!(%binding, person = %person.principal(), sessions = ?ended, "sessions the renewed login no longer maps are ended");
+        }
+        self.registry.wake_all();
     }
 
     async fn tick(self: &Arc<Self>) {
@@ -387,7 +431,8 @@ impl Service {
                     person.login = login.person.login.clone();
                     info!(%binding, person = %person.principal(), expires_at = person.expires_at, "login refreshed");
                     login.refresh_at = Some(refresh_time(now, person.expires_at));
-                    login.person = Arc::new(person);
+                    let person = Arc::new(person);
+                    login.person = person.clone();
                     if let Some(id) = id_token {
                         login.id_token = id;
                     }
@@ -397,6 +442,7 @@ impl Service {
                     drop(logins);
                     self.people.persist();
                     self.people.renew();
+                    self.login_renewed(&binding, &person);
                     return;
                 }
                 Ok(_) => "the refreshed ID token names another subject".to_owned(),

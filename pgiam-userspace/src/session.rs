@@ -358,7 +358,7 @@ enum Woke {
 }
 
 /// A deferred session waits here, holding no server connection, until the client first sends
-/// something or the policy takes its access away.
+/// something or the policy takes its access away (a new policy, or its person's renewed login).
 /// (Not an `async fn`, which would hold its arguments twice: this wait is inline in the task.)
 #[allow(clippy::manual_async_fn)]
 fn first_message<'a>(
@@ -377,7 +377,8 @@ fn first_message<'a>(
             if let Some(order) = session.registration.live().order() {
                 return Woke::Ordered(order);
             }
-            if session.gate.refresh_policy() {
+            let renewed = session.gate.follow_person(&shared.people);
+            if session.gate.refresh_policy() || renewed {
                 let d = session.gate.may_connect();
                 if !d.allowed {
                     return Woke::Revoked(d);
@@ -397,9 +398,9 @@ fn first_message<'a>(
 
 /// An idle session with its backend and nothing of its client's in hand (its relay rested, or
 /// it has not spoken since its login) waits here, holding nothing of a relay's, until the
-/// client or the server has something to read, or an order or a new policy has come: the
-/// relay, built (again), reads it and does what it says (it is the one place that ends a
-/// session with a backend). Nothing is read here.
+/// client or the server has something to read, or an order, a new policy or its person's
+/// renewed login has come: the relay, built (again), reads it and does what it says (it is
+/// the one place that ends a session with a backend). Nothing is read here.
 /// (Not an `async fn`, which would hold its arguments twice: this wait is inline in the task.)
 #[allow(clippy::manual_async_fn)]
 fn rest<'a>(
@@ -412,9 +413,16 @@ fn rest<'a>(
         // Nothing is read here, and the relay makes room for what comes: a session that has
         // not spoken since its login gives back the room its startup message was read into.
         client.buf = BytesMut::new();
+        let mut woke = false;
         loop {
-            // Looked at once subscribed (`woken`): what came before is seen here.
-            if session.registration.live().order().is_some() || session.gate.policy_replaced() {
+            // Looked at once subscribed (`woken`): what came before is seen here. A renewed
+            // login wakes every waiting session too; one that carries a logged-in person goes
+            // to look whether it was theirs (few do: the people at a keyboard, not the
+            // workloads, whose relays are not all built again at every order or reload).
+            if session.registration.live().order().is_some()
+                || session.gate.policy_replaced()
+                || woke && session.gate.carries_a_login()
+            {
                 return;
             }
             // (One poll of all three, not a `select!`: this wait is the largest of an idle
@@ -433,6 +441,7 @@ fn rest<'a>(
             if peer_ready {
                 return;
             }
+            woke = true;
         }
     }
 }

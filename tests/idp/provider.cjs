@@ -1,7 +1,7 @@
 // A real OpenID Provider for pgiam's single sign-on tests: panva's `oidc-provider` with the
 // Device Authorization Grant (RFC 8628), revocation and introspection (RFC 7009, 7662), a minimal
-// password + TOTP login, and two test-only
-// routes (key rotation, issuer-side revocation).
+// password + TOTP login, and three test-only
+// routes (key rotation, issuer-side revocation, a change of a person's groups).
 //
 // Usage: NODE_PATH=<prefix>/node_modules node provider.cjs CONFIG.json
 //
@@ -476,6 +476,16 @@ async function main() {
       const result = revokeAccount(sub);
       log(`test: revoked ${sub}: ${result.grants} grant(s), ${result.removed} record(s)`);
       return sendJson(res, 200, { sub, ...result });
+    }
+    // The directory changes a person's groups: the next token issued for them (a refresh's)
+    // carries the new ones. `groups` is a comma-separated list; empty: none.
+    if (url.pathname === '/test/groups' && req.method === 'POST') {
+      const account = bySub.get(url.searchParams.get('sub') || '');
+      if (!account) return sendJson(res, 404, { error: 'no such sub' });
+      const groups = (url.searchParams.get('groups') || '').split(',').filter((g) => g !== '');
+      account.groups = groups;
+      log(`test: ${account.sub ?? account.username} is now in [${groups.join(', ')}]`);
+      return sendJson(res, 200, { sub: account.sub ?? account.username, groups });
     }
     if (url.pathname === '/test/rotate' && req.method === 'POST') {
       try {

@@ -126,7 +126,7 @@ impl Idp {
     }
 
     /// `POST <issuer><path>` (the provider's test-only routes: `/test/rotate?generate=1`,
-    /// `/test/revoke?sub=…`); the response body.
+    /// `/test/revoke?sub=…`, `/test/groups?sub=…&groups=…`); the response body.
     pub fn post(&self, path: &str) -> String {
         let addr = self.issuer.trim_start_matches("http://");
         let mut s = TcpStream::connect(addr).expect("connect to the provider");

@@ -236,11 +236,15 @@ async fn login(
         id_token,
         tokens.refresh_token.filter(|_| issuer.refresh),
     );
-    if let Some(old) = replaced {
-        let sessions = end_sessions(&service.registry, &old, &Ended::Replaced);
-        service
-            .ended_record(&binding, &old, Ended::Replaced, &sessions)
-            .await;
+    match replaced {
+        Some(old) => {
+            let sessions = end_sessions(&service.registry, &old, &Ended::Replaced);
+            service
+                .ended_record(&binding, &old, Ended::Replaced, &sessions)
+                .await;
+        }
+        // The same person again (a step-up, new groups): their sessions follow the new login.
+        None => service.login_renewed(&binding, &person),
     }
     record(
         service.audit.as_ref(),

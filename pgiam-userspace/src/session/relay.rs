@@ -263,8 +263,10 @@ async fn relay_backend(
                     between.ending.store(true, Ordering::Relaxed);
                     return Err(Box::pin(ordered_out(fixed.shared, &fixed.session_ids, order)).await);
                 }
-                // A new policy is checked before anything more is forwarded under it.
-                if gate.refresh_policy() {
+                // A new policy, or a renewed person, is checked before anything more is
+                // forwarded under it.
+                let renewed = gate.follow_person(&fixed.shared.people);
+                if gate.refresh_policy() || renewed {
                     let d = gate.may_connect();
                     if !d.allowed {
                         let database = gate.database().to_owned();
@@ -281,7 +283,6 @@ async fn relay_backend(
                 if let Some(e) = locked(&between.reported_encoding).take() {
                     gate.client_encoding_reported(&e);
                 }
-                gate.follow_person(&fixed.shared.people);
                 // A statement forwarded may have changed the catalog: read again, until its
                 // transaction is over (what it did is then visible to every later read).
                 if gate.catalog_changing() {

@@ -261,21 +261,24 @@ impl Gate {
     /// the same person (say, with a second factor) or a refresh applies to the session's next
     /// statements — the step-up a policy such as "DDL only with MFA in the last 15 minutes"
     /// asks for. (Only when some login changed since the last look: an atomic read otherwise.)
-    pub fn follow_person(&mut self, people: &crate::people::People) {
-        let Some(person) = &self.person else {
-            return;
-        };
-        let renewals = people.renewals();
-        if renewals == self.renewals_seen || person.via != crate::people::Via::Login {
-            return;
+    ///
+    /// Returns whether the person changed: the caller asks again whether the session may
+    /// connect, for a renewed login can carry less than the one before it (a group the issuer
+    /// took away) and the session must not go on with what the old one was allowed.
+    pub fn follow_person(&mut self, people: &crate::people::People) -> bool {
+        if !self.carries_a_login() || people.renewals() == self.renewals_seen {
+            return false;
         }
-        self.renewals_seen = renewals;
+        self.renewals_seen = people.renewals();
+        let Some(person) = &self.person else {
+            return false;
+        };
         let facts = &self.info.facts;
         let Some(cgroup) = facts.identity.cgroup.as_deref() else {
-            return;
+            return false;
         };
         let Some(now) = people.renewed_person(facts.identity.uid, cgroup, person) else {
-            return;
+            return false;
         };
         tracing::info!(session = %facts.id, person = %now.principal(), mfa = now.mfa, "the session follows its person's renewed login");
         let mut identity = (*facts.identity).clone();
@@ -284,6 +287,15 @@ impl Gate {
             Principal::shared(&facts.principal, &facts.role, &facts.database, &identity);
         self.person = Some(now);
         self.decisions.clear();
+        true
+    }
+
+    /// Whether the session carries a logged-in person (one who logged in with a token as
+    /// password is never renewed), whose login a renewal may have changed.
+    pub fn carries_a_login(&self) -> bool {
+        self.person
+            .as_ref()
+            .is_some_and(|p| p.via == crate::people::Via::Login)
     }
 
     /// The catalog to decide the next messages with.

@@ -3,7 +3,8 @@
 //! unmodified psql in that login session, intercepted, carrying the person. Another user, or
 //! the same user in another login session, does not carry them; an ID token works as a
 //! password and forged ones are refused; expiry, logout and the issuer's refusal end live
-//! sessions; a policy asks for a recent second factor for DDL.
+//! sessions, and so does a refresh that takes away what a live session was let in for; a
+//! policy asks for a recent second factor for DDL.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -25,6 +26,10 @@ const DB: &str = "app";
 const POLICY: &str = r#"
 @id("everything")
 permit(principal, action, resource);
+
+@id("suspended-may-not-connect")
+forbid(principal, action == PgIam::Action::"connect", resource)
+when { principal has groups && principal.groups.contains("suspended") };
 
 @id("ddl-needs-recent-mfa")
 forbid(principal, action == PgIam::Action::"ddl", resource)
@@ -308,6 +313,7 @@ fn ended_within(mut child: Child, limit: Duration) -> Option<Output> {
 }
 
 const ALICE: (&str, &str) = ("alice", "alice-pw");
+const BOB: (&str, &str) = ("bob", "bob-pw");
 
 #[test]
 fn a_login_carries_the_person_for_its_own_login_session_only() {
@@ -586,6 +592,86 @@ fn refresh_outlives_key_rotation_and_the_issuers_refusal_ends_the_login() {
     let ended = ended_within(live, Duration::from_secs(20)).expect("the session ended");
     let said = text(&ended);
     assert!(said.contains("refused to renew"), "{said}\n{}", env.log());
+}
+
+#[test]
+fn a_refresh_that_takes_access_away_ends_the_live_sessions_it_carried() {
+    let env = Env::start(8, true, 60);
+    // alice is mapped to app_rw through her group dba; bob to app_ro by name, and a policy
+    // lets nobody in group "suspended" connect.
+    let login = env.login(&env.alice, "nobody", ALICE, true);
+    assert!(login.status.success(), "{}", text(&login));
+    let login = env.login(&env.other, "nobody", BOB, false);
+    assert!(login.status.success(), "{}", text(&login));
+    // alice's session is busy; bob's has run a statement and rests, waiting for psql's next
+    // line.
+    let alice = long_session(&env);
+    let mut bob = env
+        .other
+        .command_as(pg_bin_dir().join("psql"), "nobody")
+        .args(["-X", "-A", "-t", &env.dsn()])
+        .env("PGCONNECT_TIMEOUT", "10")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run psql");
+    let mut bob_says = bob.stdin.take().unwrap();
+    std::io::Write::write_all(&mut bob_says, b"SELECT 'bob ran ' || current_user;\n").unwrap();
+    let ran = |env: &Env, sql: &str| {
+        env.records("statement")
+            .iter()
+            .any(|r| r["sql"].as_str().is_some_and(|s| s.contains(sql)))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ran(&env, "'bob ran '") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ran(&env, "'bob ran '"), "{}", env.log());
+    // Both live through a refresh that changes nothing (the token lives 8 s, renewed at 6).
+    std::thread::sleep(Duration::from_secs(8));
+    let mut alice = alice;
+    assert!(alice.try_wait().unwrap().is_none(), "{}", env.log());
+    assert!(bob.try_wait().unwrap().is_none(), "{}", env.log());
+    assert!(env.log().contains("login refreshed"), "{}", env.log());
+
+    // The directory takes alice out of dba (nothing maps her now) and puts bob in
+    // "suspended": their next refresh ends their sessions, the idle one too, before either
+    // runs anything more.
+    env.idp.post("/test/groups?sub=alice&groups=eng");
+    env.idp.post("/test/groups?sub=bob&groups=eng,suspended");
+    let ended = ended_within(alice, Duration::from_secs(20)).expect("alice's session ended");
+    let said = text(&ended);
+    assert!(
+        said.contains("no longer maps to the session's role"),
+        "{said}\n{}",
+        env.log()
+    );
+    let revoked = |env: &Env| {
+        env.records("session_revoked").iter().any(|r| {
+            r["policies"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p == "suspended-may-not-connect"))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !revoked(&env) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        revoked(&env),
+        "bob's idle session was not ended: {}",
+        env.log()
+    );
+    std::io::Write::write_all(&mut bob_says, b"SELECT 'bob ran again';\n").unwrap();
+    drop(bob_says);
+    let bob = ended_within(bob, Duration::from_secs(10)).expect("bob's psql ended");
+    let said = text(&bob);
+    assert!(said.contains("was revoked"), "{said}\n{}", env.log());
+    assert!(!ran(&env, "'bob ran again'"), "{}", env.log());
+    assert!(env.records("session_revoked").iter().any(|r| r["reason"]
+        .as_str()
+        .is_some_and(|s| s.contains("no longer maps"))));
 }
 
 #[test]
