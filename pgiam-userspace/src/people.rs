@@ -131,6 +131,16 @@ impl People {
         self.renewed.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// The person a session that logged in carrying `identity`'s person carries now, if a
+    /// renewal changed them (see [`People::renewed_person`]).
+    pub fn renewed_for(&self, identity: &crate::identity::Identity) -> Option<Arc<Person>> {
+        let person = identity.person.as_ref()?;
+        if person.via != Via::Login || self.renewals() == 0 {
+            return None;
+        }
+        self.renewed_person(identity.uid, identity.cgroup.as_deref()?, person)
+    }
+
     /// The person now logged in for the login `person` came from (same binding, same login
     /// id), if that is another version of them: a step-up to a second factor, or a refresh.
     pub fn renewed_person(&self, uid: u32, cgroup: &str, person: &Person) -> Option<Arc<Person>> {
@@ -267,37 +277,13 @@ pub fn end_sessions(registry: &Registry, person: &Person, why: &Ended) -> Vec<St
     )
 }
 
-/// Ends the sessions that carry `person`'s login, renewed (a refresh, or a new login of the
-/// same person), whose mapping no longer holds for the renewed person: a group the issuer
-/// took away takes the role it mapped to with it, as a reload that drops the mapping does.
-pub fn end_unmapped_sessions(
-    registry: &Registry,
-    config: &crate::config::Config,
-    person: &Arc<Person>,
-) -> Vec<String> {
-    let order = Order::LoginEnded {
-        person: Some(person.principal()),
-        why: "the renewed login no longer maps to the session's role".into(),
-    };
-    registry.order(
-        |live| {
-            let f = &live.facts;
-            if !f
-                .identity
-                .person
-                .as_ref()
-                .is_some_and(|p| p.login.is_some() && p.login == person.login)
-            {
-                return false;
-            }
-            let mut renewed = (*f.identity).clone();
-            renewed.person = Some(person.clone());
-            !config
-                .find_mapping(&renewed.principals(), &f.database)
-                .is_some_and(|m| m.principal == *f.principal && m.role == *f.role)
-        },
-        &order,
-    )
+/// Whether a live session carries `person`'s login (its person is another version of them).
+fn carries_login(live: &crate::admin::registry::Live, person: &Person) -> bool {
+    live.facts
+        .identity
+        .person
+        .as_ref()
+        .is_some_and(|p| p.login.is_some() && p.login == person.login)
 }
 
 /// What logins act on: the login socket's requests and the watch that keeps logins alive
@@ -306,6 +292,7 @@ pub struct Service {
     pub people: Arc<People>,
     pub settings: Arc<Settings>,
     pub registry: Arc<Registry>,
+    pub revocations: Arc<crate::admin::revocations::Revocations>,
     pub audit: Option<AuditLog>,
 }
 
@@ -321,13 +308,51 @@ impl Service {
         }
     }
 
-    /// A login was renewed (a refresh, or a new login of the same person): its sessions the
-    /// renewed person is no longer mapped for end; the others, busy or idle, are woken to
-    /// follow the person and ask the policy again whether they may connect.
+    /// A login was renewed (a refresh, or a new login of the same person) and may carry less
+    /// than before: its sessions end if a name the renewed person carries is revoked (a group
+    /// `pgiam revoke` named), or if their mapping no longer holds for the renewed person (a
+    /// group the issuer took away takes the role it mapped to with it, as a reload that drops
+    /// the mapping does). The others, busy or idle, are woken to follow the person and ask
+    /// the policy again whether they may connect.
     pub fn login_renewed(&self, binding: &Binding, person: &Arc<Person>) {
-        let ended = end_unmapped_sessions(&self.registry, &self.settings.current().config, person);
+        let names = person.principals();
+        let (order, ended) = match self.revocations.find(names.iter().map(String::as_str)) {
+            Some(r) => {
+                let order = Order::Revoke {
+                    by: r.by,
+                    principal: r.principal,
+                    reason: r.reason,
+                };
+                let ended = self
+                    .registry
+                    .order(|live| carries_login(live, person), &order);
+                (order, ended)
+            }
+            None => {
+                let config = &self.settings.current().config;
+                let order = Order::LoginEnded {
+                    person: Some(person.principal()),
+                    why: "the renewed login no longer maps to the session's role".into(),
+                };
+                let ended = self.registry.order(
+                    |live| {
+                        let f = &live.facts;
+                        if !carries_login(live, person) {
+                            return false;
+                        }
+                        let mut renewed = (*f.identity).clone();
+                        renewed.person = Some(person.clone());
+                        !config
+                            .find_mapping(&renewed.principals(), &f.database)
+                            .is_some_and(|m| m.principal == *f.principal && m.role == *f.role)
+                    },
+                    &order,
+                );
+                (order, ended)
+            }
+        };
         if !ended.is_empty() {
-            info!(%binding, person = %person.principal(), sessions = ?ended, "sessions the renewed login no longer maps are ended");
+            info!(%binding, person = %person.principal(), order = order.kind(), sessions = ?ended, "sessions the renewed login no longer covers are ended");
         }
         self.registry.wake_all();
     }

@@ -79,6 +79,7 @@ pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
         people: shared.people.clone(),
         settings: settings.clone(),
         registry: shared.registry.clone(),
+        revocations: shared.revocations.clone(),
         audit: shared.audit.clone(),
     });
     tokio::spawn(people.clone().watch());
@@ -182,6 +183,7 @@ pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
             audit: shared.audit.clone(),
             policies: policies.clone(),
             pools: shared.pools.clone(),
+            people: shared.people.clone(),
             started: std::time::Instant::now(),
         });
         tokio::spawn(crate::admin::socket::serve(listener, admin));

@@ -28,6 +28,8 @@ pub struct Admin {
     pub audit: Option<AuditLog>,
     pub policies: Arc<PolicyStore>,
     pub pools: Arc<crate::pool::Pools>,
+    /// Who the sessions of logged-in people carry now (a renewal may have added names).
+    pub people: Arc<crate::people::People>,
     pub started: Instant,
 }
 
@@ -243,7 +245,18 @@ async fn revoke(
         principal: principal.clone(),
         reason,
     };
-    let ended = admin.registry.order(|l| l.answers_to(&principal), &order);
+    // A session answers to the names it logged in with, and to those its person's renewed
+    // login carries now (a group the issuer added since).
+    let ended = admin.registry.order(
+        |l| {
+            l.answers_to(&principal)
+                || admin
+                    .people
+                    .renewed_for(&l.facts.identity)
+                    .is_some_and(|p| p.principals().contains(&principal))
+        },
+        &order,
+    );
     let audited = audit(
         admin,
         crate::audit_fields! {

@@ -113,6 +113,8 @@ path = "{audit}"
 password_file = "{rw}"
 [roles.app_ro]
 password_file = "{ro}"
+[admin]
+socket = "{admin}"
 [people]
 socket = "{socket}"
 [[oidc]]
@@ -143,6 +145,7 @@ bpffs_dir = "{bpffs}"
             rw = write_file(dir.path(), "rw.pw", "rw-secret", 0o600).display(),
             ro = write_file(dir.path(), "ro.pw", "ro-secret", 0o600).display(),
             socket = socket.display(),
+            admin = dir.path().join("admin.sock").display(),
             issuer = idp.issuer,
             root = root.path,
         );
@@ -265,6 +268,21 @@ bpffs_dir = "{bpffs}"
         output(&mut cmd)
     }
 
+    /// Whether a statement record's SQL contains `sql`.
+    fn ran(&self, sql: &str) -> bool {
+        self.records("statement")
+            .iter()
+            .any(|r| r["sql"].as_str().is_some_and(|s| s.contains(sql)))
+    }
+
+    /// How many refreshes of `person`'s login pgiam has logged.
+    fn refreshes(&self, person: &str) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("login refreshed") && l.contains(person))
+            .count()
+    }
+
     /// Records of `kind` in the audit log.
     fn records(&self, kind: &str) -> Vec<serde_json::Value> {
         std::fs::read_to_string(&self.audit)
@@ -310,6 +328,47 @@ fn ended_within(mut child: Child, limit: Duration) -> Option<Output> {
     let _ = child.kill();
     let _ = child.wait();
     None
+}
+
+/// A psql in `cg` that has run `first` and waits, idle, for its next line on the stdin
+/// returned (its session rests meanwhile).
+fn idle_session(env: &Env, cg: &TestCgroup, first: &str) -> (Child, std::process::ChildStdin) {
+    let mut child = cg
+        .command_as(pg_bin_dir().join("psql"), "nobody")
+        .args(["-X", "-A", "-t", &env.dsn()])
+        .env("PGCONNECT_TIMEOUT", "10")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run psql");
+    let mut stdin = child.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, format!("{first};\n").as_bytes()).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || env.ran(first)),
+        "{first} did not run: {}",
+        env.log()
+    );
+    (child, stdin)
+}
+
+/// Sends `sql` to an idle psql and closes its input; what psql said, once it ended.
+fn last_line(child: Child, mut stdin: std::process::ChildStdin, sql: &str) -> Output {
+    std::io::Write::write_all(&mut stdin, format!("{sql};\n").as_bytes()).unwrap();
+    drop(stdin);
+    ended_within(child, Duration::from_secs(10)).expect("psql ended")
+}
+
+/// Polls `done` every 100 ms for up to `limit`; whether it came true.
+fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    true
 }
 
 const ALICE: (&str, &str) = ("alice", "alice-pw");
@@ -605,35 +664,18 @@ fn a_refresh_that_takes_access_away_ends_the_live_sessions_it_carried() {
     assert!(login.status.success(), "{}", text(&login));
     // alice's session is busy; bob's has run a statement and rests, waiting for psql's next
     // line.
-    let alice = long_session(&env);
-    let mut bob = env
-        .other
-        .command_as(pg_bin_dir().join("psql"), "nobody")
-        .args(["-X", "-A", "-t", &env.dsn()])
-        .env("PGCONNECT_TIMEOUT", "10")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run psql");
-    let mut bob_says = bob.stdin.take().unwrap();
-    std::io::Write::write_all(&mut bob_says, b"SELECT 'bob ran ' || current_user;\n").unwrap();
-    let ran = |env: &Env, sql: &str| {
-        env.records("statement")
-            .iter()
-            .any(|r| r["sql"].as_str().is_some_and(|s| s.contains(sql)))
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !ran(&env, "'bob ran '") && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(ran(&env, "'bob ran '"), "{}", env.log());
+    let mut alice = long_session(&env);
+    let (mut bob, bob_says) = idle_session(&env, &env.other, "SELECT 'bob ran ' || current_user");
     // Both live through a refresh that changes nothing (the token lives 8 s, renewed at 6).
-    std::thread::sleep(Duration::from_secs(8));
-    let mut alice = alice;
+    assert!(
+        wait_for(Duration::from_secs(15), || env.refreshes("oidc:corp:bob")
+            > 0
+            && env.refreshes("oidc:corp:alice") > 0),
+        "{}",
+        env.log()
+    );
     assert!(alice.try_wait().unwrap().is_none(), "{}", env.log());
     assert!(bob.try_wait().unwrap().is_none(), "{}", env.log());
-    assert!(env.log().contains("login refreshed"), "{}", env.log());
 
     // The directory takes alice out of dba (nothing maps her now) and puts bob in
     // "suspended": their next refresh ends their sessions, the idle one too, before either
@@ -647,31 +689,86 @@ fn a_refresh_that_takes_access_away_ends_the_live_sessions_it_carried() {
         "{said}\n{}",
         env.log()
     );
-    let revoked = |env: &Env| {
+    let revoked = || {
         env.records("session_revoked").iter().any(|r| {
             r["policies"]
                 .as_array()
                 .is_some_and(|p| p.iter().any(|p| p == "suspended-may-not-connect"))
         })
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !revoked(&env) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
     assert!(
-        revoked(&env),
+        wait_for(Duration::from_secs(20), revoked),
         "bob's idle session was not ended: {}",
         env.log()
     );
-    std::io::Write::write_all(&mut bob_says, b"SELECT 'bob ran again';\n").unwrap();
-    drop(bob_says);
-    let bob = ended_within(bob, Duration::from_secs(10)).expect("bob's psql ended");
-    let said = text(&bob);
+    let said = text(&last_line(bob, bob_says, "SELECT 'bob ran again'"));
     assert!(said.contains("was revoked"), "{said}\n{}", env.log());
-    assert!(!ran(&env, "'bob ran again'"), "{}", env.log());
+    assert!(!env.ran("'bob ran again'"), "{}", env.log());
     assert!(env.records("session_revoked").iter().any(|r| r["reason"]
         .as_str()
         .is_some_and(|s| s.contains("no longer maps"))));
+}
+
+#[test]
+fn a_revocation_reaches_the_names_a_renewed_login_carries() {
+    let env = Env::start(8, true, 60);
+    let login = env.login(&env.alice, "nobody", ALICE, true);
+    assert!(login.status.success(), "{}", text(&login));
+    let login = env.login(&env.other, "nobody", BOB, false);
+    assert!(login.status.success(), "{}", text(&login));
+    let (alice, alice_says) = idle_session(&env, &env.alice, "SELECT 'alice ran ' || current_user");
+    let (mut bob, bob_says) = idle_session(&env, &env.other, "SELECT 'bob ran ' || current_user");
+
+    // The directory puts alice in "oncall"; once her login is refreshed with it, revoking
+    // that group ends her session, which logged in before she was in it.
+    env.idp.post("/test/groups?sub=alice&groups=dba,eng,oncall");
+    let carries_oncall =
+        || text(&env.cli(&env.alice, "nobody", "whoami")).contains("oidc-group:corp:oncall");
+    assert!(
+        wait_for(Duration::from_secs(15), carries_oncall),
+        "{}",
+        env.log()
+    );
+    let out = env.pgiam.as_ref().unwrap().cli(&[
+        "revoke",
+        "--principal",
+        "oidc-group:corp:oncall",
+        "--reason",
+        "incident 9",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let said = text(&last_line(alice, alice_says, "SELECT 'alice ran again'"));
+    assert!(
+        said.contains("the access of oidc-group:corp:oncall was revoked"),
+        "{said}\n{}",
+        env.log()
+    );
+    assert!(!env.ran("'alice ran again'"), "{}", env.log());
+    assert!(bob.try_wait().unwrap().is_none(), "{}", env.log());
+
+    // bob joins the revoked group afterwards: his next refresh ends his session.
+    env.idp.post("/test/groups?sub=bob&groups=eng,oncall");
+    let killed = || {
+        env.records("session_killed").iter().any(|r| {
+            r["order"] == "revoke"
+                && r["principal"] == "oidc-group:corp:oncall"
+                && r["reason"] == "incident 9"
+        })
+    };
+    assert!(
+        wait_for(Duration::from_secs(20), || env
+            .records("session_killed")
+            .iter()
+            .filter(|r| r["order"] == "revoke")
+            .count()
+            == 2),
+        "bob's session was not ended: {}",
+        env.log()
+    );
+    assert!(killed(), "{}", env.log());
+    let said = text(&last_line(bob, bob_says, "SELECT 'bob ran again'"));
+    assert!(said.contains("was revoked"), "{said}\n{}", env.log());
+    assert!(!env.ran("'bob ran again'"), "{}", env.log());
 }
 
 #[test]
