@@ -172,14 +172,24 @@ fn peer_groups(stream: &UnixStream) -> std::io::Result<Vec<u32>> {
 
 async fn handle(admin: &Admin, operator: &Operator, request: Request) -> Answer {
     match request {
-        Request::Sessions => Answer::ok(json!(admin.registry.list())),
+        Request::Sessions => {
+            // A logged-in person is shown as their login is now (a refresh's groups, a
+            // step-up's second factor), which is what their sessions are decided as.
+            let mut sessions = admin.registry.list();
+            for s in &mut sessions {
+                if let Some(now) = admin.people.renewed_for(&s.identity) {
+                    s.identity.person = Some(now);
+                }
+            }
+            Answer::ok(json!(sessions))
+        }
         Request::Kill { session, principal } => {
             let order = Order::Kill {
                 by: operator.clone(),
             };
             let ids = match (session, principal) {
                 (Some(id), None) => admin.registry.order(|l| l.facts.id == id, &order),
-                (None, Some(p)) => admin.registry.order(|l| l.answers_to(&p), &order),
+                (None, Some(p)) => admin.registry.order(|l| answers_to(admin, l, &p), &order),
                 _ => return Answer::error("kill takes a session id or a principal"),
             };
             if ids.is_empty() {
@@ -216,6 +226,16 @@ async fn handle(admin: &Admin, operator: &Operator, request: Request) -> Answer 
     }
 }
 
+/// Whether a session answers to `principal`: a name it logged in with, or one its person's
+/// renewed login carries now (a group the issuer added since).
+fn answers_to(admin: &Admin, live: &crate::admin::registry::Live, principal: &str) -> bool {
+    live.answers_to(principal)
+        || admin
+            .people
+            .renewed_for(&live.facts.identity)
+            .is_some_and(|p| p.principals().iter().any(|n| n == principal))
+}
+
 async fn revoke(
     admin: &Admin,
     operator: &Operator,
@@ -245,18 +265,9 @@ async fn revoke(
         principal: principal.clone(),
         reason,
     };
-    // A session answers to the names it logged in with, and to those its person's renewed
-    // login carries now (a group the issuer added since).
-    let ended = admin.registry.order(
-        |l| {
-            l.answers_to(&principal)
-                || admin
-                    .people
-                    .renewed_for(&l.facts.identity)
-                    .is_some_and(|p| p.principals().contains(&principal))
-        },
-        &order,
-    );
+    let ended = admin
+        .registry
+        .order(|l| answers_to(admin, l, &principal), &order);
     let audited = audit(
         admin,
         crate::audit_fields! {

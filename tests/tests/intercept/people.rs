@@ -729,6 +729,19 @@ fn a_revocation_reaches_the_names_a_renewed_login_carries() {
         "{}",
         env.log()
     );
+    // `pgiam sessions` shows her as her login is now.
+    let listed = env.pgiam.as_ref().unwrap().cli(&["sessions", "--json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["identity"]["person"]["groups"]
+                .as_array()
+                .is_some_and(|g| g.iter().any(|g| g == "oncall"))),
+        "{listed}"
+    );
     let out = env.pgiam.as_ref().unwrap().cli(&[
         "revoke",
         "--principal",
