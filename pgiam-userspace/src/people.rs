@@ -141,6 +141,15 @@ impl People {
         self.renewed_person(identity.uid, identity.cgroup.as_deref()?, person)
     }
 
+    /// The names a session that logged in as `identity` answers to now: its identity's, with
+    /// its person as their login is now (see [`People::renewed_for`]).
+    pub fn principals_now(&self, identity: &crate::identity::Identity) -> Vec<String> {
+        match self.renewed_for(identity) {
+            Some(now) => with_person(identity, now).principals(),
+            None => identity.principals(),
+        }
+    }
+
     /// The person now logged in for the login `person` came from (same binding, same login
     /// id), if that is another version of them: a step-up to a second factor, or a refresh.
     pub fn renewed_person(&self, uid: u32, cgroup: &str, person: &Person) -> Option<Arc<Person>> {
@@ -277,6 +286,17 @@ pub fn end_sessions(registry: &Registry, person: &Person, why: &Ended) -> Vec<St
     )
 }
 
+/// `identity` carrying `person` (another version of the person it logged in with).
+fn with_person(
+    identity: &crate::identity::Identity,
+    person: Arc<Person>,
+) -> crate::identity::Identity {
+    crate::identity::Identity {
+        person: Some(person),
+        ..identity.clone()
+    }
+}
+
 /// Whether a live session carries `person`'s login (its person is another version of them).
 fn carries_login(live: &crate::admin::registry::Live, person: &Person) -> bool {
     live.facts
@@ -340,10 +360,9 @@ impl Service {
                         if !carries_login(live, person) {
                             return false;
                         }
-                        let mut renewed = (*f.identity).clone();
-                        renewed.person = Some(person.clone());
+                        let renewed = with_person(&f.identity, person.clone()).principals();
                         !config
-                            .find_mapping(&renewed.principals(), &f.database)
+                            .find_mapping(&renewed, &f.database)
                             .is_some_and(|m| m.principal == *f.principal && m.role == *f.role)
                     },
                     &order,

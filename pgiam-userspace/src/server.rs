@@ -359,11 +359,13 @@ fn reload_settings(shared: &Shared, endpoints_changed: &tokio::sync::Notify) {
             "SIGHUP: these settings changed in the file but only change with a restart; kept as they were"
         );
     }
+    // (A logged-in person is mapped as their login is now: a refresh may have changed their
+    // groups since the session began.)
     let unmapped = shared.registry.order(
         |live| {
             let f = &live.facts;
             !config
-                .find_mapping(&f.identity.principals(), &f.database)
+                .find_mapping(&shared.people.principals_now(&f.identity), &f.database)
                 .is_some_and(|m| m.principal == *f.principal && m.role == *f.role)
         },
         &crate::admin::registry::Order::Unmapped,

@@ -232,8 +232,9 @@ fn answers_to(admin: &Admin, live: &crate::admin::registry::Live, principal: &st
     live.answers_to(principal)
         || admin
             .people
-            .renewed_for(&live.facts.identity)
-            .is_some_and(|p| p.principals().iter().any(|n| n == principal))
+            .principals_now(&live.facts.identity)
+            .iter()
+            .any(|n| n == principal)
 }
 
 async fn revoke(

@@ -785,6 +785,46 @@ fn a_revocation_reaches_the_names_a_renewed_login_carries() {
 }
 
 #[test]
+fn a_reload_maps_a_renewed_login_as_it_is_now() {
+    let env = Env::start(8, true, 60);
+    let login = env.login(&env.alice, "nobody", ALICE, true);
+    assert!(login.status.success(), "{}", text(&login));
+    let (alice, alice_says) = idle_session(&env, &env.alice, "SELECT 'alice ran ' || current_user");
+    // Her refresh puts her in "oncall" (her mapping, through dba, still holds)...
+    env.idp.post("/test/groups?sub=alice&groups=dba,eng,oncall");
+    let carries_oncall =
+        || text(&env.cli(&env.alice, "nobody", "whoami")).contains("oidc-group:corp:oncall");
+    assert!(
+        wait_for(Duration::from_secs(15), carries_oncall),
+        "{}",
+        env.log()
+    );
+    // ...and a reload maps oncall, first, to another role: her session, as she is now, is
+    // no longer mapped to the role it has.
+    let pgiam = env.pgiam.as_ref().unwrap();
+    let config = std::fs::read_to_string(&pgiam.config_path).unwrap().replacen(
+        "[[mapping]]",
+        "[[mapping]]\nprincipal = \"oidc-group:corp:oncall\"\ndatabase = \"app\"\nrole = \"app_ro\"\n[[mapping]]",
+        1,
+    );
+    std::fs::write(&pgiam.config_path, config).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pgiam.pid()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let unmapped = || {
+        env.records("session_killed")
+            .iter()
+            .any(|r| r["order"] == "unmapped")
+    };
+    assert!(wait_for(Duration::from_secs(10), unmapped), "{}", env.log());
+    let said = text(&last_line(alice, alice_says, "SELECT 'alice ran again'"));
+    assert!(said.contains("no longer maps"), "{said}\n{}", env.log());
+    assert!(!env.ran("'alice ran again'"), "{}", env.log());
+}
+
+#[test]
 fn introspection_ends_a_login_the_issuer_revoked_before_its_next_refresh() {
     // Tokens live 10 minutes: a refresh would learn of the revocation 7.5 minutes on.
     let env = Env::start(600, true, 1);
