@@ -359,6 +359,30 @@ fn last_line(child: Child, mut stdin: std::process::ChildStdin, sql: &str) -> Ou
     ended_within(child, Duration::from_secs(10)).expect("psql ended")
 }
 
+/// alice, logged in with her second factor, with a session idle since its first statement,
+/// once a refresh has put her in group "oncall" (her mapping, through dba, still holds).
+fn alice_idle_then_oncall(env: &Env) -> (Child, std::process::ChildStdin) {
+    let login = env.login(&env.alice, "nobody", ALICE, true);
+    assert!(login.status.success(), "{}", text(&login));
+    let idle = idle_session(env, &env.alice, "SELECT 'alice ran ' || current_user");
+    env.idp.post("/test/groups?sub=alice&groups=dba,eng,oncall");
+    let carries_oncall =
+        || text(&env.cli(&env.alice, "nobody", "whoami")).contains("oidc-group:corp:oncall");
+    assert!(
+        wait_for(Duration::from_secs(15), carries_oncall),
+        "{}",
+        env.log()
+    );
+    idle
+}
+
+/// An idle psql whose session pgiam ended sends `sql`: it says `said` and `sql` never ran.
+fn ended_before(env: &Env, idle: (Child, std::process::ChildStdin), sql: &str, said: &str) {
+    let out = text(&last_line(idle.0, idle.1, sql));
+    assert!(out.contains(said), "{out}\n{}", env.log());
+    assert!(!env.ran(sql), "{}", env.log());
+}
+
 /// Polls `done` every 100 ms for up to `limit`; whether it came true.
 fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
@@ -701,9 +725,12 @@ fn a_refresh_that_takes_access_away_ends_the_live_sessions_it_carried() {
         "bob's idle session was not ended: {}",
         env.log()
     );
-    let said = text(&last_line(bob, bob_says, "SELECT 'bob ran again'"));
-    assert!(said.contains("was revoked"), "{said}\n{}", env.log());
-    assert!(!env.ran("'bob ran again'"), "{}", env.log());
+    ended_before(
+        &env,
+        (bob, bob_says),
+        "SELECT 'bob ran again'",
+        "was revoked",
+    );
     assert!(env.records("session_revoked").iter().any(|r| r["reason"]
         .as_str()
         .is_some_and(|s| s.contains("no longer maps"))));
@@ -712,23 +739,12 @@ fn a_refresh_that_takes_access_away_ends_the_live_sessions_it_carried() {
 #[test]
 fn a_revocation_reaches_the_names_a_renewed_login_carries() {
     let env = Env::start(8, true, 60);
-    let login = env.login(&env.alice, "nobody", ALICE, true);
-    assert!(login.status.success(), "{}", text(&login));
-    let login = env.login(&env.other, "nobody", BOB, false);
-    assert!(login.status.success(), "{}", text(&login));
-    let (alice, alice_says) = idle_session(&env, &env.alice, "SELECT 'alice ran ' || current_user");
-    let (mut bob, bob_says) = idle_session(&env, &env.other, "SELECT 'bob ran ' || current_user");
-
     // The directory puts alice in "oncall"; once her login is refreshed with it, revoking
     // that group ends her session, which logged in before she was in it.
-    env.idp.post("/test/groups?sub=alice&groups=dba,eng,oncall");
-    let carries_oncall =
-        || text(&env.cli(&env.alice, "nobody", "whoami")).contains("oidc-group:corp:oncall");
-    assert!(
-        wait_for(Duration::from_secs(15), carries_oncall),
-        "{}",
-        env.log()
-    );
+    let alice = alice_idle_then_oncall(&env);
+    let login = env.login(&env.other, "nobody", BOB, false);
+    assert!(login.status.success(), "{}", text(&login));
+    let mut bob = idle_session(&env, &env.other, "SELECT 'bob ran ' || current_user");
     // `pgiam sessions` shows her as her login is now.
     let listed = env.pgiam.as_ref().unwrap().cli(&["sessions", "--json"]);
     let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
@@ -750,14 +766,13 @@ fn a_revocation_reaches_the_names_a_renewed_login_carries() {
         "incident 9",
     ]);
     assert!(out.status.success(), "{}", text(&out));
-    let said = text(&last_line(alice, alice_says, "SELECT 'alice ran again'"));
-    assert!(
-        said.contains("the access of oidc-group:corp:oncall was revoked"),
-        "{said}\n{}",
-        env.log()
+    ended_before(
+        &env,
+        alice,
+        "SELECT 'alice ran again'",
+        "the access of oidc-group:corp:oncall was revoked",
     );
-    assert!(!env.ran("'alice ran again'"), "{}", env.log());
-    assert!(bob.try_wait().unwrap().is_none(), "{}", env.log());
+    assert!(bob.0.try_wait().unwrap().is_none(), "{}", env.log());
 
     // bob joins the revoked group afterwards: his next refresh ends his session.
     env.idp.post("/test/groups?sub=bob&groups=eng,oncall");
@@ -779,26 +794,14 @@ fn a_revocation_reaches_the_names_a_renewed_login_carries() {
         env.log()
     );
     assert!(killed(), "{}", env.log());
-    let said = text(&last_line(bob, bob_says, "SELECT 'bob ran again'"));
-    assert!(said.contains("was revoked"), "{said}\n{}", env.log());
-    assert!(!env.ran("'bob ran again'"), "{}", env.log());
+    ended_before(&env, bob, "SELECT 'bob ran again'", "was revoked");
 }
 
 #[test]
 fn a_reload_maps_a_renewed_login_as_it_is_now() {
     let env = Env::start(8, true, 60);
-    let login = env.login(&env.alice, "nobody", ALICE, true);
-    assert!(login.status.success(), "{}", text(&login));
-    let (alice, alice_says) = idle_session(&env, &env.alice, "SELECT 'alice ran ' || current_user");
     // Her refresh puts her in "oncall" (her mapping, through dba, still holds)...
-    env.idp.post("/test/groups?sub=alice&groups=dba,eng,oncall");
-    let carries_oncall =
-        || text(&env.cli(&env.alice, "nobody", "whoami")).contains("oidc-group:corp:oncall");
-    assert!(
-        wait_for(Duration::from_secs(15), carries_oncall),
-        "{}",
-        env.log()
-    );
+    let alice = alice_idle_then_oncall(&env);
     // ...and a reload maps oncall, first, to another role: her session, as she is now, is
     // no longer mapped to the role it has.
     let pgiam = env.pgiam.as_ref().unwrap();
@@ -819,9 +822,7 @@ fn a_reload_maps_a_renewed_login_as_it_is_now() {
             .any(|r| r["order"] == "unmapped")
     };
     assert!(wait_for(Duration::from_secs(10), unmapped), "{}", env.log());
-    let said = text(&last_line(alice, alice_says, "SELECT 'alice ran again'"));
-    assert!(said.contains("no longer maps"), "{said}\n{}", env.log());
-    assert!(!env.ran("'alice ran again'"), "{}", env.log());
+    ended_before(&env, alice, "SELECT 'alice ran again'", "no longer maps");
 }
 
 #[test]
