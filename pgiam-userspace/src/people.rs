@@ -173,7 +173,8 @@ impl People {
     /// Binds a verified person to `binding`. A new login of the same person keeps the login
     /// id, so their live sessions go on with the new tokens (a step-up to a second factor
     /// does not end them); a login of another person replaces the one before it, whose
-    /// sessions end.
+    /// sessions end. (The caller ends those, and has the same person's sessions follow:
+    /// [`Service::login_renewed`].)
     pub fn log_in(
         &self,
         binding: Binding,
@@ -198,7 +199,6 @@ impl People {
         );
         drop(logins);
         self.persist();
-        self.renew();
         let replaced = if person.login == previous.as_ref().and_then(|p| p.login.clone()) {
             None
         } else {
@@ -373,6 +373,10 @@ impl Service {
         if !ended.is_empty() {
             info!(%binding, person = %person.principal(), order = order.kind(), sessions = ?ended, "sessions the renewed login no longer covers are ended");
         }
+        // Counted only now: a session that sees the renewal and follows the person has had
+        // its order given first, and looks at it first (no statement goes out under a role
+        // the renewed login no longer maps to).
+        self.people.renew();
         self.registry.wake_all();
     }
 
@@ -485,7 +489,6 @@ impl Service {
                     }
                     drop(logins);
                     self.people.persist();
-                    self.people.renew();
                     self.login_renewed(&binding, &person);
                     return;
                 }
