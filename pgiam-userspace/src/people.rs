@@ -287,7 +287,7 @@ pub fn end_sessions(registry: &Registry, person: &Person, why: &Ended) -> Vec<St
 }
 
 /// `identity` carrying `person` (another version of the person it logged in with).
-fn with_person(
+pub fn with_person(
     identity: &crate::identity::Identity,
     person: Arc<Person>,
 ) -> crate::identity::Identity {

@@ -281,8 +281,7 @@ impl Gate {
             return false;
         };
         tracing::info!(session = %facts.id, person = %now.principal(), mfa = now.mfa, "the session follows its person's renewed login");
-        let mut identity = (*facts.identity).clone();
-        identity.person = Some(now.clone());
+        let identity = crate::people::with_person(&facts.identity, now.clone());
         self.principal =
             Principal::shared(&facts.principal, &facts.role, &facts.database, &identity);
         self.person = Some(now);
