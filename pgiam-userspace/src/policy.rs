@@ -17,7 +17,7 @@
 //! `resolver`; this file holds the schema, the requests and decisions, the policy store and the
 //! principal, and the refusals pgiam makes whatever the policy says.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::{Arc, Weak};
@@ -204,13 +204,39 @@ impl Ask {
     }
 }
 
+/// The policies behind a decision: sorted, each once, and shared, so that a decision
+/// remembered and handed out again is not copied.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Policies(Arc<[String]>);
+
+impl From<Vec<String>> for Policies {
+    fn from(mut names: Vec<String>) -> Policies {
+        names.sort_unstable();
+        names.dedup();
+        Policies(names.into())
+    }
+}
+
+impl std::ops::Deref for Policies {
+    type Target = [String];
+    fn deref(&self) -> &[String] {
+        &self.0
+    }
+}
+
+impl Serialize for Policies {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(self.0.iter())
+    }
+}
+
 /// The answer to one or more asks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Decision {
     pub allowed: bool,
     /// The policies that decided: for an allow, every permit that applied to some ask; for a
     /// deny, the forbids that applied (empty: no policy permits it).
-    pub policies: Vec<String>,
+    pub policies: Policies,
     /// The denied action and resource, for the client's error message.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub denied: Option<String>,
@@ -223,16 +249,24 @@ impl Decision {
     /// Allowed only if every one is: the first denial, or an allow naming every policy that
     /// permitted some part. Stops at the first denial (later decisions are not made).
     pub fn all(decisions: impl IntoIterator<Item = Decision>) -> Decision {
-        let mut policies = BTreeSet::new();
+        // (One decision, the common case, is handed on as it is: no list is built.)
+        let mut policies = Policies::default();
+        let mut merged: Option<Vec<String>> = None;
         for d in decisions {
             if !d.allowed {
                 return d;
             }
-            policies.extend(d.policies);
+            if policies.is_empty() {
+                policies = d.policies;
+            } else if d.policies != policies {
+                merged
+                    .get_or_insert_with(|| policies.to_vec())
+                    .extend(d.policies.iter().cloned());
+            }
         }
         Decision {
             allowed: true,
-            policies: policies.into_iter().collect(),
+            policies: merged.map_or(policies, Policies::from),
             denied: None,
             reason: None,
         }
@@ -242,7 +276,7 @@ impl Decision {
     pub fn refuse(what: impl Into<String>, reason: impl Into<String>) -> Decision {
         Decision {
             allowed: false,
-            policies: Vec::new(),
+            policies: Policies::default(),
             denied: Some(what.into()),
             reason: Some(reason.into()),
         }
@@ -445,7 +479,8 @@ impl Policy {
             .diagnostics()
             .reason()
             .map(PolicyId::to_string)
-            .collect();
+            .collect::<Vec<_>>()
+            .into();
         let allowed = response.decision() == cedar_policy::Decision::Allow;
         Ok(Decision {
             allowed,

@@ -101,14 +101,44 @@ fn decide(sql: &str) -> Decision {
     policy.decide_all(&principal(), &asks)
 }
 
+/// A statement's decisions combine into one that names each policy once, in order; a lone
+/// decision (a cached one, handed out for every statement like it) is passed on, not copied.
+#[test]
+fn decisions_combine_without_copying_a_lone_one() {
+    let allow = |names: &[&str]| Decision {
+        allowed: true,
+        policies: names
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .into(),
+        denied: None,
+        reason: None,
+    };
+    let lone = allow(&["b", "a"]);
+    assert_eq!(lone.policies[..], ["a", "b"]);
+    let combined = Decision::all([lone.clone()]);
+    assert!(Arc::ptr_eq(&combined.policies.0, &lone.policies.0));
+    let combined = Decision::all([
+        allow(&["read"]),
+        allow(&["builtins", "read"]),
+        allow(&["read"]),
+    ]);
+    assert_eq!(combined.policies[..], ["builtins", "read"]);
+    let denied = Decision::refuse("select on table public.secret", "no");
+    let combined = Decision::all([allow(&["read"]), denied.clone(), allow(&["other"])]);
+    assert_eq!(combined, denied);
+    assert!(Decision::all([]).allowed);
+}
+
 #[test]
 fn decisions_name_their_policies() {
     let d = decide("SELECT lower(name) FROM accounts");
     assert!(d.allowed, "{d:?}");
-    assert_eq!(d.policies, ["builtins", "read-public"]);
+    assert_eq!(d.policies[..], ["builtins", "read-public"]);
     let d = decide("SELECT * FROM Secret");
     assert!(!d.allowed);
-    assert_eq!(d.policies, ["no-secrets"]);
+    assert_eq!(d.policies[..], ["no-secrets"]);
     assert_eq!(d.denied.as_deref(), Some("select on table public.secret"));
     let d = decide("DELETE FROM accounts");
     assert!(!d.allowed);

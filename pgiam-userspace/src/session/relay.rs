@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{debug, warn};
 
@@ -374,22 +374,26 @@ async fn relay_backend(
                     fixed.live.set_state(State::Active);
                     fixed.live.bytes_in(framed.len);
                     fixed.metrics.bytes_from_clients.inc_by(framed.len as u64);
-                    let mut chunk = cbuf.split_to(framed.len);
                     // A pooled backend outlives its client: the client's Terminate is not
-                    // the server's.
-                    if fixed.pooled && framed.terminate {
-                        chunk.truncate(chunk.len() - wire::TERMINATE.len());
-                    }
+                    // the server's. (Written from the buffer and passed over after: a split
+                    // would make the buffer shared, an allocation per batch.)
+                    let forwarded = if fixed.pooled && framed.terminate {
+                        framed.len - wire::TERMINATE.len()
+                    } else {
+                        framed.len
+                    };
+                    let chunk = &cbuf[..forwarded];
                     // Flushed: a TLS writer may keep the tail of what it accepted (the socket was
                     // full) until it is flushed, and nothing else would push it out. (Boxed, as
                     // are the other waits that only a busy session makes: the relay is sized by
                     // its largest wait, and an idle session holds only its reads.)
                     Box::pin(async {
-                        write_checked(&mut server_wr, &chunk, &mut checked).await?;
+                        write_checked(&mut server_wr, chunk, &mut checked).await?;
                         server_wr.flush().await
                     })
                     .await
                     .map_err(|e| PgError::fatal("08006", format!("pgiam: server write: {e}")))?;
+                    cbuf.advance(framed.len);
                     if gate.catalog_changing() {
                         fixed.shared.catalogs.invalidate(&fixed.catalog.key);
                     }
@@ -644,7 +648,7 @@ async fn relay_backend(
                 }
                 fixed.live.bytes_out(pos);
                 fixed.metrics.bytes_to_clients.inc_by(pos as u64);
-                let _ = sbuf.split_to(pos);
+                sbuf.advance(pos);
                 for event in events {
                     match event {
                         responses::Event::Completed {

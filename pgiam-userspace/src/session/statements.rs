@@ -123,7 +123,7 @@ struct StatementRecord {
     /// Its first statement's command, for the executions' metrics.
     command: &'static str,
     /// The policies that allowed it: an execution allowed by the same ones does not repeat them.
-    policies: Arc<[String]>,
+    policies: crate::policy::Policies,
 }
 
 /// The client encodings a session's statements may be read in.
@@ -812,7 +812,7 @@ impl Gate {
                         record: id.as_deref().map(|id| StatementRecord {
                             id: id.into(),
                             command,
-                            policies: decision.policies.clone().into(),
+                            policies: decision.policies.clone(),
                         }),
                     };
                     self.prepare(name, plan, 0, &mut creates);
@@ -987,7 +987,7 @@ impl Gate {
             None => (
                 Decision {
                     allowed: true,
-                    policies: Vec::new(),
+                    policies: Default::default(),
                     denied: None,
                     reason: Some("fetch from a cursor authorized when it was opened".into()),
                 },
@@ -997,7 +997,7 @@ impl Gate {
             ),
         };
         let at_once = match &of {
-            Some(of) if unnamed && decision.allowed && *of.policies == decision.policies[..] => {
+            Some(of) if unnamed && decision.allowed && of.policies == decision.policies => {
                 self.executed_at_once(of, expects)
             }
             _ => None,

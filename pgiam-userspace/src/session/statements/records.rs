@@ -80,7 +80,7 @@ impl Gate {
         r.add("decision", if decision.allowed { "allow" } else { "deny" });
         // An execution allowed by the policies that allowed its statement says so by omission.
         let same_policies = matches!(about, About::Of(of)
-            if decision.allowed && *of.policies == decision.policies[..]);
+            if decision.allowed && of.policies == decision.policies);
         if !decision.policies.is_empty() && !same_policies {
             r.add("policies", &decision.policies);
         }
