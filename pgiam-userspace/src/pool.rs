@@ -527,7 +527,8 @@ impl Pools {
         let backend = Backend {
             stream,
             facts: Facts {
-                parameters: std::mem::take(&mut lease.facts.parameters),
+                // (A shared list: cloned, not taken, as taking leaves a new empty one behind.)
+                parameters: lease.facts.parameters.clone(),
                 assumed: lease.facts.assumed.take(),
                 held: std::mem::take(&mut lease.facts.held),
                 ..lease.facts
@@ -536,20 +537,20 @@ impl Pools {
         let surplus = {
             let mut state = self.locked();
             match (state.servers.get_mut(&lease.key.target), lease.room.take()) {
-                (Some(server), Some(room))
-                    if server.idle.get(&lease.key).map_or(0, Vec::len) < limits.size =>
-                {
-                    server
-                        .idle
-                        .entry(lease.key.clone())
-                        .or_default()
-                        .push(Idle {
+                (Some(server), Some(room)) if limits.size > 0 => {
+                    let list = server.idle.entry(lease.key.clone()).or_default();
+                    if list.len() < limits.size {
+                        list.push(Idle {
                             backend,
                             room,
                             since: Instant::now(),
                             owner,
                         });
-                    None
+                        None
+                    } else {
+                        lease.room = Some(room);
+                        Some(backend)
+                    }
                 }
                 (_, room) => {
                     // Closed below: its room goes with the lease.
@@ -689,16 +690,15 @@ impl Server {
 
     /// Takes out idle backends past their idle timeout or lifetime, or of older settings.
     fn expire(&mut self, now: Instant, limits: &config::Pool, generation: u64) -> Vec<Backend> {
+        let stale = |i: &mut Idle| {
+            i.backend.facts.generation != generation
+                || now.duration_since(i.since) >= limits.idle_timeout()
+                || now.duration_since(i.backend.facts.born) >= limits.max_lifetime()
+        };
+        // Taken out in place, in order: this runs at every checkout, and mostly finds nothing.
         let mut out = Vec::new();
         for list in self.idle.values_mut() {
-            let (keep, gone): (Vec<Idle>, Vec<Idle>) =
-                std::mem::take(list).into_iter().partition(|i| {
-                    i.backend.facts.generation == generation
-                        && now.duration_since(i.since) < limits.idle_timeout()
-                        && now.duration_since(i.backend.facts.born) < limits.max_lifetime()
-                });
-            *list = keep;
-            out.extend(gone.into_iter().map(|i| i.backend));
+            out.extend(list.extract_if(.., stale).map(|i| i.backend));
         }
         self.idle.retain(|_, v| !v.is_empty());
         out
@@ -716,7 +716,9 @@ impl Server {
             None => (list.len().checked_sub(1)?, true),
         };
         let idle = list.remove(index);
-        self.forget_empty(key);
+        if list.is_empty() {
+            self.idle.remove(key);
+        }
         Some((idle, foreign))
     }
 

@@ -277,7 +277,7 @@ async fn between_transactions(
                 .await;
         }
     }
-    login::Link::Deferred(Box::new(transactions.reattach.clone()))
+    login::Link::Deferred(transactions.reattach.clone())
 }
 
 /// A session's end: its end record, and its backend reset for the next client (pooled, and
@@ -453,7 +453,7 @@ async fn open_deferred(
     shared: &Arc<Shared>,
     client: &mut Client,
     session: &mut Session,
-    deferred: Box<login::Deferred>,
+    deferred: Arc<login::Deferred>,
     woke: Woke,
 ) -> Result<login::Backend, String> {
     match woke {
@@ -563,7 +563,7 @@ struct Transactions {
     /// without a reset.
     principal: Arc<str>,
     /// How it logs in again for its next transaction.
-    reattach: login::Deferred,
+    reattach: Arc<login::Deferred>,
     /// Its prepared statements, for the backends it lands on.
     carried: carried::Carried,
 }

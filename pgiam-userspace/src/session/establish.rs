@@ -318,11 +318,11 @@ pub(super) async fn establish(
             told.encode_news(None, &mut hello);
             let scs = told.standard_conforming_strings();
             encoding_at_login = told.get("client_encoding").map(str::to_owned);
-            let deferred = Box::new(login::Deferred {
+            let deferred = Arc::new(login::Deferred {
                 key: key.clone(),
                 told,
             });
-            reattach = transaction_pooled.then(|| (*deferred).clone());
+            reattach = transaction_pooled.then(|| deferred.clone());
             let link = login::Link::Deferred(deferred);
             let cancel_key = shared.cancels.register(None);
             (link, scs, wire::TransactionStatus::Idle, cancel_key)
@@ -334,9 +334,11 @@ pub(super) async fn establish(
             // pid it is told is pgiam's, whichever backend a cancel then reaches.
             let told_pid = (!transaction_pooled).then_some(established.process_id);
             let cancel_key = shared.cancels.register(told_pid);
-            reattach = transaction_pooled.then(|| login::Deferred {
-                key: key.clone(),
-                told: Arc::new(established.parameters.clone()),
+            reattach = transaction_pooled.then(|| {
+                Arc::new(login::Deferred {
+                    key: key.clone(),
+                    told: Arc::new(established.parameters.clone()),
+                })
             });
             login::reach(upstream, &key, &cancel_key, &established);
             established.parameters.encode_news(None, &mut hello);

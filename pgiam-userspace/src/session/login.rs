@@ -23,7 +23,8 @@ use crate::wire::PgError;
 /// How the session reaches its server.
 pub enum Link {
     Open(Backend),
-    Deferred(Box<Deferred>),
+    /// (Shared: a transaction-pooled session goes back to it after every transaction.)
+    Deferred(Arc<Deferred>),
 }
 
 /// The session's server connection, and for a pooled mapping its hold on it (the backend
@@ -34,7 +35,6 @@ pub struct Backend {
 }
 
 /// A login not yet made, and what the client was told about it.
-#[derive(Clone)]
 pub struct Deferred {
     pub key: Arc<LoginKey>,
     pub told: Arc<Parameters>,

@@ -159,13 +159,19 @@ const PLACEHOLDER: char = '\u{FFFD}';
 impl ClientEncoding {
     /// The encoding a client_encoding value names, as PostgreSQL looks it up (ignoring case
     /// and everything but ASCII letters and digits); `None` if PostgreSQL knows no such name.
+    /// (Compared as it is read, not cleaned into a string first: every pooled transaction
+    /// looks its backend's encoding up again.)
     pub fn from_name(value: &str) -> Option<ClientEncoding> {
-        let clean: String = value
-            .chars()
-            .filter(char::is_ascii_alphanumeric)
-            .map(|c| c.to_ascii_lowercase())
-            .collect();
-        NAMES.iter().find(|(n, _)| *n == clean).map(|&(_, e)| e)
+        let clean = || {
+            value
+                .bytes()
+                .filter(u8::is_ascii_alphanumeric)
+                .map(|b| b.to_ascii_lowercase())
+        };
+        NAMES
+            .iter()
+            .find(|(n, _)| n.bytes().eq(clean()))
+            .map(|&(_, e)| e)
     }
 
     /// PostgreSQL's canonical name (what the server reports).
